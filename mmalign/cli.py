@@ -1,0 +1,160 @@
+"""The ``mmalign`` command: ``mmalign list`` and ``mmalign <domain> <job> --config FILE key=value ...``."""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+from mmalign.registry import JOBS, REGISTRIES, resolve
+
+_KIND_TITLES = {
+    "losses": "losses",
+    "teachers": "teachers (simulated humans)",
+    "reward_models": "reward models",
+    "query_selectors": "query selectors",
+    "jobs": "jobs (mmalign <domain> <job>)",
+}
+
+
+def _env_ids() -> list[str]:
+    import gymnasium
+
+    import mmalign.envs  # noqa: F401  (registers the mmalign/ ids)
+
+    return sorted(k for k in gymnasium.registry if k.startswith("mmalign/"))
+
+
+def cmd_list(kind: str | None) -> int:
+    kinds = [kind] if kind else [*REGISTRIES, "envs"]
+    for k in kinds:
+        if k == "envs":
+            print("envs (gymnasium ids)")
+            for env_id in _env_ids():
+                spec = __import__("gymnasium").spec(env_id)
+                print(f"  {env_id:<38} {spec.entry_point}")
+            continue
+        reg = REGISTRIES[k]
+        print(_KIND_TITLES.get(k, k))
+        for entry in reg.entries():
+            name = entry.name.replace(".", " ") if k == "jobs" else entry.name
+            print(f"  {name:<38} {entry.summary}")
+    return 0
+
+
+def _domains() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for name in JOBS.names():
+        domain, _, job = name.partition(".")
+        out.setdefault(domain, []).append(job)
+    return out
+
+
+def _job_help(name: str) -> str:
+    from mmalign.config import config_help
+
+    entry = JOBS.entry(name)
+    cfg_cls = resolve(entry.extra["config"])  # type: ignore[index]
+    lines = [entry.summary, "", f"config fields ({cfg_cls.__name__}; set with key=value, nested with a.b=value):"]
+    lines += config_help(cfg_cls)
+    if entry.extra and entry.extra.get("default_config"):
+        lines += ["", f"example: mmalign {name.replace('.', ' ')} --config {entry.extra['default_config']}"]
+    return "\n".join(lines)
+
+
+def _default_run_dir(name: str) -> Path:
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{name.replace('.', '-')}-{stamp}"
+
+
+def run_job(
+    name: str,
+    config_path: str | None,
+    overrides: Sequence[str],
+    output_dir: str | None = None,
+    resume: bool = False,
+) -> dict[str, Any]:
+    """Resolve the job's config (validated before any work), prepare the run folder, run it."""
+    import yaml
+
+    from mmalign.config import load_config
+
+    entry = JOBS.entry(name)
+    cfg_cls = resolve(entry.extra["config"])  # type: ignore[index]
+    cfg = load_config(cfg_cls, config_path, overrides)
+    run_dir = Path(output_dir) if output_dir else _default_run_dir(name)
+    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
+        raise FileExistsError(
+            f"run folder {run_dir} already holds files; pass --resume to continue it or choose another --output-dir"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resolved = run_dir / "config.yaml"
+    if resume and resolved.exists():
+        previous = yaml.safe_load(resolved.read_text())
+        if previous != cfg.to_dict():
+            raise ValueError(f"--resume with a config that differs from the one saved in {resolved}")
+    else:
+        resolved.write_text(yaml.safe_dump({"job": name, **cfg.to_dict()}, sort_keys=False))
+    run = entry.load()
+    kwargs = {"resume": True} if resume else {}
+    summary = run(cfg, run_dir, **kwargs) or {}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The argument parser; only the job named in ``argv`` imports its config class (for its --help)."""
+    parser = argparse.ArgumentParser(
+        prog="mmalign",
+        description="mmalign: aligning multimodal and embodied models with human preferences.",
+        epilog="Run 'mmalign list' to see every loss, teacher, reward model, query selector, env and job.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="{list," + ",".join(_domains()) + "}")
+    p_list = sub.add_parser("list", help="show registered losses, teachers, reward models, selectors, envs, jobs")
+    p_list.add_argument("kind", nargs="?", choices=[*REGISTRIES, "envs"], help="show only this kind")
+    for domain, jobs in _domains().items():
+        p_dom = sub.add_parser(domain, help=f"{domain} jobs: {', '.join(jobs)}", description=f"{domain} jobs")
+        dsub = p_dom.add_subparsers(dest="job", metavar="{" + ",".join(jobs) + "}")
+        for job in jobs:
+            name = f"{domain}.{job}"
+            wanted = len(argv) >= 2 and argv[0] == domain and argv[1] == job
+            p_job = dsub.add_parser(
+                job,
+                help=JOBS.entry(name).summary,
+                description=_job_help(name) if wanted else JOBS.entry(name).summary,
+                formatter_class=argparse.RawDescriptionHelpFormatter,
+            )
+            p_job.add_argument("--config", help="YAML file with config values (see configs/)")
+            p_job.add_argument("--output-dir", help="run folder (default runs/<domain>-<job>-<time>)")
+            p_job.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+            p_job.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if args.command == "list":
+        return cmd_list(args.kind)
+    if getattr(args, "job", None) is None:
+        parser.parse_args([args.command, "--help"])
+        return 0
+    name = f"{args.command}.{args.job}"
+    try:
+        summary = run_job(name, args.config, args.overrides, args.output_dir, args.resume)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        print(f"mmalign: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,272 @@
+"""Config dataclasses: YAML supplies values, dataclasses own defaults, documentation and validation.
+
+Every field is declared with :func:`option`, which carries its help text (shown by ``mmalign <domain> <job>
+--help``). ``__post_init__`` validates with the ``check_*`` helpers, which raise ``ValueError`` naming the field, the
+value and what is allowed, so a bad value fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Iterable, Sequence, TypeVar
+
+__all__ = [
+    "option",
+    "Config",
+    "check_positive",
+    "check_nonnegative",
+    "check_range",
+    "check_choice",
+    "check_probability",
+    "parse_overrides",
+    "load_config",
+    "config_help",
+]
+
+C = TypeVar("C", bound="Config")
+_MISSING = dataclasses.MISSING
+
+
+def option(default: Any = _MISSING, help: str = "", *, factory: Any = _MISSING) -> Any:  # noqa: A002
+    """A dataclass field with a help string (the field's documentation)."""
+    if not help:
+        raise ValueError("every config field needs a help string")
+    kwargs: dict[str, Any] = {"metadata": {"help": help}}
+    if factory is not _MISSING:
+        kwargs["default_factory"] = factory
+    elif default is not _MISSING:
+        if isinstance(default, (list, dict, set)):
+            kwargs["default_factory"] = lambda d=default: type(d)(d)
+        else:
+            kwargs["default"] = default
+    return dataclasses.field(**kwargs)
+
+
+def _fail(name: str, value: Any, expected: str) -> None:
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
+def check_positive(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        _fail(name, value, "a finite number > 0")
+
+
+def check_nonnegative(name: str, value: float) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+        _fail(name, value, "a finite number >= 0")
+
+
+def check_range(
+    name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    """Check ``low <= value <= high`` (open ends with ``low_open``/``high_open``)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        lo = "(" if low_open else "["
+        hi = ")" if high_open else "]"
+        _fail(name, value, f"in {lo}{low}, {high}{hi}")
+
+
+def check_probability(name: str, value: float) -> None:
+    check_range(name, value, 0.0, 1.0)
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = list(choices)
+    if value not in choices:
+        _fail(name, value, f"one of {choices}")
+
+
+@dataclasses.dataclass
+class Config:
+    """Base class of every mmalign config dataclass."""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Config):
+                value = value.to_dict()
+            elif isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any] | None) -> C:
+        data = dict(data or {})
+        hints = typing.get_type_hints(cls)
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            kwargs[key] = _coerce(f"{cls.__name__}.{key}", value, hints[key])
+        return cls(**kwargs)
+
+
+def _is_config_type(tp: Any) -> bool:
+    return isinstance(tp, type) and issubclass(tp, Config)
+
+
+def _coerce(name: str, value: Any, tp: Any) -> Any:
+    """Convert YAML/CLI values into the annotated type (ints to floats, lists to tuples, nested configs)."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        last_err: Exception | None = None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(name, value, arg)
+            except (TypeError, ValueError) as err:
+                last_err = err
+        raise ValueError(f"{name}: cannot use {value!r} as {tp}") from last_err
+    if origin is typing.Literal:
+        if value not in args:
+            raise ValueError(f"{name} must be one of {list(args)}, got {value!r}")
+        return value
+    if _is_config_type(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping for {tp.__name__}, got {value!r}")
+        return tp.from_dict(value)
+    if origin in (list, tuple, Sequence) or tp in (list, tuple):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v != ""]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        inner = args[0] if args else Any
+        items = [_coerce(f"{name}[{i}]", v, inner) for i, v in enumerate(value)]
+        return tuple(items) if (origin is tuple or tp is tuple) else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"{name} must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {"true", "1", "yes", "on"}:
+            return True
+        if isinstance(value, str) and value.lower() in {"false", "0", "no", "off"}:
+            return False
+        raise ValueError(f"{name} must be a boolean, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                as_float = float(value)
+            except ValueError:
+                raise ValueError(f"{name} must be an integer, got {value!r}") from None
+            if as_float.is_integer():
+                return int(as_float)
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a number, got {value!r}") from None
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} must be a string, got {value!r}")
+        return value
+    if tp is Path:
+        return Path(value)
+    return value
+
+
+def _parse_scalar(text: str) -> Any:
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
+    """Turn ``["a=1", "trainer.lr=3e-4"]`` into a nested dict; values are parsed as YAML scalars."""
+    out: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override must look like key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        if not key:
+            raise ValueError(f"override has an empty key: {item!r}")
+        node = out
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {item!r} conflicts with an earlier override of {part!r}")
+        node[parts[-1]] = _parse_scalar(text)
+    return out
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    """Build ``cls`` from an optional YAML file plus ``key=value`` overrides (validated on construction)."""
+    import yaml
+
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping at top level, got {type(loaded).__name__}")
+        data = loaded
+    data = _merge(data, parse_overrides(overrides))
+    return cls.from_dict(data)
+
+
+def config_help(cls: type[Config], prefix: str = "") -> list[str]:
+    """One line per field (``name (type, default): help``), nested configs flattened with dots."""
+    lines: list[str] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_config_type(tp):
+            lines.extend(config_help(tp, prefix=f"{prefix}{f.name}."))
+            continue
+        if f.default is not _MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not _MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "required"
+        tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        lines.append(f"  {prefix}{f.name} ({tname}, default {default}): {f.metadata.get('help', '')}")
+    return lines
