@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any, Sequence
@@ -86,6 +87,10 @@ def run_job(
     cfg_cls = resolve(entry.extra["config"])  # type: ignore[index]
     cfg = load_config(cfg_cls, config_path, overrides)
     run_dir = Path(output_dir) if output_dir else _default_run_dir(name)
+    # Under torchrun / accelerate launch every process runs this; only the main one checks and writes the folder.
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if not main_process:
+        return entry.load()(cfg, run_dir, **({"resume": True} if resume else {})) or {}
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise FileExistsError(
             f"run folder {run_dir} already holds files; pass --resume to continue it or choose another --output-dir"
@@ -94,7 +99,8 @@ def run_job(
     resolved = run_dir / "config.yaml"
     if resume and resolved.exists():
         previous = yaml.safe_load(resolved.read_text())
-        if previous != cfg.to_dict():
+        previous = {k: v for k, v in (previous or {}).items() if k != "job"}
+        if previous != yaml.safe_load(yaml.safe_dump(cfg.to_dict())):
             raise ValueError(f"--resume with a config that differs from the one saved in {resolved}")
     else:
         resolved.write_text(yaml.safe_dump({"job": name, **cfg.to_dict()}, sort_keys=False))
@@ -152,7 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
         print(f"mmalign: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2, default=str))
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2, default=str))
     return 0
 
 

@@ -109,8 +109,22 @@ class Config:
         if unknown:
             raise ValueError(f"unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
         kwargs: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in data.items():
-            kwargs[key] = _coerce(f"{cls.__name__}.{key}", value, hints[key])
+            tp = hints[key]
+            if _is_config_type(tp) and isinstance(value, dict):
+                # a partial mapping updates this class's default for the nested config, not the nested defaults
+                f = fields[key]
+                if f.default_factory is not _MISSING:  # type: ignore[misc]
+                    value = _merge(f.default_factory().to_dict(), value)  # type: ignore[misc]
+                elif isinstance(f.default, Config):
+                    value = _merge(f.default.to_dict(), value)
+            try:
+                kwargs[key] = _coerce(f"{cls.__name__}.{key}", value, tp)
+            except ValueError as err:
+                if not _is_config_type(tp):
+                    raise
+                raise ValueError(f"{key}.{err}") from None  # name the nested field: trainer.lr must be ...
         return cls(**kwargs)
 
 

@@ -21,3 +21,54 @@ job(
     "mmalign.train.demo:DemoConfig",
     "DPO-family training of a tiny policy on generated preference pairs (exercises the trainer end to end)",
 )
+
+job(
+    "diffusion.train",
+    "mmalign.diffusion.train:run",
+    "mmalign.diffusion.train:DiffusionTrainConfig",
+    "MaPO / Diffusion-DPO / SFT preference fine-tuning of a diffusers UNet (tiny shapes model or a local checkpoint)",
+    default_config="configs/diffusion/train_mapo.yaml",
+)
+job(
+    "diffusion.benchmark",
+    "mmalign.diffusion.benchmark:run",
+    "mmalign.diffusion.benchmark:BenchmarkConfig",
+    "offline reference-mismatch benchmark: MaPO vs Diffusion-DPO (beta sweep) vs SFT on procedural shapes",
+    default_config="configs/diffusion/benchmark.yaml",
+)
+job(
+    "hindsight.market",
+    "mmalign.hindsight.experiment:run",
+    "mmalign.hindsight.config:HindsightMarketConfig",
+    "RLHS marketplace: seller trained by DPO and BT-RM+PPO on foresight vs hindsight feedback; trust and "
+    "world-model accuracy sweeps",
+    default_config="configs/hindsight/market.yaml",
+)
+job(
+    "robotics.main",
+    "mmalign.robotics.main_job:run",
+    "mmalign.robotics.main_job:MainConfig",
+    "the main job: SAC learning Reacher from a noisy simulated human vs true reward vs random, with a report",
+    default_config="configs/robotics/main.yaml",
+)
+job(
+    "robotics.pebble",
+    "mmalign.robotics.pebble:run",
+    "mmalign.robotics.pebble:PebbleConfig",
+    "online preference-based RL (PEBBLE-style) on SB3 SAC or PPO with a B-Pref simulated teacher",
+    default_config="configs/robotics/pebble.yaml",
+)
+job(
+    "vlm.train",
+    "mmalign.vision_lm.train:run",
+    "mmalign.vision_lm.train:VLMTrainConfig",
+    "preference-train a VLM: DPO/IPO/cDPO/robust DPO, Re-Align (visual DPO), RRPO, BDHS offline/online/mixed",
+    default_config="configs/vision_lm/train_dpo.yaml",
+)
+job(
+    "vlm.benchmark",
+    "mmalign.vision_lm.benchmark:run",
+    "mmalign.vision_lm.benchmark:BenchmarkConfig",
+    "offline hallucination benchmark: tiny LLaVA on prior-planted scenes, CHAIR/POPE for every method",
+    default_config="configs/vision_lm/benchmark.yaml",
+)

@@ -1,0 +1,228 @@
+"""Row-level validation of preference data: every bad row is reported by index and reason.
+
+Three kinds of data share one mechanism:
+
+- ``text``: prompt/response pairs in the TRL preference format (``prompt``, ``chosen``, ``rejected``, optional
+  ``images`` — a list of paths, arrays or PIL images — and optional ``label`` = P(chosen ≻ rejected), default 1).
+- ``image``: diffusion pairs (``caption``, ``chosen_image``, ``rejected_image``, optional ``label``).
+- ``segment``: trajectory segment pairs (``obs_first``, ``act_first``, ``obs_second``, ``act_second``, optional
+  ``rewards_first``/``rewards_second``, ``frames_first``/``frames_second`` and ``label`` = P(first ≻ second)).
+
+:func:`validate_rows` checks every row and either raises :class:`DataValidationError` listing all problems, or
+with ``skip_invalid=True`` drops the bad rows and reports how many (nothing is dropped silently).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = ["KINDS", "REQUIRED", "DataValidationError", "ValidationReport", "validate_rows", "row_problems"]
+
+KINDS = ("text", "image", "segment")
+REQUIRED: dict[str, tuple[str, ...]] = {
+    "text": ("prompt", "chosen", "rejected"),
+    "image": ("caption", "chosen_image", "rejected_image"),
+    "segment": ("obs_first", "act_first", "obs_second", "act_second"),
+}
+
+
+class DataValidationError(ValueError):
+    """Raised with every bad row's index and reason when preference data fail validation."""
+
+    def __init__(self, problems: list[tuple[int, str]], total: int, source: str = "") -> None:
+        self.problems = problems
+        shown = "\n".join(f"  row {i}: {why}" for i, why in problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        where = f" in {source}" if source else ""
+        rows = len({i for i, _ in problems})
+        super().__init__(
+            f"{rows} of {total} rows{where} are invalid (pass skip_invalid=True to drop them and count them):\n"
+            f"{shown}{more}"
+        )
+
+
+@dataclass
+class ValidationReport:
+    """What validation kept and dropped."""
+
+    total: int
+    kept: int
+    dropped: list[tuple[int, str]] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"kept {self.kept} of {self.total} rows, dropped {self.total - self.kept} invalid rows"
+
+
+def _is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _check_label(row: Mapping[str, Any], out: list[str]) -> None:
+    if "label" not in row or row["label"] is None:
+        return
+    label = row["label"]
+    try:
+        value = float(label)
+    except (TypeError, ValueError):
+        out.append(f"label {label!r} is not a number")
+        return
+    if math.isnan(value):
+        out.append("label is NaN")
+    elif not 0.0 <= value <= 1.0:
+        out.append(f"label {value} outside [0, 1]")
+
+
+def _check_image(name: str, value: Any, base_dir: Path | None, out: list[str]) -> None:
+    if _is_missing(value):
+        out.append(f"missing field {name!r}")
+        return
+    if isinstance(value, (str, Path)):
+        path = Path(value)
+        if base_dir is not None and not path.is_absolute():
+            path = base_dir / path
+        try:
+            from PIL import Image
+
+            with Image.open(path) as im:
+                im.verify()
+        except Exception as err:  # PIL raises many types for unreadable files
+            out.append(f"unreadable image {name!r} at {path} ({type(err).__name__})")
+        return
+    if isinstance(value, Mapping) and "bytes" in value:  # HF datasets Image feature
+        import io
+
+        try:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(value["bytes"])) as im:
+                im.verify()
+        except Exception as err:
+            out.append(f"unreadable image {name!r} ({type(err).__name__})")
+        return
+    if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image
+        return
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        out.append(f"unreadable image {name!r}: not a path, PIL image or array")
+        return
+    if arr.ndim not in (2, 3) or arr.size == 0:
+        out.append(f"image {name!r} has shape {arr.shape}, expected (H, W) or (H, W, C)/(C, H, W)")
+    elif not np.isfinite(arr).all():
+        out.append(f"image {name!r} contains NaN or inf")
+
+
+def _as_array(name: str, value: Any, out: list[str]) -> np.ndarray | None:
+    if _is_missing(value):
+        out.append(f"missing field {name!r}")
+        return None
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        out.append(f"field {name!r} is not a numeric array (ragged or non-numeric)")
+        return None
+    if arr.size == 0:
+        out.append(f"field {name!r} is empty")
+        return None
+    if not np.isfinite(arr).all():
+        out.append(f"field {name!r} contains NaN or inf")
+    return arr
+
+
+def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None) -> list[str]:
+    """Every problem of one row (empty list when the row is valid)."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    out: list[str] = []
+    for name in REQUIRED[kind]:
+        if name not in row or _is_missing(row[name]):
+            out.append(f"missing field {name!r}")
+    if out:
+        return out
+    if kind == "text":
+        for name in ("prompt", "chosen", "rejected"):
+            value = row[name]
+            text = value if isinstance(value, str) else None
+            if isinstance(value, list):  # conversational format: list of {"role", "content"} messages
+                text = " ".join(str(m.get("content", "")) if isinstance(m, Mapping) else str(m) for m in value)
+            if text is None:
+                out.append(f"field {name!r} must be a string or a list of messages, got {type(value).__name__}")
+            elif name != "prompt" and not text.strip():
+                out.append(f"empty response in {name!r}")
+        images = row.get("images")
+        if images is not None and not (isinstance(images, float) and math.isnan(images)):
+            if not isinstance(images, (list, tuple)):
+                images = [images]
+            for j, image in enumerate(images):
+                _check_image(f"images[{j}]", image, base_dir, out)
+    elif kind == "image":
+        if not isinstance(row["caption"], str):
+            out.append(f"field 'caption' must be a string, got {type(row['caption']).__name__}")
+        _check_image("chosen_image", row["chosen_image"], base_dir, out)
+        _check_image("rejected_image", row["rejected_image"], base_dir, out)
+        if not out:
+            shapes = [_image_shape(row[n], base_dir) for n in ("chosen_image", "rejected_image")]
+            if None not in shapes and shapes[0] != shapes[1]:
+                out.append(f"chosen_image size {shapes[0]} differs from rejected_image size {shapes[1]}")
+    else:
+        lengths: dict[str, int] = {}
+        for side in ("first", "second"):
+            for stem in ("obs", "act", "rewards", "frames"):
+                name = f"{stem}_{side}"
+                if stem in ("rewards", "frames") and (name not in row or _is_missing(row[name])):
+                    continue
+                arr = _as_array(name, row[name], out)
+                if arr is not None:
+                    lengths[name] = arr.shape[0] if arr.ndim else 1
+        for side in ("first", "second"):
+            seen = {n: l for n, l in lengths.items() if n.endswith(side)}
+            if len(set(seen.values())) > 1:
+                out.append(f"mismatched lengths in the {side} segment: {seen}")
+    _check_label(row, out)
+    return out
+
+
+def _image_shape(value: Any, base_dir: Path | None) -> tuple[int, ...] | None:
+    if isinstance(value, (str, Path)):
+        from PIL import Image
+
+        path = Path(value) if base_dir is None or Path(value).is_absolute() else base_dir / value
+        with Image.open(path) as im:
+            return (im.size[1], im.size[0])
+    if hasattr(value, "size") and hasattr(value, "mode"):
+        return (value.size[1], value.size[0])
+    if isinstance(value, Mapping):
+        return None
+    arr = np.asarray(value)
+    return tuple(arr.shape)
+
+
+def validate_rows(
+    kind: str,
+    rows: Sequence[Mapping[str, Any]] | Iterable[Mapping[str, Any]],
+    *,
+    skip_invalid: bool = False,
+    base_dir: Path | None = None,
+    source: str = "",
+) -> tuple[list[Mapping[str, Any]], ValidationReport]:
+    """Validate every row; raise listing all problems, or drop bad rows when ``skip_invalid`` (and report them)."""
+    rows = list(rows)
+    problems: list[tuple[int, str]] = []
+    keep: list[Mapping[str, Any]] = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            problems.append((i, f"row is a {type(row).__name__}, expected a mapping of fields"))
+            continue
+        found = row_problems(kind, row, base_dir)
+        if found:
+            problems.extend((i, why) for why in found)
+        else:
+            keep.append(row)
+    if problems and not skip_invalid:
+        raise DataValidationError(problems, len(rows), source)
+    return keep, ValidationReport(total=len(rows), kept=len(keep), dropped=problems)

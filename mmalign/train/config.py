@@ -1,0 +1,71 @@
+"""Configuration of the generic trainer (light module: dataclasses only)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mmalign.config import Config, check_choice, check_nonnegative, check_positive, option
+
+
+@dataclass
+class LoraOptions(Config):
+    """Optional LoRA adapters through peft (applied by the trainer before ``accelerator.prepare``)."""
+
+    enabled: bool = option(False, "wrap the model with peft LoRA adapters and train only them")
+    r: int = option(8, "LoRA rank")
+    alpha: float = option(16.0, "LoRA scaling alpha")
+    dropout: float = option(0.0, "dropout on the LoRA branch")
+    target_modules: list[str] = option(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "module names (suffixes) that receive adapters"
+    )
+
+    def __post_init__(self) -> None:
+        check_positive("lora.r", self.r)
+        check_positive("lora.alpha", self.alpha)
+        check_nonnegative("lora.dropout", self.dropout)
+        if self.enabled and not self.target_modules:
+            raise ValueError("lora.target_modules must name at least one module when lora.enabled is true, got []")
+
+
+@dataclass
+class TrainerConfig(Config):
+    """Everything the generic accelerate trainer needs; one optimizer step = batch_size x grad_accum x processes."""
+
+    seed: int = option(0, "seed for model init, data order, dropout and every RNG the trainer owns")
+    max_steps: int = option(100, "number of optimizer steps to run")
+    batch_size: int = option(8, "examples per process per micro-batch")
+    grad_accum_steps: int = option(1, "micro-batches accumulated into one optimizer step")
+    lr: float = option(1e-4, "peak learning rate (AdamW)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    adam_betas: list[float] = option([0.9, 0.999], "AdamW betas")
+    lr_schedule: str = option("constant", "learning-rate schedule after warmup: constant, linear or cosine decay")
+    warmup_steps: int = option(0, "linear warmup steps from 0 to lr")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this value; 0 disables clipping")
+    mixed_precision: str = option("auto", "auto (bf16 on GPUs that support it, else fp32), no, bf16 or fp16")
+    log_every: int = option(10, "log metrics every N optimizer steps")
+    eval_every: int = option(0, "run eval_fn every N optimizer steps (0: only at the end)")
+    save_every: int = option(0, "write a checkpoint every N optimizer steps (0: only at the end)")
+    keep_checkpoints: int = option(2, "how many complete checkpoints to keep (older ones are deleted)")
+    num_workers: int = option(0, "DataLoader worker processes")
+    cpu: bool = option(False, "force CPU even when a GPU is present")
+    progress: bool = option(True, "show a progress bar on the main process")
+    plots: bool = option(True, "write PNG plots of the logged curves at the end of training")
+    lora: LoraOptions = option(factory=LoraOptions, help="optional LoRA adapters (peft)")
+
+    def __post_init__(self) -> None:
+        check_positive("max_steps", self.max_steps)
+        check_positive("batch_size", self.batch_size)
+        check_positive("grad_accum_steps", self.grad_accum_steps)
+        check_positive("lr", self.lr)
+        check_nonnegative("weight_decay", self.weight_decay)
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas!r}")
+        check_choice("lr_schedule", self.lr_schedule, ["constant", "linear", "cosine"])
+        check_nonnegative("warmup_steps", self.warmup_steps)
+        check_nonnegative("max_grad_norm", self.max_grad_norm)
+        check_choice("mixed_precision", self.mixed_precision, ["auto", "no", "bf16", "fp16"])
+        check_positive("log_every", self.log_every)
+        check_nonnegative("eval_every", self.eval_every)
+        check_nonnegative("save_every", self.save_every)
+        check_positive("keep_checkpoints", self.keep_checkpoints)
+        check_nonnegative("num_workers", self.num_workers)

@@ -1,0 +1,301 @@
+"""One training loop on accelerate for every gradient-trained model in mmalign.
+
+The loop owns devices, precision, gradient accumulation, clipping, LR schedules, optional LoRA, logging, plots and
+atomic resumable checkpoints. What is being optimised is a ``loss_fn(model, batch) -> (loss, metrics)`` supplied by
+the domain, which typically calls a pure core loss. Data order is a pure function of (seed, epoch, step), so a run
+resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen. Multi-GPU and multi-node
+runs go through ``accelerate launch`` with no code change: each process takes its shard of every global batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mmalign.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_state_tensors, save_checkpoint
+from mmalign.train.config import TrainerConfig
+from mmalign.train.logging import MetricsLogger, plot_metrics
+
+__all__ = ["Trainer", "seed_everything", "resolve_mixed_precision"]
+
+LossFn = Callable[[torch.nn.Module, Any], "tuple[torch.Tensor, dict[str, Any]]"]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices) global RNGs."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def resolve_mixed_precision(setting: str, cpu: bool = False) -> str:
+    """``auto`` becomes bf16 on a CUDA GPU that supports it and ``no`` elsewhere."""
+    if setting != "auto":
+        return setting
+    if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "no"
+
+
+def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    def fn(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return fn
+
+
+class _StepBatches:
+    """Micro-batch index lists for one process, from ``start_step`` on; a pure function of (seed, step)."""
+
+    def __init__(self, n: int, batch_size: int, accum: int, world: int, rank: int, seed: int, start: int, stop: int):
+        self.n, self.bs, self.accum, self.world, self.rank = n, batch_size, accum, world, rank
+        self.seed, self.start, self.stop = seed, start, stop
+        self.global_batch = batch_size * accum * world
+        self.steps_per_epoch = n // self.global_batch
+
+    def order(self, epoch: int) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.n, generator=gen)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm, perm_epoch = None, -1
+        for step in range(self.start, self.stop):
+            epoch, k = divmod(step, self.steps_per_epoch)
+            if epoch != perm_epoch:
+                perm, perm_epoch = self.order(epoch), epoch
+            assert perm is not None
+            chunk = perm[k * self.global_batch : (k + 1) * self.global_batch]
+            for micro in range(self.accum):
+                first = (micro * self.world + self.rank) * self.bs
+                yield chunk[first : first + self.bs].tolist()
+
+    def __len__(self) -> int:
+        return (self.stop - self.start) * self.accum
+
+
+def _default_collate(items: Sequence[Any]) -> Any:
+    from torch.utils.data import default_collate
+
+    return default_collate(list(items))
+
+
+def _fingerprint(cfg: TrainerConfig) -> str:
+    keep = {k: v for k, v in cfg.to_dict().items() if k not in {"max_steps", "progress", "plots", "save_every",
+                                                                  "eval_every", "log_every", "keep_checkpoints"}}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Trains ``model`` by minimising ``loss_fn(model, batch)`` over ``train_dataset`` (see module docstring).
+
+    Args:
+        cfg: the trainer settings.
+        model: the module to train (built and seeded by the caller; only parameters with ``requires_grad`` train).
+        train_dataset: anything with ``__len__`` and ``__getitem__``.
+        loss_fn: ``(model, batch) -> (scalar loss, metrics)``; metrics are scalars or 1-element tensors.
+        run_dir: the run folder; the trainer writes ``metrics.jsonl``, ``tensorboard/``, ``plots/``,
+            ``checkpoints/`` and ``model.safetensors`` (final weights) into it.
+        collate_fn: turns a list of dataset items into a batch (default: torch's ``default_collate``).
+        eval_fn: ``(unwrapped model) -> metrics`` run on the main process every ``eval_every`` steps and at the end,
+            under a forked RNG so evaluation never changes the training trajectory.
+    """
+
+    def __init__(
+        self,
+        cfg: TrainerConfig,
+        model: torch.nn.Module,
+        train_dataset: Any,
+        loss_fn: LossFn,
+        run_dir: Path,
+        collate_fn: Callable[[Sequence[Any]], Any] | None = None,
+        eval_fn: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+    ) -> None:
+        from accelerate import Accelerator
+
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.loss_fn = loss_fn
+        self.eval_fn = eval_fn
+        self.collate_fn = collate_fn or _default_collate
+        self.dataset = train_dataset
+        # Without a GPU, accelerate only joins a torchrun/gloo process group when told cpu=True.
+        has_accel = torch.cuda.is_available() or (
+            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+        )
+        use_cpu = cfg.cpu or not has_accel
+        self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, use_cpu),
+                                       cpu=use_cpu)
+        acc = self.accelerator
+        global_batch = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
+        if len(train_dataset) < global_batch:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} examples, fewer than one global batch of {global_batch} "
+                f"(batch_size {cfg.batch_size} x grad_accum_steps {cfg.grad_accum_steps} x {acc.num_processes} processes)"
+            )
+        self.dropped_per_epoch = len(train_dataset) % global_batch
+        if cfg.lora.enabled:
+            model = self._apply_lora(model)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("model has no parameters with requires_grad=True: nothing to train")
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
+        # The scheduler stays outside accelerate.prepare: its wrapper steps once per process, we step once per update.
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
+        )
+        self._raw_model = model
+        self.model = None  # prepared in train(), after a possible checkpoint load
+        self.step = 0
+
+    def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if isinstance(model, PeftModel):
+            return model
+        lo = self.cfg.lora
+        return get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                                target_modules=list(lo.target_modules)))
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def unwrapped_model(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model) if self.model is not None else self._raw_model
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def _ckpt_root(self) -> Path:
+        return self.run_dir / "checkpoints"
+
+    def save(self) -> Path:
+        acc = self.accelerator
+        tensors = model_state_tensors(self.unwrapped_model()) if self.is_main else None
+        return save_checkpoint(
+            self._ckpt_root(), self.step, model_tensors=tensors, optimizer=self.optimizer if self.is_main else None,
+            scheduler=self.scheduler if self.is_main else None,
+            trainer_state={"config_fingerprint": _fingerprint(self.cfg), "seed": self.cfg.seed},
+            rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
+            keep=self.cfg.keep_checkpoints,
+        )
+
+    def _resume(self) -> None:
+        path = latest_checkpoint(self._ckpt_root())
+        if path is None:
+            raise CheckpointError(f"--resume given but {self._ckpt_root()} holds no complete checkpoint")
+        state = load_checkpoint(path, model=self._raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                rank=self.accelerator.process_index)
+        if state.get("config_fingerprint") != _fingerprint(self.cfg):
+            raise CheckpointError(f"{path} was written with different training settings; refusing to resume")
+        self.step = int(state["step"])
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def _evaluate(self) -> dict[str, Any]:
+        if self.eval_fn is None or not self.is_main:
+            return {}
+        np_state, py_state = np.random.get_state(), random.getstate()
+        model = self.unwrapped_model()
+        was_training = model.training
+        model.eval()
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            out = self.eval_fn(model)
+        model.train(was_training)
+        np.random.set_state(np_state)
+        random.setstate(py_state)
+        return out
+
+    def train(self, resume: bool = False) -> dict[str, Any]:
+        """Run until ``max_steps`` optimizer steps; with ``resume``, continue from the latest checkpoint."""
+        from accelerate.utils import send_to_device
+        from torch.utils.data import DataLoader
+        from tqdm.auto import tqdm
+
+        cfg, acc = self.cfg, self.accelerator
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if resume:
+            self._resume()
+        logger = MetricsLogger(self.run_dir, enabled=self.is_main)
+        if resume:
+            logger.truncate_after(self.step)
+        if self.is_main and self.dropped_per_epoch:
+            print(f"[mmalign] {self.dropped_per_epoch} examples per epoch do not fill a global batch and are left "
+                  f"out of that epoch (a different subset each epoch)")
+        self.model, self.optimizer = acc.prepare(self._raw_model, self.optimizer)
+        sampler = _StepBatches(len(self.dataset), cfg.batch_size, cfg.grad_accum_steps, acc.num_processes,
+                               acc.process_index, cfg.seed, self.step, cfg.max_steps)
+        # Own generator: creating the iterator must not draw from the global RNG that a resume just restored.
+        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+                            num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
+        batches = iter(loader)
+        bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
+                   desc="train", dynamic_ncols=True)
+        self.model.train()
+        last: dict[str, Any] = {}
+        t0, examples = time.perf_counter(), 0
+        while self.step < cfg.max_steps:
+            sums: dict[str, torch.Tensor] = {}
+            for micro in range(cfg.grad_accum_steps):
+                batch = send_to_device(next(batches), acc.device)
+                sync = micro == cfg.grad_accum_steps - 1
+                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+                with ctx:
+                    with acc.autocast():
+                        loss, metrics = self.loss_fn(self.model, batch)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"loss is {loss.item()} at step {self.step} (micro-batch {micro})")
+                    acc.backward(loss / cfg.grad_accum_steps)
+                for k, v in {"train/loss": loss, **metrics}.items():
+                    t = torch.as_tensor(v, dtype=torch.float32, device=acc.device).detach().reshape(-1)[:1]
+                    sums[k] = sums.get(k, 0) + t / cfg.grad_accum_steps
+                examples += cfg.batch_size * acc.num_processes
+            if cfg.max_grad_norm > 0:
+                norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                sums["train/grad_norm"] = torch.as_tensor(norm, device=acc.device).float().reshape(-1)[:1]
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                reduced = {k: acc.reduce(v, "mean").item() for k, v in sums.items()}
+                reduced["train/lr"] = self.scheduler.get_last_lr()[0]
+                reduced["perf/examples_per_s"] = examples / max(1e-9, time.perf_counter() - t0)
+                t0, examples = time.perf_counter(), 0
+                last = logger.log(self.step, reduced)
+                bar.set_postfix(loss=f"{reduced['train/loss']:.4f}")
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save()
+            if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
+                last.update(logger.log(self.step, self._evaluate()))
+        bar.close()
+        self.save()
+        final_eval = logger.log(self.step, self._evaluate())
+        last.update(final_eval)
+        if self.is_main:
+            from safetensors.torch import save_file
+
+            tmp = self.run_dir / ".model.safetensors.tmp"
+            save_file({k: v.detach().contiguous().cpu() for k, v in model_state_tensors(self.unwrapped_model()).items()},
+                      str(tmp))
+            tmp.replace(self.run_dir / "model.safetensors")
+            logger.close()
+            if cfg.plots:
+                plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")
+        acc.wait_for_everyone()
+        return {"step": self.step, **last}

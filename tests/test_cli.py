@@ -1,0 +1,59 @@
+"""The mmalign command: list, help at every level, a job run, errors before work starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mmalign.cli import main
+from mmalign.registry import JOBS
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def test_list_shows_every_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for heading in ("losses", "teachers", "reward models", "query selectors", "envs (gymnasium ids)", "jobs"):
+        assert heading in out
+    assert "robust_dpo" in out and "train demo" in out
+
+
+def test_help_at_every_level() -> None:
+    top = subprocess.run([sys.executable, "-m", "mmalign.cli", "--help"], capture_output=True, text=True, env=ENV)
+    assert top.returncode == 0 and "list" in top.stdout
+    domains = sorted({name.split(".")[0] for name in JOBS.names()})
+    for domain in domains:
+        out = subprocess.run([sys.executable, "-m", "mmalign.cli", domain, "--help"], capture_output=True,
+                             text=True, env=ENV)
+        assert out.returncode == 0, out.stderr
+    job = subprocess.run([sys.executable, "-m", "mmalign.cli", "train", "demo", "--help"], capture_output=True,
+                         text=True, env=ENV)
+    assert job.returncode == 0
+    assert "trainer.max_steps" in job.stdout and "KL temperature beta" in job.stdout
+
+
+def test_job_runs_and_writes_a_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "run"
+    code = main(["train", "demo", "--output-dir", str(out_dir), "trainer.max_steps=3", "trainer.progress=false",
+                 "trainer.plots=false", "n_pairs=256"])
+    assert code == 0
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["step"] == 3
+    assert "job: train.demo" in (out_dir / "config.yaml").read_text()
+    assert (out_dir / "metrics.jsonl").exists()
+    # an existing run folder is never overwritten silently
+    assert main(["train", "demo", "--output-dir", str(out_dir)]) == 2
+    assert "already holds files" in capsys.readouterr().err
+
+
+def test_bad_value_fails_before_work(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out_dir = tmp_path / "run"
+    assert main(["train", "demo", "--output-dir", str(out_dir), "eps=0.7"]) == 2
+    assert "eps must be in [0.0, 0.5), got 0.7" in capsys.readouterr().err
+    assert not out_dir.exists()

@@ -1,0 +1,95 @@
+"""Config dataclasses: help on every field, YAML + overrides, validation before work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+from mmalign.config import Config, config_help, load_config, parse_overrides
+from mmalign.registry import JOBS, resolve
+from mmalign.train.config import TrainerConfig
+from mmalign.train.demo import DemoConfig
+
+
+def _all_config_classes() -> list[type[Config]]:
+    seen: list[type[Config]] = []
+
+    def walk(cls: type[Config]) -> None:
+        if cls in seen:
+            return
+        seen.append(cls)
+        for f in dataclasses.fields(cls):
+            tp = cls.__annotations__.get(f.name)
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            if isinstance(default, Config):
+                walk(type(default))
+
+    for entry in JOBS.entries():
+        walk(resolve(entry.extra["config"]))
+    return seen
+
+
+def test_every_field_of_every_job_config_has_help() -> None:
+    classes = _all_config_classes()
+    assert TrainerConfig in classes and DemoConfig in classes
+    for cls in classes:
+        for f in dataclasses.fields(cls):
+            assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help text"
+        assert config_help(cls)
+
+
+def test_every_job_config_builds_from_defaults() -> None:
+    for entry in JOBS.entries():
+        cls = resolve(entry.extra["config"])
+        assert isinstance(cls(), Config), entry.name
+
+
+def test_yaml_and_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("beta: 0.3\ntrainer:\n  max_steps: 11\n")
+    cfg = load_config(DemoConfig, path, ["trainer.lr=0.01", "loss=robust_dpo", "eps=0.1"])
+    assert (cfg.beta, cfg.trainer.max_steps, cfg.trainer.lr, cfg.loss, cfg.eps) == (0.3, 11, 0.01, "robust_dpo", 0.1)
+    # nested partial mappings keep the job's own nested defaults
+    assert cfg.trainer.batch_size == DemoConfig().trainer.batch_size
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        (["eps=0.5"], r"eps must be in \[0.0, 0.5\), got 0.5"),
+        (["beta=0"], "beta must be a finite number > 0, got 0"),
+        (["trainer.lr=-1"], r"trainer.lr must be a finite number > 0, got -1"),
+        (["trainer.lr_schedule=step"], "trainer.lr_schedule must be one of"),
+        (["loss=kto"], "loss must be one of"),
+        (["n_pairs=many"], "must be an integer, got 'many'"),
+        (["unknown_field=1"], r"unknown field\(s\) \['unknown_field'\]"),
+        (["noequals"], "override must look like key=value"),
+    ],
+)
+def test_bad_values_fail_naming_field_value_and_allowed(override: list[str], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(DemoConfig, None, override)
+
+
+def test_missing_config_file_is_clear(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config(DemoConfig, tmp_path / "nope.yaml")
+
+
+def test_parse_overrides_nests_and_types() -> None:
+    assert parse_overrides(["a.b=1", "a.c=x", "d=[1, 2]", "e=true"]) == {"a": {"b": 1, "c": "x"}, "d": [1, 2],
+                                                                         "e": True}
+
+
+def test_shipped_yaml_configs_load() -> None:
+    root = Path(__file__).resolve().parents[1] / "configs"
+    by_config = {}
+    for entry in JOBS.entries():
+        if entry.extra.get("default_config"):
+            by_config[entry.extra["default_config"]] = resolve(entry.extra["config"])
+    for rel, cls in by_config.items():
+        path = root.parent / rel
+        assert path.is_file(), f"{entry.name}: default config {rel} is missing"
+        load_config(cls, path)

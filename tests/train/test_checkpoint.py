@@ -1,0 +1,94 @@
+"""Checkpoints: atomic, complete, and clear errors for corrupt or truncated files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmalign.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+
+
+def _setup() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def _save(root: Path, step: int, model, opt, sched, keep: int = 2) -> Path:
+    return save_checkpoint(root, step, model_tensors=model.state_dict(), optimizer=opt, scheduler=sched,
+                           trainer_state={"config_fingerprint": "x"}, keep=keep)
+
+
+def test_round_trip_restores_everything(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    _save(tmp_path, 1, model, opt, sched)
+    expected_next = torch.rand(3)
+    model2, opt2, sched2 = torch.nn.Linear(4, 3), None, None
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=0.1)
+    sched2 = torch.optim.lr_scheduler.LambdaLR(opt2, lambda s: 1.0 / (1 + s))
+    torch.rand(5)  # move the RNG away
+    state = load_checkpoint(latest_checkpoint(tmp_path), model=model2, optimizer=opt2, scheduler=sched2)
+    assert state["step"] == 1
+    assert torch.equal(torch.rand(3), expected_next)
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert torch.equal(a, b)
+    assert torch.equal(opt.state_dict()["state"][0]["exp_avg"], opt2.state_dict()["state"][0]["exp_avg"])
+    assert sched2.state_dict()["last_epoch"] == sched.state_dict()["last_epoch"]
+
+
+def test_truncated_file_names_the_file(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    path = _save(tmp_path, 3, model, opt, sched)
+    target = path / "model.safetensors"
+    target.write_bytes(target.read_bytes()[:40])
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+
+
+def test_corrupt_file_of_same_size_names_the_file(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    path = _save(tmp_path, 3, model, opt, sched)
+    target = path / "optimizer.safetensors"
+    target.write_bytes(b"\x00" * target.stat().st_size)
+    with pytest.raises(CheckpointError, match="optimizer.safetensors"):
+        load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+
+
+def test_partial_checkpoint_never_replaces_the_last_good_one(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    good = _save(tmp_path, 5, model, opt, sched)
+    # a crash while writing step 10 leaves only a .tmp folder behind
+    (tmp_path / "step-00000010.tmp").mkdir()
+    (tmp_path / "step-00000010.tmp" / "model.safetensors").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path) == good
+    load_checkpoint(good, model=model, optimizer=opt, scheduler=sched)
+    # the next save replaces the stale tmp folder and becomes latest
+    newer = _save(tmp_path, 10, model, opt, sched)
+    assert latest_checkpoint(tmp_path) == newer and not (tmp_path / "step-00000010.tmp").exists()
+
+
+def test_keeps_only_the_newest_checkpoints(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, model, opt, sched, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
+
+
+def test_checkpoints_hold_no_pickle(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    path = _save(tmp_path, 1, model, opt, sched)
+    assert {p.suffix for p in path.iterdir()} <= {".safetensors", ".json"}
+
+
+def test_wrong_model_is_a_clear_error(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    path = _save(tmp_path, 1, model, opt, sched)
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        load_checkpoint(path, model=torch.nn.Linear(5, 3), optimizer=None, scheduler=None)

@@ -1,0 +1,118 @@
+"""The trainer: exact resume after SIGKILL, multi-process equivalence, accumulation, error paths."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mmalign.config import load_config
+from mmalign.train.checkpoint import latest_checkpoint
+from mmalign.train.demo import DemoConfig, run
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mmalign.cli", "train", "demo", *args]
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
+    common = ["trainer.max_steps=400", "trainer.save_every=20", "trainer.progress=false", "trainer.eval_every=50",
+              "trainer.log_every=5", "dropout=0.1", "n_pairs=2048", "hidden=256"]
+    full = tmp_path / "full"
+    subprocess.run(_cli("--output-dir", str(full), *common), check=True, env=ENV, capture_output=True)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("--output-dir", str(killed), *common), env=ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    ckpts = killed / "checkpoints"
+    while time.time() < deadline:
+        ckpt = latest_checkpoint(ckpts) if (ckpts / "latest").exists() else None
+        if ckpt is not None and int(ckpt.name.split("-")[1]) >= 60:
+            break
+        if proc.poll() is not None:
+            pytest.fail("training finished before it could be killed; make the run longer")
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / "model.safetensors").exists(), "the run was not killed mid-way"
+    resumed_from = latest_checkpoint(ckpts)
+    assert resumed_from is not None and int(resumed_from.name.split("-")[1]) < 400
+
+    subprocess.run(_cli("--output-dir", str(killed), "--resume", *common), check=True, env=ENV, capture_output=True)
+    a, b = _weights(full), _weights(killed)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume"
+    # the metrics file holds each logged step once, as in the uninterrupted run
+    steps_full = [line for line in (full / "metrics.jsonl").read_text().splitlines()]
+    steps_resumed = [line for line in (killed / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps_full) == len(steps_resumed)
+
+
+def test_two_process_gloo_matches_one_process(tmp_path: Path) -> None:
+    common = ["trainer.max_steps=4", "trainer.progress=false", "trainer.plots=false", "n_pairs=512"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    subprocess.run(_cli("--output-dir", str(one), "trainer.batch_size=64", *common), check=True, env=ENV,
+                   capture_output=True)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+                "-m", "mmalign.cli", "train", "demo"]
+    out = subprocess.run([*torchrun, "--output-dir", str(two), "trainer.batch_size=32", *common], env=ENV,
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = _weights(one), _weights(two)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_grad_accumulation_matches_larger_batch(tmp_path: Path) -> None:
+    base = ["trainer.max_steps=3", "trainer.progress=false", "trainer.plots=false", "n_pairs=256"]
+    big = run(load_config(DemoConfig, None, [*base, "trainer.batch_size=32"]), tmp_path / "big")
+    acc = run(load_config(DemoConfig, None, [*base, "trainer.batch_size=8", "trainer.grad_accum_steps=4"]),
+              tmp_path / "acc")
+    assert big["step"] == acc["step"] == 3
+    a, b = _weights(tmp_path / "big"), _weights(tmp_path / "acc")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+
+
+def test_training_improves_the_demo_policy(tmp_path: Path) -> None:
+    cfg = load_config(DemoConfig, None, ["trainer.max_steps=150", "trainer.progress=false", "n_pairs=2048"])
+    out = run(cfg, tmp_path / "r")
+    rows = (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+    assert out["eval/pref_accuracy"] > 0.75
+    assert out["eval/true_utility"] > 0.5 * out["eval/best_utility"]
+    assert (tmp_path / "r" / "plots" / "train.png").exists() and len(rows) >= 10
+    assert any((tmp_path / "r" / "tensorboard").iterdir())
+
+
+def test_dataset_smaller_than_a_batch_fails_before_training(tmp_path: Path) -> None:
+    cfg = load_config(DemoConfig, None, ["n_pairs=10", "trainer.batch_size=64"])
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        run(cfg, tmp_path / "r")
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
+    cfg = load_config(DemoConfig, None, ["trainer.max_steps=4", "trainer.progress=false", "trainer.plots=false"])
+    run(cfg, tmp_path / "r")
+    changed = load_config(DemoConfig, None, ["trainer.max_steps=8", "trainer.lr=0.1", "trainer.progress=false"])
+    with pytest.raises(RuntimeError, match="different training settings"):
+        run(changed, tmp_path / "r", resume=True)
+    longer = load_config(DemoConfig, None, ["trainer.max_steps=8", "trainer.progress=false", "trainer.plots=false"])
+    assert run(longer, tmp_path / "r", resume=True)["step"] == 8
+    shutil.rmtree(tmp_path / "r")
