@@ -1,0 +1,35 @@
+"""Assemble docs/benchmarks.md from the per-area sections that the benchmark scripts write.
+
+Each benchmark script writes its own section to docs/benchmarks/<area>.md (command, seeds, machine, table); this
+script concatenates them, in a fixed order, under one header. Run: python scripts/collect_benchmarks.py
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["core_losses", "core_teachers", "core_routing", "robotics_feedback", "hindsight", "vision_lm",
+         "diffusion", "visuomotor"]
+
+HEADER = """# Benchmarks
+
+Every number here was measured by a script in `scripts/`; each section names the command, seeds, machine and date.
+Sections are written by their scripts into `docs/benchmarks/<area>.md` and collected here by
+`python scripts/collect_benchmarks.py`. Unless a section says otherwise, the machine is a shared 2-core x86-64 CPU
+(no GPU) on which other jobs were running at the same time, so absolute timings are noisy; ratios measured within one
+run are the meaningful numbers.
+
+"""
+
+
+def main() -> None:
+    parts = sorted((ROOT / "docs" / "benchmarks").glob("*.md"), key=lambda p: (
+        ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
+    body = "\n\n".join(p.read_text().strip() for p in parts)
+    (ROOT / "docs" / "benchmarks.md").write_text(HEADER + body + "\n")
+    print(f"wrote docs/benchmarks.md from {len(parts)} sections: {', '.join(p.stem for p in parts)}")
+
+
+if __name__ == "__main__":
+    main()
