@@ -1,0 +1,135 @@
+"""Contrastive Preference Learning (CPL; Hejna et al., ICLR 2024, arXiv 2310.13639): regret-based preference loss
+on a policy's per-step log-likelihoods, with the conservative bias λ and an optional behaviour-cloning term."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmalign.core.losses._common import (
+    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds,
+)
+from mmalign.core.validation import (
+    check_mask, check_nonnegative, check_positive, check_range, check_reduction, check_tensor, reduce_loss,
+)
+
+__all__ = ["cpl_loss", "discounted_segment_score"]
+
+
+def _apply_mask(logp: Tensor, mask: Tensor | None) -> Tensor:
+    # where (not multiply) so that padded steps holding -inf/NaN neither leak into sums nor into gradients.
+    if mask is None:
+        return logp
+    return torch.where(mask.bool(), logp, torch.zeros((), dtype=logp.dtype, device=logp.device))
+
+
+def discounted_segment_score(logp: Tensor, mask: Tensor | None, alpha: float, gamma: float) -> Tensor:
+    """``S(σ) = Σ_t γ^t α log π(a_t|s_t)`` over valid steps: ``[B, T] → [B]`` (t counted from the segment start)."""
+    logp = _apply_mask(logp, mask)
+    if gamma == 1.0:
+        return alpha * logp.sum(dim=-1)
+    steps = torch.arange(logp.shape[-1], dtype=logp.dtype, device=logp.device)
+    return alpha * (logp * gamma ** steps).sum(dim=-1)
+
+
+def cpl_loss(
+    logp_first: Tensor,
+    logp_second: Tensor,
+    labels: Tensor | None = None,
+    *,
+    alpha: float = 0.1,
+    gamma: float = 1.0,
+    bias: float = 1.0,
+    mask_first: Tensor | None = None,
+    mask_second: Tensor | None = None,
+    bc_coef: float = 0.0,
+    reduction: str = "mean",
+) -> tuple[Tensor, dict[str, float]]:
+    r"""CPL loss with conservative bias λ (``bias``) and soft labels.
+
+    With :math:`S_i = \sum_t \gamma^t \alpha \log\pi_\theta(a^i_t|s^i_t)` and label :math:`p = P(1 \succ 2)`:
+
+    .. math::
+        \ell = -p \log\sigma(S_1 - \lambda S_2) - (1 - p)\log\sigma(S_2 - \lambda S_1)
+               + c_{BC}\,\Big(-\tfrac{1}{N}\sum_{\text{valid } t, i} \log\pi_\theta(a^i_t|s^i_t)\Big)
+
+    For a hard label this is the paper's CPL(λ) (Sec. 4, "conservative" variant):
+    ``−log exp(S⁺)/(exp(S⁺) + exp(λS⁻))``; λ multiplies the **dispreferred** segment's score in each BCE term, which
+    for soft labels means λ scales segment 2 in the "first preferred" term and segment 1 in the "second preferred"
+    term (as in the official ``biased_bce_with_logits``). The BC term (CPL-BC) is ``bc_coef`` times the negative mean
+    log-likelihood over the valid steps of both segments of each pair.
+
+    Args:
+        logp_first, logp_second: per-step ``log π(a_t|s_t)`` of the two segments, ``[B, T]``. Padded steps are
+            excluded with the masks and may hold any value; valid steps must be finite.
+        labels: ``[B]`` ``P(first ≻ second)`` in [0, 1]; ``None`` = first preferred.
+        alpha: temperature α > 0 (advantage = α log π). gamma: discount in (0, 1] (official code: 1).
+        bias: λ ∈ (0, 1]; 1 = plain CPL. mask_first, mask_second: ``[B, T]`` valid-step masks (``None`` = all).
+        bc_coef: weight ≥ 0 of the BC regulariser. reduction: over pairs, ``"mean" | "sum" | "none"``.
+
+    Returns:
+        ``(loss, metrics)``; metrics are Python floats (batch means): ``rewards/chosen``/``rewards/rejected``
+        (S of the label-preferred / other segment, in expectation over a label drawn from p), ``rewards/margin``,
+        ``train/pref_accuracy`` (probability that such a label agrees with the sign of S_1 − S_2; ties 1/2),
+        ``train/bc_nll`` (mean negative log-likelihood per valid step).
+
+    Limit cases: λ = 1 gives the Bradley–Terry loss on the discounted log-likelihood sums ``S_1, S_2``; T = 1,
+    γ = 1 with log-ratios to a reference gives DPO (the contextual-bandit case).
+    """
+    inputs = {"logp_first": logp_first, "logp_second": logp_second}
+    check_shapes(inputs, ndim=2)
+    batch, steps = logp_first.shape
+    if labels is not None:
+        check_tensor("labels", labels)
+        if labels.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},) (one per segment pair), got {tuple(labels.shape)}")
+    for name, m in (("mask_first", mask_first), ("mask_second", mask_second)):
+        if m is not None:
+            check_mask(name, m, logp_first.shape)
+    check_positive("alpha", alpha)
+    check_range("gamma", gamma, 0.0, 1.0, low_open=True)
+    check_range("bias", bias, 0.0, 1.0, low_open=True)
+    check_nonnegative("bc_coef", bc_coef)
+    check_reduction(reduction)
+
+    lp1, lp2 = _apply_mask(logp_first, mask_first), _apply_mask(logp_second, mask_second)
+    total = lp1.sum(dim=-1) + lp2.sum(dim=-1) if (bc_coef or gamma != 1.0) else None
+    if gamma == 1.0:
+        s1, s2 = alpha * lp1.sum(dim=-1), alpha * lp2.sum(dim=-1)
+    else:
+        disc = gamma ** torch.arange(steps, dtype=lp1.dtype, device=lp1.device)
+        s1, s2 = alpha * (lp1 * disc).sum(dim=-1), alpha * (lp2 * disc).sum(dim=-1)
+    if total is None:  # γ = 1: the undiscounted sum is S/α, no second pass over [B, T]
+        total = (s1 + s2) / alpha
+    if mask_first is None and mask_second is None:
+        valid: Tensor | float = 2.0 * steps
+    else:
+        valid = sum((steps if m is None else m.to(s1.dtype).sum(dim=-1)) for m in (mask_first, mask_second))
+    bc_nll = -total / (valid.clamp_min(1.0) if isinstance(valid, Tensor) else max(valid, 1.0))
+
+    diff = s1 - s2
+    if labels is None:
+        rows = [s1, s2, diff.sign(), bc_nll]
+        stats = fused_means(rows)
+    else:
+        direction = 2.0 * labels - 1.0
+        rows = [s1, s2, direction * diff, direction * diff.sign(), bc_nll]
+        stats = fused_means(rows, label_bounds(labels))
+        check_label_bounds("labels", labels, stats[-2], stats[-1])
+    ensure_finite(stats[:2], inputs)
+
+    first_term = -F.logsigmoid(s1 - bias * s2)
+    if labels is None:
+        per_pair = first_term
+    else:
+        p = labels.to(s1.dtype)
+        per_pair = p * first_term - (1.0 - p) * F.logsigmoid(s2 - bias * s1)
+    if bc_coef:
+        per_pair = per_pair + bc_coef * bc_nll
+    loss = reduce_loss(per_pair, reduction)
+
+    chosen, rejected, accuracy = expected_pair_metrics(stats, labels is not None)
+    metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
+               "train/pref_accuracy": accuracy, "train/bc_nll": stats[len(rows) - 1]}
+    return loss, metrics

@@ -1,0 +1,91 @@
+"""Re-Align's retrieval-augmented visual preference term (Xing et al., EMNLP 2025, arXiv 2502.13146).
+
+Re-Align calls its objective "rDPO" (retrieval-augmented DPO); it is unrelated to robust DPO
+(:func:`~mmalign.core.losses.robust_dpo_loss`), hence the names ``visual_dpo_loss`` and ``realign_loss`` here.
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor
+
+from mmalign.core.losses._common import check_shapes, ensure_finite, fused_means
+from mmalign.core.validation import check_beta, check_nonnegative, check_reduction, reduce_loss
+
+__all__ = ["visual_dpo_loss", "realign_loss"]
+
+
+def visual_dpo_loss(
+    policy_chosen_logps: Tensor, policy_chosen_retrieved_logps: Tensor,
+    ref_chosen_logps: Tensor, ref_chosen_retrieved_logps: Tensor,
+    *, beta: float = 0.1, reduction: str = "mean",
+) -> tuple[Tensor, dict[str, float]]:
+    r"""Visual DPO term: the chosen answer must be likelier under the true image v than under a retrieved image v_l.
+
+    .. math::
+        \ell_{vDPO} = -\log\sigma\Big(\beta \log\frac{\pi_\theta(y_w|x,v)}{\pi_{ref}(y_w|x,v)}
+                                  - \beta \log\frac{\pi_\theta(y_w|x,v_l)}{\pi_{ref}(y_w|x,v_l)}\Big)
+
+    All inputs ``[B]``: summed label-token log-probs of the chosen answer ``y_w`` under the true image
+    (``*_chosen_logps``) and under the retrieved image (``*_chosen_retrieved_logps``). Label log-probs, not the
+    released code's "highest non-label token" variant. Metrics ``rewards/chosen`` (β ρ(y_w|v)),
+    ``rewards/rejected`` (β ρ(y_w|v_l)), ``rewards/margin``, ``train/pref_accuracy``.
+    Limit cases: it is :func:`~mmalign.core.losses.dpo_loss` with the retrieved-image branch as the "rejected" one;
+    identical images give ``log 2``.
+    """
+    inputs = {
+        "policy_chosen_logps": policy_chosen_logps, "policy_chosen_retrieved_logps": policy_chosen_retrieved_logps,
+        "ref_chosen_logps": ref_chosen_logps, "ref_chosen_retrieved_logps": ref_chosen_retrieved_logps,
+    }
+    check_shapes(inputs)
+    check_beta(beta)
+    check_reduction(reduction)
+    logit = beta * ((policy_chosen_logps - ref_chosen_logps)
+                    - (policy_chosen_retrieved_logps - ref_chosen_retrieved_logps))
+    # Rewards are linear in the inputs: their batch means come from the inputs' means.
+    stats = fused_means([*inputs.values(), logit.sign()])
+    ensure_finite(stats[:4], inputs)
+    loss = reduce_loss(-F.logsigmoid(logit), reduction)
+    reward_v, reward_vl = beta * (stats[0] - stats[2]), beta * (stats[1] - stats[3])
+    return loss, {"rewards/chosen": reward_v, "rewards/rejected": reward_vl, "rewards/margin": reward_v - reward_vl,
+                  "train/pref_accuracy": 0.5 + 0.5 * stats[4]}
+
+
+def realign_loss(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, policy_chosen_retrieved_logps: Tensor,
+    ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, ref_chosen_retrieved_logps: Tensor,
+    *, beta: float = 0.1, visual_weight: float = 1.0, reduction: str = "mean",
+) -> tuple[Tensor, dict[str, float]]:
+    r"""Re-Align objective ``L = L_DPO + w · L_vDPO`` (paper: w = 1, one β for both terms; official β = 0.1).
+
+    ``L_DPO = −log σ(β ρ(y_w|v) − β ρ(y_l|v))`` on the textual pair and ``L_vDPO`` from :func:`visual_dpo_loss` on
+    the visual pair, with ρ = log π_θ − log π_ref of summed label-token log-probs. All six inputs are ``[B]``.
+    Metrics: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``train/pref_accuracy`` (textual pair),
+    ``rewards/chosen_retrieved``, ``rewards/visual_margin``, ``train/visual_pref_accuracy`` (visual pair; the
+    released code's ``imageless_*``); all Python floats.
+    Limit cases: ``visual_weight = 0`` gives DPO; a retrieved image identical to v adds ``w log 2``.
+    """
+    inputs = {
+        "policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
+        "policy_chosen_retrieved_logps": policy_chosen_retrieved_logps, "ref_chosen_logps": ref_chosen_logps,
+        "ref_rejected_logps": ref_rejected_logps, "ref_chosen_retrieved_logps": ref_chosen_retrieved_logps,
+    }
+    check_shapes(inputs)
+    check_beta(beta)
+    check_nonnegative("visual_weight", visual_weight)
+    check_reduction(reduction)
+    rho_w = policy_chosen_logps - ref_chosen_logps
+    textual_logit = beta * (rho_w - (policy_rejected_logps - ref_rejected_logps))
+    visual_logit = beta * (rho_w - (policy_chosen_retrieved_logps - ref_chosen_retrieved_logps))
+    # Rewards are linear in the inputs: their batch means come from the inputs' means.
+    stats = fused_means([*inputs.values(), textual_logit.sign(), visual_logit.sign()])
+    ensure_finite(stats[:6], inputs)
+    loss = reduce_loss(-F.logsigmoid(textual_logit) - visual_weight * F.logsigmoid(visual_logit), reduction)
+    reward_w, reward_l = beta * (stats[0] - stats[3]), beta * (stats[1] - stats[4])
+    reward_vl = beta * (stats[2] - stats[5])
+    metrics = {
+        "rewards/chosen": reward_w, "rewards/rejected": reward_l, "rewards/margin": reward_w - reward_l,
+        "train/pref_accuracy": 0.5 + 0.5 * stats[6], "rewards/chosen_retrieved": reward_vl,
+        "rewards/visual_margin": reward_w - reward_vl, "train/visual_pref_accuracy": 0.5 + 0.5 * stats[7],
+    }
+    return loss, metrics
