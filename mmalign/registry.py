@@ -77,8 +77,8 @@ class Registry:
                 raise ValueError(f"{self.kind} {name!r} is already registered ({self._entries[name].target!r})")
             doc = summary
             if not doc and not isinstance(obj, str):
-                doc = (getattr(obj, "__doc__", None) or "").strip().splitlines()[0:1]
-                doc = doc[0] if doc else ""
+                lines = (getattr(obj, "__doc__", None) or "").strip().splitlines()
+                doc = lines[0] if lines else ""
             self._entries[name] = Entry(name, obj, doc, dict(extra) or None)
             return obj
 

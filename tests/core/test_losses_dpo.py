@@ -193,3 +193,11 @@ def test_flip_rate_bad_input() -> None:
         estimate_flip_rate(torch.zeros(3), method="em")
     with pytest.raises(ValueError, match="max_eps"):
         estimate_flip_rate(torch.zeros(3), max_eps=0.5)
+
+
+def test_low_precision_inputs_log_float32_accurate_metrics() -> None:
+    x = [(t - 50.0).to(torch.bfloat16) for t in _inputs(n=4096, seed=11)]
+    _, m16 = dpo_loss(*x, beta=0.1)
+    _, m32 = dpo_loss(*[t.float() for t in x], beta=0.1)
+    for key in m32:
+        assert m16[key] == pytest.approx(m32[key], abs=1e-4), key

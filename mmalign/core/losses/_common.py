@@ -23,7 +23,7 @@ from mmalign.core.validation import check_all_finite, check_labels, check_ndim, 
 
 __all__ = [
     "check_paired", "check_shapes", "fused_means", "ensure_finite", "check_label_bounds", "label_bounds",
-    "expected_pair_metrics",
+    "expected_pair_metrics", "pair_rows",
 ]
 
 
@@ -41,12 +41,14 @@ def check_paired(tensors: Mapping[str, Tensor], ndim: int | None = 1) -> None:
     check_all_finite(tensors)
 
 
-def fused_means(rows: Sequence[Tensor], extra: Sequence[Tensor] = ()) -> list[float]:
-    """Batch means of equally sized 1-D per-pair ``rows``, followed by the 0-dim tensors ``extra``, read back to the
-    host with one synchronisation (one stack, one sum; the division happens in Python)."""
-    sums = torch.stack([r.detach() for r in rows]).sum(dim=1)
-    if extra:
-        sums = torch.cat([sums, torch.stack([e.detach().to(sums.dtype) for e in extra])])
+def fused_means(rows: Sequence[Tensor], extra: Tensor | None = None) -> list[float]:
+    """Batch means of equally sized 1-D per-pair ``rows``, followed by the values of the 1-D tensor ``extra``, read
+    back to the host with one synchronisation (one stack, one sum; the division happens in Python)."""
+    stacked = torch.stack([r.detach() for r in rows])
+    # bf16/fp16 inputs: accumulate in float32, or the metrics of a 4k batch lose most of their digits.
+    sums = stacked.sum(dim=1) if stacked.element_size() >= 4 else stacked.sum(dim=1, dtype=torch.float32)
+    if extra is not None:
+        sums = torch.cat([sums, extra.detach().to(sums.dtype)])
     values: list[float] = sums.tolist()
     n, k = rows[0].numel(), len(rows)
     return [v / n if n else math.nan for v in values[:k]] + values[k:]
@@ -58,13 +60,11 @@ def ensure_finite(values: Sequence[float], inputs: Mapping[str, Tensor]) -> None
         check_all_finite(inputs)
 
 
-def label_bounds(labels: Tensor) -> list[Tensor]:
-    """``[min, max]`` of the labels as 0-dim tensors, to ride along in :func:`fused_means` (``extra``)."""
+def label_bounds(labels: Tensor) -> Tensor:
+    """``[min, max]`` of the labels, to ride along in :func:`fused_means` (``extra``)."""
     if labels.numel() == 0:
-        zero = labels.new_zeros(())
-        return [zero, zero]
-    lo, hi = torch.aminmax(labels.detach())
-    return [lo, hi]
+        return labels.new_zeros(2)
+    return torch.stack(torch.aminmax(labels.detach()))
 
 
 def check_label_bounds(name: str, labels: Tensor, lo: float, hi: float) -> None:
@@ -73,15 +73,23 @@ def check_label_bounds(name: str, labels: Tensor, lo: float, hi: float) -> None:
         check_labels(name, labels)
 
 
-def expected_pair_metrics(stats: Sequence[float], soft: bool) -> tuple[float, float, float]:
-    """``(chosen, rejected, accuracy)`` from the means of ``[s_1, s_2, sign(s_1 − s_2)]`` (no labels: first is
-    chosen) or ``[s_1, s_2, (2p−1)(s_1 − s_2), (2p−1) sign(s_1 − s_2)]`` (labels ``p``).
+def pair_rows(score_first: Tensor, score_second: Tensor, labels: Tensor | None) -> list[Tensor]:
+    """Per-pair rows for :func:`expected_pair_metrics`: ``[s_1, s_2, sign(d)]`` without labels, plus
+    ``[p·d, p·sign(d)]`` with labels ``p`` (``d = s_1 − s_2``)."""
+    diff = score_first - score_second
+    sign = diff.sign()
+    if labels is None:
+        return [score_first, score_second, sign]
+    return [score_first, score_second, sign, labels * diff, labels * sign]
 
-    With labels, every metric is the expectation over a label drawn from ``p``: chosen = ``p s_1 + (1−p) s_2``,
-    accuracy = ``P(label agrees with sign(s_1 − s_2))``; for hard labels these are the usual values and a tie (label
-    or scores) earns 1/2.
+
+def expected_pair_metrics(stats: Sequence[float], soft: bool) -> tuple[float, float, float]:
+    """``(chosen, rejected, accuracy)`` from the batch means of :func:`pair_rows`.
+
+    With labels, every metric is the expectation over a label drawn from ``p``: chosen = mean ``p s_1 + (1−p) s_2``
+    = mean ``s_2 + p d``, accuracy = ``P(label agrees with sign(d))`` = ``1/2 + mean(p sign d) − mean(sign d)/2``;
+    for hard labels these are the usual values, and a tie (label or scores) earns 1/2.
     """
     if not soft:
         return stats[0], stats[1], 0.5 + 0.5 * stats[2]
-    centre, half_margin = 0.5 * (stats[0] + stats[1]), 0.5 * stats[2]
-    return centre + half_margin, centre - half_margin, 0.5 + 0.5 * stats[3]
+    return stats[1] + stats[3], stats[0] - stats[3], 0.5 + stats[4] - 0.5 * stats[2]

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.core.losses._common import (
-    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds,
+    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds, pair_rows,
 )
 from mmalign.core.validation import (
     check_mask, check_nonnegative, check_positive, check_range, check_reduction, check_tensor, reduce_loss,
@@ -108,13 +108,10 @@ def cpl_loss(
         valid = sum((steps if m is None else m.to(s1.dtype).sum(dim=-1)) for m in (mask_first, mask_second))
     bc_nll = -total / (valid.clamp_min(1.0) if isinstance(valid, Tensor) else max(valid, 1.0))
 
-    diff = s1 - s2
+    rows = [*pair_rows(s1, s2, labels), bc_nll]
     if labels is None:
-        rows = [s1, s2, diff.sign(), bc_nll]
         stats = fused_means(rows)
     else:
-        direction = 2.0 * labels - 1.0
-        rows = [s1, s2, direction * diff, direction * diff.sign(), bc_nll]
         stats = fused_means(rows, label_bounds(labels))
         check_label_bounds("labels", labels, stats[-2], stats[-1])
     ensure_finite(stats[:2], inputs)

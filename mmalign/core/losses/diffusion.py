@@ -74,12 +74,12 @@ def mapo_score(err: Tensor, c: float = 0.5) -> Tensor:
     return torch.where(small, 1.0 - x / 2.0 + x.square() / 12.0, safe_x / torch.expm1(safe_x))
 
 
-def _mapo_parts(scores: Tensor, err_chosen: Tensor, temperature: float, extra: list[Tensor] | None = None
+def _mapo_parts(scores: Tensor, err_chosen: Tensor, temperature: float, extra: Tensor | None = None
                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
     score_w, score_l = scores[0], scores[1]
     margin = score_w - score_l
     ratio = F.logsigmoid(temperature * margin)
-    stats = fused_means([score_w, score_l, margin.sign(), ratio, err_chosen], extra or ())
+    stats = fused_means([score_w, score_l, margin.sign(), ratio, err_chosen], extra)
     return score_w, score_l, margin, ratio, stats
 
 
@@ -121,7 +121,7 @@ def mapo_loss(
     # guarded :func:`mapo_score` (practically never: denoising errors are ~1e-3 to 1).
     x = c * torch.stack([model_err_chosen, model_err_rejected])
     score_w, score_l, margin, ratio, stats = _mapo_parts(x / torch.expm1(x), model_err_chosen, temperature,
-                                                         list(torch.aminmax(x.detach())))
+                                                         torch.stack(torch.aminmax(x.detach())))
     if not all(math.isfinite(v) for v in stats) or (stats[5] < _SMALL and stats[6] > -_SMALL):
         ensure_finite(stats[:5], inputs)
         guarded = mapo_score(torch.stack([model_err_chosen, model_err_rejected]), c)

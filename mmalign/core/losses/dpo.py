@@ -34,9 +34,9 @@ def _margins(
     if chosen_lengths is not None and rejected_lengths is not None:
         inputs.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
     check_shapes(inputs)
-    shortest: list[Tensor] = []
+    shortest: Tensor | None = None
     if chosen_lengths is not None and rejected_lengths is not None and len(chosen_lengths):
-        shortest = [torch.minimum(chosen_lengths.min(), rejected_lengths.min())]
+        shortest = torch.minimum(chosen_lengths.min(), rejected_lengths.min()).reshape(1)
     rho_w, rho_l = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
     if chosen_lengths is not None and rejected_lengths is not None:
         rho_w, rho_l = rho_w / chosen_lengths.to(rho_w.dtype), rho_l / rejected_lengths.to(rho_l.dtype)
@@ -44,7 +44,7 @@ def _margins(
     # ρ_w, ρ_l involve every input, so their finite means certify finite inputs (see _common).
     stats = fused_means([rho_w, rho_l, delta.sign()], shortest)
     ensure_finite(stats[:2], inputs)
-    if shortest and not stats[3] > 0:
+    if shortest is not None and not stats[3] > 0:
         raise ValueError(f"chosen_lengths and rejected_lengths must be > 0 (token counts), got minimum {stats[3]}")
     mean_w, mean_l, mean_sign = stats[:3]
     metrics = {

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.core.losses._common import (
-    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds,
+    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds, pair_rows,
 )
 from mmalign.core.validation import (
     check_all_finite, check_mask, check_nonnegative, check_positive, check_reduction, check_shape, check_tensor,
@@ -53,7 +53,7 @@ def gaussian_bt_loss(
     mask_first: Tensor | None = None,
     mask_second: Tensor | None = None,
     reduction: str = "mean",
-) -> tuple[Tensor, dict[str, float | Tensor]]:
+) -> tuple[Tensor, dict[str, float]]:
     r"""Bradley–Terry loss on reparameterised Gaussian segment returns plus a KL to a variance prior.
 
     .. math::
@@ -74,9 +74,8 @@ def gaussian_bt_loss(
     Returns ``(loss, metrics)``: Python floats ``rewards/chosen``/``rewards/rejected`` (mean returns Σμ of the
     label-preferred / other segment, in expectation over a label drawn from p), ``rewards/margin``,
     ``train/pref_accuracy`` (probability that such a label agrees with the sign of Σμ_1 − Σμ_2; ties 1/2),
-    ``train/kl`` (mean per-step KL), ``uncertainty/pair_std`` (batch mean of :func:`gaussian_pair_uncertainty`),
-    plus ``uncertainty/per_pair``, the detached ``[B]`` tensor of
-    return-difference stds, for uncertainty-based query selection.
+    ``train/kl`` (mean per-step KL), ``uncertainty/pair_std`` (batch mean of :func:`gaussian_pair_uncertainty`;
+    call that function for the per-pair ``[B]`` stds, e.g. for uncertainty-based query selection).
 
     Limit cases: σ → 0 with ``kl_coef = 0`` gives :func:`~mmalign.core.losses.bradley_terry_loss` on Σμ; the KL
     is 0 exactly at σ = η.
@@ -124,16 +123,13 @@ def gaussian_bt_loss(
     kl_mean = (kl_sum(log_std_first, var1, mask_first) + kl_sum(log_std_second, var2, mask_second)) / n_clamped
     pair_std = (var1 + var2).detach().sqrt()
 
-    diff = mu1 - mu2
+    rows = [kl_mean, pair_std, *pair_rows(mu1, mu2, labels)]
     if labels is None:
-        rows = [mu1, mu2, kl_mean, pair_std, diff.sign()]
         stats = fused_means(rows)
     else:
-        direction = 2.0 * labels - 1.0
-        rows = [mu1, mu2, kl_mean, pair_std, direction * diff, direction * diff.sign()]
         stats = fused_means(rows, label_bounds(labels))
         check_label_bounds("labels", labels, stats[-2], stats[-1])
-    ensure_finite(stats[:3], inputs)
+    ensure_finite(stats[:4], inputs)
 
     ret_first = _masked(mean_first + std_first * noise[:, 0], mask_first).sum(-1)  # [K, B]
     ret_second = _masked(mean_second + std_second * noise[:, 1], mask_second).sum(-1)
@@ -147,10 +143,9 @@ def gaussian_bt_loss(
         per_pair = per_pair + kl_coef * kl_mean
     loss = reduce_loss(per_pair, reduction)
 
-    chosen, rejected, accuracy = expected_pair_metrics([stats[0], stats[1], *stats[4:6]], labels is not None)
-    metrics: dict[str, float | Tensor] = {
+    chosen, rejected, accuracy = expected_pair_metrics(stats[2:], labels is not None)
+    metrics = {
         "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
-        "train/pref_accuracy": accuracy, "train/kl": stats[2], "uncertainty/pair_std": stats[3],
-        "uncertainty/per_pair": pair_std,
+        "train/pref_accuracy": accuracy, "train/kl": stats[0], "uncertainty/pair_std": stats[1],
     }
     return loss, metrics

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.core.losses._common import (
-    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds,
+    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds, pair_rows,
 )
 from mmalign.core.validation import (
     check_mask, check_nonnegative, check_range, check_reduction, check_tensor, reduce_loss,
@@ -77,16 +77,13 @@ def bradley_terry_loss(
             # Skipped pairs may carry NaN labels (teachers mark them so); they are masked, not labelled.
             labels = torch.where(keep, labels, torch.full((), 0.5, dtype=labels.dtype, device=labels.device))
 
-    diff = reward_first - reward_second
     margin_row = [margin.reshape(-1)] if isinstance(margin, Tensor) else []
+    rows = pair_rows(reward_first, reward_second, labels)
+    if reward_first.dim() != 1:
+        rows = [r.reshape(-1) for r in rows]
     if labels is None:
-        rows = [reward_first.reshape(-1), reward_second.reshape(-1), diff.sign().reshape(-1)]
         stats = fused_means(rows + margin_row)
     else:
-        # 2p − 1: +1 first preferred, −1 second preferred, 0 tie, fractional for soft labels.
-        direction = 2.0 * labels - 1.0
-        rows = [reward_first.reshape(-1), reward_second.reshape(-1), (direction * diff).reshape(-1),
-                (direction * diff.sign()).reshape(-1)]
         stats = fused_means(rows + margin_row, label_bounds(labels))
         check_label_bounds("labels", labels, stats[-2], stats[-1])
     ensure_finite(stats[: len(rows) + len(margin_row)], inputs)
@@ -95,13 +92,15 @@ def bradley_terry_loss(
         kept = fused_means([r * w for r in rows] + [w])
         stats[: len(rows)] = [v / kept[-1] if kept[-1] else math.nan for v in kept[:-1]]
 
-    logit = diff
+    logit = reward_first - reward_second
     if margin is not None:
-        logit = logit - (margin if labels is None else direction * margin)
+        # 2p − 1: the margin always favours the preferred item and vanishes for a tie.
+        logit = logit - (margin if labels is None else (2.0 * labels - 1.0) * margin)
     if labels is None:
         per_pair = -F.logsigmoid(logit)
     else:
-        per_pair = F.binary_cross_entropy_with_logits(logit, labels.to(logit.dtype), reduction="none")
+        target = labels if labels.dtype == logit.dtype else labels.to(logit.dtype)
+        per_pair = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
     if center_coef:
         per_pair = per_pair + center_coef * (reward_first + reward_second).square()
     loss = reduce_loss(per_pair, reduction, weight)
