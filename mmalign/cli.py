@@ -123,13 +123,14 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
     p_list.add_argument("kind", nargs="?", choices=[*REGISTRIES, "envs"], help="show only this kind")
     for domain, jobs in _domains().items():
         p_dom = sub.add_parser(domain, help=f"{domain} jobs: {', '.join(jobs)}", description=f"{domain} jobs")
+        p_dom.set_defaults(job=None)
         dsub = p_dom.add_subparsers(dest="job", metavar="{" + ",".join(jobs) + "}")
         for job in jobs:
             name = f"{domain}.{job}"
             wanted = len(argv) >= 2 and argv[0] == domain and argv[1] == job
             p_job = dsub.add_parser(
                 job,
-                help=JOBS.entry(name).summary,
+                help=JOBS.entry(name).summary.replace("%", "%%"),  # argparse %-formats help strings
                 description=_job_help(name) if wanted else JOBS.entry(name).summary,
                 formatter_class=argparse.RawDescriptionHelpFormatter,
             )

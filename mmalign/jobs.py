@@ -72,3 +72,31 @@ job(
     "offline hallucination benchmark: tiny LLaVA on prior-planted scenes, CHAIR/POPE for every method",
     default_config="configs/vision_lm/benchmark.yaml",
 )
+job(
+    "robotics.cpl",
+    "mmalign.robotics.cpl:run",
+    "mmalign.robotics.cpl:CPLConfig",
+    "offline CPL vs BC vs %BC on MuJoCo segments labelled by a regret teacher (oracle SAC advantage)",
+    default_config="configs/robotics/cpl.yaml",
+)
+job(
+    "hindsight.text",
+    "mmalign.hindsight.text_experiment:run",
+    "mmalign.hindsight.config:HindsightTextConfig",
+    "RLHS marketplace as text: tiny GPT-2 seller (SFT, then DPO core) on foresight vs hindsight dialogue pairs",
+    default_config="configs/hindsight/text.yaml",
+)
+job(
+    "robotics.rapl",
+    "mmalign.robotics.rapl:run",
+    "mmalign.robotics.rapl:RaplConfig",
+    "RAPL: preference-aligned encoder + OT reward vs BT-on-pixels vs unaligned OT on PushAvoid (2 embodiments)",
+    default_config="configs/robotics/rapl.yaml",
+)
+job(
+    "robotics.pearl",
+    "mmalign.robotics.pearl:run",
+    "mmalign.robotics.pearl:PearlConfig",
+    "PEARL: Gromov-Wasserstein cross-task label transfer + Gaussian robust reward, zero target labels",
+    default_config="configs/robotics/pearl.yaml",
+)
