@@ -1,0 +1,201 @@
+"""Preference pairs -> batches -> core losses: the glue between the VLM adapter and ``mmalign.core.losses``.
+
+``PairCollator`` encodes chosen / rejected (/ chosen-under-retrieved-image) branches, each with its own images, and
+attaches RRPO segment ids and cached reference log-probs. ``PreferenceObjective`` is the trainer's
+``loss_fn(model, batch)``: one concatenated policy forward, reference log-probs from the cache or from the same
+model with LoRA disabled, optional online BDHS regeneration, then the core loss picked by ``method``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from mmalign.vision_lm.adapter import EncodedBatch, VLExample, VLMAdapter
+
+__all__ = ["PrefPair", "PairCollator", "PreferenceObjective", "METHODS", "segments_for"]
+
+METHODS = ("dpo", "ipo", "cdpo", "robust_dpo", "realign", "rrpo")
+
+
+@dataclass
+class PrefPair:
+    """One preference pair. ``rejected_images`` (default: ``images``) gives the rejected branch its own images;
+    ``retrieved_images`` adds Re-Align's visual branch (chosen answer under the retrieved image). Segment ids are
+    RRPO's phrase tags per response token (without EOS); ``None`` = computed from a token diff."""
+
+    prompt: str
+    chosen: str
+    rejected: str
+    images: list[Any] = field(default_factory=list)
+    rejected_images: list[Any] | None = None
+    retrieved_images: list[Any] | None = None
+    chosen_segments: list[int] | None = None
+    rejected_segments: list[int] | None = None
+
+
+def segments_for(tokenizer: Any, pair: PrefPair) -> tuple[list[int], list[int]]:
+    """RRPO segment ids of a pair: supplied ones, or a diff over the tokenized responses."""
+    from mmalign.vision_lm.methods import diff_segments
+
+    if pair.chosen_segments is not None and pair.rejected_segments is not None:
+        return list(pair.chosen_segments), list(pair.rejected_segments)
+    c = tokenizer(pair.chosen, add_special_tokens=False)["input_ids"]
+    r = tokenizer(pair.rejected, add_special_tokens=False)["input_ids"]
+    return diff_segments(c, r)
+
+
+def _pad_rows(rows: Sequence[Sequence[float]], width: int, dtype: torch.dtype) -> Tensor:
+    out = torch.zeros(len(rows), width, dtype=dtype)
+    for i, r in enumerate(rows):
+        n = min(len(r), width)
+        out[i, :n] = torch.as_tensor(list(r)[:n], dtype=dtype)
+    return out
+
+
+class PairCollator:
+    """Turns a list of ``(index, PrefPair)`` into a batch dict of encoded branches (+ segments, + cached refs)."""
+
+    def __init__(self, adapter: VLMAdapter, *, with_retrieved: bool = False, with_segments: bool = False,
+                 ref_cache: dict[str, Tensor] | None = None, keep_raw: bool = False) -> None:
+        self.adapter = adapter
+        self.with_retrieved = with_retrieved
+        self.with_segments = with_segments
+        self.ref_cache = ref_cache
+        self.keep_raw = keep_raw
+
+    def __call__(self, items: Sequence[tuple[int, PrefPair]]) -> dict[str, Any]:
+        idx = [i for i, _ in items]
+        pairs = [p for _, p in items]
+        enc = self.adapter.encode
+        chosen = enc([VLExample(p.prompt, p.chosen, p.images) for p in pairs])
+        rejected = enc([VLExample(p.prompt, p.rejected, p.rejected_images if p.rejected_images is not None
+                                  else p.images) for p in pairs])
+        if len(chosen) != len(pairs) or len(rejected) != len(pairs):
+            raise ValueError("an example was dropped as too long; filter pairs with VLMAdapter.encode before training")
+        batch: dict[str, Any] = {"index": torch.tensor(idx), "chosen": chosen, "rejected": rejected}
+        if self.with_retrieved:
+            if any(p.retrieved_images is None for p in pairs):
+                raise ValueError("method 'realign' needs retrieved_images on every pair")
+            batch["retrieved"] = enc([VLExample(p.prompt, p.chosen, p.retrieved_images) for p in pairs])
+        if self.with_segments:
+            segs = [segments_for(self.adapter.tokenizer, p) for p in pairs]
+            batch["chosen_segments"] = _pad_rows([s[0] for s in segs], chosen.response_mask.sum(1).max().item(),
+                                                 torch.long)
+            batch["rejected_segments"] = _pad_rows([s[1] for s in segs], rejected.response_mask.sum(1).max().item(),
+                                                   torch.long)
+        if self.ref_cache is not None:
+            ids = batch["index"]
+            for key, val in self.ref_cache.items():
+                branch = key.split("/")[0]  # "chosen/tokens" -> width of the chosen branch
+                ref = val[ids]
+                if ref.ndim >= 2:
+                    ref = ref[:, : int(batch[branch].response_mask.sum(1).max())]
+                batch[f"ref/{key}"] = ref
+        if self.keep_raw:
+            batch["raw"] = _Raw(pairs)
+        return batch
+
+
+class _Raw:
+    """Un-encoded pairs carried through ``send_to_device`` untouched (online BDHS regenerates from them)."""
+
+    def __init__(self, pairs: list[PrefPair]) -> None:
+        self.pairs = pairs
+
+    def to(self, *args: Any, **kwargs: Any) -> "_Raw":
+        return self
+
+
+def _unwrap(model: Any) -> Any:
+    return getattr(model, "module", model)
+
+
+class PreferenceObjective:
+    """``loss_fn(model, batch) -> (loss, metrics)`` for DPO / IPO / cDPO / robust DPO / Re-Align / RRPO.
+
+    Reference log-probs come from ``batch["ref/..."]`` (precomputed cache) when present, else from the same model
+    with LoRA disabled. ``online`` (a callable ``(adapter, pairs) -> list[str]``) regenerates the rejected answers
+    of a random subset of rows (each with probability ``online_prob``; 1.0 = fully online BDHS, 0.5 = Mixed-DPO)
+    from the current policy before scoring.
+    """
+
+    def __init__(self, adapter: VLMAdapter, method: str = "dpo", *, beta: float = 0.1, eps: float = 0.1,
+                 alpha: float = 0.01, visual_weight: float = 1.0,
+                 online: Callable[[VLMAdapter, list[PrefPair]], list[str]] | None = None, online_prob: float = 1.0,
+                 seed: int = 0) -> None:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if not 0 <= online_prob <= 1:
+            raise ValueError(f"online_prob must be in [0, 1], got {online_prob}")
+        self.adapter, self.method = adapter, method
+        self.beta, self.eps, self.alpha, self.visual_weight = beta, eps, alpha, visual_weight
+        self.online, self.online_prob = online, online_prob
+        self.rng = np.random.default_rng(seed)
+
+    def _regenerate(self, batch: dict[str, Any]) -> dict[str, Any]:
+        pairs: list[PrefPair] = batch["raw"].pairs
+        rows = [i for i in range(len(pairs)) if self.rng.random() < self.online_prob]
+        if not rows:
+            return batch
+        new = self.online(self.adapter, [pairs[i] for i in rows])  # type: ignore[misc]
+        updated = list(pairs)
+        for i, text in zip(rows, new):
+            p = updated[i]
+            updated[i] = PrefPair(p.prompt, p.chosen, text, p.images, p.rejected_images, p.retrieved_images)
+        rejected = self.adapter.encode([VLExample(p.prompt, p.rejected, p.rejected_images if p.rejected_images
+                                                  is not None else p.images) for p in updated])
+        dev = batch["chosen"].input_ids.device
+        return {**batch, "rejected": rejected.to(dev)}
+
+    def _scores(self, branches: list[EncodedBatch], kl: bool) -> list[tuple[Tensor, Tensor, Tensor | None]]:
+        return self.adapter.branch_logps(branches, return_logits=kl)
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
+        from mmalign.core.losses import dpo as dpo_mod, realign as realign_mod, rrpo as rrpo_mod
+
+        self.adapter.model = model
+        if self.online is not None:
+            batch = self._regenerate(batch)
+            batch = {k: v for k, v in batch.items() if not k.startswith("ref/")}  # refs of old rejecteds are stale
+        names = ["chosen", "rejected"] + (["retrieved"] if self.method == "realign" else [])
+        branches = [batch[n] for n in names]
+        kl = self.method == "rrpo"
+        policy = self._scores(branches, kl)
+        if all(f"ref/{n}/tokens" in batch for n in names) and (not kl or "ref/chosen/logprobs" in batch):
+            ref_tokens = [batch[f"ref/{n}/tokens"] for n in names]
+            ref_chosen_lp = batch.get("ref/chosen/logprobs")
+        else:
+            self.adapter.model = _unwrap(model)
+            with self.adapter.reference():
+                ref = self._scores(branches, kl)
+            self.adapter.model = model
+            ref_tokens = [r[0] for r in ref]
+            ref_chosen_lp = torch.log_softmax(ref[0][2], -1) if kl else None
+        pol_sum = [p[0].sum(1) for p in policy]
+        ref_sum = [r.sum(1) for r in ref_tokens]
+        args = (pol_sum[0], pol_sum[1], ref_sum[0], ref_sum[1])
+        if self.method == "dpo":
+            loss, metrics = dpo_mod.dpo_loss(*args, beta=self.beta)
+        elif self.method == "ipo":
+            loss, metrics = dpo_mod.ipo_loss(*args, beta=self.beta, chosen_lengths=policy[0][1].sum(1),
+                                             rejected_lengths=policy[1][1].sum(1))
+        elif self.method == "cdpo":
+            loss, metrics = dpo_mod.conservative_dpo_loss(*args, beta=self.beta, eps=self.eps)
+        elif self.method == "robust_dpo":
+            loss, metrics = dpo_mod.robust_dpo_loss(*args, beta=self.beta, eps=self.eps)
+        elif self.method == "realign":
+            loss, metrics = realign_mod.realign_loss(pol_sum[0], pol_sum[1], pol_sum[2], ref_sum[0], ref_sum[1],
+                                                     ref_sum[2], beta=self.beta, visual_weight=self.visual_weight)
+        else:
+            (pc, mc, logits_c), (pr, _, _) = policy
+            token_kl = rrpo_mod.tokenwise_kl(ref_chosen_lp, torch.log_softmax(logits_c, -1), mc)
+            loss, metrics = rrpo_mod.rrpo_loss(
+                pc, pr, ref_tokens[0], ref_tokens[1], batch["chosen_segments"][:, : pc.shape[1]],
+                batch["rejected_segments"][:, : pr.shape[1]], token_kl, beta=self.beta, alpha=self.alpha,
+                chosen_mask=mc)
+        return loss, metrics
