@@ -13,3 +13,7 @@ import torch  # noqa: E402
 
 # Tiny tensors: one thread avoids oversubscription on small CI machines (and keeps timings stable).
 torch.set_num_threads(1)
+
+# Importing triton (pulled in lazily by torch's compiler stack, e.g. on the first optimizer) after a MuJoCo EGL
+# context exists segfaults the process on this stack; import it first, once, for the whole test session.
+import torch._dynamo  # noqa: E402,F401

@@ -1,0 +1,332 @@
+"""RAPL: align a frame encoder with a (simulated) user's preferences, then reward by OT to preferred demos.
+
+Tian et al., "What Matters to You? Towards Visual Representation Alignment for Robot Learning" (ICLR 2024) and
+arXiv 2412.04835. Preference triplets (anchor, first, second) with label ``P(first ≻ second | anchor)`` fine-tune the
+encoder through a Bradley–Terry model over OT similarities to the anchor; the dense reward of a rollout is the
+per-frame OT reward against its nearest preferred demonstration (:mod:`mmalign.robotics.ot`). Baselines trained on
+the same triplets: a BT reward model on pixels (plain RLHF, the core :class:`CNNRewardModel`) and OT with the
+unaligned encoder. The job ``robotics.rapl`` measures the Spearman correlation of each learned reward with the true
+reward on held-out rollouts of the training embodiment and of a second embodiment, and optionally trains an SB3
+policy on the RAPL reward through :class:`OTRewardWrapper`.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmalign.config import Config, check_choice, check_nonnegative, check_positive, option
+
+__all__ = ["RaplConfig", "rapl_triplet_loss", "train_rapl_encoder", "train_bt_pixels", "embed", "OTRewardModel",
+           "OTRewardWrapper", "spearman", "run"]
+
+
+@dataclass
+class RaplConfig(Config):
+    """RAPL vs RLHF-on-pixels vs unaligned OT on the PushAvoid task (one seed)."""
+
+    env_id: str = option("mmalign/PushAvoidPoint-v0", "embodiment whose preferences train the reward")
+    cross_env_id: str = option("mmalign/PushAvoidArm-v0", "other embodiment scored by the same reward ('' = skip)")
+    n_train_traj: int = option(160, "scripted rollouts the triplets are drawn from")
+    n_eval_traj: int = option(80, "held-out rollouts for the correlation metrics (per embodiment)")
+    steps: int = option(30, "frames per rollout")
+    image_size: int = option(64, "rendered frame size (pixels)")
+    frame_stride: int = option(2, "use every k-th frame in OT/BT (compute saver)")
+    num_prefs: int = option(150, "number of labelled triplets")
+    anchor_pool: int = option(6, "anchors are drawn from this many best rollouts; also the number of demos")
+    teacher_beta: float = option(float("inf"), "simulated-human rationality (inf = always picks the better one)")
+    encoder: str = option("tiny_cnn", "tiny_cnn | resnet18 | open_clip")
+    weights_path: str = option("", "local pretrained encoder weights ('' = random init)")
+    embed_dim: int = option(32, "projection-head output size")
+    reg: float = option(0.05, "entropic regularisation of the Sinkhorn plan (RAPL code: 1.0)")
+    sinkhorn_iters: int = option(50, "unrolled Sinkhorn iterations")
+    similarity_scale: float = option(20.0, "BT temperature: logit = scale * (sim_first - sim_second)")
+    train_steps: int = option(200, "gradient steps for the encoder and for the BT baseline")
+    batch_size: int = option(8, "triplets per step")
+    lr: float = option(1e-3, "Adam learning rate")
+    run_bt_baseline: bool = option(True, "also train the BT-on-pixels reward model")
+    policy_timesteps: int = option(0, "SB3 PPO timesteps on the RAPL reward (0 = skip the policy)")
+    seed: int = option(0, "seed of data, triplets, init and training")
+    data_cache: str = option("", "folder to cache rendered rollouts in ('' = no cache)")
+
+    def __post_init__(self) -> None:
+        for name in ("n_train_traj", "n_eval_traj", "steps", "image_size", "frame_stride", "num_prefs",
+                     "anchor_pool", "embed_dim", "sinkhorn_iters", "train_steps", "batch_size"):
+            check_positive(name, getattr(self, name))
+        check_choice("encoder", self.encoder, ("tiny_cnn", "resnet18", "open_clip"))
+        for name in ("reg", "similarity_scale", "lr", "teacher_beta"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
+        check_nonnegative("policy_timesteps", self.policy_timesteps)
+        if self.n_train_traj < self.anchor_pool + 2:
+            raise ValueError(f"n_train_traj must be >= anchor_pool + 2, got {self.n_train_traj}")
+
+
+def rapl_triplet_loss(sim_first: Any, sim_second: Any, labels: Any, scale: float) -> tuple[Any, dict]:
+    """Bradley–Terry loss over OT similarities to the anchor (RAPL Eq. 3 with -log P instead of 1 - P).
+
+    ``sim_first``/``sim_second`` ``(B,)`` are ``-<plan, C>`` of each candidate vs the anchor; ``labels`` ``(B,)`` are
+    ``P(first ≻ second | anchor)``. The reference code minimises ``1 - P``; we use the cross-entropy (the BT log
+    likelihood), which the core :func:`bradley_terry_loss` provides, with a temperature ``scale``.
+    """
+    from mmalign.core.losses.preference import bradley_terry_loss
+
+    return bradley_terry_loss(scale * sim_first, scale * sim_second, labels)
+
+
+def _frames_tensor(frames: np.ndarray, stride: int) -> Any:
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(frames[..., ::stride, :, :, :]))
+
+
+def embed(encoder: Any, frames: np.ndarray, stride: int = 1, chunk: int = 32) -> Any:
+    """Embeddings ``(N, T', D)`` of rollouts ``frames (N, T, H, W, 3)`` without gradients."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(frames), chunk):
+            out.append(encoder(_frames_tensor(frames[i : i + chunk], stride)))
+    return torch.cat(out)
+
+
+def train_rapl_encoder(
+    encoder: Any, frames: np.ndarray, triplets: np.ndarray, labels: np.ndarray, cfg: RaplConfig
+) -> list[dict[str, float]]:
+    """Fine-tune ``encoder`` in place on labelled triplets; returns per-step metrics.
+
+    A small custom loop (not :class:`mmalign.train.Trainer`): each step draws triplet indices, and the frames of
+    the unique rollouts in the batch are encoded once and shared, which the generic trainer's dataset view hides.
+    """
+    import torch
+
+    from mmalign.robotics.ot import ot_similarity
+
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
+    trip = torch.from_numpy(triplets)
+    lab = torch.from_numpy(labels).float()
+    log = []
+    for step in range(cfg.train_steps):
+        idx = torch.randint(len(trip), (min(cfg.batch_size, len(trip)),), generator=gen)
+        uniq, inv = torch.unique(trip[idx], return_inverse=True)
+        z = encoder(_frames_tensor(frames[uniq.numpy()], cfg.frame_stride))
+        za, z1, z2 = z[inv[:, 0]], z[inv[:, 1]], z[inv[:, 2]]
+        sims = ot_similarity(torch.cat([z1, z2]), torch.cat([za, za]), cfg.reg, cfg.sinkhorn_iters)
+        loss, metrics = rapl_triplet_loss(sims[: len(idx)], sims[len(idx) :], lab[idx], cfg.similarity_scale)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        log.append({"step": step, "train/loss": loss.item(), "train/pref_accuracy": float(metrics["train/pref_accuracy"])})
+    return log
+
+
+def train_bt_pixels(frames: np.ndarray, triplets: np.ndarray, labels: np.ndarray, cfg: RaplConfig) -> Any:
+    """Plain RLHF baseline: the core CNN reward model trained with BT on the triplets' two candidates."""
+    import torch
+
+    from mmalign.core.losses.preference import bradley_terry_loss
+    from mmalign.core.reward_models.nets import CNNRewardModel
+
+    torch.manual_seed(cfg.seed)
+    model = CNNRewardModel(image_size=cfg.image_size, channels=(16, 32, 32), hidden=(64,), output_activation=None)
+    gen = torch.Generator().manual_seed(cfg.seed + 1)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    pairs, lab = torch.from_numpy(triplets[:, 1:]), torch.from_numpy(labels).float()
+    for _ in range(cfg.train_steps):
+        idx = torch.randint(len(pairs), (min(cfg.batch_size, len(pairs)),), generator=gen)
+        x = _frames_tensor(frames[pairs[idx].reshape(-1).numpy()], cfg.frame_stride).permute(0, 1, 4, 2, 3)
+        ret = model.segment_returns(x).reshape(-1, 2)
+        loss, _ = bradley_terry_loss(ret[:, 0], ret[:, 1], lab[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model
+
+
+def bt_returns(model: Any, frames: np.ndarray, stride: int, chunk: int = 32) -> np.ndarray:
+    """Predicted returns ``(N,)`` of the BT pixel reward model."""
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(frames), chunk):
+            x = _frames_tensor(frames[i : i + chunk], stride).permute(0, 1, 4, 2, 3)
+            out.append(model.segment_returns(x))
+    return torch.cat(out).numpy()
+
+
+class OTRewardModel:
+    """Dense OT reward against the nearest of ``demo_frames (K, T, H, W, 3)`` under ``encoder``."""
+
+    def __init__(self, encoder: Any, demo_frames: np.ndarray, reg: float, num_iters: int, stride: int = 1) -> None:
+        self.encoder, self.reg, self.num_iters, self.stride = encoder, reg, num_iters, stride
+        self.demos = embed(encoder, demo_frames, stride)
+
+    def rewards(self, frames: np.ndarray, chunk: int = 16) -> np.ndarray:
+        """Per-frame rewards ``(N, T')`` of rollouts ``frames (N, T, H, W, 3)``."""
+        import torch
+
+        from mmalign.robotics.ot import nearest_demo_reward
+
+        out = []
+        with torch.no_grad():
+            for i in range(0, len(frames), chunk):
+                z = embed(self.encoder, frames[i : i + chunk], self.stride)
+                out.append(nearest_demo_reward(z, self.demos, self.reg, self.num_iters)[0])
+        return torch.cat(out).numpy()
+
+
+def _make_wrapper_base() -> type:
+    import gymnasium as gym
+
+    class _Wrapper(gym.Wrapper):
+        """Replaces the env reward by RAPL's OT reward of the newest frame (see :class:`OTRewardWrapper`)."""
+
+        def __init__(self, env: gym.Env, encoder: Any, demo_frames: np.ndarray, reg: float = 0.05,
+                     num_iters: int = 50, scale: float = 1.0) -> None:
+            super().__init__(env)
+            if env.render_mode != "rgb_array":
+                raise ValueError(f"env must be made with render_mode='rgb_array', got {env.render_mode!r}")
+            self.encoder, self.reg, self.num_iters, self.scale = encoder, reg, num_iters, scale
+            self.demos = embed(encoder, demo_frames)
+            self._z: list[Any] = []
+
+        def reset(self, **kwargs: Any) -> tuple[Any, dict]:
+            self._z = []
+            return self.env.reset(**kwargs)
+
+        def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
+            import torch
+
+            from mmalign.robotics.ot import ot_dense_reward
+
+            obs, env_reward, terminated, truncated, info = self.env.step(action)
+            with torch.no_grad():
+                self._z.append(self.encoder(torch.from_numpy(self.env.render()[None]))[0])
+                t = min(len(self._z), self.demos.shape[1])
+                prefix = torch.stack(self._z[-t:])[None].expand(len(self.demos), -1, -1)
+                dense = ot_dense_reward(prefix, self.demos[:, :t], self.reg, self.num_iters)
+                best = dense.sum(dim=1).argmax()
+                reward = float(dense[best, -1]) * t * self.scale
+            info = {**info, "env_reward": env_reward, "ot_reward": reward}
+            return obs, reward, terminated, truncated, info
+
+    return _Wrapper
+
+
+def OTRewardWrapper(env: Any, encoder: Any, demo_frames: np.ndarray, **kwargs: Any) -> Any:  # noqa: N802
+    """Gymnasium wrapper serving RAPL's dense OT reward to any policy learner (e.g. SB3).
+
+    RAPL scores a finished rollout; a step-wise env must answer at step ``t``, so the wrapper solves OT between the
+    rollout prefix ``o_{1:t}`` and each demo's prefix of the same length (all demos in one batch), picks the
+    closest demo and returns the newest frame's reward ``-sum_t' plan[t, t'] C[t, t']`` times ``t`` (so the scale
+    does not shrink with the prefix length). The env's own reward goes to ``info["env_reward"]``.
+    """
+    return _make_wrapper_base()(env, encoder, demo_frames, **kwargs)
+
+
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation of two score vectors."""
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(x, y).statistic)
+
+
+def _collect(env_id: str, n: int, seed: int, cfg: RaplConfig) -> Any:
+    from mmalign.robotics.rapl_data import Trajectories, collect_trajectories
+
+    path = None
+    if cfg.data_cache:
+        name = f"{env_id.replace('/', '_')}_n{n}_s{seed}_T{cfg.steps}_px{cfg.image_size}.npz"
+        path = Path(cfg.data_cache) / name
+        if path.is_file():
+            d = np.load(path)
+            return Trajectories(d["frames"], d["positions"], d["true_rewards"], d["task_rewards"])
+    traj = collect_trajectories(env_id, n, seed, cfg.steps, render=True, image_size=cfg.image_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, frames=traj.frames, positions=traj.positions, true_rewards=traj.true_rewards,
+                 task_rewards=traj.task_rewards)
+    return traj
+
+
+def train_policy(cfg: RaplConfig, encoder: Any, demo_frames: np.ndarray, timesteps: int) -> dict[str, float]:
+    """SB3 PPO on state observations with the RAPL reward; returns mean true return over 10 eval episodes."""
+    import gymnasium as gym
+    from stable_baselines3 import PPO
+
+    import mmalign.envs  # noqa: F401
+
+    env = OTRewardWrapper(gym.make(cfg.env_id, episode_steps=cfg.steps, render_mode="rgb_array"), encoder,
+                          demo_frames, reg=cfg.reg, num_iters=cfg.sinkhorn_iters)
+    model = PPO("MlpPolicy", env, n_steps=max(cfg.steps * 4, 64), batch_size=64, seed=cfg.seed, verbose=0, device="cpu")
+    model.learn(total_timesteps=timesteps)
+    eval_env = gym.make(cfg.env_id, episode_steps=cfg.steps)
+    returns = []
+    for ep in range(10):
+        obs, _ = eval_env.reset(seed=10_000 + ep)
+        total, done = 0.0, False
+        while not done:
+            obs, _, term, trunc, info = eval_env.step(model.predict(obs, deterministic=True)[0])
+            total += info["true_reward"]
+            done = term or trunc
+        returns.append(total)
+    return {"policy/true_return": float(np.mean(returns))}
+
+
+def run(cfg: RaplConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
+    """Collect rollouts, label triplets, train RAPL and baselines, measure reward correlations (and a policy)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from mmalign.robotics.encoders import build_encoder
+    from mmalign.robotics.rapl_data import label_triplets, make_triplets
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    t0 = time.time()
+    train = _collect(cfg.env_id, cfg.n_train_traj, cfg.seed, cfg)
+    held = _collect(cfg.env_id, cfg.n_eval_traj, cfg.seed + 1000, cfg)
+    rng = np.random.default_rng(cfg.seed)
+    triplets = make_triplets(train.true_returns, cfg.num_prefs, rng, cfg.anchor_pool)
+    labels = label_triplets(train.true_returns, triplets, rng, cfg.teacher_beta)
+    demo_idx = np.argsort(-train.true_returns)[: cfg.anchor_pool]
+    metrics: dict[str, float] = {"data/collect_s": time.time() - t0, "data/num_prefs": float(cfg.num_prefs)}
+
+    unaligned = build_encoder(cfg.encoder, cfg.embed_dim, cfg.image_size, cfg.weights_path or None)
+    aligned = copy.deepcopy(unaligned)
+    t1 = time.time()
+    log = train_rapl_encoder(aligned, train.frames, triplets, labels, cfg)
+    metrics["rapl/train_s"] = time.time() - t1
+    metrics["rapl/final_pref_accuracy"] = float(np.mean([r["train/pref_accuracy"] for r in log[-20:]]))
+    (run_dir / "rapl_train.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
+    save_file(aligned.state_dict(), str(run_dir / "rapl_encoder.safetensors"))
+
+    eval_sets = {"heldout": held}
+    if cfg.cross_env_id:
+        eval_sets["cross"] = _collect(cfg.cross_env_id, cfg.n_eval_traj, cfg.seed + 2000, cfg)
+    demos = train.frames[demo_idx]
+    scorers = {"rapl": OTRewardModel(aligned, demos, cfg.reg, cfg.sinkhorn_iters, cfg.frame_stride),
+               "unaligned_ot": OTRewardModel(unaligned, demos, cfg.reg, cfg.sinkhorn_iters, cfg.frame_stride)}
+    bt_model = train_bt_pixels(train.frames, triplets, labels, cfg) if cfg.run_bt_baseline else None
+    for split, data in eval_sets.items():
+        true = data.true_returns
+        for name, scorer in scorers.items():
+            metrics[f"{split}/spearman_{name}"] = spearman(scorer.rewards(data.frames).sum(axis=1), true)
+        if bt_model is not None:
+            metrics[f"{split}/spearman_bt_pixels"] = spearman(bt_returns(bt_model, data.frames, cfg.frame_stride), true)
+        metrics[f"{split}/spearman_task_reward"] = spearman(data.task_rewards.sum(axis=1), true)
+    if cfg.policy_timesteps:
+        metrics.update(train_policy(cfg, aligned, demos, cfg.policy_timesteps))
+    metrics["time/total_s"] = time.time() - t0
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return metrics
