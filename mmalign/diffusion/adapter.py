@@ -1,0 +1,232 @@
+"""Diffusion adapter: turns a diffusers UNet + a batch of (chosen, rejected) latents into per-sample denoising errors.
+
+Works with any ``UNet2DConditionModel`` (SD 1.x/2.x, SDXL with ``added_cond_kwargs``, the tiny pixel-space UNet of
+the offline benchmark), optionally wrapped by peft LoRA. As in the official Diffusion-DPO and MaPO code, the two
+images of a pair share one noise draw and one timestep and go through the network in one concatenated ``2B`` forward;
+the per-sample errors (mean over C, H, W) are what the core losses in :mod:`mmalign.core.losses` consume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "PairBatch",
+    "check_pair_batch",
+    "paired_noise_and_timesteps",
+    "training_target",
+    "unet_forward",
+    "denoising_errors",
+    "pair_denoising_errors",
+    "reference_context",
+    "reference_pair_errors",
+    "add_lora",
+    "LORA_TARGETS",
+    "METHODS",
+    "make_loss_fn",
+]
+
+LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
+METHODS: tuple[str, ...] = ("mapo", "diffusion_dpo", "sft")
+
+
+@dataclass
+class PairBatch:
+    """One batch of preference pairs in model space (VAE latents, or pixels for a pixel-space UNet).
+
+    chosen, rejected: ``[B, C, H, W]``; encoder_hidden_states: ``[B, L, D]`` (precomputed text embeddings);
+    text_embeds ``[B, P]`` and time_ids ``[B, 6]``: SDXL's added conditioning (both or neither).
+    """
+
+    chosen: Tensor
+    rejected: Tensor
+    encoder_hidden_states: Tensor
+    text_embeds: Tensor | None = None
+    time_ids: Tensor | None = None
+
+    @classmethod
+    def from_mapping(cls, batch: dict[str, Tensor]) -> "PairBatch":
+        missing = [k for k in ("chosen", "rejected", "encoder_hidden_states") if k not in batch]
+        if missing:
+            raise ValueError(f"batch must hold keys chosen, rejected, encoder_hidden_states; missing {missing}")
+        return cls(batch["chosen"], batch["rejected"], batch["encoder_hidden_states"],
+                   batch.get("text_embeds"), batch.get("time_ids"))
+
+    def added_cond_kwargs(self) -> dict[str, Tensor] | None:
+        if self.text_embeds is None:
+            return None
+        return {"text_embeds": self.text_embeds, "time_ids": self.time_ids}  # type: ignore[dict-item]
+
+
+def check_pair_batch(batch: PairBatch) -> None:
+    """Raise ``ValueError`` naming the offending field when a pair batch is malformed (before any forward)."""
+    c, r, e = batch.chosen, batch.rejected, batch.encoder_hidden_states
+    if c.ndim != 4:
+        raise ValueError(f"chosen must be [B, C, H, W], got shape {tuple(c.shape)}")
+    if r.shape != c.shape:
+        raise ValueError(f"rejected must have the shape of chosen {tuple(c.shape)}, got {tuple(r.shape)} "
+                         "(size-mismatched pair: resize or crop both images to one resolution)")
+    if e.ndim != 3 or e.shape[0] != c.shape[0]:
+        raise ValueError(f"encoder_hidden_states must be [B={c.shape[0]}, L, D], got shape {tuple(e.shape)}")
+    for name, t in (("chosen", c), ("rejected", r), ("encoder_hidden_states", e)):
+        if not torch.isfinite(t).all():
+            raise ValueError(f"{name} holds non-finite values (corrupt image or latent)")
+    if (batch.text_embeds is None) != (batch.time_ids is None):
+        raise ValueError("text_embeds and time_ids (SDXL added conditioning) must be given together, got only one")
+    if batch.text_embeds is not None:
+        if batch.text_embeds.ndim != 2 or batch.text_embeds.shape[0] != c.shape[0]:
+            raise ValueError(f"text_embeds must be [B={c.shape[0]}, P], got shape {tuple(batch.text_embeds.shape)}")
+        if batch.time_ids is None or batch.time_ids.shape != (c.shape[0], 6):
+            got = None if batch.time_ids is None else tuple(batch.time_ids.shape)
+            raise ValueError(f"time_ids must be [B={c.shape[0]}, 6], got shape {got}")
+
+
+def paired_noise_and_timesteps(
+    like: Tensor, num_train_timesteps: int, generator: torch.Generator | None = None,
+    timesteps: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One noise draw ``[B, C, H, W]`` and one timestep ``[B]`` per pair (to be repeated for chosen and rejected)."""
+    noise = torch.randn(like.shape, generator=generator, dtype=torch.float32).to(like.device, like.dtype)
+    if timesteps is None:
+        timesteps = torch.randint(0, num_train_timesteps, (like.shape[0],), generator=generator)
+    return noise, timesteps.to(like.device).long()
+
+
+def training_target(scheduler: Any, x0: Tensor, noise: Tensor, timesteps: Tensor) -> Tensor:
+    """What the UNet regresses: ε (epsilon), ``scheduler.get_velocity`` (v_prediction) or x0 (sample)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, timesteps)
+    if kind == "sample":
+        return x0
+    raise ValueError(f"scheduler prediction_type must be epsilon, v_prediction or sample, got {kind!r}")
+
+
+def unet_forward(model: torch.nn.Module, noisy: Tensor, timesteps: Tensor, hidden: Tensor,
+                 added: dict[str, Tensor] | None) -> Tensor:
+    kwargs: dict[str, Any] = {"encoder_hidden_states": hidden, "return_dict": False}
+    if added is not None:
+        kwargs["added_cond_kwargs"] = added
+    return model(noisy, timesteps, **kwargs)[0]
+
+
+def denoising_errors(model: torch.nn.Module, scheduler: Any, x0: Tensor, noise: Tensor, timesteps: Tensor,
+                     hidden: Tensor, added: dict[str, Tensor] | None = None) -> Tensor:
+    """Per-sample denoising error ``mean_{C,H,W} (model_pred - target)^2`` ``[N]`` (float32)."""
+    noisy = scheduler.add_noise(x0, noise, timesteps)
+    pred = unet_forward(model, noisy, timesteps, hidden, added)
+    target = training_target(scheduler, x0, noise, timesteps)
+    return (pred.float() - target.float()).pow(2).mean(dim=tuple(range(1, pred.ndim)))
+
+
+def _doubled(batch: PairBatch, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Any]:
+    x0 = torch.cat([batch.chosen, batch.rejected], dim=0)
+    added = batch.added_cond_kwargs()
+    if added is not None:
+        added = {k: v.repeat(2, *([1] * (v.ndim - 1))) for k, v in added.items()}
+    hidden = batch.encoder_hidden_states.repeat(2, 1, 1)
+    return x0, noise.repeat(2, 1, 1, 1), timesteps.repeat(2), hidden, added
+
+
+def pair_denoising_errors(model: torch.nn.Module, scheduler: Any, batch: PairBatch, noise: Tensor,
+                          timesteps: Tensor) -> tuple[Tensor, Tensor]:
+    """Errors ``(err_chosen [B], err_rejected [B])`` from ONE forward over ``[chosen; rejected]`` with shared (ε, t)."""
+    x0, n2, t2, hidden, added = _doubled(batch, noise, timesteps)
+    err = denoising_errors(model, scheduler, x0, n2, t2, hidden, added)
+    return err.chunk(2)
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    # DDP / accelerate wrappers hide peft's disable_adapter (cf. diffusers #6351): toggle on the inner module.
+    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
+        model = model.module
+    return model
+
+
+@contextlib.contextmanager
+def reference_context(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """Yield the reference network of a LoRA-wrapped ``model``: the same weights with adapters disabled."""
+    inner = _unwrap(model)
+    if hasattr(inner, "disable_adapter"):  # peft.PeftModel
+        with inner.disable_adapter():
+            yield inner
+        return
+    raise ValueError("model has no LoRA adapters to disable; pass a frozen reference copy (ref_model) for full "
+                     "fine-tuning, or wrap the model with peft LoRA")
+
+
+@torch.no_grad()
+def reference_pair_errors(model: torch.nn.Module, ref_model: torch.nn.Module | None, scheduler: Any,
+                          batch: PairBatch, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
+    """Reference errors on the same (ε, t): ``ref_model`` if given (frozen copy), else ``model`` with LoRA off."""
+    if ref_model is not None:
+        return pair_denoising_errors(ref_model, scheduler, batch, noise, timesteps)
+    with reference_context(model) as ref:
+        return pair_denoising_errors(ref, scheduler, batch, noise, timesteps)
+
+
+def add_lora(model: torch.nn.Module, r: int = 8, alpha: float | None = None,
+             target_modules: tuple[str, ...] = LORA_TARGETS, dropout: float = 0.0, seed: int = 0) -> torch.nn.Module:
+    """Wrap ``model`` with peft LoRA on the attention projections (Gaussian init, as diffusers' DPO script).
+
+    Only the adapters train; ``reference_context(model)`` gives the untouched base model.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    if r <= 0:
+        raise ValueError(f"r must be a positive integer, got {r}")
+    torch.manual_seed(seed)  # peft draws the Gaussian LoRA init from the global RNG
+    cfg = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout,
+                     init_lora_weights="gaussian", target_modules=list(target_modules))
+    return get_peft_model(model, cfg)
+
+
+def make_loss_fn(
+    method: str, scheduler: Any, *, generator: torch.Generator | None = None, ref_model: torch.nn.Module | None = None,
+    beta: float = 5000.0, mapo_c: float = 0.5, mapo_temperature: float = 1000.0, mapo_margin_weight: float = 0.1,
+    validate: bool = True,
+) -> Callable[[torch.nn.Module, Any], tuple[Tensor, dict[str, Tensor]]]:
+    """``loss_fn(model, batch) -> (loss, metrics)`` for :class:`mmalign.train.Trainer`.
+
+    method: ``mapo`` (reference-free, :func:`mmalign.core.losses.mapo_loss`), ``diffusion_dpo``
+    (:func:`mmalign.core.losses.diffusion_dpo_loss`; reference = ``ref_model`` or ``model`` with LoRA disabled) or
+    ``sft`` (denoising MSE on the chosen image only, the SFT-on-chosen baseline).
+    ``generator`` draws the shared (ε, t) of each pair; the batch may be a :class:`PairBatch` or a dict.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
+    from mmalign.core.losses.diffusion import diffusion_dpo_loss, mapo_loss
+
+    num_t = int(scheduler.config.num_train_timesteps)
+
+    def loss_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        pb = batch if isinstance(batch, PairBatch) else PairBatch.from_mapping(batch)
+        if validate:
+            check_pair_batch(pb)
+        noise, timesteps = paired_noise_and_timesteps(pb.chosen, num_t, generator)
+        if method == "sft":
+            # only the chosen image is seen: half the forward of a pairwise method
+            err_w = denoising_errors(model, scheduler, pb.chosen, noise, timesteps, pb.encoder_hidden_states,
+                                     pb.added_cond_kwargs())
+            loss = err_w.mean()
+            return loss, {"diffusion/model_err_chosen": loss.detach()}
+        err_w, err_l = pair_denoising_errors(model, scheduler, pb, noise, timesteps)
+        if method == "mapo":
+            loss, metrics = mapo_loss(err_w, err_l, c=mapo_c, temperature=mapo_temperature,
+                                      margin_weight=mapo_margin_weight)
+            # same names as the Diffusion-DPO metrics, so runs of both methods plot on one axis
+            metrics = {**metrics, "diffusion/model_err_chosen": err_w.detach().mean(),
+                       "diffusion/model_err_rejected": err_l.detach().mean()}
+        else:
+            ref_w, ref_l = reference_pair_errors(model, ref_model, scheduler, pb, noise, timesteps)
+            loss, metrics = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta=beta)
+        return loss, metrics
+
+    return loss_fn

@@ -1,0 +1,336 @@
+"""Offline reference-mismatch benchmark: MaPO vs Diffusion-DPO (β sweep) vs SFT on procedurally drawn shapes.
+
+A tiny pixel-space conditional UNet is pretrained from scratch on shapes whose hue is mostly red (the reference).
+Preference pairs then ask for a style the reference rarely or never draws:
+
+* ``style_<d>`` (Pick-Style-like, reference-chosen mismatch): chosen hue ~ N(d, 6°), rejected ~ the reference's
+  red N(0°, 12°); for d = 0 the rejected hue is N(±30°, 6°) so that the pair still carries a preference.
+* ``safety`` (Pick-Safety-like, reference-rejected mismatch): 10% of pretraining images are green (the rare
+  attribute); chosen = red, rejected = green, the same shape.
+
+Scores are exact pixel statistics (:mod:`mmalign.diffusion.scorers`): the fraction of samples whose mean hue lies
+within ``tolerance`` of the chosen style (style) or outside the green band (safety), and the IoU of the drawn
+foreground with the prompted shape (fidelity). The preference fine-tuning loop is small and custom (see
+:func:`finetune`) because a benchmark cell is a few hundred steps of a 0.25M-parameter model and hundreds of cells
+run; the generic trainer's per-run checkpoints, TensorBoard and plots would dominate their cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mmalign.config import Config, check_choice, check_positive, check_range, option
+
+__all__ = ["BenchmarkConfig", "pretrain_reference", "make_pairs", "finetune", "evaluate", "run"]
+
+
+@dataclass
+class BenchmarkConfig(Config):
+    """Settings of the offline MaPO / Diffusion-DPO / SFT reference-mismatch benchmark."""
+
+    size: int = option(16, "image side in pixels (RGB pixel space)")
+    channels: list[int] = option([16, 32], "UNet block_out_channels")
+    embed_dim: int = option(32, "width of the per-class conditioning embeddings (cross_attention_dim)")
+    pretrain_steps: int = option(1500, "reference pretraining steps")
+    pretrain_batch: int = option(64, "reference pretraining batch size")
+    pretrain_lr: float = option(2e-3, "reference pretraining learning rate (AdamW, cosine decay)")
+    pretrain_init: str = option("", "weights file to continue pretraining from (a previous reference); empty: scratch")
+    rare_prob: float = option(0.1, "fraction of green (rare attribute) images in pretraining")
+    reference_path: str = option("", "cache file of the pretrained reference (safetensors); empty: run_dir/reference")
+    settings: list[str] = option(["style_0", "style_45", "style_90", "style_180", "safety"],
+                                 "preference settings: style_<hue shift in degrees> or safety")
+    methods: list[str] = option(["sft", "mapo", "dpo_500", "dpo_2000", "dpo_5000"],
+                                "methods: sft, mapo, or dpo_<beta> (Diffusion-DPO with that beta); a suffix @<lr> "
+                                "overrides finetune_lr for that method (e.g. dpo_5000@1e-4)")
+    seeds: list[int] = option([0, 1, 2], "fine-tuning seeds (data, noise and evaluation draws)")
+    num_pairs: int = option(512, "preference pairs per setting and seed")
+    finetune_steps: int = option(200, "preference fine-tuning steps per cell")
+    finetune_batch: int = option(16, "pairs per fine-tuning step")
+    finetune_lr: float = option(3e-4, "fine-tuning learning rate (AdamW, constant, full weights)")
+    mapo_margin_weight: float = option(0.1, "MaPO beta_mapo (weight of the margin term)")
+    samples_per_class: int = option(16, "evaluation samples per shape class")
+    sample_steps: int = option(20, "DDIM steps for evaluation samples")
+    tolerance: float = option(20.0, "style hit: mean hue within this many degrees of the target")
+    threads: int = option(1, "torch CPU threads")
+    shard: int = option(0, "id of this worker when num_shards > 1")
+    num_shards: int = option(1, "number of worker processes sharing the run folder; > 1: cells are claimed "
+                                "dynamically through run_dir/claims (clear it before restarting killed workers)")
+
+    def __post_init__(self) -> None:
+        check_range("size", self.size, 8, 64)
+        for name in ("pretrain_steps", "pretrain_batch", "pretrain_lr", "num_pairs", "finetune_steps",
+                     "finetune_batch", "finetune_lr", "samples_per_class", "sample_steps", "threads", "embed_dim"):
+            check_positive(name, getattr(self, name))
+        check_range("rare_prob", self.rare_prob, 0.0, 0.5)
+        check_range("tolerance", self.tolerance, 0.0, 180.0, low_open=True)
+        for s in self.settings:
+            if s != "safety" and not (s.startswith("style_") and s[6:].lstrip("-").isdigit()):
+                raise ValueError(f"settings entries must be 'safety' or 'style_<degrees>', got {s!r}")
+        for entry in self.methods:
+            m, _, lr = entry.partition("@")
+            if lr:
+                try:
+                    check_positive(f"learning rate of method {entry!r}", float(lr))
+                except ValueError as err:
+                    raise ValueError(f"methods entry {entry!r}: expected <method>@<positive lr>") from err
+            if m.startswith("dpo_"):
+                try:
+                    check_positive(f"beta of method {m!r}", float(m[4:]))
+                except ValueError as err:
+                    raise ValueError(f"methods entry {m!r}: expected dpo_<positive beta>") from err
+            else:
+                check_choice("methods entry", m, ["sft", "mapo"])
+        check_positive("num_shards", self.num_shards)
+        check_range("shard", self.shard, 0, self.num_shards - 1)
+        if not self.seeds:
+            raise ValueError("seeds must list at least one seed, got []")
+
+
+def _scheduler() -> Any:
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", clip_sample=True)
+
+
+def _embeddings(cfg: BenchmarkConfig) -> Any:
+    from mmalign.diffusion.shapes import SHAPES, class_embeddings
+
+    return class_embeddings(len(SHAPES), 2, cfg.embed_dim, seed=1234)
+
+
+def build_model(cfg: BenchmarkConfig) -> Any:
+    from mmalign.diffusion.shapes import build_tiny_unet
+
+    return build_tiny_unet(cfg.size, tuple(cfg.channels), cfg.embed_dim)
+
+
+def pretrain_reference(cfg: BenchmarkConfig, path: Path, log: Any = print) -> Any:
+    """Train (or load from ``path``) the reference model on the red-mostly pretraining distribution."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from mmalign.diffusion.adapter import denoising_errors
+    from mmalign.diffusion.shapes import SHAPES, render, sample_reference_hues
+
+    model = build_model(cfg)
+    if path.is_file():
+        model.load_state_dict(load_file(str(path)))
+        return model
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    if cfg.pretrain_init:
+        model.load_state_dict(load_file(cfg.pretrain_init))
+    sched, emb = _scheduler(), _embeddings(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
+    warm = min(100, cfg.pretrain_steps // 10)
+    lr_at = lambda s: min(1.0, (s + 1) / max(1, warm)) * 0.5 * (1 + math.cos(math.pi * s / cfg.pretrain_steps))  # noqa: E731
+    sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
+    g = torch.Generator().manual_seed(1 if cfg.pretrain_init else 0)  # a continuation sees fresh images
+    t0 = time.perf_counter()
+    for step in range(cfg.pretrain_steps):
+        cls = torch.randint(0, len(SHAPES), (cfg.pretrain_batch,), generator=g)
+        hues = sample_reference_hues(cfg.pretrain_batch, g, rare_prob=cfg.rare_prob)
+        x0 = render(cls, hues, cfg.size, g)
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, 1000, (cfg.pretrain_batch,), generator=g)
+        loss = denoising_errors(model, sched, x0, noise, t, emb[cls]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sch.step()
+        if step % 100 == 0 or step == cfg.pretrain_steps - 1:
+            log(f"pretrain step {step} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f}s)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return model
+
+
+def _target(setting: str) -> float:
+    return 120.0 if setting == "safety" else float(setting[6:])
+
+
+def make_pairs(setting: str, n: int, generator: Any, size: int) -> dict[str, Any]:
+    """``n`` preference pairs of one setting: same shape per pair, only the hue differs (chosen first)."""
+    import torch
+
+    from mmalign.diffusion.shapes import SHAPES, render
+
+    cls = torch.randint(0, len(SHAPES), (n,), generator=generator)
+    if setting == "safety":
+        hue_w = 12.0 * torch.randn(n, generator=generator)
+        hue_l = 120.0 + 12.0 * torch.randn(n, generator=generator)
+    else:
+        d = float(setting[6:])
+        hue_w = d + 6.0 * torch.randn(n, generator=generator)
+        if d == 0:
+            sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
+            hue_l = 30.0 * sign + 6.0 * torch.randn(n, generator=generator)
+        else:
+            hue_l = 12.0 * torch.randn(n, generator=generator)
+    return {"classes": cls, "chosen": render(cls, hue_w, size, generator), "rejected": render(cls, hue_l, size, generator)}
+
+
+def finetune(cfg: BenchmarkConfig, reference: Any, method: str, pairs: dict[str, Any], seed: int) -> Any:
+    """Preference fine-tuning of a full-weight copy of ``reference``; Diffusion-DPO's reference is a frozen copy.
+
+    A plain loop rather than :class:`mmalign.train.Trainer`: see the module docstring.
+    """
+    import torch
+
+    from mmalign.diffusion.adapter import PairBatch, make_loss_fn
+
+    method, _, lr = method.partition("@")
+    model = copy.deepcopy(reference).train()
+    frozen = None
+    if method.startswith("dpo_"):
+        frozen = copy.deepcopy(reference).eval().requires_grad_(False)
+    name, beta = ("diffusion_dpo", float(method[4:])) if method.startswith("dpo_") else (method, 0.0)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    loss_fn = make_loss_fn(name, _scheduler(), generator=g, ref_model=frozen, beta=beta or 5000.0,
+                           mapo_margin_weight=cfg.mapo_margin_weight, validate=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=float(lr) if lr else cfg.finetune_lr, weight_decay=0.0)
+    emb = _embeddings(cfg)
+    n = pairs["chosen"].shape[0]
+    history = []
+    for step in range(cfg.finetune_steps):
+        idx = torch.randint(0, n, (cfg.finetune_batch,), generator=g)
+        batch = PairBatch(pairs["chosen"][idx], pairs["rejected"][idx], emb[pairs["classes"][idx]])
+        loss, metrics = loss_fn(model, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        history.append(loss.item())
+    model.eval()
+    return model, {"final_loss": sum(history[-20:]) / len(history[-20:]),
+                   **{k: float(v) for k, v in metrics.items()}}
+
+
+def evaluate(cfg: BenchmarkConfig, model: Any, setting: str, seed: int) -> dict[str, float]:
+    """Exact pixel-statistics scores of ``samples_per_class`` DDIM samples per shape (fixed eval noise per seed).
+
+    Hue is measured inside the prompted shape's mask (:func:`mmalign.diffusion.scorers.shape_hue`); green = within
+    40° of 120°; style hit = within ``tolerance`` of the chosen hue.
+    """
+    import torch
+
+    from mmalign.diffusion.sampling import sample, sampling_scheduler
+    from mmalign.diffusion.scorers import ShapeFidelityScorer, hue_distance, shape_hue
+    from mmalign.diffusion.shapes import SHAPES
+
+    cls = torch.arange(len(SHAPES)).repeat_interleave(cfg.samples_per_class)
+    g = torch.Generator().manual_seed(50_000 + seed)
+    imgs = sample(model, sampling_scheduler(_scheduler()), _embeddings(cfg)[cls], (3, cfg.size, cfg.size),
+                  num_inference_steps=cfg.sample_steps, generator=g)
+    hue = shape_hue(imgs, cls)
+    fid = ShapeFidelityScorer(cfg.size)
+    green = (hue_distance(hue, 120.0) <= 40.0).float()
+    if setting == "safety":
+        pref = 1.0 - green
+        dist = hue_distance(hue, 0.0)
+    else:
+        dist = hue_distance(hue, _target(setting))
+        pref = (dist <= cfg.tolerance).float()
+    return {"pref_score": pref.mean().item(), "hue_dist": dist.mean().item(),
+            "fidelity_iou": fid(imgs, classes=cls).mean().item(), "shape_acc": fid.correct(imgs, cls).mean().item(),
+            "green_rate": green.mean().item()}
+
+
+def _cells(cfg: BenchmarkConfig) -> list[tuple[str, str, int]]:
+    return [(s, m, seed) for seed in cfg.seeds for s in cfg.settings for m in ["reference", *cfg.methods]]
+
+
+def run(cfg: BenchmarkConfig, run_dir: Path, resume: bool = False) -> dict:
+    """Pretrain (or load) the reference, then fine-tune and score every (setting, method, seed) cell.
+
+    Rows go to ``run_dir/results.jsonl`` as they finish; cells already there are skipped (resumable). With
+    ``num_shards > 1`` several processes share one folder and claim cells through ``run_dir/claims``.
+    """
+    import torch
+
+    torch.set_num_threads(cfg.threads)
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ref_path = Path(cfg.reference_path) if cfg.reference_path else run_dir / "reference.safetensors"
+    reference = pretrain_reference(cfg, ref_path).eval()
+    out = run_dir / "results.jsonl"
+    done = set()
+    if out.is_file():
+        for line in out.read_text().splitlines():
+            row = json.loads(line)
+            done.add((row["setting"], row["method"], row["seed"]))
+    pair_cache: dict[tuple[str, int], Any] = {}
+    claims = run_dir / "claims"
+    if cfg.num_shards > 1:
+        claims.mkdir(exist_ok=True)
+    for setting, method, seed in _cells(cfg):
+        if (setting, method, seed) in done:
+            continue
+        if cfg.num_shards > 1:
+            # several workers share the folder: the first to create the claim file runs the cell
+            try:
+                os.close(os.open(claims / f"{setting}-{method}-{seed}", os.O_CREAT | os.O_EXCL))
+            except FileExistsError:
+                continue
+        t0 = time.perf_counter()
+        if method == "reference":
+            model, train = reference, {}
+        else:
+            key = (setting, seed)
+            if key not in pair_cache:
+                pair_cache = {key: make_pairs(setting, cfg.num_pairs, torch.Generator().manual_seed(seed * 7919 + 1),
+                                              cfg.size)}
+            model, train = finetune(cfg, reference, method, pair_cache[key], seed)
+        row = {"setting": setting, "method": method, "seed": seed, **evaluate(cfg, model, setting, seed), **train,
+               "seconds": time.perf_counter() - t0}
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+    return summarize(out)
+
+
+def unique_rows(results: Path) -> list[dict]:
+    """Rows of results.jsonl, the first one per (setting, method, seed) (cells are deterministic)."""
+    seen, rows = set(), []
+    for line in Path(results).read_text().splitlines():
+        row = json.loads(line)
+        key = (row["setting"], row["method"], row["seed"])
+        if key not in seen:
+            seen.add(key)
+            rows.append(row)
+    return rows
+
+
+def summarize(results: Path) -> dict[str, float]:
+    """Mean of pref_score and fidelity_iou per (setting, method) over seeds, as flat metric names."""
+    rows = unique_rows(Path(results))
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["setting"], r["method"]), []).append(r)
+    out: dict[str, float] = {}
+    for (s, m), rs in sorted(groups.items()):
+        out[f"{s}/{m}/pref_score"] = sum(r["pref_score"] for r in rs) / len(rs)
+        out[f"{s}/{m}/fidelity_iou"] = sum(r["fidelity_iou"] for r in rs) / len(rs)
+    return out
+
+
+def write_markdown_section(path: Path, key: str, text: str, title: str = "# Diffusion alignment benchmarks") -> None:
+    """Replace (or append) the block between ``<!-- key:start -->`` and ``<!-- key:end -->`` in ``path``."""
+    path = Path(path)
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    doc = path.read_text() if path.is_file() else title + "\n"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    if start in doc and end in doc:
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(doc)

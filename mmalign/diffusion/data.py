@@ -1,0 +1,146 @@
+"""Diffusion preference data: image-pair loading with clear errors, cached VAE latents / text embeddings, datasets.
+
+The training loop never touches raw images or prompts: pairs are turned once into model-space tensors (VAE latents,
+or pixels for a pixel-space UNet) and precomputed prompt embeddings, cached as safetensors, and served by
+:class:`CachedPairDataset` as dicts the adapter's loss function takes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "load_image",
+    "load_image_pair",
+    "encode_latents",
+    "sdxl_time_ids",
+    "CachedPairDataset",
+    "save_pair_cache",
+    "load_pair_cache",
+]
+
+_REQUIRED = ("chosen", "rejected", "encoder_hidden_states")
+
+
+def load_image(path: str | Path) -> Tensor:
+    """An RGB image file as ``[3, H, W]`` in [-1, 1]; unreadable or corrupt files raise ``ValueError`` naming them."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"image file {str(path)!r} does not exist")
+    try:
+        with Image.open(path) as im:
+            im.load()
+            rgb = im.convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError) as err:
+        raise ValueError(f"image file {str(path)!r} is corrupt or not an image ({err})") from err
+    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, 3)
+    return data.permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def load_image_pair(chosen: str | Path, rejected: str | Path, resolution: int | None = None) -> tuple[Tensor, Tensor]:
+    """Load a (chosen, rejected) pair; sizes must agree (or pass ``resolution`` to resize both, square)."""
+    w, l_ = load_image(chosen), load_image(rejected)
+    if resolution is not None:
+        if resolution <= 0:
+            raise ValueError(f"resolution must be a positive integer, got {resolution}")
+        w, l_ = (torch.nn.functional.interpolate(x[None], size=(resolution, resolution), mode="bilinear",
+                                                 align_corners=False, antialias=True)[0] for x in (w, l_))
+    elif w.shape != l_.shape:
+        raise ValueError(f"image pair sizes differ: chosen {str(chosen)!r} is {tuple(w.shape[1:])}, rejected "
+                         f"{str(rejected)!r} is {tuple(l_.shape[1:])} (H, W); pass resolution= to resize both")
+    return w, l_
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, images: Tensor, batch_size: int = 8, generator: torch.Generator | None = None) -> Tensor:
+    """VAE latents ``[N, C_lat, H/8, W/8]`` of images ``[N, 3, H, W]`` in [-1, 1], scaled by ``scaling_factor``."""
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"images must be [N, 3, H, W] in [-1, 1], got shape {tuple(images.shape)}")
+    device = next(vae.parameters()).device
+    dtype = next(vae.parameters()).dtype
+    out = []
+    for i in range(0, images.shape[0], batch_size):
+        dist = vae.encode(images[i : i + batch_size].to(device, dtype)).latent_dist
+        out.append(dist.sample(generator=generator).float().cpu())
+    return torch.cat(out) * float(vae.config.scaling_factor)
+
+
+def sdxl_time_ids(original_size: tuple[int, int], crop_top_left: tuple[int, int] = (0, 0),
+                  target_size: tuple[int, int] | None = None) -> Tensor:
+    """SDXL's micro-conditioning ``[6]``: original (h, w), crop top-left (y, x), target (h, w)."""
+    target = target_size or original_size
+    return torch.tensor([*original_size, *crop_top_left, *target], dtype=torch.float32)
+
+
+class CachedPairDataset(torch.utils.data.Dataset):
+    """Preference pairs as precomputed tensors (chosen first; a ``labels`` column, if given, is applied here).
+
+    tensors: ``chosen``/``rejected`` ``[N, C, H, W]``, ``encoder_hidden_states`` ``[N, L, D]``, optionally SDXL's
+    ``text_embeds`` ``[N, P]`` and ``time_ids`` ``[N, 6]``, and ``labels`` ``[N]`` = P(first ≻ second); pairs with
+    label < 0.5 are swapped so that chosen is first, ties (0.5) are dropped (as Pick-a-Pic "split decisions").
+    """
+
+    def __init__(self, tensors: dict[str, Tensor]) -> None:
+        missing = [k for k in _REQUIRED if k not in tensors]
+        if missing:
+            raise ValueError(f"tensors must hold {list(_REQUIRED)}; missing {missing}")
+        t = dict(tensors)
+        n = t["chosen"].shape[0]
+        for key, value in t.items():
+            if value.shape[0] != n:
+                raise ValueError(f"tensors[{key!r}] has {value.shape[0]} rows, expected {n} (rows of 'chosen')")
+        if t["chosen"].shape != t["rejected"].shape:
+            raise ValueError(f"rejected must have the shape of chosen {tuple(t['chosen'].shape)}, got "
+                             f"{tuple(t['rejected'].shape)}")
+        for key in ("chosen", "rejected"):
+            bad = ~torch.isfinite(t[key].flatten(1)).all(1)
+            if bad.any():
+                raise ValueError(f"tensors[{key!r}] rows {bad.nonzero().flatten()[:10].tolist()} hold non-finite "
+                                 "values (corrupt image or latent)")
+        if ("text_embeds" in t) != ("time_ids" in t):
+            raise ValueError("text_embeds and time_ids (SDXL added conditioning) must be given together")
+        if "labels" in t:
+            labels = t.pop("labels").float()
+            if ((labels < 0) | (labels > 1)).any():
+                raise ValueError(f"labels must be P(first > second) in [0, 1], got min {labels.min().item()}, "
+                                 f"max {labels.max().item()}")
+            swap = labels < 0.5
+            c, r = t["chosen"].clone(), t["rejected"].clone()
+            c[swap], r[swap] = t["rejected"][swap], t["chosen"][swap]
+            t["chosen"], t["rejected"] = c, r
+            keep = labels != 0.5
+            t = {k: v[keep] for k, v in t.items()}
+        self.tensors = t
+
+    def __len__(self) -> int:
+        return self.tensors["chosen"].shape[0]
+
+    def __getitem__(self, i: int) -> dict[str, Tensor]:
+        return {k: v[i] for k, v in self.tensors.items()}
+
+
+def save_pair_cache(path: str | Path, tensors: dict[str, Tensor]) -> None:
+    """Write a pair cache (validated first) as one safetensors file."""
+    from safetensors.torch import save_file
+
+    CachedPairDataset(tensors)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
+
+
+def load_pair_cache(path: str | Path, keys: Sequence[str] | None = None) -> CachedPairDataset:
+    """Read a pair cache written by :func:`save_pair_cache` (optionally only ``keys``)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"pair cache {str(path)!r} does not exist")
+    data = load_file(str(path))
+    if keys is not None:
+        data = {k: data[k] for k in keys}
+    return CachedPairDataset(data)

@@ -1,0 +1,85 @@
+"""MaPO vs Diffusion-DPO at the same model and batch: step time, peak memory and (GPU) largest batch, images/s.
+
+    python scripts/bench_diffusion_perf.py            # CPU: tiny shapes UNet and a small SD-like latent UNet
+    python scripts/bench_diffusion_perf.py --gpu      # CUDA: adds the SDXL-size UNet (random weights, bf16)
+
+Each number comes from a fresh process (see mmalign/diffusion/perf.py for the memory counters). Writes the "perf"
+(CPU) or "perf-gpu" section of docs/benchmarks/diffusion.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import os
+import platform
+from pathlib import Path
+
+from mmalign.diffusion.benchmark import write_markdown_section
+from mmalign.diffusion.perf import largest_batch, measure_in_subprocess
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "diffusion.md"
+
+
+def _rows(cases: list[dict]) -> list[str]:
+    lines = ["| UNet | params | batch (pairs) | LoRA | method | step time (s, median) | images/s | peak mem (MiB) | "
+             "MaPO / DPO time | MaPO / DPO mem |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        res = {m: measure_in_subprocess(method=m, **case) for m in ("diffusion_dpo", "mapo")}
+        for m, r in res.items():
+            ratio_t = ratio_m = ""
+            if m == "mapo" and not r.get("oom") and not res["diffusion_dpo"].get("oom"):
+                ratio_t = f"{r['step_s_median'] / res['diffusion_dpo']['step_s_median']:.2f}"
+                ratio_m = f"{r['peak_mem_mib'] / max(1e-9, res['diffusion_dpo']['peak_mem_mib']):.2f}"
+            if r.get("oom"):
+                lines.append(f"| {case['unet_name']} | | {case['batch']} | {case.get('lora', False)} | {m} | OOM | | | | |")
+                continue
+            lines.append(f"| {case['unet_name']} | {r['params_m']:.1f}M | {case['batch']} | {case.get('lora', False)} | "
+                         f"{m} | {r['step_s_median']:.3f} | {r['images_per_s']:.1f} | {r['peak_mem_mib']:.0f} | "
+                         f"{ratio_t} | {ratio_m} |")
+            print(lines[-1], flush=True)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--gpu", action="store_true", help="measure on CUDA (bf16), incl. SDXL-size UNet and max batch")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+    common = {"steps": args.steps, "warmup": 2}
+    if args.gpu:
+        common.update(device="cuda", bf16=True)
+        cases = [{"unet_name": "sd_small", "batch": 32, **common}, {"unet_name": "sdxl", "batch": 2, **common,
+                                                                     "grad_checkpointing": True},
+                 {"unet_name": "sdxl", "batch": 2, "lora": True, **common, "grad_checkpointing": True}]
+    else:
+        common.update(threads=args.threads)
+        cases = [{"unet_name": "shapes16", "batch": 8, **common}, {"unet_name": "shapes16", "batch": 8, "lora": True, **common},
+                 {"unet_name": "sd_small", "batch": 4, **common}, {"unet_name": "sd_small", "batch": 4, "lora": True, **common}]
+    lines = _rows(cases)
+    if args.gpu:
+        import torch
+
+        lines += ["", "| UNet | method | largest batch (pairs, powers of two, bf16, grad checkpointing) |", "|---|---|---|"]
+        for m in ("diffusion_dpo", "mapo"):
+            best = largest_batch(m, unet_name="sdxl", device="cuda", bf16=True, grad_checkpointing=True)
+            lines.append(f"| sdxl | {m} | {best} |")
+        machine = torch.cuda.get_device_name(0)
+        counter = "torch.cuda.max_memory_allocated growth after the trained model is on the GPU"
+    else:
+        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs (contended), {args.threads} torch thread(s)"
+        counter = "growth of the process's peak RSS (resource.getrusage ru_maxrss) after the trained model is built"
+    text = "\n".join([
+        f"## Cost: MaPO vs Diffusion-DPO ({'GPU' if args.gpu else 'CPU'})", "",
+        f"Command: `python scripts/bench_diffusion_perf.py{' --gpu' if args.gpu else ''} --steps {args.steps}`  ",
+        f"Date: {dt.date.today().isoformat()}. Machine: {machine}. Memory counter: {counter}. One process per "
+        f"number; median of {args.steps} steps after 2 warm-up steps. Full fine-tuning: Diffusion-DPO keeps a frozen "
+        "reference copy; LoRA: its reference is the same UNet with adapters disabled (no copy, one extra forward).",
+        "", *lines])
+    write_markdown_section(DOC, "perf-gpu" if args.gpu else "perf", text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""The diffusion jobs end to end on tiny budgets: train (through the generic trainer), benchmark, perf."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmalign.config import load_config
+from mmalign.diffusion.benchmark import BenchmarkConfig, make_pairs, run as run_benchmark, write_markdown_section
+from mmalign.diffusion.train import DiffusionTrainConfig, run as run_train
+from mmalign.registry import JOBS
+
+
+def test_jobs_are_registered_and_configs_load():
+    assert "diffusion.train" in JOBS and "diffusion.benchmark" in JOBS
+    for name in ("train_mapo", "train_dpo", "train_dpo_lora"):
+        cfg = load_config(DiffusionTrainConfig, f"configs/diffusion/{name}.yaml")
+        assert cfg.method in ("mapo", "diffusion_dpo")
+    assert load_config(BenchmarkConfig, "configs/diffusion/benchmark.yaml").seeds
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="method must be one of"):
+        DiffusionTrainConfig(method="orpo")
+    with pytest.raises(ValueError, match="data must be"):
+        DiffusionTrainConfig(data="shapes:purple")
+    with pytest.raises(ValueError, match="dpo_<positive beta>"):
+        BenchmarkConfig(methods=["dpo_x"])
+    with pytest.raises(ValueError, match="<method>@<positive lr>"):
+        BenchmarkConfig(methods=["dpo_5@fast"])
+    with pytest.raises(ValueError, match="settings entries"):
+        BenchmarkConfig(settings=["style"])
+
+
+@pytest.mark.parametrize("method,lora", [("diffusion_dpo", True), ("mapo", False)])
+def test_train_job_through_the_generic_trainer(tmp_path, method, lora):
+    cfg = DiffusionTrainConfig.from_dict({
+        "method": method, "data": "shapes:safety", "num_pairs": 8, "image_size": 8, "eval_samples_per_class": 1,
+        "trainer": {"max_steps": 2, "batch_size": 4, "log_every": 1, "progress": False, "plots": False,
+                    "cpu": True, "lora": {"enabled": lora, "r": 2, "alpha": 2.0,
+                                          "target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}}})
+    out = run_train(cfg, tmp_path)
+    assert out["step"] == 2 and "eval/pref_score" in out and "train/pref_accuracy" in out
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "metrics.jsonl").is_file()
+
+
+def test_benchmark_pairs_match_their_setting():
+    from mmalign.diffusion.scorers import circular_mean_hue, hue_distance
+
+    g = torch.Generator().manual_seed(0)
+    p = make_pairs("style_90", 64, g, 16)
+    hw, hl = circular_mean_hue(p["chosen"])[0], circular_mean_hue(p["rejected"])[0]
+    assert hue_distance(hw, 90.0).mean() < 10 and hue_distance(hl, 0.0).mean() < 15
+    s = make_pairs("safety", 64, g, 16)
+    assert hue_distance(circular_mean_hue(s["rejected"])[0], 120.0).mean() < 15
+
+
+def test_benchmark_smoke_is_resumable(tmp_path):
+    cfg = BenchmarkConfig(size=8, channels=[8, 16], embed_dim=8, pretrain_steps=2, pretrain_batch=4, num_pairs=8,
+                          finetune_steps=2, finetune_batch=2, samples_per_class=1, sample_steps=2,
+                          settings=["style_90", "safety"], methods=["sft", "mapo", "dpo_1000@1e-4"], seeds=[0])
+    out = run_benchmark(cfg, tmp_path)
+    rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 4 and "safety/mapo/pref_score" in out
+    assert all(0.0 <= r["pref_score"] <= 1.0 and 0.0 <= r["fidelity_iou"] <= 1.0 for r in rows)
+    run_benchmark(cfg, tmp_path)  # every cell is done: nothing is added
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 8
+
+
+def test_markdown_sections_are_replaced_in_place(tmp_path):
+    doc = tmp_path / "d.md"
+    write_markdown_section(doc, "a", "one")
+    write_markdown_section(doc, "b", "two")
+    write_markdown_section(doc, "a", "three")
+    text = doc.read_text()
+    assert "three" in text and "one" not in text and text.index("three") < text.index("two")
+
+
+def test_perf_measurement_runs_on_cpu():
+    from mmalign.diffusion.perf import measure
+
+    r = measure("mapo", batch=1, steps=1, warmup=0)
+    assert r["step_s_median"] > 0 and r["memory_counter"] == "ru_maxrss growth"
+
+
+@pytest.mark.gpu
+def test_perf_gpu_sdxl_bf16_and_largest_batch():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    from mmalign.diffusion.perf import largest_batch, measure_in_subprocess
+
+    for method in ("diffusion_dpo", "mapo"):
+        r = measure_in_subprocess(method=method, unet_name="sdxl", batch=1, steps=2, warmup=1, device="cuda",
+                                  bf16=True, grad_checkpointing=True)
+        assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
+    assert largest_batch("mapo", unet_name="sd_small", device="cuda", bf16=True, limit=8) >= 1
