@@ -137,7 +137,8 @@ def run(cfg: DiffusionTrainConfig, run_dir: Path, resume: bool = False) -> dict[
                 ref_model.to(next(model.parameters()).device)
             return {f"eval/{k}": v for k, v in evaluate(bcfg, model, setting, cfg.trainer.seed).items()}
 
-    trainer = Trainer(cfg.trainer, unet, dataset, loss_fn, Path(run_dir), eval_fn=eval_fn)
+    trainer = Trainer(cfg.trainer, unet, dataset, loss_fn, Path(run_dir), eval_fn=eval_fn,
+                      generators={"noise": generator})  # checkpointed, so --resume redraws the same noise
     if ref_model is not None:
         ref_model.to(trainer.accelerator.device)
     return trainer.train(resume=resume)

@@ -130,8 +130,10 @@ def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def _rng_state(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors = {"torch_cpu": torch.get_rng_state()}
+    for name, gen in (generators or {}).items():
+        tensors[f"generator.{name}"] = gen.get_state()
     if torch.cuda.is_available():
         for i, s in enumerate(torch.cuda.get_rng_state_all()):
             tensors[f"torch_cuda_{i}"] = s
@@ -144,8 +146,15 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, meta
 
 
-def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+def _set_rng_state(
+    tensors: dict[str, torch.Tensor], meta: dict[str, Any], generators: dict[str, torch.Generator] | None = None
+) -> None:
     torch.set_rng_state(tensors["torch_cpu"])
+    for name, gen in (generators or {}).items():
+        key = f"generator.{name}"
+        if key not in tensors:
+            raise CheckpointError(f"checkpoint holds no state for the random generator {name!r}")
+        gen.set_state(tensors[key])
     cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
@@ -167,12 +176,14 @@ def save_checkpoint(
     world_size: int = 1,
     barrier: Any = None,
     keep: int = 2,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and return its final folder.
 
     Every process writes its own RNG files; the main process (rank 0) writes model, optimizer, scheduler and state,
     renames the folder into place and updates ``latest``. ``barrier`` (e.g. ``accelerator.wait_for_everyone``)
-    synchronises processes in a distributed run.
+    synchronises processes in a distributed run. ``generators`` are extra random streams (e.g. a loss's noise
+    generator) saved with each process's RNG states.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -184,7 +195,7 @@ def save_checkpoint(
         tmp.mkdir()
     if barrier is not None:
         barrier()
-    rng_t, rng_meta = _rng_state()
+    rng_t, rng_meta = _rng_state(generators)
     _save_tensors(tmp / f"rng-{rank}.safetensors", rng_t)
     _write_json(tmp / f"rng-{rank}.json", rng_meta)
     if rank == 0:
@@ -247,8 +258,9 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     rank: int = 0,
+    generators: dict[str, torch.Generator] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this process's RNG states; return the trainer state."""
+    """Restore model, optimizer, scheduler and this process's RNG states (and ``generators``); return the state."""
     path = Path(path)
     _verify_manifest(path)
     state = _read_json(path / "trainer_state.json")
@@ -276,5 +288,5 @@ def load_checkpoint(
     if not rank_file.is_file():
         rank_file = path / "rng-0.safetensors"  # resumed on more processes than saved: reuse rank 0's stream
     meta_file = rank_file.with_suffix(".json")
-    _set_rng_state(_load_tensors(rank_file), _read_json(meta_file))
+    _set_rng_state(_load_tensors(rank_file), _read_json(meta_file), generators)
     return state

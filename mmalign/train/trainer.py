@@ -114,6 +114,8 @@ class Trainer:
         collate_fn: turns a list of dataset items into a batch (default: torch's ``default_collate``).
         eval_fn: ``(unwrapped model) -> metrics`` run on the main process every ``eval_every`` steps and at the end,
             under a forked RNG so evaluation never changes the training trajectory.
+        generators: random generators owned by ``loss_fn`` (e.g. diffusion noise); they are checkpointed and
+            restored with the global RNG states, so a resumed run draws exactly what an uninterrupted one would.
     """
 
     def __init__(
@@ -125,6 +127,7 @@ class Trainer:
         run_dir: Path,
         collate_fn: Callable[[Sequence[Any]], Any] | None = None,
         eval_fn: Callable[[torch.nn.Module], dict[str, Any]] | None = None,
+        generators: dict[str, torch.Generator] | None = None,
     ) -> None:
         from accelerate import Accelerator
 
@@ -132,6 +135,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.loss_fn = loss_fn
         self.eval_fn = eval_fn
+        self.generators = dict(generators or {})
         self.collate_fn = collate_fn or _default_collate
         self.dataset = train_dataset
         # Without a GPU, accelerate only joins a torchrun/gloo process group when told cpu=True.
@@ -192,7 +196,7 @@ class Trainer:
             scheduler=self.scheduler if self.is_main else None,
             trainer_state={"config_fingerprint": _fingerprint(self.cfg), "seed": self.cfg.seed},
             rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
-            keep=self.cfg.keep_checkpoints,
+            keep=self.cfg.keep_checkpoints, generators=self.generators,
         )
 
     def _resume(self) -> None:
@@ -200,7 +204,7 @@ class Trainer:
         if path is None:
             raise CheckpointError(f"--resume given but {self._ckpt_root()} holds no complete checkpoint")
         state = load_checkpoint(path, model=self._raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                rank=self.accelerator.process_index)
+                                rank=self.accelerator.process_index, generators=self.generators)
         if state.get("config_fingerprint") != _fingerprint(self.cfg):
             raise CheckpointError(f"{path} was written with different training settings; refusing to resume")
         self.step = int(state["step"])

@@ -96,3 +96,21 @@ def test_perf_gpu_sdxl_bf16_and_largest_batch():
                                   bf16=True, grad_checkpointing=True)
         assert r["images_per_s"] > 0 and r["peak_mem_mib"] > 0
     assert largest_batch("mapo", unet_name="sd_small", device="cuda", bf16=True, limit=8) >= 1
+
+
+def test_train_job_resume_redraws_the_same_noise(tmp_path):
+    """The loss's noise generator is checkpointed: stopping at step 2 and resuming to 4 equals a straight 4-step run."""
+    from safetensors.torch import load_file
+
+    def cfg(steps):
+        return DiffusionTrainConfig.from_dict({
+            "method": "mapo", "data": "shapes:safety", "num_pairs": 8, "image_size": 8, "eval_samples_per_class": 0,
+            "trainer": {"max_steps": steps, "batch_size": 4, "log_every": 1, "progress": False, "plots": False,
+                        "cpu": True}})
+
+    run_train(cfg(4), tmp_path / "straight")
+    run_train(cfg(2), tmp_path / "resumed")
+    run_train(cfg(4), tmp_path / "resumed", resume=True)
+    a = load_file(str(tmp_path / "straight" / "model.safetensors"))
+    b = load_file(str(tmp_path / "resumed" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

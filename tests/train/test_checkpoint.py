@@ -92,3 +92,17 @@ def test_wrong_model_is_a_clear_error(tmp_path: Path) -> None:
     path = _save(tmp_path, 1, model, opt, sched)
     with pytest.raises(CheckpointError, match="does not match the model"):
         load_checkpoint(path, model=torch.nn.Linear(5, 3), optimizer=None, scheduler=None)
+
+
+def test_extra_generators_are_saved_and_restored(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    gen = torch.Generator().manual_seed(7)
+    torch.randn(3, generator=gen)
+    path = save_checkpoint(tmp_path, 1, model_tensors=model.state_dict(), optimizer=opt, scheduler=sched,
+                           trainer_state={}, generators={"noise": gen})
+    expected = torch.randn(4, generator=gen)
+    other = torch.Generator().manual_seed(99)
+    load_checkpoint(path, model=None, optimizer=None, scheduler=None, generators={"noise": other})
+    assert torch.equal(torch.randn(4, generator=other), expected)
+    with pytest.raises(CheckpointError, match="random generator 'missing'"):
+        load_checkpoint(path, model=None, optimizer=None, scheduler=None, generators={"missing": other})
