@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Side-by-side with `imitation` 1.0.1's PreferenceComparisons (pinned to gymnasium 0.29 / SB3 2.2.1, which conflict
+# with mmalign's gymnasium 1.x / SB3 2.9): build its own venv, then run scripts/compare_imitation.py in both.
+#
+#   bash scripts/compare_imitation.sh [STEPS] [LABELS] [SEED]
+#
+# The imitation venv (default /tmp/mmalign-imitation-venv, override with IMITATION_VENV) reuses torch and numpy of
+# mmalign's venv through a .pth file placed *after* its own site-packages, so only the pinned pure-Python stack
+# (imitation, gymnasium 0.29, SB3 2.2.1, seals, sacred, mujoco 2.3) is downloaded from PyPI, not a second torch.
+set -euo pipefail
+STEPS=${1:-20000}
+LABELS=${2:-400}
+SEED=${3:-0}
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+MAIN_PY="${MAIN_PY:-$ROOT/.venv/bin/python}"
+VENV="${IMITATION_VENV:-/tmp/mmalign-imitation-venv}"
+OUT="${OUT:-$ROOT/runs/compare_imitation}"
+mkdir -p "$OUT"
+BASE_PY="$("$MAIN_PY" -c 'import sys; print(sys.base_prefix)')/bin/python3"
+if [ ! -x "$VENV/bin/python" ]; then
+  "$BASE_PY" -m venv "$VENV"
+  SITE="$("$VENV/bin/python" -c 'import site; print(site.getsitepackages()[0])')"
+  MAIN_SITE="$("$MAIN_PY" -c 'import site; print(site.getsitepackages()[0])')"
+  # zz_ sorts last: the venv's own packages shadow mmalign's gymnasium/SB3; torch/numpy come from mmalign's venv.
+  echo "$MAIN_SITE" > "$SITE/zz_mmalign_main.pth"
+  "$VENV/bin/pip" install -q "imitation==1.0.1" "gymnasium[mujoco]~=0.29.1" "stable-baselines3~=2.2.1" \
+      "seals~=0.2.1" "mujoco>=2.3.3,<3" 2>&1 | tail -n 5
+fi
+"$VENV/bin/python" -c "import imitation, gymnasium, stable_baselines3 as sb3; print('imitation', imitation.__version__, 'gymnasium', gymnasium.__version__, 'sb3', sb3.__version__)"
+"$VENV/bin/python" "$ROOT/scripts/compare_imitation.py" --impl imitation --steps "$STEPS" --labels "$LABELS" --seed "$SEED" --out "$OUT"
+"$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --impl mmalign --steps "$STEPS" --labels "$LABELS" --seed "$SEED" --out "$OUT"
+"$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --summarize --out "$OUT"

@@ -1,0 +1,47 @@
+"""mmalign/LearnedReward-v0: checkpoint round trip, reward = ensemble mean, wrong-space checkpoints refused."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import mmalign.envs  # noqa: F401
+from mmalign.robotics.reward_io import build_ensemble, load_reward_model, save_reward_model
+
+
+@pytest.fixture()
+def checkpoint(tmp_path):
+    ens = build_ensemble(10, 2, size=2, hidden=8, seed=3)  # Reacher-v5: 10-d obs, 2-d action
+    return save_reward_model(ens, tmp_path / "rm.safetensors", "Reacher-v5", 10, 2), ens
+
+
+def test_round_trip_and_reward_is_ensemble_mean(checkpoint):
+    path, ens = checkpoint
+    loaded, meta = load_reward_model(path, obs_dim=10, act_dim=2)
+    assert meta["env_id"] == "Reacher-v5" and meta["size"] == 2
+    env = gym.make("mmalign/LearnedReward-v0", env_id="Reacher-v5", reward_checkpoint=str(path))
+    obs, _ = env.reset(seed=0)
+    action = np.array([0.3, -0.2], np.float32)
+    _, reward, _, _, info = env.step(action)
+    with torch.no_grad():
+        want = ens.step_rewards(torch.as_tensor(obs, dtype=torch.float32)[None, None],
+                                torch.as_tensor(action)[None, None]).mean()
+    assert reward == pytest.approx(float(want), abs=1e-6)
+    assert "true_reward" in info and info["true_reward"] != reward
+    env.close()
+
+
+def test_checkpoint_for_other_observation_space_is_refused(checkpoint):
+    path, _ = checkpoint
+    with pytest.raises(ValueError, match="obs_dim=10"):
+        gym.make("mmalign/LearnedReward-v0", env_id="InvertedPendulum-v5", reward_checkpoint=str(path))
+
+
+def test_bad_inputs(tmp_path):
+    with pytest.raises(ValueError, match="not a registered gymnasium id"):
+        gym.make("mmalign/LearnedReward-v0", env_id="NoSuchEnv-v9")
+    (tmp_path / "x.safetensors").write_bytes(b"")
+    with pytest.raises(Exception):
+        load_reward_model(tmp_path / "x.safetensors")
+    with pytest.raises(FileNotFoundError):
+        load_reward_model(tmp_path / "missing.safetensors")
