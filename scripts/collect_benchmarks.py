@@ -6,11 +6,12 @@ script concatenates them, in a fixed order, under one header. Run: python script
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["core_losses", "core_teachers", "core_routing", "robotics_feedback", "hindsight", "vision_lm",
-         "diffusion", "visuomotor"]
+ORDER = ["core_losses", "core_teachers", "core_routing", "robotics_feedback", "robotics_cpl", "robotics_overhead",
+         "hindsight", "vision_lm", "diffusion", "visuomotor"]
 
 HEADER = """# Benchmarks
 
@@ -26,7 +27,9 @@ run are the meaningful numbers.
 def main() -> None:
     parts = sorted((ROOT / "docs" / "benchmarks").glob("*.md"), key=lambda p: (
         ORDER.index(p.stem) if p.stem in ORDER else len(ORDER), p.stem))
-    body = "\n\n".join(p.read_text().strip() for p in parts)
+    # sections link their images relative to docs/benchmarks/; the combined page lives one folder up
+    body = "\n\n".join(re.sub(r"\]\((?!https?:|/|benchmarks/)([^)]+\.(?:png|gif|svg))\)", r"](benchmarks/\1)",
+                                p.read_text().strip()) for p in parts)
     (ROOT / "docs" / "benchmarks.md").write_text(HEADER + body + "\n")
     print(f"wrote docs/benchmarks.md from {len(parts)} sections: {', '.join(p.stem for p in parts)}")
 
