@@ -21,6 +21,7 @@ import numpy as np
 
 from mmalign.config import load_config
 from mmalign.vision_lm.benchmark import BenchmarkConfig, run_seed
+from mmalign.reporting import write_marked_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "vision_lm.md"
@@ -77,16 +78,7 @@ def write_section(results: dict[str, dict], cfg: BenchmarkConfig, argv: list[str
     missing = [r for r in cfg.methods if r not in rows]
     if missing:
         lines += ["", f"Not run (did not fit the time budget): {', '.join(missing)}."]
-    lines.append("<!-- results:end -->")
-    section = "\n".join(lines)
-    text = DOC.read_text() if DOC.exists() else "# Vision-language benchmarks\n"
-    if "<!-- results:start -->" in text:
-        head, rest = text.split("<!-- results:start -->", 1)
-        text = head + section + rest.split("<!-- results:end -->", 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    write_marked_section(DOC, "results", "\n".join(lines[1:]), "# Vision-language benchmarks")
 
 
 def main() -> None:

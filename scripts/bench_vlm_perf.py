@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from mmalign.reporting import write_marked_section
+
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "vision_lm.md"
 
@@ -142,16 +144,7 @@ def write_section(results: list[dict], args: argparse.Namespace) -> None:
     if "mmalign" in by and "trl" in by:
         ratio = (by["mmalign"]["samples"] / by["mmalign"]["train_s"]) / (by["trl"]["samples"] / by["trl"]["train_s"])
         lines += ["", f"Throughput ratio mmalign / TRL (training loop): **{ratio:.2f}x**."]
-    lines.append("<!-- perf:end -->")
-    section = "\n".join(lines)
-    text = DOC.read_text() if DOC.exists() else "# Vision-language benchmarks\n"
-    if "<!-- perf:start -->" in text:
-        head, rest = text.split("<!-- perf:start -->", 1)
-        text = head + section + rest.split("<!-- perf:end -->", 1)[1]
-    else:
-        text = text.rstrip() + "\n\n" + section + "\n"
-    DOC.parent.mkdir(parents=True, exist_ok=True)
-    DOC.write_text(text)
+    write_marked_section(DOC, "perf", "\n".join(lines[1:]), "# Vision-language benchmarks")
 
 
 def main() -> None:

@@ -324,13 +324,6 @@ def summarize(results: Path) -> dict[str, float]:
 
 def write_markdown_section(path: Path, key: str, text: str, title: str = "# Diffusion alignment benchmarks") -> None:
     """Replace (or append) the block between ``<!-- key:start -->`` and ``<!-- key:end -->`` in ``path``."""
-    path = Path(path)
-    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
-    doc = path.read_text() if path.is_file() else title + "\n"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    if start in doc and end in doc:
-        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
-    else:
-        doc = doc.rstrip() + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(doc)
+    from mmalign.reporting import write_marked_section
+
+    write_marked_section(path, key, text, title)

@@ -26,12 +26,6 @@ def now() -> str:
 
 def write_section(name: str, body: str, doc: Path = DOC) -> None:
     """Insert or replace the section between ``<!-- name:start -->`` and ``<!-- name:end -->``."""
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    text = doc.read_text() if doc.exists() else HEADER
-    block = f"{start}\n{body.rstrip()}\n{end}"
-    if start in text and end in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    doc.parent.mkdir(parents=True, exist_ok=True)
-    doc.write_text(text)
+    from mmalign.reporting import write_marked_section
+
+    write_marked_section(doc, name, body, HEADER)

@@ -19,14 +19,6 @@ from mmalign.core.teachers import RewardModelTeacher, SimulatedHuman
 from mmalign.registry import QUERY_SELECTORS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Small tensors: intra-op threads only add contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def test_selectors_pick_documented_pairs() -> None:
     # Pair 0: members agree and are confident; pair 1: members disagree confidently; pair 2: all at P = 0.5.

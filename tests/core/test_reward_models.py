@@ -20,14 +20,6 @@ from mmalign.core.teachers import SimulatedHuman
 from mmalign.registry import REWARD_MODELS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Tiny models: intra-op threads only add contention on the shared 2-core CI machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _linear_task(n: int, seed: int, h: int = 8, d: int = 4, a: int = 2) -> SegmentPairs:
     g = torch.Generator().manual_seed(seed)

@@ -20,14 +20,6 @@ from mmalign.core.teachers import (
 from mmalign.registry import TEACHERS
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
-    # Small tensors: intra-op threads only add contention on a shared 2-core machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def _pairs(n: int = 20000, h: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
