@@ -221,3 +221,11 @@ class UncertaintyRouter:
             "routing/uncertainty_cheap": float(u[~costly].mean()) if k < n else math.nan,
         }
         return RoutingResult(labels, answered, costly, metrics)
+
+
+# Routing is not a drop-in selector (it also labels the confident pairs), but configs and `mmalign list` name it here.
+QUERY_SELECTORS.register(
+    "routing", UncertaintyRouter,
+    summary="uncertainty routing: a cheap labeller answers confident pairs, uncertain ones go to a costly teacher "
+            "under a budget",
+)

@@ -13,7 +13,7 @@ Layout of ``<run_dir>/checkpoints/``::
         manifest.json           byte size of every file above (written last)
     latest                  name of the newest complete checkpoint
 
-A checkpoint is written into ``step-XXXXXXXX.tmp-<pid>`` and renamed into place only when every file is flushed;
+A checkpoint is written into ``step-<8-digit step>.tmp`` and renamed into place only when every file is flushed;
 ``latest`` is replaced atomically afterwards. A crash at any moment leaves the previous checkpoint intact.
 """
 
