@@ -79,8 +79,6 @@ def run_job(
     resume: bool = False,
 ) -> dict[str, Any]:
     """Resolve the job's config (validated before any work), prepare the run folder, run it."""
-    import yaml
-
     from mmalign.config import load_config
 
     entry = JOBS.entry(name)
@@ -89,8 +87,18 @@ def run_job(
     run_dir = Path(output_dir) if output_dir else _default_run_dir(name)
     # Under torchrun / accelerate launch every process runs this; only the main one checks and writes the folder.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if not main_process:
-        return entry.load()(cfg, run_dir, **({"resume": True} if resume else {})) or {}
+    if main_process:
+        _prepare_run_dir(name, cfg, run_dir, resume)
+    summary = entry.load()(cfg, run_dir, **({"resume": True} if resume else {})) or {}
+    if main_process:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    return summary
+
+
+def _prepare_run_dir(name: str, cfg: Any, run_dir: Path, resume: bool) -> None:
+    """Refuse to overwrite a non-empty folder (unless resuming with the same config); write config.yaml."""
+    import yaml
+
     if run_dir.exists() and any(run_dir.iterdir()) and not resume:
         raise FileExistsError(
             f"run folder {run_dir} already holds files; pass --resume to continue it or choose another --output-dir"
@@ -104,11 +112,6 @@ def run_job(
             raise ValueError(f"--resume with a config that differs from the one saved in {resolved}")
     else:
         resolved.write_text(yaml.safe_dump({"job": name, **cfg.to_dict()}, sort_keys=False))
-    run = entry.load()
-    kwargs = {"resume": True} if resume else {}
-    summary = run(cfg, run_dir, **kwargs) or {}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    return summary
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
