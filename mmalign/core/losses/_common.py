@@ -1,20 +1,26 @@
-"""Helpers shared by the core losses: shape checks, and one fused reduction that yields both the batch-mean
-metrics and the finiteness check of the inputs.
+"""Helpers shared by the core losses: shape checks, one cheap finiteness/label check per call, and metrics that
+are computed only when read.
 
-Why fused: on a batch of a few thousand pairs a loss is a handful of element-wise kernels, so separate validation
-and logging reductions (and their host syncs) would cost more than the loss. Each loss stacks the per-pair rows it
-logs (log-ratios, scores, …), which are computed from *every* input, takes one sum over the batch and reads it
-back with a single sync. A sum of finite values can only be non-finite by overflow (|sum| > 3e38 in float32, far
-outside log-probabilities and errors), so a non-finite mean means some input holds NaN/inf; only then are the
-inputs inspected one by one to name the culprit in the ``ValueError`` (after an overflow they are all finite and
-nothing is raised). The check therefore runs after the first element-wise intermediate and before the loss
-expression and its backward.
+Cost model. On a batch of a few thousand pairs a loss is a handful of element-wise kernels (~5 µs each on a CPU
+core), so every extra kernel or host sync is visible next to it. Each loss therefore spends, before its loss
+expression, exactly one reduction and one host read on validation: the sum of an intermediate that depends on
+*every* tensor input (NaN/inf propagate through sums and differences, so the sum is finite iff all inputs are,
+up to overflow) and, with soft labels, the labels' min and max riding along in the same read. Only when that
+sum is not finite are the inputs inspected one by one to name the culprit (after a mere overflow they are all
+finite and nothing is raised).
+
+The logged metrics (batch means of per-pair rows: implicit rewards, accuracy, …) are a :class:`LossMetrics`:
+a read-only mapping holding the detached per-pair tensors and computing every value with one fused reduction
+and one sync on first read. Code that discards the metrics (``loss, _ = ...``: reward-model fits, inner loops)
+never pays for them; a trainer that logs them pays once per call. Reading the metrics after one of the held
+tensors was modified in place (e.g. an input that is a parameter, after ``optimizer.step()``) raises instead of
+returning values of the modified tensor.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -22,7 +28,7 @@ from torch import Tensor
 from mmalign.core.validation import check_all_finite, check_labels, check_ndim, check_same_shape
 
 __all__ = [
-    "check_paired", "check_shapes", "fused_means", "ensure_finite", "check_label_bounds", "label_bounds",
+    "check_paired", "check_shapes", "fused_means", "check_inputs_finite", "LossMetrics",
     "expected_pair_metrics", "pair_rows",
 ]
 
@@ -54,23 +60,92 @@ def fused_means(rows: Sequence[Tensor], extra: Tensor | None = None) -> list[flo
     return [v / n if n else math.nan for v in values[:k]] + values[k:]
 
 
-def ensure_finite(values: Sequence[float], inputs: Mapping[str, Tensor]) -> None:
-    """Raise naming the offending input if any of ``values`` (means computed from all ``inputs``) is not finite."""
-    if not all(math.isfinite(v) for v in values):
+def read_scalars(scalars: Sequence[Tensor]) -> list[float]:
+    """Host values of 0-d tensors: one stack and one synchronisation on an accelerator; plain reads on the CPU,
+    where a read costs no synchronisation and the stack would be one more kernel."""
+    if scalars[0].device.type == "cpu":
+        return [float(x) for x in scalars]
+    return torch.stack([x.to(scalars[0].dtype) for x in scalars]).tolist()
+
+
+def check_inputs_finite(
+    witness: Tensor, inputs: Mapping[str, Tensor], labels: Tensor | None = None, *, label_name: str = "labels",
+    positive: Mapping[str, Tensor] | None = None,
+) -> None:
+    """Validate a call with at most one reduction per checked tensor and one host read.
+
+    ``witness`` is a tensor computed from every entry of ``inputs`` (e.g. Δ = ρ_w − ρ_l) whose sum is finite iff all
+    inputs are (barring overflow, which the fallback tolerates); a 0-d witness is used as is (e.g. a BCE-with-
+    logits loss already reduced over the batch, which is non-finite for any non-finite logit). ``labels``, if
+    given, must lie in ``[0, 1]``; each tensor of ``positive`` (e.g. token counts) must be finite and > 0. Their
+    min and max are read back together with the witness. Raises ``ValueError`` naming the offending argument.
+    """
+    witness = witness.detach()
+    scalars = [witness if witness.dim() == 0 else witness.sum(dtype=torch.float32 if witness.element_size() < 4
+                                                                 else None)]
+    has_labels = labels is not None and labels.numel() > 0
+    if has_labels:
+        assert labels is not None
+        scalars += list(torch.aminmax(labels.detach()))
+    checked = {name: t for name, t in (positive or {}).items() if t.numel()}
+    for t in checked.values():
+        scalars += list(torch.aminmax(t.detach()))
+    values = read_scalars(scalars)
+    if has_labels and not 0.0 <= values[1] <= values[2] <= 1.0:  # NaN fails every comparison
+        assert labels is not None
+        check_labels(label_name, labels)
+    rest = values[3 if has_labels else 1:]
+    for k, name in enumerate(checked):
+        low, high = rest[2 * k], rest[2 * k + 1]
+        if not 0 < low <= high < math.inf:
+            raise ValueError(f"{name} must be finite and > 0 everywhere (token counts), got min {low}, max {high}")
+    if not math.isfinite(values[0]):
         check_all_finite(inputs)
 
 
-def label_bounds(labels: Tensor) -> Tensor:
-    """``[min, max]`` of the labels, to ride along in :func:`fused_means` (``extra``)."""
-    if labels.numel() == 0:
-        return labels.new_zeros(2)
-    return torch.stack(torch.aminmax(labels.detach()))
+class LossMetrics(Mapping[str, float]):
+    """Read-only ``{name: float}`` of one loss call, computed on first read from detached per-pair tensors.
 
+    ``compute(*tensors)`` returns the metrics dict and must only close over Python numbers; the tensors (or
+    ``None`` for absent optional ones) are held as given and passed in detached, under ``no_grad``, on first read.
+    Until then the metrics keep those tensors (and, like the loss, their autograd nodes) alive; afterwards only
+    the floats. Detaching at construction would cost about as much as one more element-wise kernel per tensor.
+    """
 
-def check_label_bounds(name: str, labels: Tensor, lo: float, hi: float) -> None:
-    """Raise the standard labels error unless ``0 <= lo <= hi <= 1`` (NaN fails every comparison)."""
-    if not (0.0 <= lo <= hi <= 1.0):
-        check_labels(name, labels)
+    __slots__ = ("_compute", "_tensors", "_versions", "_values")
+
+    def __init__(self, compute: Callable[..., dict[str, float]], *tensors: Tensor | None) -> None:
+        self._compute = compute
+        self._tensors = tensors
+        self._versions = tuple(None if t is None else t._version for t in tensors)
+        self._values: dict[str, float] | None = None
+
+    def _materialise(self) -> dict[str, float]:
+        if self._values is None:
+            if any(t is not None and t._version != v for t, v in zip(self._tensors, self._versions)):
+                raise RuntimeError(
+                    "loss metrics read after a tensor they depend on was modified in place (e.g. an input that is a "
+                    "parameter, after optimizer.step()); read the metrics before modifying the loss inputs")
+            with torch.no_grad():
+                self._values = self._compute(*(None if t is None else t.detach() for t in self._tensors))
+            self._tensors = ()  # release the per-pair tensors once the values are cached
+        return self._values
+
+    def __getitem__(self, key: str) -> float:
+        return self._materialise()[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._materialise())
+
+    def __len__(self) -> int:
+        return len(self._materialise())
+
+    def __repr__(self) -> str:
+        return f"LossMetrics({self._materialise()!r})"
+
+    def to_dict(self) -> dict[str, float]:
+        """A plain ``dict`` copy (for JSON)."""
+        return dict(self._materialise())
 
 
 def pair_rows(score_first: Tensor, score_second: Tensor, labels: Tensor | None) -> list[Tensor]:

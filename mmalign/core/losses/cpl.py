@@ -3,12 +3,14 @@ on a policy's per-step log-likelihoods, with the conservative bias λ and an opt
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.core.losses._common import (
-    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds, pair_rows,
+    LossMetrics, check_inputs_finite, check_shapes, expected_pair_metrics, fused_means, pair_rows,
 )
 from mmalign.core.validation import (
     check_mask, check_nonnegative, check_positive, check_range, check_reduction, check_tensor, reduce_loss,
@@ -33,6 +35,29 @@ def discounted_segment_score(logp: Tensor, mask: Tensor | None, alpha: float, ga
     return alpha * (logp * gamma ** steps).sum(dim=-1)
 
 
+def _bc_nll(s1: Tensor, s2: Tensor, lp1: Tensor, lp2: Tensor, alpha: float, gamma: float,
+            mask_first: Tensor | None, mask_second: Tensor | None) -> Tensor:
+    """Per-pair negative mean log-likelihood over the valid steps of both (masked) segments ``lp1``, ``lp2``."""
+    steps = lp1.shape[-1]
+    # γ = 1: the undiscounted sum is S/α, no second pass over [B, T].
+    total = (s1 + s2) / alpha if gamma == 1.0 else lp1.sum(dim=-1) + lp2.sum(dim=-1)
+    if mask_first is None and mask_second is None:
+        return -total / max(2.0 * steps, 1.0)
+    valid = sum((steps if m is None else m.to(s1.dtype).sum(dim=-1)) for m in (mask_first, mask_second))
+    assert isinstance(valid, Tensor)
+    return -total / valid.clamp_min(1.0)
+
+
+def _cpl_metrics(alpha: float, gamma: float, s1: Tensor, s2: Tensor, labels: Tensor | None, bc_nll: Tensor | None,
+                 lp1: Tensor, lp2: Tensor, mask_first: Tensor | None, mask_second: Tensor | None) -> dict[str, float]:
+    if bc_nll is None:
+        bc_nll = _bc_nll(s1, s2, lp1, lp2, alpha, gamma, mask_first, mask_second)
+    stats = fused_means([*pair_rows(s1, s2, labels), bc_nll])
+    chosen, rejected, accuracy = expected_pair_metrics(stats, labels is not None)
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
+            "train/pref_accuracy": accuracy, "train/bc_nll": stats[-1]}
+
+
 def cpl_loss(
     logp_first: Tensor,
     logp_second: Tensor,
@@ -45,7 +70,7 @@ def cpl_loss(
     mask_second: Tensor | None = None,
     bc_coef: float = 0.0,
     reduction: str = "mean",
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, LossMetrics]:
     r"""CPL loss with conservative bias λ (``bias``) and soft labels.
 
     With :math:`S_i = \sum_t \gamma^t \alpha \log\pi_\theta(a^i_t|s^i_t)` and label :math:`p = P(1 \succ 2)`:
@@ -69,8 +94,9 @@ def cpl_loss(
         bc_coef: weight ≥ 0 of the BC regulariser. reduction: over pairs, ``"mean" | "sum" | "none"``.
 
     Returns:
-        ``(loss, metrics)``; metrics are Python floats (batch means): ``rewards/chosen``/``rewards/rejected``
-        (S of the label-preferred / other segment, in expectation over a label drawn from p), ``rewards/margin``,
+        ``(loss, metrics)``; metrics are a lazy mapping of Python floats (batch means, computed on first read):
+        ``rewards/chosen``/``rewards/rejected`` (S of the label-preferred / other segment, in expectation over a
+        label drawn from p), ``rewards/margin``,
         ``train/pref_accuracy`` (probability that such a label agrees with the sign of S_1 − S_2; ties 1/2),
         ``train/bc_nll`` (mean negative log-likelihood per valid step).
 
@@ -94,39 +120,24 @@ def cpl_loss(
     check_reduction(reduction)
 
     lp1, lp2 = _apply_mask(logp_first, mask_first), _apply_mask(logp_second, mask_second)
-    total = lp1.sum(dim=-1) + lp2.sum(dim=-1) if (bc_coef or gamma != 1.0) else None
     if gamma == 1.0:
         s1, s2 = alpha * lp1.sum(dim=-1), alpha * lp2.sum(dim=-1)
     else:
         disc = gamma ** torch.arange(steps, dtype=lp1.dtype, device=lp1.device)
         s1, s2 = alpha * (lp1 * disc).sum(dim=-1), alpha * (lp2 * disc).sum(dim=-1)
-    if total is None:  # γ = 1: the undiscounted sum is S/α, no second pass over [B, T]
-        total = (s1 + s2) / alpha
-    if mask_first is None and mask_second is None:
-        valid: Tensor | float = 2.0 * steps
-    else:
-        valid = sum((steps if m is None else m.to(s1.dtype).sum(dim=-1)) for m in (mask_first, mask_second))
-    bc_nll = -total / (valid.clamp_min(1.0) if isinstance(valid, Tensor) else max(valid, 1.0))
-
-    rows = [*pair_rows(s1, s2, labels), bc_nll]
-    if labels is None:
-        stats = fused_means(rows)
-    else:
-        stats = fused_means(rows, label_bounds(labels))
-        check_label_bounds("labels", labels, stats[-2], stats[-1])
-    ensure_finite(stats[:2], inputs)
-
-    first_term = -F.logsigmoid(s1 - bias * s2)
+    first_logit = s1 - bias * s2
+    check_inputs_finite(first_logit, inputs, labels)  # S_1, S_2 sum every valid step of both inputs
+    first_term = -F.logsigmoid(first_logit)
     if labels is None:
         per_pair = first_term
     else:
         p = labels.to(s1.dtype)
         per_pair = p * first_term - (1.0 - p) * F.logsigmoid(s2 - bias * s1)
+    bc_nll = None
     if bc_coef:
+        bc_nll = _bc_nll(s1, s2, lp1, lp2, alpha, gamma, mask_first, mask_second)
         per_pair = per_pair + bc_coef * bc_nll
     loss = reduce_loss(per_pair, reduction)
-
-    chosen, rejected, accuracy = expected_pair_metrics(stats, labels is not None)
-    metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
-               "train/pref_accuracy": accuracy, "train/bc_nll": stats[len(rows) - 1]}
+    metrics = LossMetrics(partial(_cpl_metrics, alpha, gamma), s1, s2, labels, bc_nll, lp1, lp2, mask_first,
+                          mask_second)
     return loss, metrics

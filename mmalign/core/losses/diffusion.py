@@ -10,22 +10,37 @@ from __future__ import annotations
 
 import math
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.core.losses._common import check_shapes, ensure_finite, fused_means
-from mmalign.core.validation import check_beta, check_nonnegative, check_positive, check_reduction, reduce_loss
+from mmalign.core.losses._common import LossMetrics, check_inputs_finite, check_shapes, fused_means
+from mmalign.core.validation import (
+    check_all_finite, check_beta, check_nonnegative, check_positive, check_reduction, reduce_loss,
+)
 
 __all__ = ["diffusion_dpo_loss", "mapo_loss", "mapo_score"]
 
 _SMALL = 1e-4  # below this |c·l|, s(l) uses its Taylor series 1 − x/2 + x²/12 (error < 1e-17)
 
 
+def _diffusion_dpo_metrics(beta: float, lw: Tensor, ll: Tensor, ref_w: Tensor, ref_l: Tensor, inside: Tensor
+                           ) -> dict[str, float]:
+    # Rewards are linear in the errors: their batch means come from the errors' means.
+    stats = fused_means([lw, ll, ref_w, ref_l, inside.sign()])
+    reward_w, reward_l = -0.5 * beta * (stats[0] - stats[2]), -0.5 * beta * (stats[1] - stats[3])
+    names = ("diffusion/model_err_chosen", "diffusion/model_err_rejected", "diffusion/ref_err_chosen",
+             "diffusion/ref_err_rejected")
+    return {"rewards/chosen": reward_w, "rewards/rejected": reward_l, "rewards/margin": reward_w - reward_l,
+            "train/pref_accuracy": 0.5 + 0.5 * stats[4], **dict(zip(names, stats[:4]))}
+
+
 def diffusion_dpo_loss(
     model_err_chosen: Tensor, model_err_rejected: Tensor, ref_err_chosen: Tensor, ref_err_rejected: Tensor,
     *, beta: float = 5000.0, reduction: str = "mean",
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, LossMetrics]:
     r"""Diffusion-DPO loss (Wallace et al., CVPR 2024, arXiv 2311.12908; its objective with T·ω(λ_t) folded into β).
 
     .. math:: \ell = -\log\sigma\Big(-\frac{\beta}{2}\big[(l_w - l_l) - (l^{ref}_w - l^{ref}_l)\big]\Big)
@@ -50,15 +65,10 @@ def diffusion_dpo_loss(
     check_beta(beta)
     check_reduction(reduction)
     inside = -0.5 * beta * ((model_err_chosen - model_err_rejected) - (ref_err_chosen - ref_err_rejected))
-    # Rewards are linear in the errors: their batch means come from the errors' means.
-    stats = fused_means([model_err_chosen, model_err_rejected, ref_err_chosen, ref_err_rejected, inside.sign()])
-    ensure_finite(stats[:4], inputs)
+    check_inputs_finite(inside, inputs)  # the sigmoid's argument involves all four errors
     loss = reduce_loss(-F.logsigmoid(inside), reduction)
-    reward_w, reward_l = -0.5 * beta * (stats[0] - stats[2]), -0.5 * beta * (stats[1] - stats[3])
-    names = ("diffusion/model_err_chosen", "diffusion/model_err_rejected", "diffusion/ref_err_chosen",
-             "diffusion/ref_err_rejected")
-    metrics = {"rewards/chosen": reward_w, "rewards/rejected": reward_l, "rewards/margin": reward_w - reward_l,
-               "train/pref_accuracy": 0.5 + 0.5 * stats[4], **dict(zip(names, stats[:4]))}
+    metrics = LossMetrics(partial(_diffusion_dpo_metrics, beta), model_err_chosen, model_err_rejected, ref_err_chosen,
+                          ref_err_rejected, inside)
     return loss, metrics
 
 
@@ -74,19 +84,21 @@ def mapo_score(err: Tensor, c: float = 0.5) -> Tensor:
     return torch.where(small, 1.0 - x / 2.0 + x.square() / 12.0, safe_x / torch.expm1(safe_x))
 
 
-def _mapo_parts(scores: Tensor, err_chosen: Tensor, temperature: float, extra: Tensor | None = None
-                ) -> tuple[Tensor, Tensor, Tensor, Tensor, list[float]]:
-    score_w, score_l = scores[0], scores[1]
-    margin = score_w - score_l
-    ratio = F.logsigmoid(temperature * margin)
-    stats = fused_means([score_w, score_l, margin.sign(), ratio, err_chosen], extra)
-    return score_w, score_l, margin, ratio, stats
+def _mapo_metrics(temperature: float, margin: Tensor, ratio: Tensor, err_chosen: Tensor, scores: Tensor
+                  ) -> dict[str, float]:
+    stats = fused_means([scores[0], scores[1], margin.sign(), ratio, err_chosen])
+    return {
+        "rewards/chosen": temperature * stats[0], "rewards/rejected": temperature * stats[1],
+        "rewards/margin": temperature * (stats[0] - stats[1]), "train/pref_accuracy": 0.5 + 0.5 * stats[2],
+        "mapo/win_score": stats[0], "mapo/lose_score": stats[1], "mapo/or_loss": -stats[3],
+        "mapo/chosen_err": stats[4],
+    }
 
 
 def mapo_loss(
     model_err_chosen: Tensor, model_err_rejected: Tensor,
     *, c: float = 0.5, temperature: float = 1000.0, margin_weight: float = 0.1, reduction: str = "mean",
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, LossMetrics]:
     r"""MaPO: margin-aware, reference-free preference loss (Hong et al. 2024, arXiv 2406.06424).
 
     Follows the official ``mapo-t2i/mapo`` ``utils.py::compute_loss``:
@@ -117,20 +129,18 @@ def mapo_loss(
     check_nonnegative("margin_weight", margin_weight)
     check_reduction(reduction)
     # Fast path: the plain quotient on both errors at once. It loses accuracy (and its gradient cancels) for
-    # |c·l| < 1e-4 and is 0/0 at 0; the min/max riding along in the fused reduction tell when to switch to the
-    # guarded :func:`mapo_score` (practically never: denoising errors are ~1e-3 to 1).
+    # |c·l| < 1e-4 and is 0/0 at 0, so the guarded :func:`mapo_score` takes over when the range of c·l reaches that
+    # band (practically never: denoising errors are ~1e-3 to 1). The min/max read is also the NaN/inf check.
     x = c * torch.stack([model_err_chosen, model_err_rejected])
-    score_w, score_l, margin, ratio, stats = _mapo_parts(x / torch.expm1(x), model_err_chosen, temperature,
-                                                         torch.stack(torch.aminmax(x.detach())))
-    if not all(math.isfinite(v) for v in stats) or (stats[5] < _SMALL and stats[6] > -_SMALL):
-        ensure_finite(stats[:5], inputs)
-        guarded = mapo_score(torch.stack([model_err_chosen, model_err_rejected]), c)
-        score_w, score_l, margin, ratio, stats = _mapo_parts(guarded, model_err_chosen, temperature)
+    lo, hi = torch.stack(torch.aminmax(x.detach())).tolist() if x.numel() else (1.0, 1.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        check_all_finite(inputs)
+    if lo < _SMALL and hi > -_SMALL:
+        scores = mapo_score(torch.stack([model_err_chosen, model_err_rejected]), c)
+    else:
+        scores = x / torch.expm1(x)
+    margin = scores[0] - scores[1]
+    ratio = F.logsigmoid(temperature * margin)
     loss = reduce_loss(model_err_chosen - margin_weight * ratio, reduction)
-    metrics = {
-        "rewards/chosen": temperature * stats[0], "rewards/rejected": temperature * stats[1],
-        "rewards/margin": temperature * (stats[0] - stats[1]), "train/pref_accuracy": 0.5 + 0.5 * stats[2],
-        "mapo/win_score": stats[0], "mapo/lose_score": stats[1], "mapo/or_loss": -stats[3],
-        "mapo/chosen_err": stats[4],
-    }
+    metrics = LossMetrics(partial(_mapo_metrics, temperature), margin, ratio, model_err_chosen, scores)
     return loss, metrics

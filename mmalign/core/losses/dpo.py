@@ -1,57 +1,55 @@
 """DPO family on summed sequence log-probabilities: DPO, IPO, conservative DPO (cDPO), robust DPO (rDPO).
 
 Notation: ρ_w = log π_θ(y_w|x) − log π_ref(y_w|x), ρ_l likewise, Δ = ρ_w − ρ_l. Every input is ``[B]`` (one summed
-log-probability per response); the chosen response is always the first one (label 1). Metrics (Python floats):
+log-probability per response); the chosen response is always the first one (label 1). Metrics (a lazy mapping of
+Python floats, computed on first read, see :class:`~mmalign.core.losses._common.LossMetrics`):
 ``rewards/chosen`` = mean β ρ_w (TRL's implicit reward), ``rewards/rejected``, ``rewards/margin`` = mean βΔ,
 ``train/pref_accuracy`` = fraction with Δ > 0 (ties half credit).
 """
 
 from __future__ import annotations
 
-import torch
+from functools import partial
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.core.losses._common import check_shapes, ensure_finite, fused_means
+from mmalign.core.losses._common import LossMetrics, check_inputs_finite, check_shapes, fused_means
 from mmalign.core.validation import check_beta, check_eps, check_reduction, reduce_loss
 
 __all__ = ["dpo_loss", "ipo_loss", "conservative_dpo_loss", "robust_dpo_loss"]
 
-Metrics = dict[str, float]
+Metrics = LossMetrics
+
+
+def _dpo_metrics(beta: float, rho_w: Tensor, rho_l: Tensor, delta: Tensor) -> dict[str, float]:
+    mean_w, mean_l, mean_sign = fused_means([rho_w, rho_l, delta.sign()])
+    return {"rewards/chosen": beta * mean_w, "rewards/rejected": beta * mean_l,
+            "rewards/margin": beta * (mean_w - mean_l), "train/pref_accuracy": 0.5 + 0.5 * mean_sign}
 
 
 def _margins(
     policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
     beta: float, reduction: str, chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
-) -> tuple[Tensor, Metrics]:
-    """Validated Δ = ρ_w − ρ_l (length-normalised when lengths are given) and the standard metrics."""
+) -> tuple[Tensor, LossMetrics]:
+    """Validated Δ = ρ_w − ρ_l (length-normalised when lengths are given) and the standard metrics (lazy)."""
     inputs = {
         "policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
         "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
     }
     check_beta(beta)
     check_reduction(reduction)
+    lengths: dict[str, Tensor] | None = None
     if chosen_lengths is not None and rejected_lengths is not None:
-        inputs.update(chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+        lengths = {"chosen_lengths": chosen_lengths, "rejected_lengths": rejected_lengths}
+        inputs.update(lengths)
     check_shapes(inputs)
-    shortest: Tensor | None = None
-    if chosen_lengths is not None and rejected_lengths is not None and len(chosen_lengths):
-        shortest = torch.minimum(chosen_lengths.min(), rejected_lengths.min()).reshape(1)
     rho_w, rho_l = policy_chosen_logps - ref_chosen_logps, policy_rejected_logps - ref_rejected_logps
     if chosen_lengths is not None and rejected_lengths is not None:
         rho_w, rho_l = rho_w / chosen_lengths.to(rho_w.dtype), rho_l / rejected_lengths.to(rho_l.dtype)
     delta = rho_w - rho_l
-    # ρ_w, ρ_l involve every input, so their finite means certify finite inputs (see _common).
-    stats = fused_means([rho_w, rho_l, delta.sign()], shortest)
-    ensure_finite(stats[:2], inputs)
-    if shortest is not None and not stats[3] > 0:
-        raise ValueError(f"chosen_lengths and rejected_lengths must be > 0 (token counts), got minimum {stats[3]}")
-    mean_w, mean_l, mean_sign = stats[:3]
-    metrics = {
-        "rewards/chosen": beta * mean_w, "rewards/rejected": beta * mean_l,
-        "rewards/margin": beta * (mean_w - mean_l), "train/pref_accuracy": 0.5 + 0.5 * mean_sign,
-    }
-    return delta, metrics
+    check_inputs_finite(delta, inputs, positive=lengths)  # Δ involves every input
+    return delta, LossMetrics(partial(_dpo_metrics, beta), rho_w, rho_l, delta)
 
 
 def dpo_loss(

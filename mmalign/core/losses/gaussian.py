@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.core.losses._common import (
-    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds, pair_rows,
+    LossMetrics, check_inputs_finite, check_shapes, expected_pair_metrics, fused_means, pair_rows,
 )
 from mmalign.core.validation import (
     check_all_finite, check_mask, check_nonnegative, check_positive, check_reduction, check_shape, check_tensor,
@@ -38,6 +38,16 @@ def gaussian_pair_uncertainty(
     return var.sqrt()
 
 
+def _gaussian_metrics(kl_mean: Tensor, var1: Tensor, var2: Tensor, mu1: Tensor, mu2: Tensor, labels: Tensor | None
+                      ) -> dict[str, float]:
+    stats = fused_means([kl_mean, (var1 + var2).sqrt(), *pair_rows(mu1, mu2, labels)])
+    chosen, rejected, accuracy = expected_pair_metrics(stats[2:], labels is not None)
+    return {
+        "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
+        "train/pref_accuracy": accuracy, "train/kl": stats[0], "uncertainty/pair_std": stats[1],
+    }
+
+
 def gaussian_bt_loss(
     mean_first: Tensor,
     log_std_first: Tensor,
@@ -53,7 +63,7 @@ def gaussian_bt_loss(
     mask_first: Tensor | None = None,
     mask_second: Tensor | None = None,
     reduction: str = "mean",
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, LossMetrics]:
     r"""Bradley–Terry loss on reparameterised Gaussian segment returns plus a KL to a variance prior.
 
     .. math::
@@ -71,7 +81,8 @@ def gaussian_bt_loss(
         mask_first, mask_second: ``[B, T]`` valid steps (padded steps must still hold finite values).
         reduction: over pairs.
 
-    Returns ``(loss, metrics)``: Python floats ``rewards/chosen``/``rewards/rejected`` (mean returns Σμ of the
+    Returns ``(loss, metrics)``, a lazy mapping of Python floats (computed on first read):
+    ``rewards/chosen``/``rewards/rejected`` (mean returns Σμ of the
     label-preferred / other segment, in expectation over a label drawn from p), ``rewards/margin``,
     ``train/pref_accuracy`` (probability that such a label agrees with the sign of Σμ_1 − Σμ_2; ties 1/2),
     ``train/kl`` (mean per-step KL), ``uncertainty/pair_std`` (batch mean of :func:`gaussian_pair_uncertainty`;
@@ -121,19 +132,12 @@ def gaussian_bt_loss(
                sum((float(steps) if m is None else m.to(mu1.dtype).sum(-1)) for m in (mask_first, mask_second)))
     n_clamped = n_valid.clamp_min(1.0) if isinstance(n_valid, Tensor) else max(n_valid, 1.0)
     kl_mean = (kl_sum(log_std_first, var1, mask_first) + kl_sum(log_std_second, var2, mask_second)) / n_clamped
-    pair_std = (var1 + var2).detach().sqrt()
-
-    rows = [kl_mean, pair_std, *pair_rows(mu1, mu2, labels)]
-    if labels is None:
-        stats = fused_means(rows)
-    else:
-        stats = fused_means(rows, label_bounds(labels))
-        check_label_bounds("labels", labels, stats[-2], stats[-1])
-    ensure_finite(stats[:4], inputs)
-
     ret_first = _masked(mean_first + std_first * noise[:, 0], mask_first).sum(-1)  # [K, B]
     ret_second = _masked(mean_second + std_second * noise[:, 1], mask_second).sum(-1)
     logit = ret_first - ret_second
+    # The sampled logits involve every step of the means (and σ = e^{log σ}, which hides log σ = −inf); the KL
+    # holds log σ itself. ×0 for masked steps keeps NaN/inf visible.
+    check_inputs_finite(logit[0] + kl_mean, inputs, labels)
     if labels is None:
         bce = -F.logsigmoid(logit)
     else:
@@ -142,10 +146,5 @@ def gaussian_bt_loss(
     if kl_coef:
         per_pair = per_pair + kl_coef * kl_mean
     loss = reduce_loss(per_pair, reduction)
-
-    chosen, rejected, accuracy = expected_pair_metrics(stats[2:], labels is not None)
-    metrics = {
-        "rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
-        "train/pref_accuracy": accuracy, "train/kl": stats[0], "uncertainty/pair_std": stats[1],
-    }
+    metrics = LossMetrics(_gaussian_metrics, kl_mean, var1, var2, mu1, mu2, labels)
     return loss, metrics

@@ -9,13 +9,26 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.core.losses._common import (
-    check_label_bounds, check_shapes, ensure_finite, expected_pair_metrics, fused_means, label_bounds, pair_rows,
+    LossMetrics, check_inputs_finite, check_shapes, expected_pair_metrics, fused_means, pair_rows,
 )
 from mmalign.core.validation import (
     check_mask, check_nonnegative, check_range, check_reduction, check_tensor, reduce_loss,
 )
 
 __all__ = ["bradley_terry_loss"]
+
+
+def _bt_metrics(r1: Tensor, r2: Tensor, labels: Tensor | None, weight: Tensor | None) -> dict[str, float]:
+    rows = [r.reshape(-1) for r in pair_rows(r1, r2, labels)]
+    if weight is None:
+        stats = fused_means(rows)
+    else:  # means over the kept pairs only
+        w = weight.reshape(-1)
+        kept = fused_means([r * w for r in rows] + [w])
+        stats = [v / kept[-1] if kept[-1] else math.nan for v in kept[:-1]]
+    chosen, rejected, accuracy = expected_pair_metrics(stats, labels is not None)
+    return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
+            "train/pref_accuracy": accuracy}
 
 
 def bradley_terry_loss(
@@ -27,7 +40,7 @@ def bradley_terry_loss(
     center_coef: float = 0.0,
     mask: Tensor | None = None,
     reduction: str = "mean",
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, LossMetrics]:
     r"""Bradley–Terry loss: binary cross-entropy of ``σ(r_1 − r_2)`` against the label ``P(first ≻ second)``.
 
     .. math::
@@ -49,7 +62,8 @@ def bradley_terry_loss(
         reduction: ``"mean"`` (over the batch), ``"sum"`` or ``"none"`` (per-pair losses).
 
     Returns:
-        ``(loss, metrics)``; metrics are Python floats (batch means over the kept pairs), taken in
+        ``(loss, metrics)``; metrics are a lazy mapping of Python floats (computed on first read,
+        :class:`~mmalign.core.losses._common.LossMetrics`; batch means over the kept pairs), taken in
         expectation over a label drawn from ``p``: ``rewards/chosen`` = mean ``p r_1 + (1−p) r_2`` (the preferred
         item's reward for hard labels), ``rewards/rejected``, ``rewards/margin``, ``train/pref_accuracy`` = mean
         probability that such a label agrees with the sign of ``r_1 − r_2`` (a tie on either side earns 1/2).
@@ -76,26 +90,21 @@ def bradley_terry_loss(
         if labels is not None:
             # Skipped pairs may carry NaN labels (teachers mark them so); they are masked, not labelled.
             labels = torch.where(keep, labels, torch.full((), 0.5, dtype=labels.dtype, device=labels.device))
-
-    margin_row = [margin.reshape(-1)] if isinstance(margin, Tensor) else []
-    rows = pair_rows(reward_first, reward_second, labels)
-    if reward_first.dim() != 1:
-        rows = [r.reshape(-1) for r in rows]
-    if labels is None:
-        stats = fused_means(rows + margin_row)
-    else:
-        stats = fused_means(rows + margin_row, label_bounds(labels))
-        check_label_bounds("labels", labels, stats[-2], stats[-1])
-    ensure_finite(stats[: len(rows) + len(margin_row)], inputs)
-    if weight is not None:  # metrics over kept pairs only (a second, small reduction on this path)
-        w = weight.reshape(-1)
-        kept = fused_means([r * w for r in rows] + [w])
-        stats[: len(rows)] = [v / kept[-1] if kept[-1] else math.nan for v in kept[:-1]]
+            inputs["labels"] = labels
 
     logit = reward_first - reward_second
     if margin is not None:
         # 2p − 1: the margin always favours the preferred item and vanishes for a tie.
         logit = logit - (margin if labels is None else (2.0 * labels - 1.0) * margin)
+    if labels is not None and weight is None and not center_coef and reduction != "none":
+        # The common case, at the cost of the bare expression plus the labels' min/max: BCE reduces the batch
+        # itself, and its reduced value is non-finite for any non-finite logit (the logit involves every input),
+        # so it doubles as the finiteness check.
+        target = labels if labels.dtype == logit.dtype else labels.to(logit.dtype)
+        loss = F.binary_cross_entropy_with_logits(logit, target, reduction=reduction)
+        check_inputs_finite(loss, inputs, labels)
+        return loss, LossMetrics(_bt_metrics, reward_first, reward_second, labels, weight)
+    check_inputs_finite(logit, inputs, labels)  # the logit involves every tensor input
     if labels is None:
         per_pair = -F.logsigmoid(logit)
     else:
@@ -104,8 +113,5 @@ def bradley_terry_loss(
     if center_coef:
         per_pair = per_pair + center_coef * (reward_first + reward_second).square()
     loss = reduce_loss(per_pair, reduction, weight)
-
-    chosen, rejected, accuracy = expected_pair_metrics(stats, labels is not None)
-    metrics = {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
-               "train/pref_accuracy": accuracy}
+    metrics = LossMetrics(_bt_metrics, reward_first, reward_second, labels, weight)
     return loss, metrics

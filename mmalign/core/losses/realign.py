@@ -6,20 +6,43 @@ Re-Align calls its objective "rDPO" (retrieval-augmented DPO); it is unrelated t
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.core.losses._common import check_shapes, ensure_finite, fused_means
+from mmalign.core.losses._common import LossMetrics, check_inputs_finite, check_shapes, fused_means
 from mmalign.core.validation import check_beta, check_nonnegative, check_reduction, reduce_loss
 
 __all__ = ["visual_dpo_loss", "realign_loss"]
+
+
+def _visual_metrics(beta: float, pc: Tensor, pcr: Tensor, rc: Tensor, rcr: Tensor, logit: Tensor
+                    ) -> dict[str, float]:
+    # Rewards are linear in the inputs: their batch means come from the inputs' means.
+    stats = fused_means([pc, pcr, rc, rcr, logit.sign()])
+    reward_v, reward_vl = beta * (stats[0] - stats[2]), beta * (stats[1] - stats[3])
+    return {"rewards/chosen": reward_v, "rewards/rejected": reward_vl, "rewards/margin": reward_v - reward_vl,
+            "train/pref_accuracy": 0.5 + 0.5 * stats[4]}
+
+
+def _realign_metrics(beta: float, pc: Tensor, pr: Tensor, pcr: Tensor, rc: Tensor, rr: Tensor, rcr: Tensor,
+                     textual_logit: Tensor, visual_logit: Tensor) -> dict[str, float]:
+    stats = fused_means([pc, pr, pcr, rc, rr, rcr, textual_logit.sign(), visual_logit.sign()])
+    reward_w, reward_l = beta * (stats[0] - stats[3]), beta * (stats[1] - stats[4])
+    reward_vl = beta * (stats[2] - stats[5])
+    return {
+        "rewards/chosen": reward_w, "rewards/rejected": reward_l, "rewards/margin": reward_w - reward_l,
+        "train/pref_accuracy": 0.5 + 0.5 * stats[6], "rewards/chosen_retrieved": reward_vl,
+        "rewards/visual_margin": reward_w - reward_vl, "train/visual_pref_accuracy": 0.5 + 0.5 * stats[7],
+    }
 
 
 def visual_dpo_loss(
     policy_chosen_logps: Tensor, policy_chosen_retrieved_logps: Tensor,
     ref_chosen_logps: Tensor, ref_chosen_retrieved_logps: Tensor,
     *, beta: float = 0.1, reduction: str = "mean",
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, LossMetrics]:
     r"""Visual DPO term: the chosen answer must be likelier under the true image v than under a retrieved image v_l.
 
     .. math::
@@ -42,27 +65,23 @@ def visual_dpo_loss(
     check_reduction(reduction)
     logit = beta * ((policy_chosen_logps - ref_chosen_logps)
                     - (policy_chosen_retrieved_logps - ref_chosen_retrieved_logps))
-    # Rewards are linear in the inputs: their batch means come from the inputs' means.
-    stats = fused_means([*inputs.values(), logit.sign()])
-    ensure_finite(stats[:4], inputs)
+    check_inputs_finite(logit, inputs)  # the logit involves all four inputs
     loss = reduce_loss(-F.logsigmoid(logit), reduction)
-    reward_v, reward_vl = beta * (stats[0] - stats[2]), beta * (stats[1] - stats[3])
-    return loss, {"rewards/chosen": reward_v, "rewards/rejected": reward_vl, "rewards/margin": reward_v - reward_vl,
-                  "train/pref_accuracy": 0.5 + 0.5 * stats[4]}
+    return loss, LossMetrics(partial(_visual_metrics, beta), *inputs.values(), logit)
 
 
 def realign_loss(
     policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, policy_chosen_retrieved_logps: Tensor,
     ref_chosen_logps: Tensor, ref_rejected_logps: Tensor, ref_chosen_retrieved_logps: Tensor,
     *, beta: float = 0.1, visual_weight: float = 1.0, reduction: str = "mean",
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, LossMetrics]:
     r"""Re-Align objective ``L = L_DPO + w · L_vDPO`` (paper: w = 1, one β for both terms; official β = 0.1).
 
     ``L_DPO = −log σ(β ρ(y_w|v) − β ρ(y_l|v))`` on the textual pair and ``L_vDPO`` from :func:`visual_dpo_loss` on
     the visual pair, with ρ = log π_θ − log π_ref of summed label-token log-probs. All six inputs are ``[B]``.
     Metrics: ``rewards/chosen``, ``rewards/rejected``, ``rewards/margin``, ``train/pref_accuracy`` (textual pair),
     ``rewards/chosen_retrieved``, ``rewards/visual_margin``, ``train/visual_pref_accuracy`` (visual pair; the
-    released code's ``imageless_*``); all Python floats.
+    released code's ``imageless_*``); a lazy mapping of Python floats (computed on first read).
     Limit cases: ``visual_weight = 0`` gives DPO; a retrieved image identical to v adds ``w log 2``.
     """
     inputs = {
@@ -77,15 +96,7 @@ def realign_loss(
     rho_w = policy_chosen_logps - ref_chosen_logps
     textual_logit = beta * (rho_w - (policy_rejected_logps - ref_rejected_logps))
     visual_logit = beta * (rho_w - (policy_chosen_retrieved_logps - ref_chosen_retrieved_logps))
-    # Rewards are linear in the inputs: their batch means come from the inputs' means.
-    stats = fused_means([*inputs.values(), textual_logit.sign(), visual_logit.sign()])
-    ensure_finite(stats[:6], inputs)
+    # The textual logit covers all inputs but the retrieved-image pair, which only the visual one involves.
+    check_inputs_finite(textual_logit + visual_logit, inputs)
     loss = reduce_loss(-F.logsigmoid(textual_logit) - visual_weight * F.logsigmoid(visual_logit), reduction)
-    reward_w, reward_l = beta * (stats[0] - stats[3]), beta * (stats[1] - stats[4])
-    reward_vl = beta * (stats[2] - stats[5])
-    metrics = {
-        "rewards/chosen": reward_w, "rewards/rejected": reward_l, "rewards/margin": reward_w - reward_l,
-        "train/pref_accuracy": 0.5 + 0.5 * stats[6], "rewards/chosen_retrieved": reward_vl,
-        "rewards/visual_margin": reward_w - reward_vl, "train/visual_pref_accuracy": 0.5 + 0.5 * stats[7],
-    }
-    return loss, metrics
+    return loss, LossMetrics(partial(_realign_metrics, beta), *inputs.values(), textual_logit, visual_logit)

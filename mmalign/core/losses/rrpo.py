@@ -5,11 +5,13 @@ Sub-sequence rewards on aligned differing phrases plus a token-wise KL to the re
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.core.losses._common import ensure_finite, fused_means
+from mmalign.core.losses._common import LossMetrics, fused_means
 from mmalign.core.validation import (
     check_all_finite, check_beta, check_mask, check_ndim, check_nonnegative, check_reduction, check_same_shape,
     check_tensor, reduce_loss,
@@ -41,6 +43,13 @@ def _phrase_sum(log_ratio: Tensor, segment_ids: Tensor) -> Tensor:
     return (log_ratio * (segment_ids > 0).to(log_ratio.dtype)).sum(dim=-1)
 
 
+def _rrpo_metrics(reward_w: Tensor, reward_l: Tensor, kl_sum: Tensor, n_phrases: Tensor) -> dict[str, float]:
+    margin = reward_w - reward_l
+    stats = fused_means([reward_w, reward_l, margin.sign(), kl_sum, n_phrases.to(margin.dtype)])
+    return {"rewards/chosen": stats[0], "rewards/rejected": stats[1], "rewards/margin": stats[0] - stats[1],
+            "train/pref_accuracy": 0.5 + 0.5 * stats[2], "rrpo/token_kl": stats[3], "rrpo/num_phrases": stats[4]}
+
+
 def rrpo_loss(
     policy_chosen_logps: Tensor,
     policy_rejected_logps: Tensor,
@@ -54,7 +63,7 @@ def rrpo_loss(
     alpha: float = 0.01,
     chosen_mask: Tensor | None = None,
     reduction: str = "mean",
-) -> tuple[Tensor, dict[str, float]]:
+) -> tuple[Tensor, LossMetrics]:
     r"""RRPO loss ``−log σ(Σ_i (r_i⁺ − r_i⁻)) + α Σ_t KL_t`` on token log-probabilities.
 
     .. math::
@@ -72,8 +81,9 @@ def rrpo_loss(
     Every pair must have the same number of phrases in both responses (``ValueError`` otherwise); a pair without
     phrases contributes ``log 2`` + the KL term (the official data pipeline skips such pairs).
 
-    Returns ``(loss, metrics)``: ``rewards/chosen`` = mean Σ_i r_i⁺, ``rewards/rejected``, ``rewards/margin``,
-    ``train/pref_accuracy`` (margin > 0), ``rrpo/token_kl`` (mean Σ_t KL_t), ``rrpo/num_phrases``.
+    Returns ``(loss, metrics)`` (metrics: a lazy mapping of Python floats): ``rewards/chosen`` = mean Σ_i r_i⁺,
+    ``rewards/rejected``, ``rewards/margin``, ``train/pref_accuracy`` (margin > 0), ``rrpo/token_kl`` (mean
+    Σ_t KL_t), ``rrpo/num_phrases``.
 
     Limit cases: α = 0 and every token inside one phrase on both sides gives :func:`~mmalign.core.losses.dpo_loss`
     on summed log-probs; β (0.1–0.9) and α (0.01–0.1) are the ranges of the official code.
@@ -104,18 +114,19 @@ def rrpo_loss(
     margin = reward_w - reward_l
     n_chosen = chosen_segment_ids.amax(dim=-1).clamp_min(0)
     n_rejected = rejected_segment_ids.amax(dim=-1).clamp_min(0)
-    mismatch = (n_chosen != n_rejected).to(margin.dtype)
-    # NaN·0 = NaN, so non-finite values anywhere (inside phrases or not) reach these sums and the check.
-    stats = fused_means([reward_w, reward_l, margin.sign(), kl_sum, n_chosen.to(margin.dtype), mismatch])
-    ensure_finite(stats[:2] + stats[3:4], {
-        "policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
-        "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
-        "chosen_token_kl": chosen_token_kl})
-    if stats[5] > 0:
-        row = int(mismatch.nonzero()[0, 0])
+    # One read validates the call: NaN·0 = NaN, so non-finite values anywhere (inside phrases or not) reach the
+    # margin and KL sums; the third value counts pairs whose phrase counts differ.
+    checks = torch.stack([margin.detach().sum(), kl_sum.detach().sum(),
+                          (n_chosen != n_rejected).sum().to(margin.dtype)]).tolist()
+    if not (math.isfinite(checks[0]) and math.isfinite(checks[1])):
+        check_all_finite({
+            "policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
+            "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
+            "chosen_token_kl": chosen_token_kl})
+    if checks[2] > 0:
+        row = int((n_chosen != n_rejected).nonzero()[0, 0])
         raise ValueError(f"chosen_segment_ids and rejected_segment_ids must hold the same number of phrases per pair, "
                          f"got {int(n_chosen[row])} vs {int(n_rejected[row])} in row {row}")
     loss = reduce_loss(-F.logsigmoid(margin) + alpha * kl_sum, reduction)
-    metrics = {"rewards/chosen": stats[0], "rewards/rejected": stats[1], "rewards/margin": stats[0] - stats[1],
-               "train/pref_accuracy": 0.5 + 0.5 * stats[2], "rrpo/token_kl": stats[3], "rrpo/num_phrases": stats[4]}
+    metrics = LossMetrics(_rrpo_metrics, reward_w, reward_l, kl_sum, n_chosen)
     return loss, metrics
