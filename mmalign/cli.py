@@ -106,12 +106,26 @@ def _prepare_run_dir(name: str, cfg: Any, run_dir: Path, resume: bool) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     resolved = run_dir / "config.yaml"
     if resume and resolved.exists():
-        previous = yaml.safe_load(resolved.read_text())
-        previous = {k: v for k, v in (previous or {}).items() if k != "job"}
-        if previous != yaml.safe_load(yaml.safe_dump(cfg.to_dict())):
-            raise ValueError(f"--resume with a config that differs from the one saved in {resolved}")
+        saved = {k: v for k, v in (yaml.safe_load(resolved.read_text()) or {}).items() if k != "job"}
+        # Through the config class, so that fields added since the run started compare at their defaults.
+        previous = _flatten(yaml.safe_load(yaml.safe_dump(type(cfg).from_dict(saved).to_dict())))
+        current = _flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
+        changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
+        if changed:
+            diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
+            raise ValueError(f"--resume with a config that differs from the one saved in {resolved} ({diffs})")
     else:
         resolved.write_text(yaml.safe_dump({"job": name, **cfg.to_dict()}, sort_keys=False))
+
+
+def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -147,7 +161,13 @@ def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may also follow options (``--resume lr=0.1``), where argparse stops collecting them.
+    bad = [tok for tok in extra if tok.startswith("-") or "=" not in tok]
+    if bad or (extra and getattr(args, "overrides", None) is None):
+        parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:
         parser.print_help()
         return 0

@@ -57,3 +57,21 @@ def test_bad_value_fails_before_work(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert main(["train", "demo", "--output-dir", str(out_dir), "eps=0.7"]) == 2
     assert "eps must be in [0.0, 0.5), got 0.7" in capsys.readouterr().err
     assert not out_dir.exists()
+
+
+def test_resume_compares_configs_through_the_config_class(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    out_dir = tmp_path / "run"
+    args = ["train", "demo", "--output-dir", str(out_dir), "trainer.max_steps=2", "trainer.progress=false",
+            "trainer.plots=false", "n_pairs=64"]
+    assert main(args) == 0
+    # a run folder written before a config field existed: the missing field compares at its default
+    saved = yaml.safe_load((out_dir / "config.yaml").read_text())
+    del saved["trainer"]["warmup_steps"]
+    (out_dir / "config.yaml").write_text(yaml.safe_dump(saved, sort_keys=False))
+    assert main([*args, "--resume"]) == 0
+    # a changed value is refused, naming the field and both values
+    assert main([*args, "--resume", "trainer.lr=0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "differs from the one saved" in err and "trainer.lr:" in err and "-> 0.5" in err

@@ -5,7 +5,7 @@ Layout of ``<run_dir>/checkpoints/``::
     step-00000100/          one complete checkpoint
         model.safetensors       model weights (main process)
         optimizer.safetensors   optimizer tensors, keyed ``state.<param index>.<name>``
-        optimizer.json          optimizer param groups and non-tensor state
+        optimizer.json          optimizer param groups, non-tensor state and parameter names by index
         scheduler.json          LR scheduler state
         rng-<rank>.safetensors  torch CPU/CUDA RNG states of each process
         rng-<rank>.json         python and numpy RNG states of each process
@@ -15,6 +15,10 @@ Layout of ``<run_dir>/checkpoints/``::
 
 A checkpoint is written into ``step-<8-digit step>.tmp`` and renamed into place only when every file is flushed;
 ``latest`` is replaced atomically afterwards. A crash at any moment leaves the previous checkpoint intact.
+
+The format is consolidated: a run sharded with FSDP gathers its full model and optimizer state to rank 0 before
+writing (:mod:`mmalign.train.fsdp`), so any checkpoint loads into a 1-process, DDP or FSDP run alike. Loading reads
+and checks every file first and applies nothing until all of them are good.
 """
 
 from __future__ import annotations
@@ -23,13 +27,26 @@ import json
 import os
 import random
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "latest_checkpoint", "atomic_write_text"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointContents",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint",
+    "check_matches",
+    "apply_checkpoint",
+    "latest_checkpoint",
+    "atomic_write_text",
+    "model_state_tensors",
+    "unshare_tensors",
+]
 
 MANIFEST = "manifest.json"
 
@@ -98,17 +115,21 @@ def _read_json(path: Path) -> Any:
 
 def model_state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """State dict with tied/shared storages de-duplicated by cloning (safetensors refuses shared storage)."""
+    return unshare_tensors(model.state_dict())
+
+
+def unshare_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Clone every tensor whose storage an earlier entry already uses (tied weights appear under each name)."""
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in state.items():
         ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
         out[name] = tensor.clone() if (ptr in seen and ptr != -1) else tensor
         seen.setdefault(ptr, name)
     return out
 
 
-def _optimizer_to_files(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    sd = optimizer.state_dict()
+def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for idx, state in sd["state"].items():
@@ -177,13 +198,17 @@ def save_checkpoint(
     barrier: Any = None,
     keep: int = 2,
     generators: dict[str, torch.Generator] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+    param_names: list[str] | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and return its final folder.
 
     Every process writes its own RNG files; the main process (rank 0) writes model, optimizer, scheduler and state,
     renames the folder into place and updates ``latest``. ``barrier`` (e.g. ``accelerator.wait_for_everyone``)
     synchronises processes in a distributed run. ``generators`` are extra random streams (e.g. a loss's noise
-    generator) saved with each process's RNG states.
+    generator) saved with each process's RNG states. ``optimizer_state`` is an index-keyed optimizer state dict
+    used instead of ``optimizer.state_dict()`` (a sharded run passes the state gathered in full);
+    ``param_names`` names the optimizer's parameters by index, so loading can check they still match.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -201,8 +226,12 @@ def save_checkpoint(
     if rank == 0:
         if model_tensors is not None:
             _save_tensors(tmp / "model.safetensors", model_tensors)
-        if optimizer is not None:
-            opt_t, opt_meta = _optimizer_to_files(optimizer)
+        if optimizer_state is None and optimizer is not None:
+            optimizer_state = optimizer.state_dict()
+        if optimizer_state is not None:
+            opt_t, opt_meta = _optimizer_to_files(optimizer_state)
+            if param_names is not None:
+                opt_meta["param_names"] = list(param_names)
             _save_tensors(tmp / "optimizer.safetensors", opt_t)
             _write_json(tmp / "optimizer.json", opt_meta)
         if scheduler is not None:
@@ -251,6 +280,112 @@ def _verify_manifest(path: Path) -> None:
             )
 
 
+@dataclass
+class CheckpointContents:
+    """Everything read (and checked) from one checkpoint folder, before anything is applied."""
+
+    path: Path
+    state: dict[str, Any]
+    model_tensors: dict[str, torch.Tensor] | None = None
+    optimizer_state: dict[str, Any] | None = None
+    param_names: list[str] | None = None
+    scheduler_state: dict[str, Any] | None = None
+    rng_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    rng_meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_checkpoint(path: Path, *, model: bool = True, optimizer: bool = True, scheduler: bool = True,
+                    rank: int = 0) -> CheckpointContents:
+    """Verify the manifest and read the requested parts and this process's RNG files; errors name the file."""
+    path = Path(path)
+    _verify_manifest(path)
+    out = CheckpointContents(path=path, state=_read_json(path / "trainer_state.json"))
+    if model:
+        out.model_tensors = _load_tensors(path / "model.safetensors")
+    if optimizer:
+        meta = _read_json(path / "optimizer.json")
+        try:
+            out.optimizer_state = _optimizer_from_files(_load_tensors(path / "optimizer.safetensors"), meta)
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(f"{path / 'optimizer.json'} is malformed ({type(err).__name__}: {err})") from None
+        out.param_names = meta.get("param_names")
+    if scheduler:
+        out.scheduler_state = _read_json(path / "scheduler.json")
+    rank_file = path / f"rng-{rank}.safetensors"
+    if not rank_file.is_file():
+        rank_file = path / "rng-0.safetensors"  # resumed on more processes than saved: reuse rank 0's stream
+    out.rng_tensors = _load_tensors(rank_file)
+    out.rng_meta = _read_json(rank_file.with_suffix(".json"))
+    return out
+
+
+def check_matches(contents: CheckpointContents, model: torch.nn.Module | None,
+                  optimizer: torch.optim.Optimizer | None) -> None:
+    """Raise CheckpointError if the checkpoint's tensors do not fit ``model`` / ``optimizer`` (names and shapes)."""
+    if model is not None and contents.model_tensors is not None:
+        file = contents.path / "model.safetensors"
+        # tied weights are stored once per name, so nothing may be missing; sharded parameters report full shapes
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in contents.model_tensors.items()}
+        missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
+        if missing or unexpected:
+            raise CheckpointError(
+                f"{file} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
+        wrong = [f"{k}: {got[k]} vs model {expected[k]}" for k in expected if got[k] != expected[k]]
+        if wrong:
+            raise CheckpointError(f"{file} does not match the model: shape mismatch {wrong[:5]}")
+    if optimizer is not None and contents.optimizer_state is not None:
+        from mmalign.train.fsdp import optimizer_param_names
+
+        file = contents.path / "optimizer.json"
+        saved = [len(g["params"]) for g in contents.optimizer_state["param_groups"]]
+        current = [len(g["params"]) for g in optimizer.param_groups]
+        if saved != current:
+            raise CheckpointError(f"{file} does not match the optimizer: parameters per group {saved}, "
+                                  f"the optimizer has {current}")
+        names = optimizer_param_names(model, optimizer) if model is not None else None
+        if contents.param_names is not None and names is not None and contents.param_names != names:
+            diff = [f"{a} vs {b}" for a, b in zip(contents.param_names, names) if a != b]
+            raise CheckpointError(f"{file} does not match the optimizer: saved parameter order differs ({diff[:3]})")
+
+
+def apply_checkpoint(
+    contents: CheckpointContents,
+    *,
+    model: torch.nn.Module | None,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any | None,
+    generators: dict[str, torch.Generator] | None = None,
+) -> dict[str, Any]:
+    """Load what ``read_checkpoint`` read into model, optimizer, scheduler and the RNGs; return the trainer state.
+
+    A model sharded with FSDP2 receives the consolidated state through a collective scatter, so every process
+    must call this together.
+    """
+    from mmalign.train.fsdp import is_sharded, load_full_state
+
+    path = contents.path
+    if is_sharded(model):
+        assert model is not None
+        load_full_state(model, optimizer, contents.model_tensors, contents.optimizer_state)
+    else:
+        if model is not None and contents.model_tensors is not None:
+            try:
+                model.load_state_dict(contents.model_tensors, strict=True)
+            except RuntimeError as err:
+                raise CheckpointError(f"{path / 'model.safetensors'} does not match the model: {err}") from None
+        if optimizer is not None and contents.optimizer_state is not None:
+            try:
+                optimizer.load_state_dict(contents.optimizer_state)
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{path / 'optimizer.json'} does not match the optimizer: {err}") from None
+    if scheduler is not None and contents.scheduler_state is not None:
+        scheduler.load_state_dict(contents.scheduler_state)
+    _set_rng_state(contents.rng_tensors, contents.rng_meta, generators)
+    return contents.state
+
+
 def load_checkpoint(
     path: Path,
     *,
@@ -259,34 +394,29 @@ def load_checkpoint(
     scheduler: Any | None,
     rank: int = 0,
     generators: dict[str, torch.Generator] | None = None,
+    agree: Callable[[bool], bool] | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this process's RNG states (and ``generators``); return the state."""
-    path = Path(path)
-    _verify_manifest(path)
-    state = _read_json(path / "trainer_state.json")
-    if model is not None:
-        tensors = _load_tensors(path / "model.safetensors")
-        try:
-            missing, unexpected = model.load_state_dict(tensors, strict=False)
-        except RuntimeError as err:  # shape mismatches
-            raise CheckpointError(f"{path / 'model.safetensors'} does not match the model: {err}") from None
-        # tied weights are stored once per name, so nothing may be missing
-        if missing or unexpected:
-            raise CheckpointError(
-                f"{path / 'model.safetensors'} does not match the model: missing {missing[:5]}, "
-                f"unexpected {unexpected[:5]}"
-            )
-    if optimizer is not None:
-        opt = _optimizer_from_files(_load_tensors(path / "optimizer.safetensors"), _read_json(path / "optimizer.json"))
-        try:
-            optimizer.load_state_dict(opt)
-        except (ValueError, KeyError) as err:
-            raise CheckpointError(f"{path / 'optimizer.json'} does not match the optimizer: {err}") from None
-    if scheduler is not None:
-        scheduler.load_state_dict(_read_json(path / "scheduler.json"))
-    rank_file = path / f"rng-{rank}.safetensors"
-    if not rank_file.is_file():
-        rank_file = path / "rng-0.safetensors"  # resumed on more processes than saved: reuse rank 0's stream
-    meta_file = rank_file.with_suffix(".json")
-    _set_rng_state(_load_tensors(rank_file), _read_json(meta_file), generators)
-    return state
+    """Restore model, optimizer, scheduler and this process's RNG states (and ``generators``); return the state.
+
+    Everything is read and checked before anything is applied. In a distributed run pass ``agree`` (a collective
+    that is True only if every process passes True, e.g. :func:`mmalign.train.fsdp.all_ranks_ok`): a process whose
+    read failed raises its own error and the others raise too, instead of waiting forever in the scatter.
+    """
+    error: CheckpointError | None = None
+    contents: CheckpointContents | None = None
+    try:
+        contents = read_checkpoint(path, model=model is not None, optimizer=optimizer is not None,
+                                   scheduler=scheduler is not None, rank=rank)
+        check_matches(contents, model, optimizer)
+        if generators:
+            missing = [n for n in generators if f"generator.{n}" not in contents.rng_tensors]
+            if missing:
+                raise CheckpointError(f"checkpoint holds no state for the random generator {missing[0]!r}")
+    except CheckpointError as err:
+        error = err
+    if agree is not None and not agree(error is None) and error is None:
+        raise CheckpointError(f"another process failed to read checkpoint {path} (its error names the file)")
+    if error is not None:
+        raise error
+    assert contents is not None
+    return apply_checkpoint(contents, model=model, optimizer=optimizer, scheduler=scheduler, generators=generators)

@@ -51,6 +51,16 @@ class TrainerConfig(Config):
     progress: bool = option(True, "show a progress bar on the main process")
     plots: bool = option(True, "write PNG plots of the logged curves at the end of training")
     lora: LoraOptions = option(factory=LoraOptions, help="optional LoRA adapters (peft)")
+    distributed: str = option(
+        "ddp",
+        "how several processes share the work: ddp (every process holds the whole model, gradients are averaged) "
+        "or fsdp (parameters, gradients and optimizer state sharded over processes with torch FSDP2; checkpoints "
+        "are still written consolidated). A single process trains plainly either way",
+    )
+    fsdp_wrap: list[str] = option(
+        [], "with distributed=fsdp: class names of submodules sharded as their own unit (e.g. LlamaDecoderLayer); "
+        "empty: the model's _no_split_modules if it declares them, else the whole model is one unit"
+    )
 
     def __post_init__(self) -> None:
         check_positive("max_steps", self.max_steps)
@@ -69,3 +79,10 @@ class TrainerConfig(Config):
         check_nonnegative("save_every", self.save_every)
         check_positive("keep_checkpoints", self.keep_checkpoints)
         check_nonnegative("num_workers", self.num_workers)
+        check_choice("distributed", self.distributed, ["ddp", "fsdp"])
+        if self.distributed == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("mixed_precision 'fp16' is not supported with distributed 'fsdp' (its loss scaler does "
+                             "not handle sharded gradients); use 'bf16', 'auto' or 'no'")
+        if self.fsdp_wrap and self.distributed != "fsdp":
+            raise ValueError(f"fsdp_wrap {self.fsdp_wrap!r} is only used with distributed 'fsdp', got distributed "
+                             f"{self.distributed!r}")

@@ -4,7 +4,10 @@ The loop owns devices, precision, gradient accumulation, clipping, LR schedules,
 atomic resumable checkpoints. What is being optimised is a ``loss_fn(model, batch) -> (loss, metrics)`` supplied by
 the domain, which typically calls a pure core loss. Data order is a pure function of (seed, epoch, step), so a run
 resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen. Multi-GPU and multi-node
-runs go through ``accelerate launch`` with no code change: each process takes its shard of every global batch.
+runs go through ``accelerate launch`` or ``torchrun`` with no code change: each process takes its shard of every
+global batch. ``distributed="fsdp"`` shards parameters, gradients and optimizer state with torch FSDP2 (applied by
+the trainer, see :mod:`mmalign.train.fsdp`); checkpoints are consolidated either way, so a run may resume on a
+different number of processes or with the other strategy as long as the global batch is the same.
 """
 
 from __future__ import annotations
@@ -21,7 +24,14 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from mmalign.train.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, model_state_tensors, save_checkpoint
+from mmalign.train.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    model_state_tensors,
+    save_checkpoint,
+    unshare_tensors,
+)
 from mmalign.train.config import TrainerConfig
 from mmalign.train.logging import MetricsLogger, plot_metrics
 
@@ -95,10 +105,39 @@ def _default_collate(items: Sequence[Any]) -> Any:
     return default_collate(list(items))
 
 
-def _fingerprint(cfg: TrainerConfig) -> str:
-    keep = {k: v for k, v in cfg.to_dict().items() if k not in {"max_steps", "progress", "plots", "save_every",
-                                                                  "eval_every", "log_every", "keep_checkpoints"}}
+# settings that do not change the trajectory, so a run may be resumed with other values
+_FREE = {"max_steps", "progress", "plots", "save_every", "eval_every", "log_every", "keep_checkpoints"}
+_SHARDING = {"distributed", "fsdp_wrap"}
+
+
+def _fingerprint(cfg: TrainerConfig, world_size: int) -> str:
+    """Hash of the settings a resume must keep; the data order depends on the global batch, not on how it is split."""
+    keep = {k: v for k, v in cfg.to_dict().items()
+            if k not in _FREE | _SHARDING | {"batch_size", "grad_accum_steps"}}
+    keep["global_batch"] = cfg.batch_size * cfg.grad_accum_steps * world_size
+    return "g-" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _legacy_fingerprint(cfg: TrainerConfig) -> str:
+    """The fingerprint of checkpoints written before the global-batch form (per-process batch settings)."""
+    keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE | _SHARDING}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def check_launch(cfg: TrainerConfig, distributed_type: str) -> None:
+    """Refuse accelerate launch modes whose sharded state these checkpoints cannot hold, before any work starts.
+
+    accelerate's FSDP plugin and DeepSpeed would wrap the model and optimizer themselves; their state is only
+    saved by ``accelerator.save_state`` as pickled files (against the project's no-pickle rule), and ZeRO's
+    partitioned optimizer state cannot be consolidated without DeepSpeed internals.
+    """
+    if distributed_type in {"FSDP", "DEEPSPEED", "MEGATRON_LM"}:
+        raise ValueError(
+            f"accelerate launch configured {distributed_type}, whose sharded model/optimizer state mmalign "
+            f"checkpoints cannot hold; launch without the FSDP/DeepSpeed plugin (torchrun or plain accelerate "
+            f"launch) and set trainer.distributed=fsdp to shard with torch FSDP2 (got distributed="
+            f"{cfg.distributed!r})"
+        )
 
 
 class Trainer:
@@ -146,6 +185,9 @@ class Trainer:
         self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, use_cpu),
                                        cpu=use_cpu)
         acc = self.accelerator
+        check_launch(cfg, str(acc.distributed_type.value))
+        # one process has nothing to shard: it trains plainly and writes the same checkpoints
+        self.sharded = cfg.distributed == "fsdp" and acc.num_processes > 1
         global_batch = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
         if len(train_dataset) < global_batch:
             raise ValueError(
@@ -155,6 +197,11 @@ class Trainer:
         self.dropped_per_epoch = len(train_dataset) % global_batch
         if cfg.lora.enabled:
             model = self._apply_lora(model)
+        if self.sharded:
+            from mmalign.train.fsdp import shard_model
+
+            # before the optimizer exists: fully_shard replaces the parameters with sharded ones
+            model = shard_model(model, cfg.fsdp_wrap, acc.device)
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameters with requires_grad=True: nothing to train")
@@ -165,7 +212,7 @@ class Trainer:
             self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
         )
         self._raw_model = model
-        self.model = None  # prepared in train(), after a possible checkpoint load
+        self.model: Any = None  # prepared in train(), after a possible checkpoint load
         self.step = 0
 
     def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -188,30 +235,55 @@ class Trainer:
     def _ckpt_root(self) -> Path:
         return self.run_dir / "checkpoints"
 
+    def full_model_state(self) -> dict[str, torch.Tensor] | None:
+        """Consolidated model weights (CPU under FSDP) on the main process, None elsewhere; collective when sharded."""
+        if self.sharded:
+            from mmalign.train.fsdp import gather_full_state
+
+            tensors, _ = gather_full_state(self.unwrapped_model(), None)
+            return unshare_tensors(tensors) if tensors is not None else None
+        return model_state_tensors(self.unwrapped_model()) if self.is_main else None
+
     def save(self) -> Path:
+        from mmalign.train.fsdp import gather_full_state, optimizer_param_names
+
         acc = self.accelerator
-        tensors = model_state_tensors(self.unwrapped_model()) if self.is_main else None
+        model = self.unwrapped_model()
+        names = optimizer_param_names(model, self.optimizer)
+        if self.sharded:  # every process takes part in the gather; rank 0 receives the full state
+            tensors, opt_state = gather_full_state(model, self.optimizer)
+            tensors = unshare_tensors(tensors) if tensors is not None else None
+        else:
+            tensors = model_state_tensors(model) if self.is_main else None
+            opt_state = self.optimizer.state_dict() if self.is_main else None
         return save_checkpoint(
-            self._ckpt_root(), self.step, model_tensors=tensors, optimizer=self.optimizer if self.is_main else None,
-            scheduler=self.scheduler if self.is_main else None,
-            trainer_state={"config_fingerprint": _fingerprint(self.cfg), "seed": self.cfg.seed},
+            self._ckpt_root(), self.step, model_tensors=tensors, optimizer=None, optimizer_state=opt_state,
+            param_names=names, scheduler=self.scheduler if self.is_main else None,
+            trainer_state={"config_fingerprint": _fingerprint(self.cfg, acc.num_processes), "seed": self.cfg.seed,
+                           "distributed": "fsdp" if self.sharded else "ddp"},
             rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
             keep=self.cfg.keep_checkpoints, generators=self.generators,
         )
 
     def _resume(self) -> None:
+        from mmalign.train.fsdp import all_ranks_ok
+
+        acc = self.accelerator
         path = latest_checkpoint(self._ckpt_root())
         if path is None:
             raise CheckpointError(f"--resume given but {self._ckpt_root()} holds no complete checkpoint")
         state = load_checkpoint(path, model=self._raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                rank=self.accelerator.process_index, generators=self.generators)
-        if state.get("config_fingerprint") != _fingerprint(self.cfg):
+                                rank=acc.process_index, generators=self.generators,
+                                agree=lambda ok: all_ranks_ok(ok, acc.device))
+        if state.get("config_fingerprint") not in {_fingerprint(self.cfg, acc.num_processes),
+                                                   _legacy_fingerprint(self.cfg)}:
             raise CheckpointError(f"{path} was written with different training settings; refusing to resume")
         self.step = int(state["step"])
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, Any]:
-        if self.eval_fn is None or not self.is_main:
+        # a sharded forward needs every process, so under FSDP all run eval_fn and the main process reports
+        if self.eval_fn is None or not (self.is_main or self.sharded):
             return {}
         np_state, py_state = np.random.get_state(), random.getstate()
         model = self.unwrapped_model()
@@ -222,7 +294,7 @@ class Trainer:
         model.train(was_training)
         np.random.set_state(np_state)
         random.setstate(py_state)
-        return out
+        return out if self.is_main else {}
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run until ``max_steps`` optimizer steps; with ``resume``, continue from the latest checkpoint."""
@@ -240,7 +312,10 @@ class Trainer:
         if self.is_main and self.dropped_per_epoch:
             print(f"[mmalign] {self.dropped_per_epoch} examples per epoch do not fill a global batch and are left "
                   f"out of that epoch (a different subset each epoch)")
-        self.model, self.optimizer = acc.prepare(self._raw_model, self.optimizer)
+        if self.sharded:  # already placed and sharded; accelerate.prepare would wrap it in DDP as well
+            self.model = self._raw_model
+        else:
+            self.model, self.optimizer = acc.prepare(self._raw_model, self.optimizer)
         sampler = _StepBatches(len(self.dataset), cfg.batch_size, cfg.grad_accum_steps, acc.num_processes,
                                acc.process_index, cfg.seed, self.step, cfg.max_steps)
         # Own generator: creating the iterator must not draw from the global RNG that a resume just restored.
@@ -257,7 +332,9 @@ class Trainer:
             for micro in range(cfg.grad_accum_steps):
                 batch = send_to_device(next(batches), acc.device)
                 sync = micro == cfg.grad_accum_steps - 1
-                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+                if self.sharded:  # FSDP2 keeps unsharded gradients until the last micro-batch reduce-scatters them
+                    self.model.set_requires_gradient_sync(sync)
+                ctx = contextlib.nullcontext() if sync or self.sharded else acc.no_sync(self.model)
                 with ctx:
                     with acc.autocast():
                         loss, metrics = self.loss_fn(self.model, batch)
@@ -269,7 +346,11 @@ class Trainer:
                     sums[k] = sums.get(k, 0) + t / cfg.grad_accum_steps
                 examples += cfg.batch_size * acc.num_processes
             if cfg.max_grad_norm > 0:
-                norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                if self.sharded:  # the norm of sharded gradients is a replicated DTensor
+                    dnorm: Any = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+                    norm = dnorm.full_tensor()
+                else:
+                    norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 sums["train/grad_norm"] = torch.as_tensor(norm, device=acc.device).float().reshape(-1)[:1]
             self.optimizer.step()
             self.scheduler.step()
@@ -291,12 +372,13 @@ class Trainer:
         self.save()
         final_eval = logger.log(self.step, self._evaluate())
         last.update(final_eval)
+        final = self.full_model_state()
         if self.is_main:
             from safetensors.torch import save_file
 
+            assert final is not None
             tmp = self.run_dir / ".model.safetensors.tmp"
-            save_file({k: v.detach().contiguous().cpu() for k, v in model_state_tensors(self.unwrapped_model()).items()},
-                      str(tmp))
+            save_file({k: v.detach().contiguous().cpu() for k, v in final.items()}, str(tmp))
             tmp.replace(self.run_dir / "model.safetensors")
             logger.close()
             if cfg.plots:

@@ -106,3 +106,33 @@ def test_extra_generators_are_saved_and_restored(tmp_path: Path) -> None:
     assert torch.equal(torch.randn(4, generator=other), expected)
     with pytest.raises(CheckpointError, match="random generator 'missing'"):
         load_checkpoint(path, model=None, optimizer=None, scheduler=None, generators={"missing": other})
+
+
+def test_optimizer_saved_for_other_parameters_is_a_clear_error(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    path = save_checkpoint(tmp_path, 1, model_tensors=model.state_dict(), optimizer=opt, scheduler=sched,
+                           trainer_state={}, param_names=["bias", "weight"])
+    with pytest.raises(CheckpointError, match="optimizer.json does not match the optimizer: saved parameter order"):
+        load_checkpoint(path, model=model, optimizer=opt, scheduler=sched)
+    two_groups = torch.optim.AdamW([{"params": [model.weight]}, {"params": [model.bias]}], lr=0.1)
+    with pytest.raises(CheckpointError, match=r"parameters per group \[2\], the optimizer has \[1, 1\]"):
+        load_checkpoint(path, model=None, optimizer=two_groups, scheduler=None)
+
+
+def test_nothing_is_applied_when_a_later_file_is_bad(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    path = _save(tmp_path, 1, model, opt, sched)
+    target = path / "scheduler.json"
+    target.write_text("{" + " " * (target.stat().st_size - 1))  # same size, not JSON
+    fresh = torch.nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match="scheduler.json"):
+        load_checkpoint(path, model=fresh, optimizer=None, scheduler=sched)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_shape_mismatch_names_the_tensor(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    path = _save(tmp_path, 1, model, opt, sched)
+    with pytest.raises(CheckpointError, match=r"shape mismatch \['weight: \(3, 4\) vs model \(3, 5\)'"):
+        load_checkpoint(path, model=torch.nn.Linear(5, 3), optimizer=None, scheduler=None)

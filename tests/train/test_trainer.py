@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -116,3 +117,35 @@ def test_resume_refuses_changed_settings(tmp_path: Path) -> None:
     longer = load_config(DemoConfig, None, ["trainer.max_steps=8", "trainer.progress=false", "trainer.plots=false"])
     assert run(longer, tmp_path / "r", resume=True)["step"] == 8
     shutil.rmtree(tmp_path / "r")
+
+
+def test_resume_may_split_the_global_batch_differently(tmp_path: Path) -> None:
+    base = ["trainer.progress=false", "trainer.plots=false", "trainer.save_every=3", "n_pairs=256", "hidden=16"]
+    run(load_config(DemoConfig, None, [*base, "trainer.max_steps=6", "trainer.batch_size=32"]), tmp_path / "full")
+    run(load_config(DemoConfig, None, [*base, "trainer.max_steps=3", "trainer.batch_size=32"]), tmp_path / "split")
+    split = load_config(DemoConfig, None, [*base, "trainer.max_steps=6", "trainer.batch_size=8",
+                                           "trainer.grad_accum_steps=4"])
+    assert run(split, tmp_path / "split", resume=True)["step"] == 6
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "split")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    other_global = load_config(DemoConfig, None, [*base, "trainer.max_steps=9", "trainer.batch_size=16"])
+    with pytest.raises(RuntimeError, match="different training settings"):
+        run(other_global, tmp_path / "split", resume=True)
+
+
+def test_resume_accepts_checkpoints_with_the_earlier_fingerprint(tmp_path: Path) -> None:
+    from mmalign.train.trainer import _legacy_fingerprint
+
+    base = ["trainer.progress=false", "trainer.plots=false", "n_pairs=256", "hidden=16"]
+    cfg = load_config(DemoConfig, None, [*base, "trainer.max_steps=2"])
+    run(cfg, tmp_path / "r")
+    ckpt = latest_checkpoint(tmp_path / "r" / "checkpoints")
+    state_file = ckpt / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["config_fingerprint"] = _legacy_fingerprint(cfg.trainer)  # as session-1 checkpoints hold it
+    state_file.write_text(json.dumps(state))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["trainer_state.json"] = state_file.stat().st_size
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    assert run(load_config(DemoConfig, None, [*base, "trainer.max_steps=4"]), tmp_path / "r", resume=True)["step"] == 4

@@ -1,0 +1,73 @@
+"""Run under ``torchrun --nproc_per_node 2``: FSDP training runs whose results ``test_fsdp.py`` compares.
+
+One launch does all the multi-process work, because starting processes is what costs time on a small CPU machine:
+
+- ``drop-full``: 8 steps with dropout (per-process RNG streams matter) and ``drop-stop``: the same run stopped after
+  4 steps, then resumed in a fresh trainer (newly sharded model) to 8 steps;
+- ``plain-full`` (8 steps) and ``plain-stop`` (4 steps) without dropout, compared with 1-process runs by the test;
+- ``lora-full`` / ``lora-stop``: the same with peft LoRA adapters (frozen sharded base weights), one FSDP unit;
+- a resume from a checkpoint whose ``rng-1`` file only rank 1 reads is corrupt: both ranks must raise (no hang).
+
+Usage: ``torchrun --nproc_per_node 2 tests/train/_fsdp_worker.py OUT_DIR``; rank 0 writes ``OUT_DIR/result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from mmalign.config import load_config
+from mmalign.train.checkpoint import CheckpointError, latest_checkpoint
+from mmalign.train.demo import DemoConfig, run
+
+COMMON = ["trainer.progress=false", "trainer.plots=false", "trainer.distributed=fsdp", "trainer.fsdp_wrap=[Linear]",
+          "trainer.batch_size=16", "trainer.save_every=4", "trainer.log_every=2", "n_pairs=256", "hidden=32"]
+
+
+def _run(out: Path, name: str, steps: int, extra: list[str], resume: bool = False) -> dict:
+    cfg = load_config(DemoConfig, None, [*COMMON, *extra, f"trainer.max_steps={steps}"])
+    return run(cfg, out / name, resume=resume)
+
+
+def main(out: Path) -> None:
+    torch.set_num_threads(1)
+    rank = int(os.environ["RANK"])
+    drop, plain = ["dropout=0.2"], ["dropout=0.0"]
+    result: dict = {}
+    _run(out, "drop-full", 8, drop)
+    _run(out, "drop-stop", 4, drop)
+    result["resumed"] = _run(out, "drop-stop", 8, drop, resume=True)["step"]
+    _run(out, "plain-full", 8, plain)
+    _run(out, "plain-stop", 4, plain)
+    lora = ["dropout=0.0", "trainer.lora.enabled=true", "trainer.lora.target_modules=['0','3']", "trainer.lr=0.01",
+            "trainer.fsdp_wrap=[]"]  # and the default wrapping: the whole model as one unit
+    _run(out, "lora-full", 8, lora)
+    _run(out, "lora-stop", 4, lora)
+    _run(out, "lora-stop", 8, lora, resume=True)
+
+    # only rank 1 reads rng-1: corrupt it (same size, so the manifest check passes) and resume
+    bad = out / "bad"
+    if rank == 0:
+        shutil.copytree(out / "plain-stop", bad)
+        target = latest_checkpoint(bad / "checkpoints") / "rng-1.safetensors"
+        target.write_bytes(b"\x00" * target.stat().st_size)
+    torch.distributed.barrier()
+    try:
+        _run(out, "bad", 8, plain, resume=True)
+        errors = "no error"
+    except CheckpointError as err:
+        errors = str(err)
+    gathered: list = [None, None]
+    torch.distributed.all_gather_object(gathered, errors)
+    result["corrupt_errors"] = gathered
+    if rank == 0:
+        (out / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
