@@ -2,11 +2,15 @@
 
 For each seed: accuracy of GW-transferred labels against the target task's true preferences (landmark and raw
 trajectory metrics), Spearman correlation of the learned target rewards with the true return on held-out target
-rollouts, and the true return of PPO policies trained on the target task with each reward (zero target labels for
-PEARL; true target labels; the source reward applied without transfer; the true reward). Writes a section of
+rollouts, and the true return of target-task policies learned with each reward (zero target labels for PEARL; true
+target labels; the source reward applied without transfer; the true reward; behaviour cloning without reward):
+offline AWR on the unlabelled target rollouts (the paper's offline setting) and online PPO. Writes a section of
 docs/benchmarks/visuomotor.md.
 
-    MUJOCO_GL=egl python scripts/bench_pearl.py --seeds 0 1 2 --policy-timesteps 10000
+    MUJOCO_GL=egl python scripts/bench_pearl.py --seeds 0 1 2 --offline-steps 2000 --policy-timesteps 10000
+
+PPO runs as its own variant (``ppo``: the landmark/entropic pipeline again, same seeds, hence the same rewards) so
+that it can be run separately; ``--variants`` picks what to run, ``--reuse`` loads runs whose metrics.json exists.
 """
 
 from __future__ import annotations
@@ -26,7 +30,11 @@ from mmalign.robotics.rapl_report import machine, now, write_section
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    ap.add_argument("--policy-timesteps", type=int, default=10000)
+    ap.add_argument("--offline-steps", type=int, default=2000, help="AWR gradient steps (0 = no offline policies)")
+    ap.add_argument("--policy-timesteps", type=int, default=10000, help="PPO timesteps (0 = no PPO policies)")
+    ap.add_argument("--variants", nargs="+", default=None, help="variants to run (default: all)")
+    ap.add_argument("--reuse", action="store_true", help="load a variant/seed from its metrics.json when present")
+    ap.add_argument("--note", default="", help="appended to the command line in the docs section")
     ap.add_argument("--out", default="runs/bench_pearl")
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--from-runs", action="store_true",
@@ -37,15 +45,18 @@ def main() -> None:
     out = Path(args.out)
     res: dict[str, list[dict]] = {}
     variants = {
-        "landmark/entropic": dict(gw_features="landmark", gw_solver="entropic", policy_timesteps=args.policy_timesteps),
+        "landmark/entropic": dict(gw_features="landmark", gw_solver="entropic",
+                                  offline_policy_steps=args.offline_steps),
         "landmark/exact": dict(gw_features="landmark", gw_solver="exact"),
         "landmark/batched(3)": dict(gw_features="landmark", gw_solver="batched"),
         "raw/entropic": dict(gw_features="raw", gw_solver="entropic"),
+        "ppo": dict(gw_features="landmark", gw_solver="entropic", policy_timesteps=args.policy_timesteps),
     }
     for name, kw in variants.items():
         for seed in args.seeds:
             run_dir = out / name.replace("/", "_").replace("(3)", "") / f"seed{seed}"
-            if args.from_runs:
+            selected = args.variants is None or name in args.variants
+            if args.from_runs or not selected or (args.reuse and (run_dir / "metrics.json").is_file()):
                 if (run_dir / "metrics.json").is_file():
                     res.setdefault(name, []).append(json.loads((run_dir / "metrics.json").read_text()))
                 continue
@@ -61,6 +72,7 @@ def main() -> None:
         if not v:
             return "not run"
         return (f"{np.mean(v):+.2f} ± {np.std(v):.2f}" if "spearman" in key or "return" in key else
+                f"{np.mean(v):.2f} ± {np.std(v):.2f}" if "moved" in key else
                 f"{np.mean(v):.3f} ± {np.std(v):.3f}") + f" (n={len(v)})"
 
     cfg = PearlConfig()
@@ -68,8 +80,9 @@ def main() -> None:
         "## PEARL cross-task transfer (`scripts/bench_pearl.py`)",
         "",
         f"Command: `MUJOCO_GL=egl python scripts/bench_pearl.py --seeds {' '.join(map(str, args.seeds))} "
-        f"--policy-timesteps {args.policy_timesteps}`; seeds {args.seeds} (run as one process per seed); {now()}; "
-        f"{machine()}; shared 2-core CPU with other jobs running (load average ~20); n = seeds per cell.",
+        f"--offline-steps {args.offline_steps} --policy-timesteps {args.policy_timesteps}`{args.note}; "
+        f"seeds {args.seeds}; {now()}; "
+        f"{machine()}; shared 2-core CPU with other jobs running (load average 8-28 during the runs); n = seeds per cell.",
         "",
         f"Source: PushAvoidPoint-v0 ({cfg.n_source} scripted rollouts, {cfg.num_source_prefs} pairs labelled by a "
         f"noiseless simulated human). Target: PushAvoidPointRight-v0 (scene rotated by -90 degrees, larger zones; "
@@ -86,22 +99,42 @@ def main() -> None:
         "no transfer ρ | GW time (s) |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for name in variants:
+    for name in list(variants)[:-1]:
         lines.append(f"| {name} | {ms(name, 'pearl/label_accuracy')} | {ms(name, 'pearl/label_valid_fraction')} | "
                      f"{ms(name, 'reward/spearman_pearl')} | {ms(name, 'reward/spearman_pearl_bt')} | "
                      f"{ms(name, 'reward/spearman_true_labels')} | {ms(name, 'reward/spearman_no_transfer')} | "
                      f"{ms(name, 'pearl/gw_s')} |")
     pol = res.get("landmark/entropic", [])
-    if pol and "policy/true_return_pearl" in pol[0]:
-        lines += ["", f"Target-task PPO ({args.policy_timesteps} steps, state observations, 30-step episodes), "
-                  "mean true return of 10 deterministic evaluation episodes (higher is better; a policy that never "
-                  "touches the puck scores about -12). Learned rewards are standardised over the target rollouts "
-                  "before PPO.", "",
-                  "| reward | true return |", "|---|---|"]
-        for key, label in (("pearl", "PEARL (transferred labels, 0 target labels)"),
-                           ("true_labels", "reward from true target labels"),
-                           ("no_transfer", "source reward, no transfer"), ("true_reward", "true reward (oracle)")):
-            lines.append(f"| {label} | {ms('landmark/entropic', f'policy/true_return_{key}')} |")
+    rows = (("pearl", "PEARL (transferred labels, 0 target labels)"), ("true_labels", "reward from true target labels"),
+            ("no_transfer", "source reward, no transfer"), ("true_reward", "true reward (oracle)"),
+            ("bc", "behaviour cloning, no reward"))
+    if pol and "offline/true_return_pearl" in pol[0]:
+        lines += ["", f"Target-task policies, offline (the paper's setting): advantage-weighted regression "
+                  f"({args.offline_steps} steps of value and policy net, beta {cfg.awr_beta}, 2x256 MLPs) on the "
+                  f"{cfg.n_target} + {cfg.offline_rollouts} unlabelled scripted target rollouts relabelled with each "
+                  "(standardised) reward; true return of the policy over "
+                  f"{cfg.policy_eval_episodes} deterministic evaluation episodes (higher is better; a policy that "
+                  "never touches the puck scores about -12), and the fraction of those episodes in which the puck "
+                  "moved. Dataset true return: "
+                  f"mean {ms('landmark/entropic', 'offline/data_true_return_mean')}, best "
+                  f"{ms('landmark/entropic', 'offline/data_true_return_best')}.", "",
+                  "| reward | true return | puck moved |", "|---|---|---|"]
+        for key, label in rows:
+            lines.append(f"| {label} | {ms('landmark/entropic', f'offline/true_return_{key}')} | "
+                         f"{ms('landmark/entropic', f'offline/puck_moved_{key}')} |")
+        diffs = []
+        for key, label in rows[1:3] + rows[4:]:
+            d = [m["offline/true_return_pearl"] - m[f"offline/true_return_{key}"] for m in pol]
+            diffs.append(f"{label} " + ", ".join(f"{x:+.2f}" for x in d))
+        lines += ["", "Per-seed differences of PEARL's true return (PEARL minus): " + "; ".join(diffs) + "."]
+    ppo = res.get("ppo", [])
+    if ppo and "policy/true_return_pearl" in ppo[0]:
+        lines += ["", f"Target-task policies, online PPO ({args.policy_timesteps} steps, state observations, 30-step "
+                  "episodes, SB3 defaults with n_steps 256), same rewards and evaluation:", "",
+                  "| reward | true return | puck moved |", "|---|---|---|"]
+        for key, label in rows[:4]:
+            lines.append(f"| {label} | {ms('ppo', f'policy/true_return_{key}')} | "
+                         f"{ms('ppo', f'policy/puck_moved_{key}')} |")
     write_section("bench_pearl", "\n".join(lines))
 
 

@@ -13,7 +13,9 @@ where ``W`` masks the source pairs that carry a label. With every source pair la
 discussion (robotics.md 2.1); restricting to labelled pairs keeps labels in [0, 1] with a sparse budget.
 Robust reward learning (RRL): a per-step Gaussian reward trained with the core :func:`gaussian_bt_loss` on the
 transferred soft labels. The job ``robotics.pearl`` compares transferred-label accuracy, reward correlation and
-target-task policy return against a reward from true target labels and against no transfer.
+target-task policy return against a reward from true target labels and against no transfer; target policies are
+learned offline by advantage-weighted regression on the unlabelled target rollouts (the paper's offline setting)
+and, optionally, online by PPO (which exploits the learned rewards off their data support, docs/methods/pearl.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import numpy as np
 from mmalign.config import Config, check_choice, check_nonnegative, check_positive, option
 
 __all__ = ["PearlConfig", "distance_matrix", "gw_plan", "gw_plans_batched", "transfer_labels", "pair_label_matrix",
-           "GaussianRewardNet", "train_reward", "run"]
+           "GaussianRewardNet", "train_reward", "awr_policy", "run"]
 
 
 @dataclass
@@ -54,17 +56,25 @@ class PearlConfig(Config):
     lr: float = option(3e-3, "Adam learning rate of the reward model")
     kl_coef: float = option(0.01, "weight of the Gaussian variance-prior KL")
     prior_std: float = option(0.1, "prior std of the per-step reward")
-    policy_timesteps: int = option(0, "PPO timesteps per target policy (0 = skip policies)")
+    offline_policy_steps: int = option(0, "gradient steps of the offline AWR target policy (and its value net); "
+                                       "0 = skip offline policies")
+    offline_rollouts: int = option(450, "extra unlabelled target rollouts added to the offline policy dataset")
+    awr_beta: float = option(1.0, "AWR temperature on standardised advantages")
+    policy_timesteps: int = option(0, "online PPO timesteps per target policy (0 = skip PPO policies)")
+    policy_eval_episodes: int = option(20, "deterministic evaluation episodes per target policy")
     seed: int = option(0, "seed of data, labels and training")
 
     def __post_init__(self) -> None:
         for name in ("n_source", "n_target", "n_eval", "steps", "feature_stride", "num_source_prefs",
-                     "num_target_pairs", "gw_epsilon", "gw_chunks", "reward_steps", "batch_size", "lr", "prior_std"):
+                     "num_target_pairs", "gw_epsilon", "gw_chunks", "reward_steps", "batch_size", "lr", "prior_std",
+                     "awr_beta", "policy_eval_episodes"):
             check_positive(name, getattr(self, name))
         check_choice("gw_solver", self.gw_solver, ("exact", "entropic", "batched"))
         check_choice("gw_features", self.gw_features, ("landmark", "raw"))
         check_nonnegative("kl_coef", self.kl_coef)
         check_nonnegative("policy_timesteps", self.policy_timesteps)
+        check_nonnegative("offline_policy_steps", self.offline_policy_steps)
+        check_nonnegative("offline_rollouts", self.offline_rollouts)
 
 
 def distance_matrix(features: Any) -> Any:
@@ -102,7 +112,10 @@ def gw_plan(
 
 
 def gw_plans_batched(c_source: Any, c_target: Any, epsilon: float = 1e-2) -> Any:
-    """Entropic GW plans of many independent problems at once (POT ``ot.batch.solve_gromov_batch``): ``(B, n, n)``, ``(B, m, m)`` -> ``(B, n, m)``."""
+    """Entropic GW plans of many independent problems at once (POT ``ot.batch.solve_gromov_batch``).
+
+    Shapes: ``c_source (B, n, n)``, ``c_target (B, m, m)`` -> plans ``(B, n, m)``.
+    """
     import ot.batch
 
     res = ot.batch.solve_gromov_batch(c_source, c_target, reg=epsilon, loss="sqeuclidean", max_iter=200,
@@ -243,23 +256,137 @@ def _true_labels(returns: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5))
 
 
-def _policy_return(cfg: PearlConfig, net: Any | None, seed: int, feats: np.ndarray | None = None) -> float:
-    """PPO on the target task with the learned reward (``None`` = the true reward); mean true return of 10 episodes.
+def _reward_stats(net: Any, feats: np.ndarray) -> tuple[float, float]:
+    """Mean and std of the learned per-step mean reward over target rollouts ``feats (N, T, 4)``.
 
-    The learned per-step mean reward is standardised with its mean/std over ``feats`` (target rollouts): BT rewards
-    have an arbitrary offset and scale, and unnormalised they were too small for PPO to move at all.
+    BT rewards have an arbitrary offset and scale; every learned reward is standardised with these before policy
+    learning so that the learners see the same reward scale (unnormalised, PPO did not move at all).
     """
+    import torch
+
+    with torch.no_grad():
+        r = net(torch.as_tensor(feats, dtype=torch.float32))[0]
+    return float(r.mean()), max(float(r.std()), 1e-6)
+
+
+def _evaluate_policy(cfg: PearlConfig, act: Any) -> tuple[float, float]:
+    """Mean true return of ``act(obs) -> action`` over deterministic target episodes, and the fraction of episodes
+    in which the puck moved (> 5 cm): a policy that never touches the puck scores about -12."""
+    import gymnasium as gym
+
+    import mmalign.envs  # noqa: F401
+
+    env = gym.make(cfg.target_env_id, episode_steps=cfg.steps)
+    total, moved = [], []
+    for ep in range(cfg.policy_eval_episodes):
+        obs, _ = env.reset(seed=50_000 + ep)
+        puck0 = env.unwrapped.puck_pos
+        ret, done = 0.0, False
+        while not done:
+            obs, _, term, trunc, info = env.step(act(obs))
+            ret += info["true_reward"]
+            done = term or trunc
+        total.append(ret)
+        moved.append(float(np.linalg.norm(env.unwrapped.puck_pos - puck0) > 0.05))
+    env.close()
+    return float(np.mean(total)), float(np.mean(moved))
+
+
+def _mlp(in_dim: int, out_dim: int, hidden: int = 256) -> Any:
+    from torch import nn
+
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out_dim))
+
+
+def awr_policy(
+    observations: np.ndarray, actions: np.ndarray, rewards: np.ndarray | None, steps: int, beta: float, seed: int,
+    gamma: float = 0.99, hidden: int = 256,
+) -> Any:
+    """Offline advantage-weighted regression (Peng et al. 2019) on fixed rollouts; returns ``act(obs) -> action``.
+
+    ``observations (N, T, D)`` before each action, ``actions (N, T, A)`` in [-1, 1], per-step ``rewards (N, T)``
+    (``None`` = plain behaviour cloning). Monte-Carlo returns-to-go ``G_t``; a value net ``V(s_t, t/T)`` fitted by
+    regression; advantages ``G_t - V`` standardised to unit std; the tanh policy minimises the squared action error
+    weighted by ``min(exp(A / beta), 20)``. The policy never leaves the data's support during training, so a learned
+    reward cannot be exploited off-distribution (the failure of online PPO here, docs/methods/pearl.md); PEARL's
+    paper extracts its policy offline too (IQL, whose policy step is this weighted regression).
+    """
+    import torch
+
+    n, t_len, _ = observations.shape
+    for name, arr in (("actions", actions), ("rewards", rewards)):
+        if arr is not None and arr.shape[:2] != (n, t_len):
+            raise ValueError(f"{name} must have leading shape {(n, t_len)}, got {arr.shape}")
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    obs = torch.as_tensor(observations.reshape(n * t_len, -1), dtype=torch.float32)
+    mean, std = obs.mean(0), obs.std(0).clamp_min(1e-3)  # constant entries (goal, zone) are left near zero
+    x = (obs - mean) / std
+    act = torch.as_tensor(actions.reshape(n * t_len, -1), dtype=torch.float32)
+    batch = min(256, len(x))
+    weights = torch.ones(len(x))
+    if rewards is not None:
+        ret = np.zeros_like(rewards, dtype=np.float64)
+        acc = np.zeros(n)
+        for t in reversed(range(t_len)):  # returns-to-go, vectorised over rollouts
+            acc = rewards[:, t] + gamma * acc
+            ret[:, t] = acc
+        g = torch.as_tensor(ret.reshape(-1), dtype=torch.float32)
+        time_in = torch.as_tensor(np.tile(np.arange(t_len) / t_len, n)[:, None], dtype=torch.float32)
+        xv = torch.cat([x, time_in], dim=1)  # finite horizon: the value depends on the time left
+        value = _mlp(xv.shape[1], 1, hidden)
+        opt = torch.optim.Adam(value.parameters(), lr=1e-3)
+        for _ in range(steps):
+            idx = torch.randint(len(x), (batch,), generator=gen)
+            loss = (value(xv[idx]).squeeze(-1) - g[idx]).pow(2).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            adv = g - value(xv).squeeze(-1)
+        weights = torch.exp(adv / (beta * adv.std().clamp_min(1e-6))).clamp(max=20.0)
+    policy = _mlp(x.shape[1], act.shape[1], hidden)
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    for _ in range(steps):
+        idx = torch.randint(len(x), (batch,), generator=gen)
+        loss = (weights[idx] * (torch.tanh(policy(x[idx])) - act[idx]).pow(2).sum(-1)).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    def act_fn(o: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return torch.tanh(policy((torch.as_tensor(o, dtype=torch.float32) - mean) / std)).numpy()
+
+    return act_fn
+
+
+def _offline_return(cfg: PearlConfig, data: Any, net: Any | None, stats: tuple[float, float] | None,
+                    true_reward: bool = False) -> tuple[float, float]:
+    """AWR on the unlabelled target rollouts relabelled by ``net`` (standardised by ``stats``), the true reward,
+    or nothing (``net is None`` and not ``true_reward``: behaviour cloning); evaluated with the true reward."""
+    import torch
+
+    rewards = None
+    if true_reward:
+        rewards = data.true_rewards
+    elif net is not None and stats is not None:
+        with torch.no_grad():
+            rewards = ((net(torch.as_tensor(data.positions, dtype=torch.float32))[0] - stats[0]) / stats[1]).numpy()
+    act = awr_policy(data.observations, data.actions, rewards, cfg.offline_policy_steps, cfg.awr_beta, cfg.seed)
+    return _evaluate_policy(cfg, act)
+
+
+def _ppo_return(cfg: PearlConfig, net: Any | None, stats: tuple[float, float] | None) -> tuple[float, float]:
+    """Online PPO on the target task with the standardised learned reward (``None`` = the true reward)."""
     import gymnasium as gym
     import torch
     from stable_baselines3 import PPO
 
     import mmalign.envs  # noqa: F401
 
-    mu, sd = 0.0, 1.0
-    if net is not None and feats is not None:
-        with torch.no_grad():
-            r = net(torch.as_tensor(feats, dtype=torch.float32))[0]
-        mu, sd = float(r.mean()), max(float(r.std()), 1e-6)
+    mu, sd = stats if stats is not None else (0.0, 1.0)
 
     class LearnedReward(gym.Wrapper):
         def step(self, action: Any) -> tuple[Any, float, bool, bool, dict]:
@@ -272,19 +399,9 @@ def _policy_return(cfg: PearlConfig, net: Any | None, seed: int, feats: np.ndarr
                 return obs, (float(net(x[None])[0][0]) - mu) / sd, term, trunc, info
 
     env = LearnedReward(gym.make(cfg.target_env_id, episode_steps=cfg.steps))
-    model = PPO("MlpPolicy", env, n_steps=256, batch_size=64, seed=seed, verbose=0, device="cpu")
+    model = PPO("MlpPolicy", env, n_steps=256, batch_size=64, seed=cfg.seed, verbose=0, device="cpu")
     model.learn(total_timesteps=cfg.policy_timesteps)
-    eval_env = gym.make(cfg.target_env_id, episode_steps=cfg.steps)
-    total = []
-    for ep in range(10):
-        obs, _ = eval_env.reset(seed=50_000 + ep)
-        ret, done = 0.0, False
-        while not done:
-            obs, _, term, trunc, info = eval_env.step(model.predict(obs, deterministic=True)[0])
-            ret += info["true_reward"]
-            done = term or trunc
-        total.append(ret)
-    return float(np.mean(total))
+    return _evaluate_policy(cfg, lambda o: model.predict(o, deterministic=True)[0])
 
 
 def run(cfg: PearlConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
@@ -292,7 +409,7 @@ def run(cfg: PearlConfig, run_dir: Path, resume: bool = False) -> dict[str, floa
     import torch
 
     from mmalign.robotics.rapl import spearman
-    from mmalign.robotics.rapl_data import collect_trajectories
+    from mmalign.robotics.rapl_data import Trajectories, collect_trajectories
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -348,10 +465,28 @@ def run(cfg: PearlConfig, run_dir: Path, resume: bool = False) -> dict[str, floa
     for name, net in nets.items():
         metrics[f"reward/spearman_{name}"] = spearman(reward_returns(net, f_ev), ev.true_returns)
     metrics["reward/spearman_task_reward"] = spearman(ev.task_rewards.sum(1), ev.true_returns)
+    stats = {name: _reward_stats(net, f_tgt) for name, net in nets.items()}
+    learned = ("pearl", "true_labels", "no_transfer")
+    if cfg.offline_policy_steps:
+        t2 = time.time()
+        extra = collect_trajectories(cfg.target_env_id, cfg.offline_rollouts, cfg.seed + 3, cfg.steps, render=False)
+        data = Trajectories(None, *(np.concatenate([getattr(tgt, k), getattr(extra, k)]) for k in
+                                    ("positions", "true_rewards", "task_rewards", "observations", "actions")))
+        runs = {name: (nets[name], stats[name], False) for name in learned}
+        runs.update(true_reward=(None, None, True), bc=(None, None, False))
+        for name, (net, st, true_r) in runs.items():
+            ret, moved = _offline_return(cfg, data, net, st, true_reward=true_r)
+            metrics[f"offline/true_return_{name}"], metrics[f"offline/puck_moved_{name}"] = ret, moved
+        metrics["offline/data_true_return_mean"] = float(data.true_returns.mean())
+        metrics["offline/data_true_return_best"] = float(data.true_returns.max())
+        metrics["offline/time_s"] = time.time() - t2
     if cfg.policy_timesteps:
-        for name in ("pearl", "true_labels", "no_transfer"):
-            metrics[f"policy/true_return_{name}"] = _policy_return(cfg, nets[name], cfg.seed, f_tgt)
-        metrics["policy/true_return_true_reward"] = _policy_return(cfg, None, cfg.seed)
+        t3 = time.time()
+        for name in learned + ("true_reward",):
+            net = nets.get(name)
+            ret, moved = _ppo_return(cfg, net, stats.get(name))
+            metrics[f"policy/true_return_{name}"], metrics[f"policy/puck_moved_{name}"] = ret, moved
+        metrics["policy/time_s"] = time.time() - t3
     metrics["time/total_s"] = time.time() - t0
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics

@@ -19,12 +19,16 @@ __all__ = ["Trajectories", "collect_trajectories", "make_triplets", "label_tripl
 @dataclass
 class Trajectories:
     """A batch of equal-length rollouts. Shapes: frames ``(N, T, H, W, 3)`` uint8 (or ``None``), positions
-    ``(N, T, 4)`` (effector xy, puck xy), true_rewards ``(N, T)``, task_rewards ``(N, T)``."""
+    ``(N, T, 4)`` (effector xy, puck xy), true_rewards ``(N, T)``, task_rewards ``(N, T)``; optional for offline
+    policy learning: state observations ``(N, T, D)`` seen *before* action ``t`` and the actions ``(N, T, 2)``
+    (positions and rewards are those *after* action ``t``)."""
 
     frames: np.ndarray | None
     positions: np.ndarray
     true_rewards: np.ndarray
     task_rewards: np.ndarray
+    observations: np.ndarray | None = None
+    actions: np.ndarray | None = None
 
     @property
     def true_returns(self) -> np.ndarray:
@@ -34,10 +38,9 @@ class Trajectories:
         return len(self.positions)
 
     def subset(self, idx: np.ndarray) -> "Trajectories":
-        return Trajectories(
-            None if self.frames is None else self.frames[idx], self.positions[idx],
-            self.true_rewards[idx], self.task_rewards[idx],
-        )
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return Trajectories(pick(self.frames), self.positions[idx], self.true_rewards[idx], self.task_rewards[idx],
+                            pick(self.observations), pick(self.actions))
 
 
 def _scripted_actions(env: object, rng: np.random.Generator, steps: int):  # noqa: ANN202
@@ -93,17 +96,20 @@ def collect_trajectories(
     positions = np.zeros((n, steps, 4), dtype=np.float32)
     true_r = np.zeros((n, steps), dtype=np.float32)
     task_r = np.zeros((n, steps), dtype=np.float32)
+    obs_all = np.zeros((n, steps) + env.observation_space.shape, dtype=np.float32)
+    actions = np.zeros((n, steps, 2), dtype=np.float32)
     for i in range(n):
-        env.reset(seed=int(rng.integers(2**31)))
+        obs, _ = env.reset(seed=int(rng.integers(2**31)))
         u = env.unwrapped
         for t, action in enumerate(_scripted_actions(env, rng, steps)):
-            _, reward, _, _, info = env.step(action)
+            obs_all[i, t], actions[i, t] = obs, action
+            obs, reward, _, _, info = env.step(action)
             positions[i, t] = np.concatenate([u.effector_pos, u.puck_pos])
             true_r[i, t], task_r[i, t] = info["true_reward"], reward
             if frames is not None:
                 frames[i, t] = env.render()
     env.close()
-    return Trajectories(frames, positions, true_r, task_r)
+    return Trajectories(frames, positions, true_r, task_r, obs_all, actions)
 
 
 def make_triplets(returns: np.ndarray, n: int, rng: np.random.Generator, anchor_pool: int = 6) -> np.ndarray:

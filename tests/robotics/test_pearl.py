@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmalign.robotics.pearl import (
-    PearlConfig, distance_matrix, gw_plan, gw_plans_batched, pair_label_matrix, run, trajectory_features,
+    PearlConfig, awr_policy, distance_matrix, gw_plan, gw_plans_batched, pair_label_matrix, run, trajectory_features,
     transfer_labels,
 )
 
@@ -82,10 +82,30 @@ def test_config_validation() -> None:
         PearlConfig(n_source=0)
 
 
+def test_awr_prefers_the_rewarded_action_and_bc_averages() -> None:
+    # two behaviours in the data, +0.5 and -0.5 on the first action dimension; only +0.5 is rewarded
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(40, 5, 3)).astype(np.float32)
+    sign = np.where(rng.random((40, 1, 1)) < 0.5, 1.0, -1.0)
+    actions = np.concatenate([0.5 * sign * np.ones((40, 5, 1)), np.zeros((40, 5, 1))], -1).astype(np.float32)
+    rewards = (sign[..., 0] > 0).astype(np.float32) * np.ones((40, 5), dtype=np.float32)
+    probe = rng.normal(size=(50, 3)).astype(np.float32)
+    awr = awr_policy(obs, actions, rewards, steps=300, beta=0.3, seed=0, hidden=32)
+    bc = awr_policy(obs, actions, None, steps=300, beta=0.3, seed=0, hidden=32)
+    assert awr(probe)[:, 0].mean() > 0.3
+    assert abs(bc(probe)[:, 0].mean()) < 0.2
+    with pytest.raises(ValueError, match="rewards"):
+        awr_policy(obs, actions, rewards[:, :4], steps=1, beta=1.0, seed=0)
+
+
 def _smoke(tmp_path, policy_timesteps: int, solver: str) -> dict:
     cfg = PearlConfig(n_source=24, n_target=24, n_eval=16, steps=10, num_source_prefs=100, num_target_pairs=60,
-                      reward_steps=20, batch_size=16, policy_timesteps=policy_timesteps, gw_solver=solver)
+                      reward_steps=20, batch_size=16, policy_timesteps=policy_timesteps, gw_solver=solver,
+                      offline_policy_steps=10, offline_rollouts=4, policy_eval_episodes=2)
     out = run(cfg, tmp_path)
+    for name in ("pearl", "true_labels", "no_transfer", "true_reward", "bc"):
+        assert np.isfinite(out[f"offline/true_return_{name}"])
+        assert 0.0 <= out[f"offline/puck_moved_{name}"] <= 1.0
     assert 0.0 <= out["pearl/label_accuracy"] <= 1.0
     assert 0.0 < out["pearl/label_valid_fraction"] <= 1.0
     for name in ("pearl", "pearl_bt", "true_labels", "no_transfer"):
