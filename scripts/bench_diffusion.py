@@ -59,6 +59,8 @@ def table(rows: list[dict], cfg: BenchmarkConfig) -> str:
         lines.append("")
     # the paper's claim: MaPO's advantage over the best Diffusion-DPO beta grows with the mismatch
     dpos = [m for m in methods if m.startswith("dpo_")]
+    if not dpos or "mapo" not in methods:
+        return "\n".join(lines)
     lines += ["**MaPO − best Diffusion-DPO β (per setting, preference score, mean over seeds)**", "",
               "| setting | MaPO | best DPO (β) | SFT | MaPO − best DPO |", "|---|---|---|---|---|"]
     for s in settings:
@@ -71,12 +73,89 @@ def table(rows: list[dict], cfg: BenchmarkConfig) -> str:
     return "\n".join(lines)
 
 
+def _family_groups(rows: list[dict], cfg: BenchmarkConfig) -> dict[tuple[str, float], list[dict]]:
+    groups: dict[tuple[str, float], list[dict]] = {}
+    for r in rows:
+        if r["method"] != "reference":
+            fam, _, lr = r["method"].partition("@")
+            groups.setdefault((fam, float(lr) if lr else cfg.finetune_lr), []).append(r)
+    return groups
+
+
+def _joint(rs: list[dict]) -> float:
+    return statistics.fmean(r["pref_score"] * r["shape_acc"] for r in rs)
+
+
+def best_lrs(rows: list[dict], cfg: BenchmarkConfig) -> dict[str, float]:
+    """Best learning rate per method family: the highest mean over cells of pref_score × shape_acc."""
+    groups = _family_groups(rows, cfg)
+    fams = {f for f, _ in groups}
+    return {f: max((lr for g, lr in groups if g == f), key=lambda lr: _joint(groups[(f, lr)])) for f in fams}
+
+
+def best_lr_table(rows: list[dict], cfg: BenchmarkConfig) -> str:
+    """Each method family at its own best lr, per setting: pref score / fidelity / shape accuracy (mean over seeds)."""
+    groups, best = _family_groups(rows, cfg), best_lrs(rows, cfg)
+    settings = [s for s in cfg.settings if any(r["setting"] == s for r in rows)]
+    mean = lambda rs, k: statistics.fmean(r[k] for r in rs) if rs else float("nan")  # noqa: E731
+    fams = sorted(best, key=lambda f: ("sft", "mapo").index(f) if f in ("sft", "mapo") else 2)
+    lines = ["**Each method at its own best lr: preference score / fidelity IoU / shape accuracy, mean over seeds**",
+             "", "| method (best lr) | " + " | ".join(settings) + " | mean pref × shape |",
+             "|---|" + "---|" * (len(settings) + 1)]
+    ref = [r for r in rows if r["method"] == "reference"]
+    if ref:
+        lines.append("| reference | " + " | ".join(
+            f"{mean([r for r in ref if r['setting'] == s], 'pref_score'):.2f} / "
+            f"{mean([r for r in ref if r['setting'] == s], 'fidelity_iou'):.2f} / "
+            f"{mean([r for r in ref if r['setting'] == s], 'shape_acc'):.2f}" for s in settings) + f" | {_joint(ref):.2f} |")
+    for f in fams:
+        rs = groups[(f, best[f])]
+        cells = []
+        for s in settings:
+            c = [r for r in rs if r["setting"] == s]
+            cells.append(f"{mean(c, 'pref_score'):.2f} / {mean(c, 'fidelity_iou'):.2f} / {mean(c, 'shape_acc'):.2f}")
+        lines.append(f"| {f} ({best[f]:g}) | " + " | ".join(cells) + f" | {_joint(rs):.2f} |")
+    return "\n".join(lines)
+
+
+def lr_table(rows: list[dict], cfg: BenchmarkConfig) -> str:
+    """Per method family (name without @lr) and learning rate: means over every (setting, seed) cell; the best lr
+    of each family by the mean of pref_score × shape_acc per cell (style reached *and* the prompted shape drawn)."""
+    groups = _family_groups(rows, cfg)
+    families = sorted({f for f, _ in groups})
+    if not any(sum(f == g for g, _ in groups) > 1 for f in families):
+        return ""
+    settings = [s for s in cfg.settings if any(r["setting"] == s for r in rows)]
+    mean = lambda rs, k: statistics.fmean(r[k] for r in rs)  # noqa: E731
+    joint, best = _joint, best_lrs(rows, cfg)
+    lines = ["**Learning-rate sweep: mean over settings " + ", ".join(settings) + " and seeds (best lr per method "
+             "in bold, chosen by pref × shape accuracy)**", "",
+             "| method | lr | cells | pref score | fidelity IoU | shape acc | pref × shape acc | "
+             + " | ".join(f"pref / shape {s}" for s in settings) + " |", "|---|---|---|---|---|---|---|" + "---|" * len(settings)]
+    for f in families:
+        for lr in sorted(lr for g, lr in groups if g == f):
+            rs = groups[(f, lr)]
+            per = []
+            for s in settings:
+                cell = [r for r in rs if r["setting"] == s]
+                per.append(f"{mean(cell, 'pref_score'):.2f} / {mean(cell, 'shape_acc'):.2f}" if cell else "–")
+            b = "**" if lr == best[f] else ""
+            lines.append(f"| {b}{f}{b} | {b}{lr:g}{b} | {len(rs)} | {mean(rs, 'pref_score'):.2f} | "
+                         f"{mean(rs, 'fidelity_iou'):.2f} | {mean(rs, 'shape_acc'):.2f} | {joint(rs):.2f} | "
+                         + " | ".join(per) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run-dir", required=True)
     ap.add_argument("--config", default="configs/diffusion/benchmark.yaml")
     ap.add_argument("--shards", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="only rebuild the table from results.jsonl")
+    ap.add_argument("--section", default="quality", help="marked section of docs/benchmarks/diffusion.md to write")
+    ap.add_argument("--title", default="", help="heading of the section (default: by section)")
+    ap.add_argument("--format", choices=["ci", "sweep", "both"], default="",
+                    help="tables: mean ± CI per metric (default for quality), lr sweep (default otherwise), or both")
     ap.add_argument("--worker", type=int, default=-1, help=argparse.SUPPRESS)  # internal: run one shard
     ap.add_argument("overrides", nargs="*")
     args = ap.parse_args()
@@ -104,10 +183,15 @@ def main() -> None:
             sys.exit("a benchmark worker failed")
     rows = unique_rows(run_dir / "results.jsonl")
     seeds = sorted({r["seed"] for r in rows})
+    sweep = args.section != "quality"
+    fmt = args.format or ("sweep" if sweep else "ci")
     text = "\n".join([
-        "## Offline reference-mismatch benchmark (MaPO vs Diffusion-DPO vs SFT)", "",
+        "## " + (args.title or ("Learning-rate sweep and SFT reference (MaPO vs Diffusion-DPO vs SFT)" if sweep else
+                                "Offline reference-mismatch benchmark (MaPO vs Diffusion-DPO vs SFT)")), "",
         f"Command: `python scripts/bench_diffusion.py --run-dir {run_dir} --config {args.config} "
-        f"--shards {args.shards} {' '.join(args.overrides)}`".rstrip() + "  ",
+        f"--shards {args.shards}{'' if args.section == 'quality' else ' --section ' + args.section} "
+        f"{'--title ' + repr(args.title) + ' ' if args.title else ''}{'--format ' + args.format + ' ' if args.format else ''}"
+        f"{' '.join(args.overrides)}`".rstrip() + "  ",
         f"Seeds: {seeds}. Date: {dt.date.today().isoformat()}. Machine: {platform.machine()} CPU, "
         f"{os.cpu_count()} cores shared with other jobs, torch threads {cfg.threads} per worker.  ",
         f"Model: pixel-space UNet2DConditionModel {cfg.channels} at {cfg.size}×{cfg.size}, reference pretrained "
@@ -118,8 +202,9 @@ def main() -> None:
         f"MaPO official defaults (c 0.5, T 1000, margin weight {cfg.mapo_margin_weight:g}); Diffusion-DPO β in the "
         f"official −0.5·β form, frozen-copy reference. Evaluation: {cfg.samples_per_class} DDIM samples "
         f"({cfg.sample_steps} steps) per shape, fixed noise per seed.", "",
-        table(rows, cfg)])
-    write_markdown_section(DOC, "quality", text)
+        *([table(rows, cfg), ""] if fmt in ("ci", "both") else []),
+        *([lr_table(rows, cfg), "", best_lr_table(rows, cfg)] if fmt in ("sweep", "both") else [])])
+    write_markdown_section(DOC, args.section, text)
     print(text)
 
 

@@ -2,6 +2,7 @@
 
     python scripts/bench_diffusion_perf.py            # CPU: tiny shapes UNet and a small SD-like latent UNet
     python scripts/bench_diffusion_perf.py --gpu      # CUDA: adds the SDXL-size UNet (random weights, bf16)
+    python scripts/bench_diffusion_perf.py --large    # CPU: SD-1.x-layout UNet (142M), where weights dominate
 
 Each number comes from a fresh process (see mmalign/diffusion/perf.py for the memory counters). Writes the "perf"
 (CPU) or "perf-gpu" section of docs/benchmarks/diffusion.md.
@@ -41,13 +42,56 @@ def _rows(cases: list[dict]) -> list[str]:
     return lines
 
 
+def _large_rows(cases: list[dict]) -> list[str]:
+    """Rows with the exact memory breakdown (MiB) and the total (growth + trained weights, the GPU-counter analogue)."""
+    lines = ["| UNet | params | batch (pairs) | LoRA | grad ckpt | method | step time (s, median) | total peak | "
+             "weights | ref copy | grads | optimizer | activations + rest | MaPO / DPO time | MaPO / DPO total mem | "
+             "MaPO / DPO growth |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for case in cases:
+        res = {m: measure_in_subprocess(method=m, **case) for m in ("diffusion_dpo", "mapo")}
+        for m, r in res.items():
+            ratios = ["", "", ""]
+            if m == "mapo":
+                d = res["diffusion_dpo"]
+                ratios = [f"{r['step_s_median'] / d['step_s_median']:.2f}", f"{r['peak_total_mib'] / d['peak_total_mib']:.2f}",
+                          f"{r['peak_mem_mib'] / d['peak_mem_mib']:.2f}"]
+            lines.append(f"| {case['unet_name']} | {r['params_m']:.0f}M | {case['batch']} | {case.get('lora', False)} | "
+                         f"{case.get('grad_checkpointing', False)} | {m} | {r['step_s_median']:.2f} | "
+                         f"{r['peak_total_mib']:.0f} | {r['weights_mib']:.0f} | {r['ref_weights_mib']:.0f} | "
+                         f"{r['grads_mib']:.0f} | {r['optimizer_mib']:.0f} | {r['activations_mib']:.0f} | "
+                         + " | ".join(ratios) + " |")
+            print(lines[-1], flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--gpu", action="store_true", help="measure on CUDA (bf16), incl. SDXL-size UNet and max batch")
+    ap.add_argument("--large", action="store_true", help="CPU: SD-1.x-layout UNet (142M params), memory breakdown")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     common = {"steps": args.steps, "warmup": 2}
+    if args.large:
+        common.update(threads=args.threads, warmup=1)
+        cases = [{"unet_name": "sd15_w128", "batch": 1, "grad_checkpointing": True, **common},
+                 {"unet_name": "sd15_w128", "batch": 1, **common},
+                 {"unet_name": "sd15_w128", "batch": 1, "lora": True, "grad_checkpointing": True, **common}]
+        lines = _large_rows(cases)
+        machine = f"{platform.machine()} CPU, {os.cpu_count()} cores shared with other jobs (contended), {args.threads} torch thread(s)"
+        text = "\n".join([
+            "## Cost at a weight-dominated size: SD-1.x-layout UNet on CPU", "",
+            f"Command: `python scripts/bench_diffusion_perf.py --large --steps {args.steps}`  ",
+            f"Date: {dt.date.today().isoformat()}. Machine: {machine}. fp32 weights, AdamW (2 fp32 states per "
+            "parameter), 32×32 latents, 77 text tokens. One process per row; median of "
+            f"{args.steps} steps after 1 warm-up step. Memory in MiB: *total peak* = growth of peak RSS during the "
+            "steps + the trained model's weights (the analogue of a GPU's max_memory_allocated); weights, reference "
+            "copy, gradients and optimizer state are exact byte counts; *activations + rest* = growth − reference − "
+            "gradients − optimizer (autograd activations, the reference's no-grad forward, allocator slack).",
+            "", *lines])
+        write_markdown_section(DOC, "perf-large", text)
+        print(text)
+        return
     if args.gpu:
         common.update(device="cuda", bf16=True)
         cases = [{"unet_name": "sd_small", "batch": 32, **common}, {"unet_name": "sdxl", "batch": 2, **common,

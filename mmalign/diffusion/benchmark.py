@@ -47,8 +47,10 @@ class BenchmarkConfig(Config):
     settings: list[str] = option(["style_0", "style_45", "style_90", "style_180", "safety"],
                                  "preference settings: style_<hue shift in degrees> or safety")
     methods: list[str] = option(["sft", "mapo", "dpo_500", "dpo_2000", "dpo_5000"],
-                                "methods: sft, mapo, or dpo_<beta> (Diffusion-DPO with that beta); a suffix @<lr> "
-                                "overrides finetune_lr for that method (e.g. dpo_5000@1e-4)")
+                                "methods: sft, mapo, dpo_<beta> (Diffusion-DPO with that beta, reference = the "
+                                "pretrained model) or sftdpo_<beta> (SFT on chosen first, then Diffusion-DPO "
+                                "starting from and referenced to the SFT model); a suffix @<lr> overrides "
+                                "finetune_lr for that method (for sftdpo: its DPO stage), e.g. dpo_5000@1e-4")
     seeds: list[int] = option([0, 1, 2], "fine-tuning seeds (data, noise and evaluation draws)")
     num_pairs: int = option(512, "preference pairs per setting and seed")
     finetune_steps: int = option(200, "preference fine-tuning steps per cell")
@@ -80,11 +82,12 @@ class BenchmarkConfig(Config):
                     check_positive(f"learning rate of method {entry!r}", float(lr))
                 except ValueError as err:
                     raise ValueError(f"methods entry {entry!r}: expected <method>@<positive lr>") from err
-            if m.startswith("dpo_"):
+            if m.startswith(("dpo_", "sftdpo_")):
                 try:
-                    check_positive(f"beta of method {m!r}", float(m[4:]))
+                    check_positive(f"beta of method {m!r}", float(m.partition("_")[2]))
                 except ValueError as err:
-                    raise ValueError(f"methods entry {m!r}: expected dpo_<positive beta>") from err
+                    raise ValueError(f"methods entry {m!r}: expected dpo_<positive beta> or "
+                                     "sftdpo_<positive beta>") from err
             else:
                 check_choice("methods entry", m, ["sft", "mapo"])
         check_positive("num_shards", self.num_shards)
@@ -181,19 +184,26 @@ def make_pairs(setting: str, n: int, generator: Any, size: int) -> dict[str, Any
 def finetune(cfg: BenchmarkConfig, reference: Any, method: str, pairs: dict[str, Any], seed: int) -> Any:
     """Preference fine-tuning of a full-weight copy of ``reference``; Diffusion-DPO's reference is a frozen copy.
 
-    A plain loop rather than :class:`mmalign.train.Trainer`: see the module docstring.
+    ``sftdpo_<beta>`` first runs the ``sft`` arm (same steps, lr ``finetune_lr``, the same model as the ``sft``
+    cell), then Diffusion-DPO from the SFT model with the SFT model as its frozen reference: the reference then
+    already draws the chosen style (the reference-mismatch mechanism check). A plain loop rather than
+    :class:`mmalign.train.Trainer`: see the module docstring.
     """
     import torch
 
     from mmalign.diffusion.adapter import PairBatch, make_loss_fn
 
     method, _, lr = method.partition("@")
+    stage = 0
+    if method.startswith("sftdpo_"):
+        reference, sft_metrics = finetune(cfg, reference, "sft", pairs, seed)
+        method, stage = "dpo_" + method[7:], 1
     model = copy.deepcopy(reference).train()
     frozen = None
     if method.startswith("dpo_"):
         frozen = copy.deepcopy(reference).eval().requires_grad_(False)
     name, beta = ("diffusion_dpo", float(method[4:])) if method.startswith("dpo_") else (method, 0.0)
-    g = torch.Generator().manual_seed(10_000 + seed)
+    g = torch.Generator().manual_seed(10_000 + seed + 1_000_000 * stage)  # the DPO stage draws fresh (ε, t)
     loss_fn = make_loss_fn(name, _scheduler(), generator=g, ref_model=frozen, beta=beta or 5000.0,
                            mapo_margin_weight=cfg.mapo_margin_weight, validate=False)
     opt = torch.optim.AdamW(model.parameters(), lr=float(lr) if lr else cfg.finetune_lr, weight_decay=0.0)
@@ -210,8 +220,10 @@ def finetune(cfg: BenchmarkConfig, reference: Any, method: str, pairs: dict[str,
         opt.step()
         history.append(loss.item())
     model.eval()
-    return model, {"final_loss": sum(history[-20:]) / len(history[-20:]),
-                   **{k: float(v) for k, v in metrics.items()}}
+    out = {"final_loss": sum(history[-20:]) / len(history[-20:]), **{k: float(v) for k, v in metrics.items()}}
+    if stage:
+        out["sft_stage_final_loss"] = sft_metrics["final_loss"]
+    return model, out
 
 
 def evaluate(cfg: BenchmarkConfig, model: Any, setting: str, seed: int) -> dict[str, float]:

@@ -4,7 +4,10 @@ Each measurement runs in a fresh process (``python -m mmalign.diffusion.perf <js
 counters start clean. Memory on CPU is the growth of the process's peak resident set size (``ru_maxrss``) from just
 after the trained model is built to the end of the timed steps: it includes Diffusion-DPO's frozen reference copy
 (full fine-tuning), activations, gradients and optimizer state. On CUDA it is ``torch.cuda.max_memory_allocated``
-over the same span.
+over the same span. ``peak_total_mib`` adds the trained model's own weights (allocated before the span), which is
+what a GPU's ``max_memory_allocated`` after loading the model reports; the exact byte counts of the weights, the
+reference copy, gradients and optimizer state are returned too, and ``activations_mib`` is what remains of the
+growth (activations, the reference's no-grad forward and allocator overhead).
 """
 
 from __future__ import annotations
@@ -28,6 +31,12 @@ UNET_SPECS: dict[str, dict[str, Any]] = {
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), in_channels=4, out_channels=4,
         sample_size=32)},
+    # Stable Diffusion 1.x UNet layout (UNet2DConditionModel defaults: 4 levels, 2 layers per block, cross-attention
+    # on 768-d text) at 0.4x its width (142M parameters instead of 860M) and 32x32 latents (256 px): weights and
+    # optimizer state are a large share of memory, as in the issue's SD/SDXL setting, yet it fits a shared CPU box
+    "sd15_w128": {"kind": "config", "channels": 4, "size": 32, "text_len": 77, "config": dict(
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, cross_attention_dim=768, attention_head_dim=8,
+        in_channels=4, out_channels=4, sample_size=32)},
     "sdxl": {"kind": "config", "channels": 4, "size": 128, "sdxl": True, "config": dict(
         sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
@@ -58,7 +67,12 @@ def _batch(spec: dict[str, Any], unet: torch.nn.Module, b: int, device: torch.de
     kw = {}
     if spec.get("sdxl"):
         kw = {"text_embeds": mk(b, 1280), "time_ids": torch.tensor([[1024.0, 1024, 0, 0, 1024, 1024]]).repeat(b, 1).to(device, dtype)}
-    return PairBatch(mk(b, c, s, s), mk(b, c, s, s), mk(b, 77 if spec.get("sdxl") else 4, dim), **kw)
+    return PairBatch(mk(b, c, s, s), mk(b, c, s, s), mk(b, spec.get("text_len", 77 if spec.get("sdxl") else 4), dim),
+                     **kw)
+
+
+def _mib(tensors: Any) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
 
 
 def _peak(device: torch.device) -> float:
@@ -114,9 +128,16 @@ def measure(method: str, unet_name: str = "shapes16", batch: int = 8, steps: int
     times.sort()
     median = times[len(times) // 2]
     params = sum(p.numel() for p in unet.parameters()) / 1e6
+    growth = _peak(dev) - base
+    weights = _mib(unet.parameters())
+    ref_mib = _mib(ref.parameters()) if ref is not None else 0.0
+    grads = _mib(p for p in unet.parameters() if p.requires_grad)  # set_to_none frees them between steps
+    optim = _mib(v for st in opt.state.values() for v in st.values() if torch.is_tensor(v))
     return {"method": method, "unet": unet_name, "params_m": params, "batch_pairs": batch, "lora": lora, "device": device, "bf16": bf16,
-            "step_s_median": median, "step_s_min": times[0], "pairs_per_s": batch / median,
-            "images_per_s": 2 * batch / median, "peak_mem_mib": _peak(dev) - base,
+            "grad_checkpointing": grad_checkpointing, "step_s_median": median, "step_s_min": times[0],
+            "pairs_per_s": batch / median, "images_per_s": 2 * batch / median, "peak_mem_mib": growth,
+            "peak_total_mib": growth + weights, "weights_mib": weights, "ref_weights_mib": ref_mib, "grads_mib": grads,
+            "optimizer_mib": optim, "activations_mib": growth - ref_mib - grads - optim,
             "memory_counter": "cuda.max_memory_allocated" if dev.type == "cuda" else "ru_maxrss growth"}
 
 

@@ -15,7 +15,7 @@ from mmalign.registry import JOBS
 
 def test_jobs_are_registered_and_configs_load():
     assert "diffusion.train" in JOBS and "diffusion.benchmark" in JOBS
-    for name in ("train_mapo", "train_dpo", "train_dpo_lora"):
+    for name in ("train_mapo", "train_dpo", "train_dpo_lora", "train_dpo_sftref"):
         cfg = load_config(DiffusionTrainConfig, f"configs/diffusion/{name}.yaml")
         assert cfg.method in ("mapo", "diffusion_dpo")
     assert load_config(BenchmarkConfig, "configs/diffusion/benchmark.yaml").seeds
@@ -28,6 +28,8 @@ def test_config_errors_name_the_field():
         DiffusionTrainConfig(data="shapes:purple")
     with pytest.raises(ValueError, match="dpo_<positive beta>"):
         BenchmarkConfig(methods=["dpo_x"])
+    with pytest.raises(ValueError, match="sftdpo_<positive beta>"):
+        BenchmarkConfig(methods=["sftdpo_-5"])
     with pytest.raises(ValueError, match="<method>@<positive lr>"):
         BenchmarkConfig(methods=["dpo_5@fast"])
     with pytest.raises(ValueError, match="settings entries"):
@@ -60,13 +62,46 @@ def test_benchmark_pairs_match_their_setting():
 def test_benchmark_smoke_is_resumable(tmp_path):
     cfg = BenchmarkConfig(size=8, channels=[8, 16], embed_dim=8, pretrain_steps=2, pretrain_batch=4, num_pairs=8,
                           finetune_steps=2, finetune_batch=2, samples_per_class=1, sample_steps=2,
-                          settings=["style_90", "safety"], methods=["sft", "mapo", "dpo_1000@1e-4"], seeds=[0])
+                          settings=["style_90", "safety"], methods=["sft", "mapo", "dpo_1000@1e-4", "sftdpo_1000@1e-4"],
+                          seeds=[0])
     out = run_benchmark(cfg, tmp_path)
     rows = [json.loads(x) for x in (tmp_path / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 2 * 4 and "safety/mapo/pref_score" in out
+    assert len(rows) == 2 * 5 and "safety/mapo/pref_score" in out
     assert all(0.0 <= r["pref_score"] <= 1.0 and 0.0 <= r["fidelity_iou"] <= 1.0 for r in rows)
+    sftdpo = [r for r in rows if r["method"].startswith("sftdpo")]
+    sft = {r["setting"]: r for r in rows if r["method"] == "sft"}
+    # its SFT stage is the sft arm itself, and its DPO reference is that SFT model (not the pretrained one)
+    assert all(r["sft_stage_final_loss"] == sft[r["setting"]]["final_loss"] for r in sftdpo)
     run_benchmark(cfg, tmp_path)  # every cell is done: nothing is added
-    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 8
+    assert len((tmp_path / "results.jsonl").read_text().splitlines()) == 10
+
+
+def test_sftdpo_reference_is_the_sft_model():
+    """sftdpo's DPO stage starts at policy = reference = the SFT model: its first loss is exactly log 2."""
+    import math
+
+    from mmalign.diffusion.benchmark import build_model, finetune
+
+    cfg = BenchmarkConfig(size=8, channels=[8, 16], embed_dim=8, finetune_steps=1, finetune_batch=2)
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    pairs = make_pairs("style_90", 4, torch.Generator().manual_seed(0), 8)
+    sft_model, _ = finetune(cfg, ref, "sft", pairs, 0)
+    _, out = finetune(cfg, ref, "sftdpo_1000@1e-4", pairs, 0)
+    assert out["final_loss"] == pytest.approx(math.log(2), abs=1e-6)  # one step: the loss before any DPO update
+    # replay the DPO stage's first draw: its reference errors are the SFT model's, not the pretrained model's
+    from mmalign.diffusion.adapter import PairBatch, pair_denoising_errors, paired_noise_and_timesteps
+    from mmalign.diffusion.benchmark import _embeddings, _scheduler
+
+    g = torch.Generator().manual_seed(10_000 + 0 + 1_000_000)
+    idx = torch.randint(0, 4, (2,), generator=g)
+    batch = PairBatch(pairs["chosen"][idx], pairs["rejected"][idx], _embeddings(cfg)[pairs["classes"][idx]])
+    noise, t = paired_noise_and_timesteps(batch.chosen, 1000, g)
+    with torch.no_grad():
+        via_sft = pair_denoising_errors(sft_model, _scheduler(), batch, noise, t)[0].mean().item()
+        via_pretrained = pair_denoising_errors(ref, _scheduler(), batch, noise, t)[0].mean().item()
+    assert out["diffusion/ref_err_chosen"] == pytest.approx(via_sft, rel=1e-5)
+    assert abs(via_sft - via_pretrained) > 1e-4
 
 
 def test_markdown_sections_are_replaced_in_place(tmp_path):
@@ -83,6 +118,11 @@ def test_perf_measurement_runs_on_cpu():
 
     r = measure("mapo", batch=1, steps=1, warmup=0)
     assert r["step_s_median"] > 0 and r["memory_counter"] == "ru_maxrss growth"
+    d = measure("diffusion_dpo", batch=1, steps=1, warmup=0)
+    # exact byte counts: MaPO has no reference copy, DPO's frozen copy is the size of the weights; AdamW keeps 2 states (+ step counters)
+    assert r["ref_weights_mib"] == 0.0 and d["ref_weights_mib"] == pytest.approx(d["weights_mib"])
+    assert r["optimizer_mib"] == pytest.approx(2 * r["grads_mib"], rel=1e-2) and r["grads_mib"] == pytest.approx(r["weights_mib"])
+    assert d["peak_total_mib"] == pytest.approx(d["peak_mem_mib"] + d["weights_mib"])
 
 
 @pytest.mark.gpu
