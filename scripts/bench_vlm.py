@@ -46,10 +46,11 @@ def fmt(values: list[float]) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
-def write_section(results: dict[str, dict], cfg: BenchmarkConfig, argv: list[str], wall_s: float) -> None:
+def write_section(results: dict[str, dict], cfg: BenchmarkConfig, argv: list[str], wall_s: float,
+                  section: str = "results", heading: str = "Results: offline hallucination benchmark") -> None:
     seeds = sorted(results, key=int)
     rows = [r for r in ["sft", *cfg.methods] if all(r in results[s] for s in seeds)]
-    lines = ["<!-- results:start -->", "## Results: offline hallucination benchmark", "",
+    lines = [f"<!-- {section}:start -->", f"## {heading}", "",
              f"Command: `nice -n 10 .venv/bin/python scripts/bench_vlm.py {' '.join(argv)}` (the three seeds ran as three "
              f"parallel processes with `seeds=[N]`, then one call without overrides wrote the table); seeds "
              f"{[int(s) for s in seeds]}; "
@@ -78,13 +79,15 @@ def write_section(results: dict[str, dict], cfg: BenchmarkConfig, argv: list[str
     missing = [r for r in cfg.methods if r not in rows]
     if missing:
         lines += ["", f"Not run (did not fit the time budget): {', '.join(missing)}."]
-    write_marked_section(DOC, "results", "\n".join(lines[1:]), "# Vision-language benchmarks")
+    write_marked_section(DOC, section, "\n".join(lines[1:]), "# Vision-language benchmarks")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "vision_lm" / "benchmark.yaml"))
     ap.add_argument("--run-dir", default=str(ROOT / "runs" / "bench_vlm"))
+    ap.add_argument("--section", default="results", help="marker key of the page section to (re)write")
+    ap.add_argument("--heading", default="Results: offline hallucination benchmark", help="title of that section")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of BenchmarkConfig")
     args = ap.parse_args()
     cfg = load_config(BenchmarkConfig, args.config, args.overrides)
@@ -102,7 +105,12 @@ def main() -> None:
     results = {p.stem.split("seed")[-1]: json.loads(p.read_text()) for p in sorted(run_dir.glob("results-seed*.json"))}
     config_arg = Path(args.config)
     config_arg = config_arg.relative_to(ROOT) if config_arg.is_absolute() else config_arg
-    write_section(results, cfg, [f"--config {config_arg}", *args.overrides], time.perf_counter() - t0)
+    argv = [f"--config {config_arg}"]
+    if args.section != "results":  # a second table (e.g. longer training) keeps its own run dir and section
+        run_arg = Path(args.run_dir)
+        run_arg = run_arg.relative_to(ROOT) if run_arg.is_absolute() and run_arg.is_relative_to(ROOT) else run_arg
+        argv += [f"--run-dir {run_arg}", f"--section {args.section}", f"--heading '{args.heading}'"]
+    write_section(results, cfg, [*argv, *args.overrides], time.perf_counter() - t0, args.section, args.heading)
 
 if __name__ == "__main__":
     main()

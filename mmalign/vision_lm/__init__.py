@@ -9,5 +9,6 @@ Modules (import them directly; this package imports nothing heavy):
 - ``objectives``: preference pairs -> batches -> core losses (dpo, ipo, cdpo, robust_dpo, realign, rrpo), online BDHS.
 - ``methods``: Re-Align pair builder (image index + masked refilling), BDHS sampling, RRPO phrase alignment.
 - ``scenes``, ``tiny``, ``benchmark``: procedural scenes with planted priors, a tiny LLaVA, CHAIR/POPE benchmark.
+- ``families``: tiny random-init LLaVA / LLaVA-NeXT / Idefics3 / SmolVLM with offline-built processors.
 - ``train``: the ``vlm.train`` job; ``perf``: tokens/s and MFU of DPO steps.
 """

@@ -10,9 +10,12 @@ SmolVLM ...). What TRL's collator cannot express and this one can:
 * several frames per example (video as a list of images, or ``videos=`` for processors that take them);
 * reference log-probs from the same model with LoRA disabled, or precomputed once (see ``refcache.py``).
 
-Branches go through one concatenated forward pass; when every branch carries the same pixels (plain DPO), LLaVA-style
-models encode the images once and splice the features into both branches. Truncation never cuts image tokens: an over-long example raises
-``ValueError`` naming it, or is dropped and counted when ``skip_invalid=True``.
+Branches go through one concatenated forward pass; when every branch carries the same pixels (plain DPO), models that
+splice image features into placeholder embeddings (LLaVA, LLaVA-NeXT, Idefics3, SmolVLM) encode the images once and
+reuse the features in every branch. Family differences handled here: LLaVA-NeXT's ``image_sizes`` and AnyRes patch
+stacks, Idefics3/SmolVLM's split sub-images with ``pixel_attention_mask`` (a variable number of sub-images per example,
+padded with all-zero images), Qwen2-VL's flattened patches with ``image_grid_thw``. Truncation never cuts image
+tokens: an over-long example raises ``ValueError`` naming it, or is dropped and counted when ``skip_invalid=True``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,14 @@ __all__ = ["VLExample", "EncodedBatch", "VLMAdapter", "load_vlm", "apply_lora", 
 
 # Processor outputs that are laid out per token of the prompt (padded / extended with the text).
 _PER_TOKEN_KEYS = ("token_type_ids", "mm_token_type_ids")
+# Vision tensors stacked as (examples or images, sub-images, ...) whose dim 1 varies with the image layout (LLaVA-NeXT
+# AnyRes patches, Idefics3/SmolVLM split tiles). Processors pad dim 1 with all-zero entries, which the models ignore
+# (LLaVA-NeXT keeps the first n patches given by image_sizes; Idefics3/SmolVLM drop all-zero sub-images), so branches
+# with different layouts are padded the same way when concatenated.
+_SUBIMAGE_KEYS = ("pixel_values", "pixel_attention_mask")
+# Model types whose forward splices projected image features into the placeholder embeddings (masked_scatter) and
+# needs nothing else from the pixels, so features encoded once can be reused across branches.
+_SPLICE_FAMILIES = ("llava", "llava_next", "vipllava", "idefics3", "smolvlm")
 
 
 @dataclass
@@ -80,8 +91,13 @@ def concat_batches(batches: Sequence[EncodedBatch]) -> EncodedBatch:
     for key in batches[0].vision:
         parts = [b.vision[key] for b in batches]
         if any(p.shape[1:] != parts[0].shape[1:] for p in parts):
-            raise ValueError(f"vision tensor {key!r} has per-branch shapes {[tuple(p.shape) for p in parts]} that "
-                             "cannot be concatenated; use the same number of images per example in every branch")
+            if key in _SUBIMAGE_KEYS and all(p.ndim >= 4 and p.shape[2:] == parts[0].shape[2:] for p in parts):
+                width = max(p.shape[1] for p in parts)
+                parts = [torch.cat([p, p.new_zeros(p.shape[0], width - p.shape[1], *p.shape[2:])], dim=1)
+                         for p in parts]
+            else:
+                raise ValueError(f"vision tensor {key!r} has per-branch shapes {[tuple(p.shape) for p in parts]} that "
+                                 "cannot be concatenated; use the same number of images per example in every branch")
         vision[key] = torch.cat(parts, dim=0)
     offset, index = 0, []
     for b in batches:
@@ -237,24 +253,35 @@ class VLMAdapter:
         vision = {k: v for k, v in proc.items() if k not in ("input_ids", "attention_mask", *_PER_TOKEN_KEYS)
                   and isinstance(v, Tensor)}
         if len(keep_vision) != len(examples) and vision:
-            vision = self._select_vision(vision, proc, keep_vision, len(examples))
+            vision = self._select_vision(vision, proc, keep_vision, [len(ex.images) for ex in examples])
         return EncodedBatch(ids, attn, _pad_cat(resp_rows, 0),
                             vision, {k: _pad_cat(v, 0) for k, v in extra_rows.items()}, index)
 
-    def _select_vision(self, vision: dict[str, Tensor], proc: Any, keep: list[int], n: int) -> dict[str, Tensor]:
-        """Drop the vision rows of skipped examples (images are counted per example from the placeholder tokens)."""
-        per_example = [int(sum((proc["input_ids"][i] == t).sum() for t in self.image_token_ids)) for i in range(n)]
+    def _select_vision(self, vision: dict[str, Tensor], proc: Any, keep: list[int],
+                       images_per_example: list[int]) -> dict[str, Tensor]:
+        """Drop the vision rows of skipped examples.
+
+        A tensor's leading dim is per example (Idefics3/SmolVLM stacks, one LLaVA image each), per image (LLaVA
+        frames, LLaVA-NeXT patch stacks, Qwen2-VL ``image_grid_thw``) or per patch (Qwen2-VL ``pixel_values``: split
+        proportionally to each example's placeholder count).
+        """
+        n = len(images_per_example)
+        per_token = [int(sum((proc["input_ids"][i] == t).sum() for t in self.image_token_ids)) for i in range(n)]
         out = {}
         for k, v in vision.items():
-            if v.shape[0] == n:  # batched per example (e.g. Idefics3)
+            if v.shape[0] == n:
                 out[k] = v[keep]
-            else:  # rows per image or per patch: split proportionally to each example's placeholder count
-                unit = v.shape[0] // max(sum(per_example), 1) if sum(per_example) else 0
-                if unit * sum(per_example) != v.shape[0]:
+                continue
+            if v.shape[0] == sum(images_per_example):
+                counts = images_per_example
+            else:
+                unit = v.shape[0] // sum(per_token) if sum(per_token) else 0
+                if unit * sum(per_token) != v.shape[0]:
                     raise ValueError(f"cannot drop skipped examples from vision tensor {k!r} of shape {tuple(v.shape)};"
                                      " encode the examples one by one instead")
-                starts = torch.tensor([0] + per_example).cumsum(0) * unit
-                out[k] = torch.cat([v[starts[i]:starts[i + 1]] for i in keep])
+                counts = [c * unit for c in per_token]
+            starts = torch.tensor([0] + counts).cumsum(0)
+            out[k] = torch.cat([v[starts[i]:starts[i + 1]] for i in keep])
         return out
 
     # ----------------------------------------------------------------------------------------- scoring
@@ -301,7 +328,9 @@ class VLMAdapter:
         idx = (starts - first).unsqueeze(1) + torch.arange(width, device=resp.device).unsqueeze(0)
         idx = idx.clamp(max=logits.shape[1] - 1)
         targets = torch.gather(batch.input_ids[:, first:], 1, idx)
-        mask = torch.gather(resp[:, first:], 1, idx)
+        # From the response lengths, not gathered from response_mask: a clamped index of a row whose prompt is longer
+        # (another image layout or prompt text) but whose response is shorter would land on its own last token again.
+        mask = torch.arange(width, device=resp.device).unsqueeze(0) < resp.sum(dim=1, keepdim=True)
         logits = torch.gather(logits, 1, idx.unsqueeze(-1).expand(-1, -1, logits.shape[-1]))
         logps = torch.gather(logits, 2, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
         logps = logps * mask
@@ -340,27 +369,29 @@ class VLMAdapter:
         return out
 
     def _shared_image_features(self, branches: Sequence[EncodedBatch]) -> Tensor | None:
-        """Encode the images once when every branch carries the same pixels (same-image DPO), LLaVA-style only.
+        """Encode the images once when every branch carries the same vision inputs (same-image DPO).
 
         Mathematically identical to encoding them per branch (the gradient reaches the vision tower once, summed
-        over branches) but runs the vision tower on half (or a third) of the images. Families whose language model
-        needs more than spliced embeddings (e.g. Qwen2-VL's 3-D rotary positions) take the plain path.
+        over branches) but runs the vision tower on half (or a third) of the images. Only for families whose
+        forward merely splices image features into placeholder embeddings (``_SPLICE_FAMILIES``); others (e.g.
+        Qwen2-VL, whose 3-D rotary positions need the image grid) take the plain path.
         """
         if not self.share_images or len(branches) < 2:
             return None
         model = self.model
-        if getattr(model.config, "model_type", None) not in ("llava", "llava_next", "vipllava"):
+        if getattr(model.config, "model_type", None) not in _SPLICE_FAMILIES:
             return None
         first = branches[0].vision
-        if set(first) != {"pixel_values"} or any(set(b.vision) != {"pixel_values"} for b in branches):
+        if "pixel_values" not in first or any(b.extra_tokens for b in branches):
             return None
-        pix = first["pixel_values"]
-        if any(b.vision["pixel_values"].shape != pix.shape or not torch.equal(b.vision["pixel_values"], pix)
-               for b in branches[1:]):
-            return None
-        feats = model.get_image_features(pixel_values=pix)
+        for b in branches[1:]:
+            if set(b.vision) != set(first) or any(
+                    b.vision[k].shape != v.shape or not torch.equal(b.vision[k], v) for k, v in first.items()):
+                return None
+        feats = model.get_image_features(**first)
         feats = getattr(feats, "pooler_output", feats)
-        feats = torch.cat(list(feats), dim=0) if isinstance(feats, (list, tuple)) else feats.reshape(-1, feats.shape[-1])
+        feats = torch.cat([f.reshape(-1, f.shape[-1]) for f in feats], dim=0) if isinstance(feats, (list, tuple)) \
+            else feats.reshape(-1, feats.shape[-1])
         return torch.cat([feats] * len(branches), dim=0)
 
     def next_token_logits(self, examples: Sequence[VLExample]) -> Tensor:

@@ -104,14 +104,20 @@ def tagged_segments(text: str, tokenizer: Any, open_tag: str = "<MASK>", close_t
 # ------------------------------------------------------------------------------------------------ Re-Align
 @torch.no_grad()
 def vision_embeddings(adapter: VLMAdapter, images: Sequence[Any], batch_size: int = 64) -> Tensor:
-    """Mean-pooled, L2-normalised image features of the VLM's own vision tower + projector, ``(N, D)``."""
+    """Mean-pooled, L2-normalised image features of the VLM's own vision tower + projector, ``(N, D)``.
+
+    Pooled over every placeholder feature of an image: all patches (LLaVA), base view + AnyRes tiles + row newlines
+    (LLaVA-NeXT), all split tiles + the global view (Idefics3 / SmolVLM).
+    """
     model = adapter.model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     dev = next(base.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])
-        pix = adapter.processor.image_processor(chunk, return_tensors="pt")
+        # Idefics-style processors stack all images of one example (a flat list would be ONE example): nest them.
+        nested = getattr(base.config, "model_type", None) in ("idefics2", "idefics3", "smolvlm")
+        pix = adapter.processor.image_processor([[im] for im in chunk] if nested else chunk, return_tensors="pt")
         feats = base.get_image_features(**{k: v.to(dev) for k, v in pix.items()})
         feats = getattr(feats, "pooler_output", feats)
         if isinstance(feats, (list, tuple)):

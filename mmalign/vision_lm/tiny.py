@@ -109,7 +109,11 @@ def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[An
     if cells != S.GRID * S.GRID:
         raise ValueError(f"pretrain_vision_tower needs one patch per grid cell ({S.GRID * S.GRID}), got {cells}")
     n_out = (len(S.SHAPES) + 1) + len(S.COLORS) + len(S.SIZES)
-    head = torch.nn.Linear(cfg.hidden_size, n_out)
+    # Seeded: torch's global generator starts from a different seed in every process, which made the whole
+    # benchmark (vision tower -> SFT -> every method) differ from run to run.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(cfg.hidden_size, n_out)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr)
     shape_t = torch.full((len(scenes), cells), len(S.SHAPES), dtype=torch.long)

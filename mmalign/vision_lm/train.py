@@ -1,7 +1,8 @@
 """``mmalign vlm train``: preference-train a VLM with DPO / IPO / cDPO / robust DPO / Re-Align / RRPO / BDHS.
 
-Model: a local ``AutoModelForImageTextToText`` checkpoint (``model_path``), or the benchmark's tiny LLaVA, trained
-from scratch on procedural scenes first when ``model_path`` is empty. Pairs: a JSONL file (``pairs_path``; fields
+Model: a local ``AutoModelForImageTextToText`` checkpoint (``model_path``), or a tiny VLM of ``family`` (the
+benchmark's LLaVA, or LLaVA-NeXT / Idefics3 / SmolVLM from :mod:`mmalign.vision_lm.families`), trained from scratch on
+procedural scenes first when ``model_path`` is empty. Pairs: a JSONL file (``pairs_path``; fields
 ``prompt``, ``chosen``, ``rejected``, ``images`` = image file paths, optional ``rejected_images``,
 ``retrieved_images``, and ``chosen_tagged``/``rejected_tagged`` with RRPO ``<MASK>`` tags), or pairs built on the
 fly from scenes by ``pair_source`` (``corrupt``, ``realign``, ``bdhs``). Reference log-probs: ``reference: lora``
@@ -25,11 +26,12 @@ class VLMTrainConfig(Config):
     """One preference-training run of a vision-language model."""
 
     method: str = option("dpo", "loss: dpo, ipo, cdpo, robust_dpo, realign (DPO + visual term) or rrpo")
-    model_path: str = option("", "local AutoModelForImageTextToText checkpoint; empty = tiny LLaVA SFT'd on scenes")
+    model_path: str = option("", "local AutoModelForImageTextToText checkpoint; empty = tiny VLM SFT'd on scenes")
+    family: str = option("llava", "tiny model family when model_path is empty: llava, llava_next, idefics3, smolvlm")
     pairs_path: str = option("", "JSONL of preference pairs; empty = build pairs from procedural scenes")
     pair_source: str = option("corrupt", "scene pairs when pairs_path is empty: corrupt, realign or bdhs")
     n_scenes: int = option(256, "procedural scenes for generated pairs")
-    sft_steps: int = option(400, "SFT steps of the tiny LLaVA when model_path is empty")
+    sft_steps: int = option(400, "SFT steps of the tiny model when model_path is empty")
     reference: str = option("lora", "reference log-probs: lora (adapter disabled) or cache (precomputed on disk)")
     cache_dir: str = option("", "where cached reference log-probs live (default: <run_dir>/ref_cache)")
     beta: float = option(0.1, "inverse temperature of every DPO-family loss")
@@ -51,6 +53,7 @@ class VLMTrainConfig(Config):
 
         check_choice("method", self.method, METHODS)
         check_choice("pair_source", self.pair_source, ("corrupt", "realign", "bdhs"))
+        check_choice("family", self.family, ("llava", "llava_next", "idefics3", "smolvlm"))
         check_choice("reference", self.reference, ("lora", "cache"))
         for name in ("n_scenes", "beta", "max_length"):
             check_positive(name, getattr(self, name))
@@ -141,19 +144,25 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
         model_id = cfg.model_path
         adapter = VLMAdapter(model, processor, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
     else:
+        from mmalign.vision_lm.families import build_tiny_vlm
         from mmalign.vision_lm.tiny import build_tiny_llava
 
-        model, processor = build_tiny_llava(S.vocabulary(), seed=cfg.seed, patch_size=16)
+        if cfg.family == "llava":
+            model, processor = build_tiny_llava(S.vocabulary(), seed=cfg.seed, patch_size=16)
+        else:  # same widths/depths as the tiny LLaVA; the family's own image layout
+            model, processor = build_tiny_vlm(cfg.family, S.vocabulary(), seed=cfg.seed, vision_dim=64, text_dim=96,
+                                              vision_layers=2, text_layers=2, heads=4)
         adapter = VLMAdapter(model, processor, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
         sft_scenes = [gen.sample(rng) for _ in range(max(cfg.n_scenes, 4 * cfg.trainer.batch_size))]
         sft_imgs = [S.render(s, rng=rng) for s in sft_scenes]
         bcfg = B.BenchmarkConfig(seeds=[cfg.seed], sft_steps=max(cfg.sft_steps, 1), batch_size=cfg.trainer.batch_size)
         if cfg.sft_steps > 0:
-            from mmalign.vision_lm.tiny import pretrain_vision_tower
+            if cfg.family == "llava":  # per-cell tower pre-training needs LLaVA's one patch per grid cell
+                from mmalign.vision_lm.tiny import pretrain_vision_tower
 
-            pretrain_vision_tower(model, sft_scenes, sft_imgs, processor, steps=100, seed=cfg.seed)
+                pretrain_vision_tower(model, sft_scenes, sft_imgs, processor, steps=100, seed=cfg.seed)
             B.train_sft(adapter, B.sft_examples(sft_scenes, sft_imgs, rng), bcfg, cfg.seed, run_dir / "sft")
-        model_id = f"tiny-llava-seed{cfg.seed}-sft{cfg.sft_steps}"
+        model_id = f"tiny-{cfg.family}-seed{cfg.seed}-sft{cfg.sft_steps}"
     if cfg.pairs_path:
         pairs = load_pairs_jsonl(cfg.pairs_path, adapter.tokenizer)
         stats: dict[str, float] = {}

@@ -184,3 +184,35 @@ def test_shared_image_encoding_matches_per_branch_encoding(llava, images):
     plain = VLMAdapter(llava.model, llava.processor, share_images=False)
     for got, want in zip(llava.branch_logps([chosen, rejected]), plain.branch_logps([chosen, rejected])):
         assert torch.allclose(got[0], want[0], atol=1e-5)
+
+
+def test_mask_exact_when_the_longest_row_has_a_shorter_response(llava, images):
+    """A longer prompt with a shorter response (other prompt text or image layout) must not count a token twice."""
+    scenes, imgs = images
+    exs = [VLExample("<image> is there a circle ? is there a bar ? is there a cross ?", "yes", [imgs[0]]),
+           VLExample("<image> describe :", "a big red circle and a small blue bar .", [imgs[1]])]
+    batch = llava.encode(exs)
+    assert int(batch.attention_mask[0].sum()) == batch.input_ids.shape[1]  # row 0 is the longest sequence
+    logps, mask, _ = llava.token_logps(batch)
+    assert mask.sum(1).tolist() == [2, 11]
+    alone = torch.cat([llava.sequence_logps(llava.encode([e])) for e in exs])
+    assert torch.allclose(logps.sum(1), alone, atol=1e-5)
+
+
+def test_qwen2vl_skip_invalid_with_two_images_per_example(qwen2vl):
+    """Patch rows (pixel_values) and per-image rows (image_grid_thw) of a dropped example are both removed."""
+    from mmalign.vision_lm.adapter import VLMAdapter
+
+    rng = np.random.default_rng(1)
+    imgs = [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(6)]
+    slot = "<|vision_start|> <|image_pad|> <|vision_end|>"
+    prompt = f"{slot} {slot} describe :"
+    exs = [VLExample(prompt, "a red circle", imgs[0:2]), VLExample(prompt, "a red circle " * 6, imgs[2:4]),
+           VLExample(prompt, "a blue square", imgs[4:6])]
+    limit = qwen2vl.encode([exs[0]]).input_ids.shape[1]
+    ad = VLMAdapter(qwen2vl.model, qwen2vl.processor, max_length=limit, skip_invalid=True)
+    batch = ad.encode(exs)
+    assert batch.index == [0, 2] and batch.vision["image_grid_thw"].shape[0] == 4
+    with torch.no_grad():
+        alone = torch.cat([qwen2vl.sequence_logps(qwen2vl.encode([e])) for e in (exs[0], exs[2])])
+        assert torch.allclose(ad.sequence_logps(batch), alone, atol=1e-5)
