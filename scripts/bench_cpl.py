@@ -30,14 +30,19 @@ def main() -> None:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--densities", nargs="+", default=["dense"])
     p.add_argument("--oracle-steps", type=int, default=15000)
+    p.add_argument("--noise-levels", nargs="+", type=float, default=None, help="override CPLConfig.noise_levels")
+    p.add_argument("--action-bias", nargs="+", type=float, default=None, help="override CPLConfig.action_bias")
+    p.add_argument("--oracle", default=None, help="reuse this oracle SAC .zip instead of training one in --out")
     p.add_argument("--out", default="runs/bench_cpl")
     p.add_argument("--doc", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    oracle = out / "oracle_sac.zip"
-    base = CPLConfig(env_id=args.task, oracle_steps=args.oracle_steps)
+    oracle = Path(args.oracle) if args.oracle else out / "oracle_sac.zip"
+    overrides = {k: tuple(v) for k, v in (("noise_levels", args.noise_levels), ("action_bias", args.action_bias))
+                 if v is not None}
+    base = CPLConfig(env_id=args.task, oracle_steps=args.oracle_steps, **overrides)
     if not oracle.exists():
         from mmalign.robotics.cpl import train_oracle
 
@@ -65,9 +70,15 @@ def main() -> None:
     text = "\n".join([
         "## Offline CPL vs BC vs %BC (scripts/bench_cpl.py)", "",
         f"Command: `.venv/bin/python scripts/bench_cpl.py --task {args.task} --seeds {' '.join(map(str, args.seeds))} "
-        f"--densities {' '.join(args.densities)} --oracle-steps {args.oracle_steps}`. One oracle SAC "
-        f"({args.oracle_steps} steps, seed 0); per seed: own rollouts, regret labels, policy init. Config defaults of "
-        f"`CPLConfig` (configs/robotics/cpl.yaml). Machine: {platform.platform()}, shared 2-core CPU. "
+        f"--densities {' '.join(args.densities)} --oracle-steps {args.oracle_steps}"
+        + (f" --oracle {args.oracle}" if args.oracle else "")
+        + "".join(f" --{k.replace('_', '-')} {' '.join(f'{x:g}' for x in v)}" for k, v in overrides.items())
+        + f"`. Data levels (noise, bias): "
+        f"{list(zip(base.noise_levels, base.action_bias or [0.0] * len(base.noise_levels)))}"
+        f" × {base.episodes_per_level} episodes + {base.random_episodes} random episodes. One oracle SAC "
+        f"({args.oracle_steps} steps, seed 0{', loaded with --oracle' if args.oracle else ''}); per seed: own "
+        f"rollouts, regret labels, policy init. Other fields: `CPLConfig` defaults. Machine: {platform.platform()}, "
+        f"shared 2-core CPU with other jobs running. "
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
         markdown_table(table), "",
         f"Regret labels agree with the true partial-return order on {np.mean(agree):.3f} of decisive pairs "

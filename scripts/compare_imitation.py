@@ -31,15 +31,18 @@ def evaluate(predict, env, episodes: int = 10, seed: int = 10_000) -> tuple[floa
     return float(np.mean(returns)), float(np.std(returns))
 
 
-def run_imitation(steps: int, labels: int, seed: int) -> dict:
+def run_imitation(steps: int, labels: int, seed: int, threads: int) -> dict:
     import gymnasium
     from imitation.algorithms import preference_comparisons as pc
     from imitation.policies.base import FeedForward32Policy, NormalizeFeaturesExtractor
     from imitation.rewards.reward_nets import BasicRewardNet
     from imitation.util.networks import RunningNorm
     from imitation.util.util import make_vec_env
+    import torch
     from stable_baselines3 import PPO
 
+    if threads > 0:  # default 1, as the mmalign side: compare single-thread CPU and wall time
+        torch.set_num_threads(threads)
     rng = np.random.default_rng(seed)
     venv = make_vec_env("Reacher-v4", rng=rng, n_envs=1)
     reward_net = BasicRewardNet(venv.observation_space, venv.action_space, normalize_input_layer=RunningNorm)
@@ -65,13 +68,14 @@ def run_imitation(steps: int, labels: int, seed: int) -> dict:
             "wall_s": wall, "cpu_s": cpu}
 
 
-def run_mmalign(steps: int, labels: int, seed: int, algo: str) -> dict:
+def run_mmalign(steps: int, labels: int, seed: int, algo: str, threads: int) -> dict:
     import gymnasium
     import torch
 
     from mmalign.robotics.pebble import PebbleConfig, train_agent
 
-    torch.set_num_threads(1)
+    if threads > 0:
+        torch.set_num_threads(threads)
     first = 1024
     cfg = PebbleConfig(env_id="Reacher-v5", algo=algo, total_steps=steps, seed=seed, teacher="oracle",
                        label_budget=labels, initial_labels=max(64, labels // 4),
@@ -87,18 +91,25 @@ def run_mmalign(steps: int, labels: int, seed: int, algo: str) -> dict:
             "cpu_s": cpu, "queries": res["labels"]["labels/queries"]}
 
 
-def summarize(out: Path) -> None:
+def summarize(out: Path) -> str:
+    """Per-run rows and a mean ± std (over seeds) row per implementation, as Markdown."""
     rows = [json.loads(p.read_text()) for p in sorted(out.glob("result_*.json"))]
-    lines = ["## mmalign vs imitation PreferenceComparisons (scripts/compare_imitation.sh)", "",
-             f"Machine: {platform.platform()}, shared 2-core CPU with other jobs running. "
-             f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
-             "| implementation | steps | labels | seed | true return | wall s | CPU s |", "|---|---|---|---|---|---|---|"]
-    for r in rows:
+    lines = ["| implementation | steps | labels | seed | true return (10 episodes) | wall s | CPU s |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["impl"], r["seed"])):
         lines.append(f"| {r['impl']} | {r['steps']} | {r['labels']} | {r['seed']} | {r['true_return']:.2f} ± "
                      f"{r['std']:.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
+    lines += ["", "| implementation | seeds | true return (mean ± std over seeds) | wall s (mean ± std) | "
+              "CPU s (mean ± std) |", "|---|---|---|---|---|"]
+    for impl in sorted({r["impl"] for r in rows}):
+        group = [r for r in rows if r["impl"] == impl]
+        ret, wall, cpu = (np.array([r[k] for r in group]) for k in ("true_return", "wall_s", "cpu_s"))
+        lines.append(f"| {impl} | {', '.join(str(r['seed']) for r in group)} | {ret.mean():.2f} ± {ret.std():.2f} | "
+                     f"{wall.mean():.0f} ± {wall.std():.0f} | {cpu.mean():.0f} ± {cpu.std():.0f} |")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text)
+    return text
 
 
 def main() -> None:
@@ -108,6 +119,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20000)
     p.add_argument("--labels", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default, all cores)")
     p.add_argument("--out", default="runs/compare_imitation")
     p.add_argument("--summarize", action="store_true")
     args = p.parse_args()
@@ -116,9 +128,9 @@ def main() -> None:
     if args.summarize:
         summarize(out)
         return
-    res = run_imitation(args.steps, args.labels, args.seed) if args.impl == "imitation" else run_mmalign(
-        args.steps, args.labels, args.seed, args.algo)
-    res.update({"steps": args.steps, "labels": args.labels, "seed": args.seed})
+    res = run_imitation(args.steps, args.labels, args.seed, args.threads) if args.impl == "imitation" else run_mmalign(
+        args.steps, args.labels, args.seed, args.algo, args.threads)
+    res.update({"steps": args.steps, "labels": args.labels, "seed": args.seed, "threads": args.threads})
     name = args.impl if args.impl == "imitation" else f"mmalign_{args.algo}"
     (out / f"result_{name}_s{args.seed}.json").write_text(json.dumps(res, indent=1))
     print(res)

@@ -2,7 +2,10 @@
 # Side-by-side with `imitation` 1.0.1's PreferenceComparisons (pinned to gymnasium 0.29 / SB3 2.2.1, which conflict
 # with mmalign's gymnasium 1.x / SB3 2.9): build its own venv, then run scripts/compare_imitation.py in both.
 #
-#   bash scripts/compare_imitation.sh [STEPS] [LABELS] [SEED]
+#   bash scripts/compare_imitation.sh [STEPS] [LABELS] [SEEDS...]
+#
+# Seeds run one after the other, imitation then mmalign for each seed (alternating, so both see the same machine
+# load over time); both are pinned to one torch thread so CPU and wall seconds are comparable.
 #
 # The imitation venv (default /tmp/mmalign-imitation-venv, override with IMITATION_VENV) reuses torch and numpy of
 # mmalign's venv through a .pth file placed *after* its own site-packages, so only the pinned pure-Python stack
@@ -10,11 +13,12 @@
 set -euo pipefail
 STEPS=${1:-20000}
 LABELS=${2:-400}
-SEED=${3:-0}
+if [ $# -ge 3 ]; then SEEDS=("${@:3}"); else SEEDS=(0 1 2); fi
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 MAIN_PY="${MAIN_PY:-$ROOT/.venv/bin/python}"
 VENV="${IMITATION_VENV:-/tmp/mmalign-imitation-venv}"
 OUT="${OUT:-$ROOT/runs/compare_imitation}"
+THREADS="${THREADS:-1}"  # torch threads of both sides (0 = torch's default)
 mkdir -p "$OUT"
 BASE_PY="$("$MAIN_PY" -c 'import sys; print(sys.base_prefix)')/bin/python3"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -27,6 +31,8 @@ if [ ! -x "$VENV/bin/python" ]; then
       "seals~=0.2.1" "mujoco>=2.3.3,<3" 2>&1 | tail -n 5
 fi
 "$VENV/bin/python" -c "import imitation, gymnasium, stable_baselines3 as sb3; print('imitation', imitation.__version__, 'gymnasium', gymnasium.__version__, 'sb3', sb3.__version__)"
-"$VENV/bin/python" "$ROOT/scripts/compare_imitation.py" --impl imitation --steps "$STEPS" --labels "$LABELS" --seed "$SEED" --out "$OUT"
-"$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --impl mmalign --steps "$STEPS" --labels "$LABELS" --seed "$SEED" --out "$OUT"
+for SEED in "${SEEDS[@]}"; do
+  "$VENV/bin/python" "$ROOT/scripts/compare_imitation.py" --impl imitation --steps "$STEPS" --labels "$LABELS" --seed "$SEED" --threads "$THREADS" --out "$OUT"
+  "$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --impl mmalign --steps "$STEPS" --labels "$LABELS" --seed "$SEED" --threads "$THREADS" --out "$OUT"
+done
 "$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --summarize --out "$OUT"

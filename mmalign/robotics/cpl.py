@@ -4,8 +4,10 @@ Recipe (Hejna et al., ICLR 2024, arXiv 2310.13639; official jhejna/cpl, ``add_pr
 
 1. **Oracle**: SAC trained on the true reward. Its critic gives ``A*(s, a) = Q(s, a) − V(s)`` with
    ``V(s) = E_{a'~π}[Q(s, a')]`` estimated from ``value_samples`` policy actions (min of the twin critics).
-2. **Data of mixed quality**: episodes from the oracle with Gaussian action noise of several sizes and from a
-   uniformly random policy, cut into ``segment_length``-step segments.
+2. **Data of mixed quality**: episodes from the oracle with Gaussian action noise of several sizes, optionally a
+   constant action offset per level (``action_bias``: a systematically wrong demonstrator, so that BC on all data
+   is sub-optimal — zero-mean noise alone averages out under BC), and from a uniformly random policy, cut into
+   ``segment_length``-step segments.
 3. **Labels**: :class:`mmalign.core.teachers.RegretTeacher` (β = ∞: ``1[Σ A*(σ¹) > Σ A*(σ²)]``, 0.5 on ties).
    *Dense*: every batch pairs segments at random from all segments (``pairs_per_segment`` labelled pairs per
    segment are drawn up front); *sparse*: fixed disjoint pairs, each segment in exactly one comparison.
@@ -42,6 +44,8 @@ class CPLConfig(Config):
     oracle_path: str = option("", "load the oracle SAC from this .zip instead of training one ('' = train)")
     episodes_per_level: int = option(40, "episodes per data-quality level")
     noise_levels: tuple[float, ...] = option((0.0, 0.3, 0.6, 1.0), "oracle action-noise stds (units of half range)")
+    action_bias: tuple[float, ...] = option((), "constant action offset per noise level (units of half range, added "
+                                            "to every action dimension); () = no offset")
     random_episodes: int = option(40, "episodes of a uniformly random policy added to the data")
     segment_length: int = option(25, "steps per segment")
     density: Literal["dense", "sparse"] = option("dense", "dense: many random pairs per segment; sparse: disjoint pairs")
@@ -73,6 +77,11 @@ class CPLConfig(Config):
             check_choice("methods", m, ("cpl", "bc", "pbc"))
         for s in self.noise_levels:
             check_range("noise_levels", s, 0.0, 10.0)
+        if self.action_bias and len(self.action_bias) != len(self.noise_levels):
+            raise ValueError(f"action_bias must be empty or have one entry per noise level "
+                             f"({len(self.noise_levels)}), got {len(self.action_bias)} entries")
+        for b in self.action_bias:
+            check_range("action_bias", b, -2.0, 2.0)
 
 
 # ------------------------------------------------------------------------------------------------ oracle + data
@@ -129,10 +138,17 @@ def build_dataset(cfg: CPLConfig, oracle: Any, progress: Callable[[str], None] |
     env = gymnasium.make(cfg.env_id)
     env.action_space.seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
+    low, high = env.action_space.low, env.action_space.high
     episodes: list[dict[str, np.ndarray]] = []
-    for k, noise in enumerate(cfg.noise_levels):
-        episodes += collect_episodes(env, lambda o: oracle.predict(o, deterministic=True)[0], cfg.episodes_per_level,
-                                     seed=cfg.seed * 100_000 + 1000 * k, action_noise=noise, rng=rng)
+    biases = cfg.action_bias or (0.0,) * len(cfg.noise_levels)
+    for k, (noise, bias) in enumerate(zip(cfg.noise_levels, biases)):
+        offset = bias * (high - low) / 2
+
+        def behaviour(o: np.ndarray, offset: np.ndarray = offset) -> np.ndarray:
+            return np.clip(oracle.predict(o, deterministic=True)[0] + offset, low, high)
+
+        episodes += collect_episodes(env, behaviour, cfg.episodes_per_level, seed=cfg.seed * 100_000 + 1000 * k,
+                                     action_noise=noise, rng=rng)
     episodes += collect_episodes(env, lambda o: env.action_space.sample(), cfg.random_episodes,
                                  seed=cfg.seed * 100_000 + 99_000)
     env.close()
@@ -155,13 +171,19 @@ def build_dataset(cfg: CPLConfig, oracle: Any, progress: Callable[[str], None] |
     y = labels.labels.numpy()
     decisive = (y != 0.5) & (ret_i != ret_j)
     agree = float(((y > 0.5) == (ret_i > ret_j))[decisive].mean()) if decisive.any() else float("nan")
+    per_level = np.split(ep_returns[: cfg.episodes_per_level * len(cfg.noise_levels)], len(cfg.noise_levels))
+    level_returns = {f"noise {n:g}, bias {b:g}": float(r.mean())
+                     for n, b, r in zip(cfg.noise_levels, biases, per_level)}
+    if cfg.random_episodes:
+        level_returns["random"] = float(ep_returns[len(ep_returns) - cfg.random_episodes:].mean())
     if progress:
+        progress("mean episode return per data level: " + ", ".join(f"{k}: {v:.1f}" for k, v in level_returns.items()))
         progress(f"data: {len(episodes)} episodes, {n} segments, {len(i)} {cfg.density} pairs; regret labels agree "
                  f"with true-return order on {agree:.3f}")
     return {
         "segments": segs, "first": i, "second": j, "labels": torch.as_tensor(y, dtype=torch.float32),
         "episode_returns": ep_returns, "pbc_obs": pbc_obs, "pbc_act": pbc_act,
-        "label_return_agreement": agree, "num_episodes": len(episodes),
+        "label_return_agreement": agree, "num_episodes": len(episodes), "level_returns": level_returns,
     }
 
 
@@ -301,8 +323,8 @@ def run(cfg: CPLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     (run_dir / "results.md").write_text(f"# CPL vs BC vs %BC on {cfg.env_id} ({cfg.density}, seed {cfg.seed})\n\n"
                                         f"{table}\n")
     (run_dir / "results.json").write_text(json.dumps({"rows": rows, "logs": logs,
-                                                      "label_return_agreement": data["label_return_agreement"]},
-                                                     indent=1))
+                                                      "label_return_agreement": data["label_return_agreement"],
+                                                      "level_returns": data["level_returns"]}, indent=1))
     summary = {f"eval/true_return_{r['method']}": r["true_return"] for r in rows}
     summary["data/label_return_agreement"] = data["label_return_agreement"]
     summary["time/wall_s"] = time.perf_counter() - t0

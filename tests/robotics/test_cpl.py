@@ -30,6 +30,22 @@ def test_config_errors():
         CPLConfig(methods=("cpl", "dpo"))
     with pytest.raises(ValueError, match="density"):
         CPLConfig(density="medium")
+    with pytest.raises(ValueError, match="action_bias"):
+        CPLConfig(noise_levels=(0.0, 0.3), action_bias=(0.5,))
+    with pytest.raises(ValueError, match="action_bias"):
+        CPLConfig(noise_levels=(0.0,), action_bias=(3.0,))
+
+
+def test_action_bias_offsets_the_behaviour_actions(oracle):
+    """A biased level's actions are the oracle's plus the offset (no noise), clipped to the box."""
+    base = dict(TINY, noise_levels=(0.0, 0.0), random_episodes=0)
+    plain = build_dataset(CPLConfig(**base), oracle)
+    biased = build_dataset(CPLConfig(**base, action_bias=(0.0, 0.5)), oracle)
+    n = len(plain["segments"]) // 2  # first half of the segments: level 0 (identical), second half: level 1
+    np.testing.assert_allclose(biased["segments"].act[:n], plain["segments"].act[:n])
+    obs = biased["segments"].obs[n:].reshape(-1, 10)
+    expected = np.clip(oracle.predict(obs, deterministic=True)[0] + 0.5, -1.0, 1.0)
+    np.testing.assert_allclose(biased["segments"].act[n:].reshape(-1, 2), expected, atol=1e-5)
 
 
 def test_advantage_is_zero_mean_under_the_policy(oracle):
