@@ -35,6 +35,13 @@ __all__ = [
 
 def check_shapes(tensors: Mapping[str, Tensor], ndim: int | None = 1) -> None:
     """Tensors of one pairwise loss share one shape (with ``ndim`` dimensions unless ``None``)."""
+    # Fast path for valid calls (this runs on every loss call); the checks below name the culprit otherwise.
+    values = iter(tensors.values())
+    first = next(values)
+    if isinstance(first, Tensor) and (ndim is None or first.dim() == ndim):
+        shape = first.shape
+        if all(isinstance(t, Tensor) and t.shape == shape for t in values):
+            return
     first_name, first = next(iter(tensors.items()))
     if ndim is not None:
         check_ndim(first_name, first, ndim)
@@ -75,14 +82,17 @@ def check_inputs_finite(
     """Validate a call with at most one reduction per checked tensor and one host read.
 
     ``witness`` is a tensor computed from every entry of ``inputs`` (e.g. Δ = ρ_w − ρ_l) whose sum is finite iff all
-    inputs are (barring overflow, which the fallback tolerates); a 0-d witness is used as is (e.g. a BCE-with-
+    inputs are (barring overflow, e.g. an fp16 sum above 65504, which the per-input fallback tolerates); a 0-d witness is used as is (e.g. a BCE-with-
     logits loss already reduced over the batch, which is non-finite for any non-finite logit). ``labels``, if
     given, must lie in ``[0, 1]``; each tensor of ``positive`` (e.g. token counts) must be finite and > 0. Their
     min and max are read back together with the witness. Raises ``ValueError`` naming the offending argument.
     """
     witness = witness.detach()
-    scalars = [witness if witness.dim() == 0 else witness.sum(dtype=torch.float32 if witness.element_size() < 4
-                                                                 else None)]
+    if labels is None and positive is None:  # fast path, no stack: one reduction, one read
+        if not math.isfinite(float(witness.sum() if witness.dim() else witness)):
+            check_all_finite(inputs)
+        return
+    scalars = [witness.sum() if witness.dim() else witness]
     has_labels = labels is not None and labels.numel() > 0
     if has_labels:
         assert labels is not None
@@ -117,12 +127,12 @@ class LossMetrics(Mapping[str, float]):
     def __init__(self, compute: Callable[..., dict[str, float]], *tensors: Tensor | None) -> None:
         self._compute = compute
         self._tensors = tensors
-        self._versions = tuple(None if t is None else t._version for t in tensors)
+        self._versions = [None if t is None else t._version for t in tensors]
         self._values: dict[str, float] | None = None
 
     def _materialise(self) -> dict[str, float]:
         if self._values is None:
-            if any(t is not None and t._version != v for t, v in zip(self._tensors, self._versions)):
+            if any(t is not None and t._version != v for t, v in zip(self._tensors, self._versions, strict=True)):
                 raise RuntimeError(
                     "loss metrics read after a tensor they depend on was modified in place (e.g. an input that is a "
                     "parameter, after optimizer.step()); read the metrics before modifying the loss inputs")
