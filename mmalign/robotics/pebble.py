@@ -43,19 +43,35 @@ class PebbleConfig(Config):
     teacher: str = option("oracle", "B-Pref teacher preset: oracle, stochastic, mistake, skip, myopic, equal")
     teacher_beta: float = option(0.0, "override the teacher's rationality beta (0 = keep the preset)")
     teacher_eps_mistake: float = option(-1.0, "override the teacher's label-flip probability (-1 = keep the preset)")
+    teacher_shift_rewards: bool = option(
+        True, "before skip/equal teachers see true rewards, offset them so the poorest candidate segment has return 0 "
+              "(B-Pref's thresholds eps*mean-return assume non-negative rewards; a constant offset changes no other "
+              "decision because all segments have the same length)")
     label_budget: int = option(500, "total number of queries asked (skipped ones count), at most this many")
     initial_labels: int = option(100, "queries in the first feedback round")
     labels_per_round: int = option(50, "queries in every later round")
     feedback_every: int = option(1000, "env steps between feedback rounds")
     first_feedback: int = option(1000, "env step of the first feedback round (after random/unsupervised steps)")
     segment_length: int = option(25, "steps per segment shown to the teacher")
-    selector: str = option("disagreement", "query selector from mmalign.core.query: uniform, disagreement, entropy")
+    selector: str = option(
+        "disagreement",
+        "query selector from mmalign.core.query: uniform, disagreement, entropy, or routing (the teacher answers the "
+        "most uncertain candidates within the budget, the reward ensemble pseudo-labels the confident ones)")
     candidate_factor: int = option(4, "candidate pairs per query for the selector (1 = no selection)")
+    routing_confidence: float = option(
+        0.9, "routing only: the ensemble pseudo-labels a candidate when its member-mean label entropy is at most "
+             "that of P=routing_confidence (1 = never); pseudo-labels are redrawn every round, never counted as "
+             "queries")
+    recent_window: int = option(0, "draw candidate segments from the last this-many env steps only (0 = whole buffer)")
+    reward_norm: bool = option(False, "standardise each member's learned reward over the replay buffer after every "
+                                      "refit (mean 0, std 1) before relabelling and acting")
     ensemble_size: int = option(3, "reward ensemble members")
     rm_hidden: int = option(64, "hidden width of each reward MLP (two hidden layers)")
     rm_lr: float = option(3e-4, "reward model learning rate (Adam)")
     rm_epochs: int = option(50, "passes over all labels per feedback round")
     rm_batch_size: int = option(64, "pairs per reward-model gradient step")
+    rm_label_smoothing: float = option(
+        0.0, "fit the reward model to y(1-e)+e/2 instead of y (hard 0/1 labels push the tanh rewards into saturation)")
     normalize_obs: bool = option(True, "standardise reward-model inputs with obs stats frozen at the first round")
     unsup_steps: int = option(0, "steps of state-entropy pre-training before the first query (0 = off)")
     learning_starts: int = option(1000, "SAC random-action steps before gradient updates")
@@ -76,7 +92,7 @@ class PebbleConfig(Config):
                      "rm_epochs", "rm_batch_size", "net_width", "batch_size", "ppo_n_steps", "eval_every",
                      "eval_episodes", "relabel_batch"):
             check_positive(name, getattr(self, name))
-        for name in ("unsup_steps", "learning_starts", "first_feedback", "teacher_beta"):
+        for name in ("unsup_steps", "learning_starts", "first_feedback", "teacher_beta", "recent_window"):
             check_nonnegative(name, getattr(self, name))
         check_positive("rm_lr", self.rm_lr)
         check_positive("learning_rate", self.learning_rate)
@@ -84,7 +100,12 @@ class PebbleConfig(Config):
         check_choice("algo", self.algo, ("sac", "ppo"))
         check_choice("reward", self.reward, ("learned", "true"))
         check_choice("teacher", self.teacher, ("oracle", "stochastic", "mistake", "skip", "myopic", "equal"))
-        check_choice("selector", self.selector, ("uniform", "disagreement", "entropy"))
+        check_choice("selector", self.selector, ("uniform", "disagreement", "entropy", "routing"))
+        check_range("rm_label_smoothing", self.rm_label_smoothing, 0.0, 1.0, high_open=True)
+        check_range("routing_confidence", self.routing_confidence, 0.5, 1.0, low_open=True)
+        if self.recent_window and self.recent_window < self.segment_length:
+            raise ValueError(f"recent_window must be 0 or >= segment_length={self.segment_length}, "
+                             f"got {self.recent_window}")
         check_choice("device", self.device, ("auto", "cpu", "cuda"))
         if self.teacher_eps_mistake != -1.0:
             check_range("teacher_eps_mistake", self.teacher_eps_mistake, 0.0, 1.0)
@@ -207,6 +228,9 @@ class FeedbackState:
         # between refits.
         self.obs_mean = np.zeros(obs_dim, np.float32)
         self.obs_std = np.ones(obs_dim, np.float32)
+        self.router: Any = None  # selector="routing": the core UncertaintyRouter, built on first use
+        self.pseudo: dict[str, np.ndarray] = {}  # this round's confident ensemble labels (routing only)
+        self.pseudo_total = self.pseudo_agree = self.pseudo_decisive = 0
 
     def _norm(self, obs: np.ndarray) -> np.ndarray:
         return (np.asarray(obs, np.float32) - self.obs_mean) / self.obs_std
@@ -220,30 +244,50 @@ class FeedbackState:
         return max(0, min(want, self.budget_left))
 
     @torch.no_grad()
-    def member_rewards(self, obs: np.ndarray, act: np.ndarray) -> torch.Tensor:
-        """Per-member per-step rewards ``[K, *lead]`` for numpy ``obs [*lead, obs_dim]``, ``act [*lead, act_dim]``."""
-        from mmalign.robotics.reward_io import ensemble_member_rewards
+    def member_rewards(self, obs: np.ndarray, act: np.ndarray, normalize: bool = False) -> torch.Tensor:
+        """Per-member per-step rewards ``[K, *lead]`` for numpy ``obs [*lead, obs_dim]``, ``act [*lead, act_dim]``.
 
+        ``normalize`` applies each member's stored reward standardisation (:meth:`fit_reward_norm`).
+        """
         o = torch.as_tensor(self._norm(obs), dtype=torch.float32, device=self.device)
         a = torch.as_tensor(act, dtype=torch.float32, device=self.device)
-        return ensemble_member_rewards(self.ensemble, o, a)
+        if o.dim() == 2:  # a batch of single steps: add a length-1 time axis for the [N, H] reward-model API
+            return self.ensemble.step_rewards(o[:, None], a[:, None], normalize=normalize)[..., 0]
+        return self.ensemble.step_rewards(o, a, normalize=normalize)
 
     def reward_fn(self, obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         """Mean ensemble reward for a batch of single steps (the learned reward the agent sees)."""
-        return self.member_rewards(obs, act).mean(0).cpu().numpy()
+        return self.member_rewards(obs, act, normalize=self.cfg.reward_norm).mean(0).cpu().numpy()
+
+    @torch.no_grad()
+    def fit_reward_norm(self, obs: np.ndarray, act: np.ndarray) -> None:
+        """Standardise every member's per-step reward over ``obs [M, obs_dim]``, ``act [M, act_dim]`` (the buffer).
+
+        A tanh ensemble fitted to confident labels has an arbitrary scale and offset (Bradley–Terry only fixes
+        differences of segment returns); SAC's entropy temperature is tuned against the reward scale, so the scale
+        is fixed to 1 here (B-Pref / PEBBLE leave it unnormalised).
+        """
+        o = torch.as_tensor(self._norm(obs), dtype=torch.float32, device=self.device)
+        a = torch.as_tensor(act, dtype=torch.float32, device=self.device)
+        self.ensemble.fit_normalization(o[:, None], a[:, None])
+
+    def _candidates(self, segs: Any, num: int) -> tuple[np.ndarray, np.ndarray]:
+        from mmalign.robotics.segments import random_pairs
+
+        return random_pairs(len(segs), num * self.cfg.candidate_factor, self.rng)
 
     def select(self, segs: Any, num: int) -> tuple[np.ndarray, np.ndarray]:
         """Choose ``num`` query pairs among ``candidate_factor * num`` random candidate pairs."""
         from mmalign.robotics.reward_io import select_pairs
-        from mmalign.robotics.segments import random_pairs
 
-        n_cand = num * self.cfg.candidate_factor
-        first, second = random_pairs(len(segs), n_cand, self.rng)
+        first, second = self._candidates(segs, num)
+        n_cand = len(first)
         if self.cfg.candidate_factor == 1 or self.cfg.selector == "uniform":
             keep = self.rng.choice(n_cand, size=num, replace=False)
         else:
             ret = self.member_rewards(segs.obs, segs.act).sum(-1)  # [K, N] segment returns per member
-            keep = select_pairs(self.cfg.selector, ret[:, first], ret[:, second], num, seed=int(self.rng.integers(2**31)))
+            keep = select_pairs(self.cfg.selector, ret[:, first], ret[:, second], num,
+                                seed=int(self.rng.integers(2**31)))
         return first[keep], second[keep]
 
     def feedback_round(self, segs: Any) -> dict[str, float]:
@@ -258,31 +302,54 @@ class FeedbackState:
             flat = segs.obs.reshape(-1, segs.obs.shape[-1])
             self.obs_mean = flat.mean(0).astype(np.float32)
             self.obs_std = np.maximum(flat.std(0), 1e-3).astype(np.float32)
-        i, j = self.select(segs, num)
+        raw = segs.true_rewards
         if self.teacher.eps_skip > 0 or self.teacher.eps_equal > 0:
+            if self.cfg.teacher_shift_rewards:
+                # offset so the poorest candidate segment has return 0 (invariant to any constant reward offset)
+                floor = float(raw.sum(1).min()) / raw.shape[1]
+                segs = dataclasses.replace(segs, true_rewards=raw - np.float32(floor))
             self.teacher.calibrate(segs.true_rewards)
-        out = self.teacher(
-            segs.true_rewards[i], segs.true_rewards[j], obs_first=segs.obs[i], obs_second=segs.obs[j],
-            act_first=segs.act[i], act_second=segs.act[j], rng=self.teacher_rng,
-        )
+        extra: dict[str, float] = {}
+        if self.cfg.selector == "routing":
+            from mmalign.robotics.pebble_routing import route_round
+
+            i, j, routed, extra = route_round(self, segs, num)
+            costly = routed.costly.cpu()
+            ok = routed.answered.cpu()[costly].numpy()
+            y = routed.labels.cpu()[costly].numpy()
+            # label statistics of the costly (teacher) labels only, like the other selectors report
+            teacher_metrics = {"teacher/answered_fraction": float(ok.mean()) if ok.size else math.nan}
+        else:
+            i, j = self.select(segs, num)
+            out = self.teacher(
+                segs.true_rewards[i], segs.true_rewards[j], obs_first=segs.obs[i], obs_second=segs.obs[j],
+                act_first=segs.act[i], act_second=segs.act[j], rng=self.teacher_rng,
+            )
+            ok = out.answered.cpu().numpy()
+            y = out.labels.cpu().numpy()
+            teacher_metrics = {k: float(v) for k, v in out.metrics.items()}
         self.queries_used += num
         self.rounds += 1
-        ok = out.answered.cpu().numpy()
-        y = out.labels.cpu().numpy()
         self.pairs["obs1"].append(segs.obs[i][ok])
         self.pairs["act1"].append(segs.act[i][ok])
         self.pairs["obs2"].append(segs.obs[j][ok])
         self.pairs["act2"].append(segs.act[j][ok])
         self.pairs["y"].append(y[ok].astype(np.float32))
-        self.true_returns.append(np.stack([segs.true_rewards[i][ok].sum(1), segs.true_rewards[j][ok].sum(1)], 1))
-        data = {k: torch.as_tensor(self._norm(np.concatenate(v)) if k.startswith("obs") else np.concatenate(v),
-                                   device=self.device) for k, v in self.pairs.items()}
-        fit = fit_ensemble(
-            self.ensemble, data["obs1"], data["act1"], data["obs2"], data["act2"], data["y"],
-            epochs=self.cfg.rm_epochs, batch_size=self.cfg.rm_batch_size, lr=self.cfg.rm_lr,
-            seed=self.cfg.seed + self.rounds,
-        )
-        metrics = {k: float(v) for k, v in out.metrics.items()}
+        self.true_returns.append(np.stack([raw[i][ok].sum(1), raw[j][ok].sum(1)], 1))
+        train = {k: np.concatenate(v + ([self.pseudo[k]] if self.pseudo else [])) for k, v in self.pairs.items()}
+        eps = self.cfg.rm_label_smoothing
+        train["y"] = (train["y"] * (1.0 - eps) + 0.5 * eps).astype(np.float32)
+        data = {k: torch.as_tensor(self._norm(v) if k.startswith("obs") else v, device=self.device)
+                for k, v in train.items()}
+        fit: dict[str, float] = {}
+        if len(data["y"]):  # a skipping teacher may leave a round without any label: keep the ensemble as it is
+            fit = fit_ensemble(
+                self.ensemble, data["obs1"], data["act1"], data["obs2"], data["act2"], data["y"],
+                epochs=self.cfg.rm_epochs, batch_size=self.cfg.rm_batch_size, lr=self.cfg.rm_lr,
+                seed=self.cfg.seed + self.rounds,
+            )
+        metrics = dict(teacher_metrics)
+        metrics.update(extra)
         metrics.update(fit)
         metrics.update({"feedback/queries_used": float(self.queries_used), "feedback/round": float(self.rounds),
                         "feedback/labels_train": float(len(data["y"])),
@@ -297,7 +364,7 @@ class FeedbackState:
         tr = np.concatenate(self.true_returns) if self.true_returns else np.zeros((0, 2))
         decisive = (y != 0.5) & (tr[:, 0] != tr[:, 1])
         agree = ((y > 0.5) == (tr[:, 0] > tr[:, 1]))[decisive]
-        return {
+        out = {
             "labels/queries": float(self.queries_used),
             "labels/answered": float(len(y)),
             "labels/skipped": float(self.queries_used - len(y)),
@@ -306,6 +373,12 @@ class FeedbackState:
             "labels/agreement_with_true_return": float(agree.mean()) if agree.size else math.nan,
             "labels/rounds": float(self.rounds),
         }
+        if self.router is not None:
+            out["labels/costly_spent"] = float(self.router.spent)  # == labels/queries: the router's own count
+            out["labels/pseudo_total"] = float(self.pseudo_total)
+            out["labels/pseudo_agreement_with_true_return"] = (
+                self.pseudo_agree / self.pseudo_decisive if self.pseudo_decisive else math.nan)
+        return out
 
 
 def knn_entropy_bonus(states: torch.Tensor, reference: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -386,8 +459,14 @@ def _make_callback(cfg: PebbleConfig, state: FeedbackState | None, eval_fn: Call
                 def unscale(a: np.ndarray) -> np.ndarray:
                     return np.clip(a, low, high)
             segs = segments_from_buffer(buf, self.true_rewards, self.ends, cfg.segment_length, num, state.rng,
-                                        unscale_action=unscale)
+                                        unscale_action=unscale, recent=cfg.recent_window or None)
             metrics = state.feedback_round(segs)
+            if cfg.reward_norm:
+                size = buf.buffer_size if getattr(buf, "full", False) else buf.pos
+                rows = state.rng.choice(size, size=min(size, 20_000), replace=False)
+                obs = buf.observations[rows].reshape(-1, buf.observations.shape[-1])
+                act = unscale(buf.actions[rows]).reshape(-1, buf.actions.shape[-1])
+                state.fit_reward_norm(obs, act)
             if cfg.unsup_steps:
                 self.training_env.reward_fn = state.reward_fn  # pre-training over: learned reward from now on
             if cfg.algo == "sac":

@@ -117,9 +117,20 @@ def sample_segments(
     pos: int | None = None,
     qpos: np.ndarray | None = None,
     qvel: np.ndarray | None = None,
+    recent: int | None = None,
 ) -> Segments:
-    """Sample ``num`` valid segments (with replacement) from time-major ``[T, n_envs, ...]`` arrays."""
+    """Sample ``num`` valid segments (with replacement) from time-major ``[T, n_envs, ...]`` arrays.
+
+    ``recent`` keeps only segments lying entirely within the last ``recent`` stored rows (per env); the newest
+    row is ``size − 1``, or ``pos − 1`` for a full circular buffer.
+    """
     starts = valid_starts(ends, size, length, pos)
+    if recent is not None:
+        if recent < length:
+            raise ValueError(f"recent must be >= length={length}, got {recent}")
+        newest = (pos - 1) % size if pos is not None and 0 < pos < size else size - 1
+        age = (newest - starts // ends.shape[1]) % size  # rows between a start and the newest row
+        starts = starts[age < recent]
     if len(starts) == 0:
         raise ValueError(f"no valid segment of length {length} among {size} stored steps (episodes too short?)")
     chosen = rng.choice(starts, size=num, replace=True)
@@ -145,11 +156,13 @@ def segments_from_buffer(
     unscale_action: Callable[[np.ndarray], np.ndarray] | None = None,
     qpos: np.ndarray | None = None,
     qvel: np.ndarray | None = None,
+    recent: int | None = None,
 ) -> Segments:
-    """Segments from an SB3 ``ReplayBuffer`` or ``RolloutBuffer``.
+    """Segments from an SB3 ``ReplayBuffer`` or ``RolloutBuffer`` (``recent``: see :func:`sample_segments`).
 
     The buffer's own ``rewards`` may already be learned rewards, so true rewards and episode ends come from arrays
-    kept beside it (same ``[buffer_size, n_envs]`` layout, filled by :class:`mmalign.robotics.pebble.PreferenceCallback`).
+    kept beside it (same ``[buffer_size, n_envs]`` layout, filled by the
+    :class:`mmalign.robotics.pebble.PreferenceCallback`).
     ``unscale_action`` maps SAC's stored ``[-1, 1]`` actions back to env units.
     """
     full = bool(getattr(buffer, "full", False))
@@ -159,7 +172,7 @@ def segments_from_buffer(
         obs = obs[:, None]
     segs = sample_segments(
         obs, buffer.actions, true_rewards, ends, size, length, num, rng,
-        pos=int(buffer.pos) if full else None, qpos=qpos, qvel=qvel,
+        pos=int(buffer.pos) if full else None, qpos=qpos, qvel=qvel, recent=recent,
     )
     if unscale_action is not None:
         segs.act = np.asarray(unscale_action(segs.act), dtype=np.float32)
