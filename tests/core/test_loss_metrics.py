@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mmalign.core import losses as L
-from mmalign.core.losses._common import LossMetrics, check_inputs_finite, read_scalars
+from mmalign.core.losses._common import LossMetrics, _check_inputs_one_read, check_inputs_finite, read_scalars
 
 D64 = torch.float64
 B, T = 5, 4
@@ -157,7 +157,15 @@ def test_compute_runs_once_and_only_on_read() -> None:
     assert "LossMetrics({'m': 6.0})" == repr(metrics)
 
 
-def test_check_inputs_finite_labels_lengths_and_zero_dim_witness() -> None:
+def _stacked_read(witness: torch.Tensor, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None, *,
+                  label_name: str = "labels", positive: dict[str, torch.Tensor] | None = None) -> None:
+    _check_inputs_one_read(witness, inputs, labels, label_name, positive)
+
+
+@pytest.mark.parametrize("check", [check_inputs_finite, _stacked_read], ids=["per-scalar", "one-read"])
+def test_check_inputs_finite_labels_lengths_and_zero_dim_witness(check: Callable[..., None]) -> None:
+    # "one-read" is the CUDA path (every scalar stacked, one synchronisation), exercised here on CPU tensors
+    check_inputs_finite = check
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0])
     check_inputs_finite(a - b, {"a": a, "b": b}, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"labels.*\[0, 1\]"):
@@ -174,6 +182,9 @@ def test_check_inputs_finite_labels_lengths_and_zero_dim_witness() -> None:
         bad = torch.tensor([1.0, float("nan")])
         check_inputs_finite((a - bad).sum(), {"a": a, "b": bad})
     assert read_scalars([torch.tensor(1.5), torch.tensor(2, dtype=torch.int64)]) == [1.5, 2.0]
+    check(torch.tensor([1.0, 2.0]), {}, positive={"n": torch.tensor([1.0, 3.0])})
+    with pytest.raises(ValueError, match="n must be finite and > 0.*max inf"):
+        check(torch.tensor([1.0, 2.0]), {}, positive={"n": torch.tensor([1.0, float("inf")])})
 
 
 @pytest.mark.gpu

@@ -75,6 +75,11 @@ def read_scalars(scalars: Sequence[Tensor]) -> list[float]:
     return torch.stack([x.to(scalars[0].dtype) for x in scalars]).tolist()
 
 
+def _check_positive(name: str, low: float, high: float) -> None:
+    if not 0 < low <= high < math.inf:
+        raise ValueError(f"{name} must be finite and > 0 everywhere (token counts), got min {low}, max {high}")
+
+
 def check_inputs_finite(
     witness: Tensor, inputs: Mapping[str, Tensor], labels: Tensor | None = None, *, label_name: str = "labels",
     positive: Mapping[str, Tensor] | None = None,
@@ -82,16 +87,31 @@ def check_inputs_finite(
     """Validate a call with at most one reduction per checked tensor and one host read.
 
     ``witness`` is a tensor computed from every entry of ``inputs`` (e.g. Δ = ρ_w − ρ_l) whose sum is finite iff all
-    inputs are (barring overflow, e.g. an fp16 sum above 65504, which the per-input fallback tolerates); a 0-d witness is used as is (e.g. a BCE-with-
-    logits loss already reduced over the batch, which is non-finite for any non-finite logit). ``labels``, if
-    given, must lie in ``[0, 1]``; each tensor of ``positive`` (e.g. token counts) must be finite and > 0. Their
-    min and max are read back together with the witness. Raises ``ValueError`` naming the offending argument.
+    inputs are (barring overflow, e.g. an fp16 sum above 65504, which the per-input fallback tolerates); a 0-d
+    witness is used as is (e.g. a BCE-with-logits loss already reduced over the batch, which is non-finite for any
+    non-finite logit). ``labels``, if given, must lie in ``[0, 1]``; each tensor of ``positive`` (e.g. token
+    counts) must be finite and > 0. On CUDA their min and max are read back together with the witness (one
+    synchronisation); elsewhere each is read directly. Raises ``ValueError`` naming the offending argument.
     """
     witness = witness.detach()
-    if labels is None and positive is None:  # fast path, no stack: one reduction, one read
+    if not witness.is_cuda:  # off CUDA a read costs no synchronisation: read each scalar, no stack kernel
+        if labels is not None and labels.numel():
+            lo, hi = torch.aminmax(labels.detach())
+            if not 0.0 <= float(lo) <= float(hi) <= 1.0:  # NaN fails every comparison
+                check_labels(label_name, labels)
+        for name, t in (positive or {}).items():
+            if t.numel():
+                lo, hi = torch.aminmax(t.detach())
+                _check_positive(name, float(lo), float(hi))
         if not math.isfinite(float(witness.sum() if witness.dim() else witness)):
             check_all_finite(inputs)
         return
+    _check_inputs_one_read(witness, inputs, labels, label_name, positive)
+
+
+def _check_inputs_one_read(witness: Tensor, inputs: Mapping[str, Tensor], labels: Tensor | None, label_name: str,
+                           positive: Mapping[str, Tensor] | None) -> None:
+    """:func:`check_inputs_finite` with every scalar stacked and read back at once (one CUDA synchronisation)."""
     scalars = [witness.sum() if witness.dim() else witness]
     has_labels = labels is not None and labels.numel() > 0
     if has_labels:
@@ -106,9 +126,7 @@ def check_inputs_finite(
         check_labels(label_name, labels)
     rest = values[3 if has_labels else 1:]
     for k, name in enumerate(checked):
-        low, high = rest[2 * k], rest[2 * k + 1]
-        if not 0 < low <= high < math.inf:
-            raise ValueError(f"{name} must be finite and > 0 everywhere (token counts), got min {low}, max {high}")
+        _check_positive(name, rest[2 * k], rest[2 * k + 1])
     if not math.isfinite(values[0]):
         check_all_finite(inputs)
 
