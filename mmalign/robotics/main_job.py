@@ -166,6 +166,7 @@ def run(cfg: MainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     n_half = max(1, cfg.scatter_episodes // 2)
     eps_agent = collect_episodes(env, lambda o: model.predict(o, deterministic=True)[0], n_half,
                                  seed=90_000 + agent.seed, record_state=True)
+    env.action_space.seed(91_000 + agent.seed)  # the random actions too, or the scatter differs run to run
     eps_random = collect_episodes(env, lambda o: env.action_space.sample(), n_half, seed=91_000 + agent.seed,
                                   record_state=True)
     env.close()
