@@ -92,11 +92,11 @@ def run_job(
     summary = entry.load()(cfg, run_dir, **({"resume": True} if resume else {})) or {}
     if main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    _close_process_group()
+    close_process_group()
     return summary
 
 
-def _close_process_group() -> None:
+def close_process_group() -> None:
     """Under torchrun, tear the process group down explicitly once the job is done: gloo groups left to the
     destructors at interpreter exit can abort a rank ("terminate called without an active exception")."""
     torch = sys.modules.get("torch")

@@ -25,7 +25,6 @@ from typing import Any, Sequence
 __all__ = ["FAMILIES", "family_tokenizer", "tiny_family_config", "family_processor", "build_tiny_vlm"]
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "idefics3", "smolvlm")
-_BASE_SPECIAL = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")  # ids 0..4, as in tiny.SPECIAL_TOKENS
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
                     *(f"<row_{i + 1}_col_{j + 1}>" for i in range(6) for j in range(6)))
 
@@ -41,25 +40,10 @@ def family_tokenizer(family: str, words: Sequence[str]) -> Any:
     Registering the Idefics3 markers as special tokens makes the tokenizer split the processor's unspaced expansion
     (``<fake_token_around_image><row_1_col_1><image><image>...``) exactly and drop the markers when decoding.
     """
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from mmalign.vision_lm.tiny import build_tokenizer
 
     _check_family(family)
-    special = _BASE_SPECIAL + (_IDEFICS_SPECIAL if family in ("idefics3", "smolvlm") else ())
-    vocab: dict[str, int] = {}
-    for w in (*special, *words):
-        if w in vocab:
-            raise ValueError(f"words must be unique and must not repeat special tokens, got {w!r} twice")
-        vocab[w] = len(vocab)
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
-        extra_special_tokens={"image_token": "<image>"}, padding_side="right",
-    )
-    if len(special) > len(_BASE_SPECIAL):
-        tok.add_special_tokens({"additional_special_tokens": list(special[len(_BASE_SPECIAL):])})
-    return tok
+    return build_tokenizer(words, _IDEFICS_SPECIAL if family in ("idefics3", "smolvlm") else ())
 
 
 def tiny_family_config(

@@ -15,22 +15,29 @@ __all__ = ["SPECIAL_TOKENS", "build_tokenizer", "build_processor", "tiny_llava_c
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
 
 
-def build_tokenizer(words: Sequence[str]) -> Any:
-    """A whitespace word-level ``PreTrainedTokenizerFast`` over ``SPECIAL_TOKENS + words``."""
+def build_tokenizer(words: Sequence[str], extra_special: Sequence[str] = ()) -> Any:
+    """A whitespace word-level ``PreTrainedTokenizerFast`` over ``SPECIAL_TOKENS + extra_special + words``.
+
+    ``extra_special`` (e.g. a family's image markers) are registered as special tokens, so the tokenizer splits them
+    out of unspaced text exactly and drops them when decoding.
+    """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab: dict[str, int] = {}
-    for w in (*SPECIAL_TOKENS, *words):
+    for w in (*SPECIAL_TOKENS, *extra_special, *words):
         if w in vocab:
             raise ValueError(f"words must be unique and must not repeat special tokens, got {w!r} twice")
         vocab[w] = len(vocab)
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(
+    tok = PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", unk_token="<unk>", bos_token="<bos>", eos_token="<eos>",
         extra_special_tokens={"image_token": "<image>"}, padding_side="right",
     )
+    if extra_special:
+        tok.add_special_tokens({"additional_special_tokens": list(extra_special)})
+    return tok
 
 
 def build_processor(tokenizer: Any, image_size: int = 32, patch_size: int = 8) -> Any:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from mmalign.cli import close_process_group
 from mmalign.config import load_config
 from mmalign.train.checkpoint import CheckpointError, latest_checkpoint
 from mmalign.train.demo import DemoConfig, run
@@ -67,10 +68,7 @@ def main(out: Path) -> None:
     result["corrupt_errors"] = gathered
     if rank == 0:
         (out / "result.json").write_text(json.dumps(result))
-    # Tear the gloo group down before interpreter exit: leaving it to the destructors at exit can abort a rank
-    # ("terminate called without an active exception"), seen once in CI.
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
+    close_process_group()  # as the CLI does after a job: not left to the destructors at interpreter exit
 
 
 if __name__ == "__main__":
