@@ -255,3 +255,52 @@ def test_bench_teachers_script_smoke(tmp_path, monkeypatch) -> None:  # type: ig
     finally:
         torch.set_num_threads(before)
     assert "| myopic | " in out.read_text()
+
+
+def test_return_reference_makes_skip_and_equal_invariant_to_a_reward_offset() -> None:
+    """B-Pref thresholds assume non-negative rewards; with ``reference='min'`` they are shift-invariant."""
+    r1, r2 = _pairs(n=4000, h=10, seed=3)
+    r1, r2 = np.abs(r1), np.abs(r2)  # non-negative: B-Pref's own regime
+    knobs = {"skip": {"eps_skip": 0.7}, "equal": {}}  # 0.7: the skip threshold sits inside the return range
+    for preset in ("skip", "equal"):
+        base = SimulatedHuman.preset(preset, **knobs[preset])
+        base.calibrate(np.concatenate([r1, r2]), reference="min")
+        ref = base(r1, r2)
+        shifted = SimulatedHuman.preset(preset, **knobs[preset])
+        offset = -7.5  # every step reward lowered: all returns negative
+        shifted.calibrate(np.concatenate([r1, r2]) + offset, reference="min")
+        out = shifted(r1 + offset, r2 + offset)
+        assert torch.equal(out.answered, ref.answered)
+        assert torch.equal(out.labels.nan_to_num(-1), ref.labels.nan_to_num(-1))
+        assert 0.0 < ref.metrics["teacher/skip_rate" if preset == "skip" else "teacher/tie_rate"] < 0.5
+        # without a reference the negative-reward teacher degenerates (skips everything / never ties)
+        plain = SimulatedHuman.preset(preset, **knobs[preset])
+        plain.calibrate(np.concatenate([r1, r2]) + offset)
+        deg = plain(r1 + offset, r2 + offset)
+        if preset == "skip":
+            assert deg.metrics["teacher/skip_rate"] == 1.0
+        else:
+            assert deg.metrics["teacher/tie_rate"] == 0.0
+
+
+def test_return_reference_thresholds_by_hand() -> None:
+    t = SimulatedHuman(eps_skip=0.5, eps_equal=0.1, return_scale=-10.0, return_reference=-30.0)
+    assert t.skip_threshold == pytest.approx(-30.0 + 0.5 * 20.0)
+    assert t.equal_threshold == pytest.approx(0.1 * 20.0)
+    out = t(np.array([[-21.0], [-19.0], [-5.0]]), np.array([[-25.0], [-40.0], [-6.0]]))
+    assert out.answered.tolist() == [False, True, True]  # max return -21 <= -20 is skipped
+    assert out.labels[1:].tolist() == [1.0, 0.5]  # |-5 - -6| = 1 < 2 is a tie
+    assert SimulatedHuman(eps_skip=0.1, return_scale=3.0).skip_threshold == pytest.approx(0.3)  # B-Pref default b=0
+
+
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda t: t.calibrate(np.ones((4, 3)), reference="max"), "reference must be 'zero', 'min' or a number"),
+        (lambda t: t.set_return_scale(1.0, reference=2.0), "reference must be <= mean_segment_return=1.0"),
+        (lambda t: t.set_return_scale(1.0, reference=math.nan), "reference"),
+    ],
+)
+def test_return_reference_bad_input(call, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        call(SimulatedHuman(eps_skip=0.1))

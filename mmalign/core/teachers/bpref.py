@@ -16,6 +16,14 @@ Thresholds are adaptive as in B-Pref: ``δ_skip = eps_skip · m`` and ``δ_equal
 mean return of a segment, set explicitly with :meth:`SimulatedHuman.set_return_scale` or from data with
 :meth:`SimulatedHuman.calibrate`. (B-Pref's training script multiplies ``eps`` in twice after its first feedback
 round, giving ``eps²``; we do not.)
+
+**Return reference** ``b`` (default 0 = B-Pref exactly). B-Pref's thresholds assume non-negative rewards (DMC and
+MetaWorld rewards lie in [0, 1]); with all-negative rewards (MuJoCo control costs) ``m < 0`` and the skip teacher
+skips every pair while the equal teacher never ties. With a reference, returns are measured from ``b``: a pair is
+skipped iff ``max(R¹, R²) − b ≤ eps_skip · (m − b)`` and tied iff ``|R¹ − R²| < eps_equal · (m − b)``.
+``calibrate(..., reference="min")`` sets ``b`` to the poorest calibration segment's return, which makes both
+decisions invariant to adding any constant to every step reward (segments of equal length). Oracle, stochastic,
+myopic and mistake labels never depend on ``b``.
 """
 
 from __future__ import annotations
@@ -73,6 +81,8 @@ class SimulatedHuman(Teacher):
         sample: with finite ``beta``, draw hard 0/1 labels (B-Pref) or return ``σ(β ΔS)`` as a soft label.
         return_scale: mean segment return ``m`` for the adaptive thresholds (needed iff ``eps_skip`` or
             ``eps_equal`` > 0); can be set later by :meth:`set_return_scale` / :meth:`calibrate`.
+        return_reference: the return ``b`` thresholds are measured from (0 = B-Pref); must be finite and (when non-zero)
+            ``≤ return_scale`` once both are set.
     """
 
     def __init__(
@@ -84,6 +94,7 @@ class SimulatedHuman(Teacher):
         eps_equal: float = 0.0,
         sample: bool = True,
         return_scale: float | None = None,
+        return_reference: float = 0.0,
     ) -> None:
         if not (isinstance(beta, (int, float)) and beta > 0 and beta == beta):
             raise ValueError(f"beta must be > 0 (math.inf for a perfectly rational teacher), got {beta!r}")
@@ -98,8 +109,11 @@ class SimulatedHuman(Teacher):
         self.eps_equal = float(eps_equal)
         self.sample = bool(sample)
         self.return_scale: float | None = None
+        self.return_reference = 0.0
         if return_scale is not None:
-            self.set_return_scale(return_scale)
+            self.set_return_scale(return_scale, reference=return_reference)
+        else:
+            self.set_return_scale(None, reference=return_reference)
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> "SimulatedHuman":
@@ -112,25 +126,51 @@ class SimulatedHuman(Teacher):
         return (
             f"{type(self).__name__}(beta={self.beta}, gamma={self.gamma}, eps_mistake={self.eps_mistake}, "
             f"eps_skip={self.eps_skip}, eps_equal={self.eps_equal}, sample={self.sample}, "
-            f"return_scale={self.return_scale})"
+            f"return_scale={self.return_scale}, return_reference={self.return_reference})"
         )
 
     # ------------------------------------------------------------------------------------------ thresholds
 
-    def set_return_scale(self, mean_segment_return: float) -> None:
-        """Set ``m`` (mean return of one segment); thresholds become ``eps_skip·m`` and ``eps_equal·m``."""
-        check_range("mean_segment_return", mean_segment_return, -math.inf, math.inf, low_open=True, high_open=True)
-        self.return_scale = float(mean_segment_return)
+    def set_return_scale(self, mean_segment_return: float | None, *, reference: float = 0.0) -> None:
+        """Set ``m`` (mean return of one segment) and the reference ``b``: thresholds become ``b + eps_skip·(m − b)``
+        (on ``max(R¹, R²)``) and ``eps_equal·(m − b)`` (on ``|R¹ − R²|``). ``m=None`` clears the scale."""
+        check_range("reference", reference, -math.inf, math.inf, low_open=True, high_open=True)
+        if mean_segment_return is not None:
+            check_range("mean_segment_return", mean_segment_return, -math.inf, math.inf, low_open=True,
+                        high_open=True)
+            # b = 0 is B-Pref's own rule, kept even where it degenerates (m < 0); an explicit b must lie below m
+            if reference != 0.0 and reference > mean_segment_return:
+                raise ValueError(
+                    f"reference must be <= mean_segment_return={mean_segment_return} (returns are measured from it), "
+                    f"got {reference}"
+                )
+        self.return_scale = None if mean_segment_return is None else float(mean_segment_return)
+        self.return_reference = float(reference)
 
-    def calibrate(self, rewards: ArrayLike, mask: ArrayLike | None = None) -> float:
-        """Set ``m`` to the mean segment return of ``rewards`` ``[N, H]`` (e.g. the replay buffer); returns it."""
+    def calibrate(self, rewards: ArrayLike, mask: ArrayLike | None = None, *, reference: str | float = "zero") -> float:
+        """Set ``m`` to the mean segment return of ``rewards`` ``[N, H]`` (e.g. the replay buffer); returns it.
+
+        ``reference``: ``"zero"`` (B-Pref: thresholds from return 0), ``"min"`` (from the poorest segment's return in
+        ``rewards``; use it when rewards can be negative) or a number.
+        """
         r = _to_float_tensor("rewards", rewards)
         if r.dim() != 2 or r.shape[0] == 0:
             raise ValueError(f"rewards must be a non-empty 2-D [N, H] array, got shape {tuple(r.shape)}")
+        if not (isinstance(reference, (int, float)) and not isinstance(reference, bool)) and reference not in (
+            "zero", "min"
+        ):
+            raise ValueError(f"reference must be 'zero', 'min' or a number, got {reference!r}")
         _check_finite_rows("rewards", r)
-        m = masked_sum(r, _mask("mask", mask, r), None).mean()
-        self.set_return_scale(float(m))
-        return float(m)
+        returns = masked_sum(r, _mask("mask", mask, r), None)
+        m = float(returns.mean())
+        if reference == "zero":
+            b = 0.0
+        elif reference == "min":
+            b = float(returns.min())
+        else:
+            b = float(reference)  # type: ignore[arg-type]
+        self.set_return_scale(m, reference=b)
+        return m
 
     def _threshold(self, eps: float, which: str) -> float:
         if eps == 0.0:
@@ -139,16 +179,16 @@ class SimulatedHuman(Teacher):
             raise ValueError(
                 f"return_scale is None but eps_{which}={eps} needs it: call set_return_scale() or calibrate() first"
             )
-        return eps * self.return_scale
+        return eps * (self.return_scale - self.return_reference)
 
     @property
     def skip_threshold(self) -> float:
-        """``δ_skip`` (``-inf`` when skipping is off)."""
-        return self._threshold(self.eps_skip, "skip")
+        """``δ_skip`` on ``max(R¹, R²)``: ``b + eps_skip·(m − b)`` (``-inf`` when skipping is off)."""
+        return self.return_reference + self._threshold(self.eps_skip, "skip")
 
     @property
     def equal_threshold(self) -> float:
-        """``δ_equal`` (``-inf`` when ties are off)."""
+        """``δ_equal`` on ``|R¹ − R²|``: ``eps_equal·(m − b)`` (``-inf`` when ties are off)."""
         return self._threshold(self.eps_equal, "equal")
 
     # ------------------------------------------------------------------------------------------ labelling

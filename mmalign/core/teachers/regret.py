@@ -30,8 +30,9 @@ class RegretTeacher(SimulatedHuman):
     Args:
         advantage_fn: ``A*(obs, act)`` returning ``[N, H]``; called once per side, without gradients.
         discount: ``γ`` of ``Σ_t γ^t A*`` in ``(0, 1]`` (CPL's code uses 1).
-        beta, gamma, eps_mistake, eps_skip, eps_equal, sample, return_scale: as :class:`SimulatedHuman`
-            (``return_scale`` is then the mean summed advantage of a segment).
+        beta, gamma, eps_mistake, eps_skip, eps_equal, sample, return_scale, return_reference: as
+            :class:`SimulatedHuman` (``return_scale`` is then the mean summed advantage of a segment; optimal
+            advantages are ``≤ 0``, so skip/equal need ``calibrate(..., reference="min")``).
     """
 
     def __init__(self, advantage_fn: AdvantageFn, discount: float = 1.0, beta: float = math.inf, **kwargs: object):
