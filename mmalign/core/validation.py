@@ -161,6 +161,7 @@ def check_labels(name: str, labels: Tensor) -> None:
     check_tensor(name, labels)
     if labels.numel() == 0:
         return
+    labels = labels.detach()
     lo, hi = float(labels.min()), float(labels.max())
     if not 0.0 <= lo <= hi <= 1.0:  # NaN fails every comparison
         bad = labels[~((labels >= 0) & (labels <= 1))].flatten()[:3].tolist()

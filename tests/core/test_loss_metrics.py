@@ -187,6 +187,41 @@ def test_check_inputs_finite_labels_lengths_and_zero_dim_witness(check: Callable
         check(torch.tensor([1.0, 2.0]), {}, positive={"n": torch.tensor([1.0, float("inf")])})
 
 
+@pytest.mark.parametrize("check", [check_inputs_finite, _stacked_read], ids=["per-scalar", "one-read"])
+def test_check_inputs_finite_edge_values(check: Callable[..., None]) -> None:
+    """The clamp-and-compare range checks: exact edges pass, anything outside (or NaN) is named, dtypes kept."""
+    w = torch.zeros(3)
+    tiny = torch.finfo(torch.float32).tiny
+    check(w, {}, torch.tensor([0.0, 0.5, 1.0]))
+    check(w, {}, torch.tensor([0.0, 1.0, 0.5], dtype=torch.bfloat16))
+    check(w, {}, torch.tensor([0.2, 0.3, 1.0], requires_grad=True))  # learnable soft labels
+    check(w, {}, positive={"n": torch.tensor([tiny / 4, 1.0, 3e38])})  # a denormal count is > 0: allowed
+    check(w, {}, positive={"n": torch.tensor([1, 7, 2**40])})  # integer token counts
+    for bad, match in ((torch.tensor([0.2, float("nan"), 1.0]), "labels"),
+                       (torch.tensor([0.2, 1.0 + 1e-6, 1.0], requires_grad=True), "labels"),
+                       (torch.tensor([0.0, -0.0, -1e-30]), "labels")):
+        with pytest.raises(ValueError, match=match):
+            check(w, {}, bad)
+    for bad in (torch.tensor([1.0, -0.0, 2.0]), torch.tensor([1.0, -3.0, 2.0]), torch.tensor([1.0, float("nan")]),
+                torch.tensor([0, 4]), torch.tensor([-1, 4])):
+        with pytest.raises(ValueError, match="n must be finite and > 0"):
+            check(torch.zeros(bad.shape), {}, positive={"n": bad})
+
+
+def test_ipo_uses_its_reduced_loss_as_witness_and_names_inputs() -> None:
+    from mmalign.core.losses import ipo_loss
+
+    x = [torch.randn(4, dtype=D64) for _ in range(4)]
+    n = torch.full((4,), 3.0, dtype=D64)
+    for value in (float("inf"), -float("inf"), float("nan")):
+        bad = x[3].clone()
+        bad[1] = value
+        with pytest.raises(ValueError, match="ref_rejected_logps must be finite"):
+            ipo_loss(x[0], x[1], x[2], bad, chosen_lengths=n, rejected_lengths=n)
+        with pytest.raises(ValueError, match="ref_rejected_logps must be finite"):
+            ipo_loss(x[0], x[1], x[2], bad, chosen_lengths=n, rejected_lengths=n, reduction="none")
+
+
 @pytest.mark.gpu
 def test_read_scalars_on_cuda_reads_once() -> None:
     values = read_scalars([torch.tensor(1.5, device="cuda"), torch.tensor(-2.0, device="cuda")])

@@ -5,7 +5,9 @@ Cost model. On a batch of a few thousand pairs a loss is a handful of element-wi
 core), so every extra kernel or host sync is visible next to it. Each loss therefore spends, before its loss
 expression, exactly one reduction and one host read on validation: the sum of an intermediate that depends on
 *every* tensor input (NaN/inf propagate through sums and differences, so the sum is finite iff all inputs are,
-up to overflow) and, with soft labels, the labels' min and max riding along in the same read. Only when that
+up to overflow; a reduced loss that is non-finite wherever its inputs are serves as is). Inputs with a range
+(soft labels in [0, 1], token counts > 0) add one ``aminmax`` each, whose values ride along in the same read on
+CUDA. Only when that
 sum is not finite are the inputs inspected one by one to name the culprit (after a mere overflow they are all
 finite and nothing is raised).
 
@@ -93,20 +95,26 @@ def check_inputs_finite(
     counts) must be finite and > 0. On CUDA their min and max are read back together with the witness (one
     synchronisation); elsewhere each is read directly. Raises ``ValueError`` naming the offending argument.
     """
-    witness = witness.detach()
     if not witness.is_cuda:  # off CUDA a read costs no synchronisation: read each scalar, no stack kernel
+        # One aminmax per ranged input (measured cheaper in a training step than min + max, or clamp + equal).
         if labels is not None and labels.numel():
-            lo, hi = torch.aminmax(labels.detach())
+            lo, hi = torch.aminmax(_plain(labels))
             if not 0.0 <= float(lo) <= float(hi) <= 1.0:  # NaN fails every comparison
                 check_labels(label_name, labels)
         for name, t in (positive or {}).items():
             if t.numel():
-                lo, hi = torch.aminmax(t.detach())
+                lo, hi = torch.aminmax(_plain(t))
                 _check_positive(name, float(lo), float(hi))
-        if not math.isfinite(float(witness.sum() if witness.dim() else witness)):
+        plain = _plain(witness)
+        if not math.isfinite((plain.sum() if plain.dim() else plain).item()):
             check_all_finite(inputs)
         return
-    _check_inputs_one_read(witness, inputs, labels, label_name, positive)
+    _check_inputs_one_read(witness.detach(), inputs, labels, label_name, positive)
+
+
+def _plain(t: Tensor) -> Tensor:
+    """``t`` without autograd history (a detach only when needed: each op counts on a small batch)."""
+    return t.detach() if t.requires_grad else t
 
 
 def _check_inputs_one_read(witness: Tensor, inputs: Mapping[str, Tensor], labels: Tensor | None, label_name: str,

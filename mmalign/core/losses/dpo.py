@@ -33,6 +33,19 @@ def _margins(
     beta: float, reduction: str, chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
 ) -> tuple[Tensor, LossMetrics]:
     """Validated Δ = ρ_w − ρ_l (length-normalised when lengths are given) and the standard metrics (lazy)."""
+    delta, metrics, inputs, lengths = _unchecked_margins(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, reduction,
+        chosen_lengths, rejected_lengths)
+    check_inputs_finite(delta, inputs, positive=lengths)  # Δ involves every input
+    return delta, metrics
+
+
+def _unchecked_margins(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+    beta: float, reduction: str, chosen_lengths: Tensor | None = None, rejected_lengths: Tensor | None = None,
+) -> tuple[Tensor, LossMetrics, dict[str, Tensor], dict[str, Tensor] | None]:
+    """Δ and metrics with shapes and scalars checked but tensor values not yet: returns ``(Δ, metrics, inputs,
+    lengths)`` for :func:`check_inputs_finite` on a witness (any tensor non-finite wherever Δ is)."""
     inputs = {
         "policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
         "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
@@ -48,8 +61,7 @@ def _margins(
     if chosen_lengths is not None and rejected_lengths is not None:
         rho_w, rho_l = rho_w / chosen_lengths.to(rho_w.dtype), rho_l / rejected_lengths.to(rho_l.dtype)
     delta = rho_w - rho_l
-    check_inputs_finite(delta, inputs, positive=lengths)  # Δ involves every input
-    return delta, LossMetrics(partial(_dpo_metrics, beta), rho_w, rho_l, delta)
+    return delta, LossMetrics(partial(_dpo_metrics, beta), rho_w, rho_l, delta), inputs, lengths
 
 
 def dpo_loss(
@@ -83,10 +95,13 @@ def ipo_loss(
         raise ValueError("chosen_lengths and rejected_lengths must be given together (or both None), got "
                          f"chosen_lengths={'None' if chosen_lengths is None else 'tensor'}, "
                          f"rejected_lengths={'None' if rejected_lengths is None else 'tensor'}")
-    delta, metrics = _margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                              beta, reduction, chosen_lengths, rejected_lengths)
-    per_pair = (delta - 1.0 / (2.0 * beta)).square()
-    return reduce_loss(per_pair, reduction), metrics
+    delta, metrics, inputs, lengths = _unchecked_margins(
+        policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, reduction,
+        chosen_lengths, rejected_lengths)
+    loss = reduce_loss((delta - 1.0 / (2.0 * beta)).square(), reduction)
+    # a reduced squared loss is non-finite wherever Δ is (±inf and NaN alike): it is its own witness, one read
+    check_inputs_finite(loss if loss.dim() == 0 else delta, inputs, positive=lengths)
+    return loss, metrics
 
 
 def conservative_dpo_loss(

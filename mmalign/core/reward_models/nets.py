@@ -94,7 +94,21 @@ class RewardModel(nn.Module, ABC):
 
 
 class MLPRewardModel(RewardModel):
-    """State (``act_dim=0``) or state-action MLP reward; PEBBLE's default is 3×256 LeakyReLU with a tanh output."""
+    """State (``act_dim=0``) or state-action MLP reward; PEBBLE's default is 3×256 LeakyReLU with a tanh output.
+
+    Opt-in input processing (both off by default, which leaves the parameters and ``state_dict`` unchanged):
+
+    - ``input_norm``: observations and actions are standardised with stored per-dimension statistics (buffers
+      ``input_mean``/``input_std``/``input_act_weight``, saved with the model; identity until
+      :meth:`fit_input_normalization`), and the standardised action block is multiplied by ``act_weight``.
+    - ``action_squares``: the squared (standardised, weighted) actions are appended to the input, so a quadratic
+      control cost ``−c·‖a‖²`` — part of every gymnasium MuJoCo locomotion/manipulation reward — is a linear
+      function of the features instead of something a piecewise-linear MLP must assemble from few comparisons.
+    """
+
+    input_mean: Tensor
+    input_std: Tensor
+    input_act_weight: Tensor
 
     def __init__(
         self,
@@ -103,19 +117,70 @@ class MLPRewardModel(RewardModel):
         hidden: Sequence[int] = (256, 256, 256),
         activation: str = "leaky_relu",
         output_activation: str | None = "tanh",
+        *,
+        input_norm: bool = False,
+        action_squares: bool = False,
     ) -> None:
         super().__init__(act_dim)
         if int(obs_dim) <= 0:
             raise ValueError(f"obs_dim must be > 0, got {obs_dim}")
         if output_activation not in (None, "tanh", "sigmoid"):
             raise ValueError(f"output_activation must be None, 'tanh' or 'sigmoid', got {output_activation!r}")
+        if action_squares and self.act_dim == 0:
+            raise ValueError("action_squares=True needs act_dim > 0, got act_dim=0")
         self.obs_dim = int(obs_dim)
-        self.net = make_mlp(self.obs_dim + self.act_dim, hidden, 1, activation)
+        self.input_norm = bool(input_norm)
+        self.action_squares = bool(action_squares)
+        extra = self.act_dim if self.action_squares else 0
+        self.net = make_mlp(self.obs_dim + self.act_dim + extra, hidden, 1, activation)
         self.output_activation = output_activation
+        if self.input_norm:
+            self.register_buffer("input_mean", torch.zeros(self.obs_dim + self.act_dim))
+            self.register_buffer("input_std", torch.ones(self.obs_dim + self.act_dim))
+            self.register_buffer("input_act_weight", torch.ones(()))
+
+    @torch.no_grad()
+    def fit_input_normalization(
+        self, obs: Tensor, act: Tensor | None = None, *, act_weight: float = 1.0, min_std: float = 1e-3
+    ) -> None:
+        """Store per-dimension mean/std of ``obs [..., obs_dim]`` and ``act [..., act_dim]`` (flattened over the
+        leading dims; std floored at ``min_std``) and the action-block weight. Needs ``input_norm=True``."""
+        if not self.input_norm:
+            raise ValueError("fit_input_normalization needs a model built with input_norm=True")
+        if not act_weight > 0:
+            raise ValueError(f"act_weight must be > 0, got {act_weight}")
+        if obs.shape[-1] != self.obs_dim:
+            raise ValueError(f"obs must end with obs_dim={self.obs_dim}, got shape {tuple(obs.shape)}")
+        parts = [obs.reshape(-1, self.obs_dim)]
+        if self.act_dim:
+            if act is None or act.shape[-1] != self.act_dim or act.shape[:-1] != obs.shape[:-1]:
+                got = None if act is None else tuple(act.shape)
+                raise ValueError(f"act must have shape {(*obs.shape[:-1], self.act_dim)}, got {got}")
+            parts.append(act.reshape(-1, self.act_dim).to(obs.dtype))
+        x = torch.cat(parts, dim=-1).to(torch.float64)
+        if x.shape[0] < 2:
+            raise ValueError(f"fit_input_normalization needs at least 2 rows, got {x.shape[0]}")
+        self.input_mean.copy_(x.mean(0))
+        self.input_std.copy_(x.std(0, unbiased=False).clamp_min(min_std))
+        self.input_act_weight.fill_(float(act_weight))
+
+    def _features(self, obs: Tensor, act: Tensor | None) -> Tensor:
+        if act is not None:
+            act = act.to(obs.dtype)
+        if self.input_norm:
+            obs = (obs - self.input_mean[: self.obs_dim]) / self.input_std[: self.obs_dim]
+            if act is not None:
+                act = self.input_act_weight * (act - self.input_mean[self.obs_dim:]) / self.input_std[self.obs_dim:]
+        if act is None:
+            return obs
+        if self.action_squares:
+            # / act_weight keeps the squared block on the same scale as the linear one
+            sq = act.square() / (self.input_act_weight if self.input_norm else 1.0)
+            return torch.cat([obs, act, sq], dim=-1)
+        return torch.cat([obs, act], dim=-1)
 
     def _rewards(self, obs: Tensor, act: Tensor | None) -> Tensor:
-        x = obs if act is None else torch.cat([obs, act.to(obs.dtype)], dim=-1)
-        r = self.net(x).squeeze(-1)
+        r = self.net(self._features(obs, act)).squeeze(-1)
         if self.output_activation == "tanh":
             r = torch.tanh(r)
         elif self.output_activation == "sigmoid":
