@@ -211,11 +211,42 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
     return value
 
 
+def _yaml_load(text: str) -> Any:
+    """``yaml.safe_load`` with YAML 1.2 booleans: only true/false (any case) are booleans, so ``no``, ``off``, ``yes``
+    and ``on`` stay strings (``trainer.mixed_precision=no`` is the string ``"no"``, not ``False``)."""
+    import re
+
+    import yaml
+
+    global _LOADER
+    if _LOADER is None:
+        class Yaml12Loader(yaml.SafeLoader):
+            pass
+
+        replaced = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"}
+        resolvers = {key: [(tag, rx) for tag, rx in value if tag not in replaced]
+                     for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+        Yaml12Loader.yaml_implicit_resolvers = resolvers
+        Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE),
+                                           list("tTfF"))
+        # YAML 1.2 floats: 1e-3 is a float (YAML 1.1 needs a dot, 1.0e-3, and reads 1e-3 as a string)
+        Yaml12Loader.add_implicit_resolver(
+            "tag:yaml.org,2002:float",
+            re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+            list("-+0123456789."))
+        _LOADER = Yaml12Loader
+    return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass
+
+
+_LOADER: Any = None
+
+
 def _parse_scalar(text: str) -> Any:
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return _yaml_load(text)
     except yaml.YAMLError:
         return text
 
@@ -258,7 +289,7 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text()) or {}
+        loaded = _yaml_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping at top level, got {type(loaded).__name__}")
         data = loaded

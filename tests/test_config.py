@@ -83,6 +83,18 @@ def test_parse_overrides_nests_and_types() -> None:
                                                                          "e": True}
 
 
+def test_yaml_12_scalars_no_is_a_string_and_1e_3_a_float(tmp_path: Path) -> None:
+    """YAML 1.1 reads ``no``/``off`` as False and ``1e-3`` as a string; configs use YAML 1.2 scalars instead."""
+    assert parse_overrides(["m=no", "o=off", "y=Yes", "lr=1e-3", "big=-2.5E+4", "t=False", "n=~", "i=12"]) == {
+        "m": "no", "o": "off", "y": "Yes", "lr": 0.001, "big": -25000.0, "t": False, "n": None, "i": 12}
+    cfg = load_config(DemoConfig, None, ["trainer.mixed_precision=no", "trainer.lr=1e-3"])
+    assert cfg.trainer.mixed_precision == "no" and cfg.trainer.lr == 0.001
+    path = tmp_path / "c.yaml"
+    path.write_text("trainer:\n  mixed_precision: no\n  lr: 5e-4\n  progress: false\n")
+    cfg = load_config(DemoConfig, path)
+    assert (cfg.trainer.mixed_precision, cfg.trainer.lr, cfg.trainer.progress) == ("no", 0.0005, False)
+
+
 def test_shipped_yaml_configs_load() -> None:
     root = Path(__file__).resolve().parents[1] / "configs"
     by_config = {}

@@ -37,16 +37,21 @@ def is_sharded(model: torch.nn.Module | None) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
-def shard_model(model: torch.nn.Module, wrap: Sequence[str], device: torch.device) -> torch.nn.Module:
+def shard_model(model: torch.nn.Module, wrap: Sequence[str], device: torch.device,
+                mixed_precision: str = "no") -> torch.nn.Module:
     """Move ``model`` to ``device`` and shard it over all processes of the default process group.
 
     Every submodule whose class name is in ``wrap`` (default: the model's ``_no_split_modules``, as transformers
     models declare their decoder layers) becomes its own FSDP unit, innermost first, so only one unit's full
     parameters live in memory at a time; the root then holds the remaining parameters.
+
+    ``mixed_precision="bf16"`` (the trainer's resolved setting) gives every unit FSDP2's mixed-precision policy:
+    the sharded parameters and optimizer state stay fp32 (the master copy), each unit all-gathers bf16 copies for its
+    forward and backward (half the communication and unsharded memory), and gradients are reduce-scattered in fp32.
     """
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     classes = {type(m).__name__ for m in model.modules()}
     names = set(wrap) or set(getattr(model, "_no_split_modules", None) or [])
@@ -56,13 +61,17 @@ def shard_model(model: torch.nn.Module, wrap: Sequence[str], device: torch.devic
                          f"(it has {sorted(classes)})")
     if not dist.is_initialized():
         raise RuntimeError("distributed=fsdp needs a process group; launch with torchrun or accelerate launch")
+    if mixed_precision not in ("no", "bf16"):
+        raise ValueError(f"mixed_precision must be 'no' or 'bf16' with FSDP, got {mixed_precision!r}")
     model.to(device)
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    policy = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+              if mixed_precision == "bf16" else MixedPrecisionPolicy())
     # reversed pre-order visits children before their parents, as nested fully_shard requires
     for name, module in reversed(list(model.named_modules())):
         if name and type(module).__name__ in names:
-            fully_shard(module, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+            fully_shard(module, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

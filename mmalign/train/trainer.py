@@ -201,7 +201,7 @@ class Trainer:
             from mmalign.train.fsdp import shard_model
 
             # before the optimizer exists: fully_shard replaces the parameters with sharded ones
-            model = shard_model(model, cfg.fsdp_wrap, acc.device)
+            model = shard_model(model, cfg.fsdp_wrap, acc.device, mixed_precision=str(acc.mixed_precision))
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameters with requires_grad=True: nothing to train")

@@ -9,6 +9,8 @@ One launch does all the multi-process work, because starting processes is what c
 - a resume from a checkpoint whose ``rng-1`` file only rank 1 reads is corrupt: both ranks must raise (no hang).
 
 Usage: ``torchrun --nproc_per_node 2 tests/train/_fsdp_worker.py OUT_DIR``; rank 0 writes ``OUT_DIR/result.json``.
+With a third argument ``bf16`` it runs ``bf16-full`` / ``bf16-stop`` (+ resume) under ``mixed_precision=bf16``
+instead (accelerate fixes the precision once per process) and records the weight dtypes its Linear layers saw.
 """
 
 from __future__ import annotations
@@ -33,6 +35,25 @@ COMMON = ["trainer.progress=false", "trainer.plots=false", "trainer.distributed=
 def _run(out: Path, name: str, steps: int, extra: list[str], resume: bool = False) -> dict:
     cfg = load_config(DemoConfig, None, [*COMMON, *extra, f"trainer.max_steps={steps}"])
     return run(cfg, out / name, resume=resume)
+
+
+def bf16(out: Path) -> None:
+    seen: set[str] = set()
+    forward = torch.nn.Linear.forward
+
+    def recording(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if type(self).__name__.startswith("FSDP"):  # sharded units only (the demo's reference pass runs unsharded)
+            seen.add(str(self.weight.dtype))
+        return forward(self, x)
+
+    torch.nn.Linear.forward = recording  # type: ignore[method-assign]
+    extra = ["dropout=0.0", "trainer.mixed_precision=bf16"]
+    _run(out, "bf16-full", 8, extra)
+    _run(out, "bf16-stop", 4, extra)
+    resumed = _run(out, "bf16-stop", 8, extra, resume=True)["step"]
+    if int(os.environ["RANK"]) == 0:
+        (out / "result_bf16.json").write_text(json.dumps({"resumed": resumed, "forward_dtypes": sorted(seen)}))
+    close_process_group()
 
 
 def main(out: Path) -> None:
@@ -72,4 +93,8 @@ def main(out: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[2:] == ["bf16"]:
+        torch.set_num_threads(1)
+        bf16(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))

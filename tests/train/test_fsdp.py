@@ -60,6 +60,29 @@ def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def fsdp_bf16_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp_bf16")
+    proc = subprocess.run([*TORCHRUN, str(WORKER), str(out), "bf16"], env=ENV, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return out
+
+
+def test_fsdp_bf16_policy_computes_in_bf16_keeps_fp32_state_and_resumes_exactly(
+    fsdp_runs: Path, fsdp_bf16_runs: Path
+) -> None:
+    result = json.loads((fsdp_bf16_runs / "result_bf16.json").read_text())
+    assert result["resumed"] == 8
+    assert result["forward_dtypes"] == ["torch.bfloat16"]  # every unit all-gathered bf16 copies for compute
+    full, stopped = _weights(fsdp_bf16_runs / "bf16-full"), _weights(fsdp_bf16_runs / "bf16-stop")
+    assert all(t.dtype == torch.float32 for t in full.values())  # sharded master weights stay fp32
+    _assert_equal(full, stopped, exact=True)
+    fp32 = _weights(fsdp_runs / "plain-full")
+    diff = max(float((full[k] - fp32[k]).abs().max()) for k in fp32)
+    assert 0.0 < diff < 2e-2, diff  # bf16 compute: close to the fp32 run (8 steps of lr 3e-3), not equal to it
+
+
 def test_fsdp_stop_and_resume_is_bitwise_identical(fsdp_runs: Path) -> None:
     result = json.loads((fsdp_runs / "result.json").read_text())
     assert result["resumed"] == 8
