@@ -5,15 +5,23 @@ venv (gymnasium 0.29 → Reacher-v4), ``--impl mmalign`` in mmalign's venv (gymn
 dynamics and reward formula, v5 drops a constant observation entry). Both use an oracle synthetic teacher
 (imitation: ``SyntheticGatherer(temperature=0)``; mmalign: B-Pref ``oracle``), 25-step fragments, PPO with
 ``n_steps=1024``, and are evaluated on 10 deterministic episodes of the true reward. Each writes one JSON file.
+
+The issue fixes task, label budget and env steps only; ``--set key=value`` changes any other field of mmalign's
+:class:`~mmalign.robotics.pebble.PebbleConfig` (e.g. ``n_envs=8 ppo_n_steps=128``), ``--tag`` names such a
+configuration in file names and tables. mmalign runs also record where their process CPU time went
+(:func:`cpu_breakdown`): PPO update, reward-model fitting, the rest of the feedback rounds, per-step learned-reward
+inference, and the remainder (rollout: policy forward passes, env steps, buffers).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import time
 from pathlib import Path
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -68,27 +76,97 @@ def run_imitation(steps: int, labels: int, seed: int, threads: int) -> dict:
             "wall_s": wall, "cpu_s": cpu}
 
 
-def run_mmalign(steps: int, labels: int, seed: int, algo: str, threads: int) -> dict:
+# Fixed by the issue (task, label budget, env steps) or by the comparison (teacher, seed, learner): not settable.
+FIXED = ("env_id", "algo", "reward", "total_steps", "seed", "teacher", "label_budget")
+BREAKDOWN = ("cpu_ppo_update_s", "cpu_reward_fit_s", "cpu_feedback_other_s", "cpu_reward_inference_s",
+             "cpu_rollout_other_s")
+
+
+def mmalign_config(steps: int, labels: int, seed: int, algo: str, overrides: list[str]) -> Any:
+    """The mmalign side's PebbleConfig: the first comparison's settings, then ``key=value`` overrides."""
+    from mmalign.config import parse_overrides
+    from mmalign.robotics.pebble import PebbleConfig
+
+    first = 1024
+    base = dict(env_id="Reacher-v5", algo=algo, total_steps=steps, seed=seed, teacher="oracle",
+                label_budget=labels, initial_labels=max(64, labels // 4),
+                labels_per_round=max(1, (labels - max(64, labels // 4)) // 4), first_feedback=first,
+                feedback_every=max(1024, (steps - first) // 5), ppo_n_steps=1024,
+                batch_size=64 if algo == "ppo" else 128, eval_every=10 * steps, eval_episodes=1,
+                save_reward_model=False)
+    extra = parse_overrides(overrides)
+    fixed = sorted(set(extra) & set(FIXED))
+    if fixed:
+        raise ValueError(f"--set may not change {fixed}: task, labels, steps, seed, teacher and learner are fixed "
+                         f"by the comparison (use --steps/--labels/--seed/--algo)")
+    return PebbleConfig.from_dict({**base, **extra})
+
+
+@contextlib.contextmanager
+def cpu_breakdown() -> Iterator[dict[str, float]]:
+    """Accumulate process CPU seconds of PPO updates, reward fitting, feedback rounds and learned-reward calls.
+
+    Wraps the methods for the duration of the block (class attributes, restored afterwards), at two
+    ``process_time`` reads per call: far below cProfile's overhead, so the split can be recorded on every run.
+    The dict holds raw totals (``ppo_update``, ``reward_fit``, ``feedback``, ``reward_inference``).
+    """
+    from stable_baselines3 import PPO
+
+    from mmalign.robotics import pebble, reward_io
+
+    totals = {"ppo_update": 0.0, "reward_fit": 0.0, "feedback": 0.0, "reward_inference": 0.0}
+
+    def timed(fn: Callable[..., Any], key: str) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            c0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                totals[key] += time.process_time() - c0
+        return wrapper
+
+    patches = [(PPO, "train", "ppo_update"), (reward_io, "fit_ensemble", "reward_fit"),
+               (pebble.FeedbackState, "feedback_round", "feedback"),
+               (pebble.FeedbackState, "reward_fn", "reward_inference")]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
+    try:
+        for owner, name, key in patches:
+            setattr(owner, name, timed(getattr(owner, name), key))
+        yield totals
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+
+
+def split_cpu(total: float, raw: dict[str, float]) -> dict[str, float]:
+    """Disjoint parts of ``total``: fitting is inside the feedback rounds, everything else is the rollout."""
+    return {"cpu_ppo_update_s": raw["ppo_update"], "cpu_reward_fit_s": raw["reward_fit"],
+            "cpu_feedback_other_s": raw["feedback"] - raw["reward_fit"],
+            "cpu_reward_inference_s": raw["reward_inference"],
+            "cpu_rollout_other_s": total - raw["ppo_update"] - raw["feedback"] - raw["reward_inference"]}
+
+
+def run_mmalign(steps: int, labels: int, seed: int, algo: str, threads: int, overrides: list[str] | None = None,
+                tag: str = "") -> dict:
     import gymnasium
     import torch
 
-    from mmalign.robotics.pebble import PebbleConfig, train_agent
+    from mmalign.robotics.pebble import train_agent
 
     if threads > 0:
         torch.set_num_threads(threads)
-    first = 1024
-    cfg = PebbleConfig(env_id="Reacher-v5", algo=algo, total_steps=steps, seed=seed, teacher="oracle",
-                       label_budget=labels, initial_labels=max(64, labels // 4),
-                       labels_per_round=max(1, (labels - max(64, labels // 4)) // 4), first_feedback=first,
-                       feedback_every=max(1024, (steps - first) // 5), ppo_n_steps=1024, batch_size=64 if algo == "ppo"
-                       else 128, eval_every=10 * steps, eval_episodes=1, save_reward_model=False)
-    t0 = time.perf_counter()
-    c0 = time.process_time()
-    res = train_agent(cfg)
-    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    cfg = mmalign_config(steps, labels, seed, algo, list(overrides or []))
+    with cpu_breakdown() as raw:
+        t0 = time.perf_counter()
+        c0 = time.process_time()
+        res = train_agent(cfg)
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     mean, std = evaluate(lambda o: res["model"].predict(o, deterministic=True)[0], gymnasium.make("Reacher-v5"))
-    return {"impl": f"mmalign PbRL + {algo.upper()} (Reacher-v5)", "true_return": mean, "std": std, "wall_s": wall,
-            "cpu_s": cpu, "queries": res["labels"]["labels/queries"]}
+    label = f"mmalign PbRL + {algo.upper()} (Reacher-v5{', ' + tag if tag else ''})"
+    out = {"impl": label, "true_return": mean, "std": std, "wall_s": wall, "cpu_s": cpu,
+           "queries": res["labels"]["labels/queries"], "overrides": list(overrides or [])}
+    out.update(split_cpu(cpu, raw))
+    return out
 
 
 def summarize(out: Path) -> str:
@@ -106,6 +184,15 @@ def summarize(out: Path) -> str:
         ret, wall, cpu = (np.array([r[k] for r in group]) for k in ("true_return", "wall_s", "cpu_s"))
         lines.append(f"| {impl} | {', '.join(str(r['seed']) for r in group)} | {ret.mean():.2f} ± {ret.std():.2f} | "
                      f"{wall.mean():.0f} ± {wall.std():.0f} | {cpu.mean():.0f} ± {cpu.std():.0f} |")
+    split = [r for r in rows if all(k in r for k in BREAKDOWN)]
+    if split:
+        lines += ["", "| implementation | seeds | PPO update | reward fit | other feedback | reward inference | "
+                  "rollout (rest) | total CPU s |", "|---|---|---|---|---|---|---|---|"]
+        for impl in sorted({r["impl"] for r in split}):
+            group = [r for r in split if r["impl"] == impl]
+            cells = " | ".join(f"{np.mean([r[k] for r in group]):.1f}" for k in BREAKDOWN)
+            lines.append(f"| {impl} | {', '.join(str(r['seed']) for r in group)} | {cells} | "
+                         f"{np.mean([r['cpu_s'] for r in group]):.1f} |")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)
     print(text)
@@ -121,17 +208,25 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch's default, all cores)")
     p.add_argument("--out", default="runs/compare_imitation")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="mmalign only: override a PebbleConfig field (repeatable), e.g. --set n_envs=8")
+    p.add_argument("--tag", default="", help="mmalign only: name of the configuration (file names and tables)")
     p.add_argument("--summarize", action="store_true")
     args = p.parse_args()
+    if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
+        p.error(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.summarize:
         summarize(out)
         return
-    res = run_imitation(args.steps, args.labels, args.seed, args.threads) if args.impl == "imitation" else run_mmalign(
-        args.steps, args.labels, args.seed, args.algo, args.threads)
-    res.update({"steps": args.steps, "labels": args.labels, "seed": args.seed, "threads": args.threads})
-    name = args.impl if args.impl == "imitation" else f"mmalign_{args.algo}"
+    if args.impl == "imitation":
+        res = run_imitation(args.steps, args.labels, args.seed, args.threads)
+    else:
+        res = run_mmalign(args.steps, args.labels, args.seed, args.algo, args.threads, args.set, args.tag)
+    res.update({"steps": args.steps, "labels": args.labels, "seed": args.seed, "threads": args.threads,
+                "platform": platform.platform(), "date_utc": time.strftime("%Y-%m-%d %H:%M", time.gmtime())})
+    name = args.impl if args.impl == "imitation" else f"mmalign_{args.algo}" + (f"_{args.tag}" if args.tag else "")
     (out / f"result_{name}_s{args.seed}.json").write_text(json.dumps(res, indent=1))
     print(res)
 

@@ -4,6 +4,10 @@
 #
 #   bash scripts/compare_imitation.sh [STEPS] [LABELS] [SEEDS...]
 #
+# MMALIGN_SET="key=value ..." overrides fields of mmalign's PebbleConfig (anything but task, labels, steps, seed,
+# teacher, learner), TAG names that configuration in result files and tables; SKIP_IMITATION=1 runs mmalign only
+# (e.g. to add a configuration next to imitation results already in OUT).
+#
 # Seeds run one after the other, imitation then mmalign for each seed (alternating, so both see the same machine
 # load over time); both are pinned to one torch thread so CPU and wall seconds are comparable.
 #
@@ -19,6 +23,10 @@ MAIN_PY="${MAIN_PY:-$ROOT/.venv/bin/python}"
 VENV="${IMITATION_VENV:-/tmp/mmalign-imitation-venv}"
 OUT="${OUT:-$ROOT/runs/compare_imitation}"
 THREADS="${THREADS:-1}"  # torch threads of both sides (0 = torch's default)
+TAG="${TAG:-}"
+SKIP_IMITATION="${SKIP_IMITATION:-0}"
+SETS=()
+for KV in ${MMALIGN_SET:-}; do SETS+=(--set "$KV"); done
 mkdir -p "$OUT"
 BASE_PY="$("$MAIN_PY" -c 'import sys; print(sys.base_prefix)')/bin/python3"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -32,7 +40,11 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 "$VENV/bin/python" -c "import imitation, gymnasium, stable_baselines3 as sb3; print('imitation', imitation.__version__, 'gymnasium', gymnasium.__version__, 'sb3', sb3.__version__)"
 for SEED in "${SEEDS[@]}"; do
-  "$VENV/bin/python" "$ROOT/scripts/compare_imitation.py" --impl imitation --steps "$STEPS" --labels "$LABELS" --seed "$SEED" --threads "$THREADS" --out "$OUT"
-  "$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --impl mmalign --steps "$STEPS" --labels "$LABELS" --seed "$SEED" --threads "$THREADS" --out "$OUT"
+  if [ "$SKIP_IMITATION" != 1 ]; then
+    "$VENV/bin/python" "$ROOT/scripts/compare_imitation.py" --impl imitation --steps "$STEPS" --labels "$LABELS" \
+        --seed "$SEED" --threads "$THREADS" --out "$OUT"
+  fi
+  "$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --impl mmalign --steps "$STEPS" --labels "$LABELS" --seed "$SEED" \
+      --threads "$THREADS" --out "$OUT" --tag "$TAG" ${SETS[@]+"${SETS[@]}"}
 done
 "$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --summarize --out "$OUT"

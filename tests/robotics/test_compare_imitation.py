@@ -1,0 +1,85 @@
+"""scripts/compare_imitation.py: mmalign-side config overrides, the CPU-time breakdown and the summary tables."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def cmp():
+    spec = importlib.util.spec_from_file_location("compare_imitation", ROOT / "scripts" / "compare_imitation.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_config_defaults_and_overrides(cmp):
+    base = cmp.mmalign_config(20000, 400, 3, "ppo", [])
+    assert (base.env_id, base.total_steps, base.label_budget, base.seed, base.teacher) == (
+        "Reacher-v5", 20000, 400, 3, "oracle")
+    assert (base.n_envs, base.ppo_n_steps, base.batch_size, base.initial_labels, base.labels_per_round) == (
+        1, 1024, 64, 100, 75)
+    cfg = cmp.mmalign_config(20000, 400, 3, "ppo", ["n_envs=8", "ppo_n_steps=128", "rm_epochs=10"])
+    assert (cfg.n_envs, cfg.ppo_n_steps, cfg.rm_epochs, cfg.label_budget) == (8, 128, 10, 400)
+
+
+@pytest.mark.parametrize("override", ["label_budget=800", "total_steps=40000", "teacher=mistake", "seed=1"])
+def test_fixed_fields_cannot_be_overridden(cmp, override):
+    with pytest.raises(ValueError, match="may not change"):
+        cmp.mmalign_config(20000, 400, 0, "ppo", [override])
+
+
+def test_bad_override_is_rejected_by_the_config(cmp):
+    with pytest.raises(ValueError, match="n_envs"):
+        cmp.mmalign_config(20000, 400, 0, "ppo", ["n_envs=0"])
+    with pytest.raises(ValueError, match="unknown field"):
+        cmp.mmalign_config(20000, 400, 0, "ppo", ["no_such_field=1"])
+
+
+def test_cpu_breakdown_times_calls_and_restores_methods(cmp):
+    from stable_baselines3 import PPO
+
+    from mmalign.robotics import pebble, reward_io
+
+    originals = (PPO.__dict__["train"], reward_io.fit_ensemble, pebble.FeedbackState.__dict__["feedback_round"],
+                 pebble.FeedbackState.__dict__["reward_fn"])
+    cfg = cmp.mmalign_config(20000, 400, 0, "ppo", ["ensemble_size=2", "device=cpu"])
+    state = pebble.FeedbackState(cfg, obs_dim=10, act_dim=2, device=pebble.resolve_device("cpu"))
+    rng = np.random.default_rng(0)
+    obs, act = rng.normal(size=(4096, 10)).astype(np.float32), rng.normal(size=(4096, 2)).astype(np.float32)
+    with cmp.cpu_breakdown() as raw:
+        assert pebble.FeedbackState.__dict__["reward_fn"] is not originals[3]
+        for _ in range(20):
+            r = state.reward_fn(obs, act)
+    assert r.shape == (4096,)
+    assert raw["reward_inference"] > 0 and raw["ppo_update"] == raw["reward_fit"] == raw["feedback"] == 0.0
+    assert originals == (PPO.__dict__["train"], reward_io.fit_ensemble,
+                         pebble.FeedbackState.__dict__["feedback_round"], pebble.FeedbackState.__dict__["reward_fn"])
+    parts = cmp.split_cpu(10.0, {"ppo_update": 3.0, "reward_fit": 2.0, "feedback": 2.5, "reward_inference": 1.5})
+    assert parts == {"cpu_ppo_update_s": 3.0, "cpu_reward_fit_s": 2.0, "cpu_feedback_other_s": 0.5,
+                     "cpu_reward_inference_s": 1.5, "cpu_rollout_other_s": 3.0}
+    assert sum(parts.values()) == pytest.approx(10.0)
+
+
+def test_summarize_tables(cmp, tmp_path):
+    common = {"steps": 20000, "labels": 400, "std": 1.0, "wall_s": 100.0}
+    rows = [
+        {"impl": "imitation", "seed": 0, "true_return": -30.0, "cpu_s": 60.0},
+        {"impl": "imitation", "seed": 1, "true_return": -20.0, "cpu_s": 50.0},
+        {"impl": "mmalign (fast)", "seed": 0, "true_return": -12.0, "cpu_s": 20.0, "cpu_ppo_update_s": 5.0,
+         "cpu_reward_fit_s": 4.0, "cpu_feedback_other_s": 1.0, "cpu_reward_inference_s": 2.0,
+         "cpu_rollout_other_s": 8.0},
+    ]
+    for k, r in enumerate(rows):
+        (tmp_path / f"result_{k}.json").write_text(json.dumps({**common, **r}))
+    text = cmp.summarize(tmp_path)
+    assert "| imitation | 0, 1 | -25.00 ± 5.00 | 100 ± 0 | 55 ± 5 |" in text
+    assert "| mmalign (fast) | 0 | 5.0 | 4.0 | 1.0 | 2.0 | 8.0 | 20.0 |" in text
+    assert (tmp_path / "summary.md").read_text() == text
