@@ -221,8 +221,13 @@ class Trainer:
         if isinstance(model, PeftModel):
             return model
         lo = self.cfg.lora
-        return get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                                target_modules=list(lo.target_modules)))
+        # peft draws the adapters' initial weights from the global RNGs, which nothing has seeded yet (and which
+        # torch seeds differently in every process): seed them from cfg.seed, leaving the caller's streams as they were
+        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.cfg.seed)
+            return get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
+                                                    target_modules=list(lo.target_modules)))
 
     @property
     def is_main(self) -> bool:

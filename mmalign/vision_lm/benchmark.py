@@ -12,11 +12,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from mmalign.config import Config, check_positive, check_probability, option
+from mmalign.config import Config, check_choice, check_positive, check_probability, option
+from mmalign.vision_lm.families import FAMILIES
 
 __all__ = ["BenchmarkConfig", "run", "METHOD_ROWS"]
 
@@ -57,7 +58,8 @@ class BenchmarkConfig(Config):
     lora_r: int = option(16, "LoRA rank of the preference-trained adapters")
     n_test_scenes: int = option(200, "test-split (prior-violating) scenes for CHAIR and POPE")
     vision_steps: int = option(150, "supervised per-cell pre-training steps of the vision tower (CLIP stand-in)")
-    patch_size: int = option(16, "vision patch size of the tiny LLaVA (32x32 images; 16 = one patch per grid cell)")
+    patch_size: int = option(16, "vision patch size of the tiny VLM (32x32 images; 16 = one patch per grid cell)")
+    family: str = option("llava", "tiny VLM family: llava, llava_next, idefics3 or smolvlm (same widths and depths)")
 
     def __post_init__(self) -> None:
         for name in ("n_sft_scenes", "sft_steps", "sft_lr", "batch_size", "n_pref_scenes", "pref_steps", "pref_lr",
@@ -66,6 +68,7 @@ class BenchmarkConfig(Config):
         if 32 % self.patch_size:
             raise ValueError(f"patch_size must divide the 32-pixel image size, got {self.patch_size}")
         check_probability("prior_strength", self.prior_strength)
+        check_choice("family", self.family, FAMILIES)
         check_probability("bdhs_rho", self.bdhs_rho)
         if not 0 <= self.flip_rate < 0.5:
             raise ValueError(f"flip_rate must be in [0, 0.5), got {self.flip_rate}")
@@ -266,8 +269,12 @@ def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig,
     return out
 
 
-def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path) -> dict[str, dict[str, float]]:
-    """SFT + every configured row for one seed; returns {row: metrics} (row "sft" included)."""
+def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path,
+             on_row: Callable[[dict[str, dict[str, float]]], None] | None = None) -> dict[str, dict[str, float]]:
+    """SFT + every configured row for one seed; returns {row: metrics} (row "sft" included).
+
+    ``on_row(results_so_far)`` is called after every finished row, so a caller can store partial results.
+    """
     import copy
 
     import torch
@@ -285,7 +292,14 @@ def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path) -> dict[str, dict[s
     render = lambda scs: [S.render(s, rng=rng) for s in scs]  # noqa: E731
     sft_images, pref_images, test_images = render(sft_scenes), render(pref_scenes), render(test_scenes)
 
-    model, processor = build_tiny_llava(S.vocabulary(), seed=seed, patch_size=cfg.patch_size)
+    if cfg.family == "llava":
+        model, processor = build_tiny_llava(S.vocabulary(), seed=seed, patch_size=cfg.patch_size)
+    else:  # the tiny LLaVA's widths and depths in the family's own architecture and image layout
+        from mmalign.vision_lm.families import build_tiny_vlm
+
+        model, processor = build_tiny_vlm(cfg.family, S.vocabulary(), seed=seed, patch_size=cfg.patch_size,
+                                          vision_dim=64, text_dim=96, vision_layers=2, text_layers=2, heads=4,
+                                          max_positions=256)
     adapter = VLMAdapter(model, processor, max_length=64)
     results: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
@@ -294,6 +308,8 @@ def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path) -> dict[str, dict[s
     sft_model = adapter.model
     results["sft"] = {**evaluate(adapter, test_scenes, test_images, sft_scenes, seed),
                       "time/train_s": time.perf_counter() - t0, "vision/pretrain_shape_acc": vision_acc}
+    if on_row is not None:
+        on_row(results)
     pair_cache: dict[str, tuple[list[Any], dict[str, float]]] = {}
     for row in cfg.methods:
         source = METHOD_ROWS[row][1]
@@ -308,6 +324,8 @@ def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path) -> dict[str, dict[s
         metrics = evaluate(adapter, test_scenes, test_images, sft_scenes, seed)
         results[row] = {**metrics, **stats, "time/train_s": out["time/train_s"], "n_pairs": float(len(pairs)),
                         "train/pref_accuracy": float(out.get("train/pref_accuracy", float("nan")))}
+        if on_row is not None:
+            on_row(results)
     return results
 
 

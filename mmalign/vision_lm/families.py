@@ -8,21 +8,23 @@ around a locally built word-level tokenizer, so the adapter exercises the same c
 * ``llava_next``: ``LlavaNextForConditionalGeneration`` + ``LlavaNextProcessor``; AnyRes: every image becomes a base
   view plus tiles of its best-fitting grid pinpoint, ``pixel_values`` (images, patches, 3, H, W) with ``image_sizes``,
   and a placeholder count that depends on the image's aspect ratio (unpadded features + one newline per row).
-* ``idefics3`` / ``smolvlm``: ``Idefics3ForConditionalGeneration`` / ``SmolVLMForConditionalGeneration`` +
-  ``Idefics3Processor``; images are resized to ``2 * image_size`` on the long edge and split into
+* ``idefics3`` / ``smolvlm``: ``Idefics3ForConditionalGeneration`` + ``Idefics3Processor`` /
+  ``SmolVLMForConditionalGeneration`` + ``SmolVLMProcessor`` (with its ``SmolVLMImageProcessor`` and
+  ``SmolVLMVideoProcessor``); images are resized to ``2 * image_size`` on the long edge and split into
   ``image_size`` tiles plus a global view, each tile ``(image_size / patch_size)^2 / 4`` placeholders after the pixel
   shuffle, wrapped in ``<fake_token_around_image>`` / ``<row_i_col_j>`` / ``<global-img>`` markers;
   ``pixel_values`` (examples, sub-images, 3, H, W) with ``pixel_attention_mask``.
 
-SmolVLM gets the ``Idefics3Processor``: ``SmolVLMProcessor`` builds the same image prompt strings but requires the
-``num2words`` package (for its video prompts), which is not a dependency here.
+``SmolVLMProcessor`` refuses to build without the ``num2words`` package (it spells out frame counts in its video
+prompts), which the ``vlm`` extra therefore requires. For images its prompt strings equal Idefics3's.
 """
 
 from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["FAMILIES", "family_tokenizer", "tiny_family_config", "family_processor", "build_tiny_vlm"]
+__all__ = ["FAMILIES", "family_tokenizer", "tiny_family_config", "family_processor", "build_tiny_vlm",
+           "whole_image_patch_features"]
 
 FAMILIES: tuple[str, ...] = ("llava", "llava_next", "idefics3", "smolvlm")
 _IDEFICS_SPECIAL = ("<fake_token_around_image>", "<global-img>", "<end_of_utterance>",
@@ -112,12 +114,18 @@ def family_processor(family: str, tokenizer: Any, config: Any) -> Any:
                                      image_grid_pinpoints=config.image_grid_pinpoints, **norm)
         return LlavaNextProcessor(image_processor=next_ip, tokenizer=tokenizer, patch_size=vc.patch_size,
                                   vision_feature_select_strategy="default", num_additional_image_tokens=1)
-    from transformers import Idefics3ImageProcessor, Idefics3Processor
-
-    ip = Idefics3ImageProcessor(size={"longest_edge": 2 * vc.image_size}, max_image_size={"longest_edge": vc.image_size},
-                                do_image_splitting=True, resample=2, **norm)  # 2 = bilinear
+    sizes: dict[str, Any] = dict(size={"longest_edge": 2 * vc.image_size},
+                                 max_image_size={"longest_edge": vc.image_size}, resample=2, **norm)  # 2 = bilinear
     seq = (vc.image_size // vc.patch_size) ** 2 // config.scale_factor ** 2
-    return Idefics3Processor(image_processor=ip, tokenizer=tokenizer, image_seq_len=seq)
+    if family == "idefics3":
+        from transformers import Idefics3ImageProcessor, Idefics3Processor
+
+        return Idefics3Processor(image_processor=Idefics3ImageProcessor(do_image_splitting=True, **sizes),
+                                 tokenizer=tokenizer, image_seq_len=seq)
+    from transformers import SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    return SmolVLMProcessor(image_processor=SmolVLMImageProcessor(do_image_splitting=True, **sizes),
+                            video_processor=SmolVLMVideoProcessor(**sizes), tokenizer=tokenizer, image_seq_len=seq)
 
 
 def build_tiny_vlm(family: str, words: Sequence[str], seed: int = 0, **config_kwargs: Any) -> tuple[Any, Any]:
@@ -132,3 +140,25 @@ def build_tiny_vlm(family: str, words: Sequence[str], seed: int = 0, **config_kw
         torch.manual_seed(seed)
         model = AutoModelForImageTextToText.from_config(cfg)
     return model, processor
+
+
+def whole_image_patch_features(model: Any, processor: Any, images: Sequence[Any]) -> tuple[Any, Any, Any]:
+    """``(tower, pixel_values, features)`` for per-patch supervision of any family's vision tower.
+
+    ``pixel_values`` (N, 3, S, S) holds one whole-image view per image at the tower's resolution: the image itself
+    (LLaVA), the AnyRes base view (LLaVA-NeXT, first sub-image) or the global view (Idefics3 / SmolVLM, last
+    sub-image); ``features(pix)`` -> (N, (S / patch)^2, D) are the tower's last-layer patch states in row-major
+    order, CLIP's CLS state dropped as LLaVA does (the Idefics3 tower has none).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    inner = base.model if hasattr(base, "model") else base
+    kind = getattr(base.config, "model_type", None)
+    if kind in ("idefics3", "smolvlm"):
+        tower = inner.vision_model
+        pix = processor.image_processor([[im] for im in images], return_tensors="pt")["pixel_values"][:, -1]
+        return tower, pix, lambda x: tower(pixel_values=x).last_hidden_state
+    tower = inner.vision_tower
+    pix = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
+    if pix.ndim == 5:  # LLaVA-NeXT: (N, views, 3, S, S) with the resized whole image first
+        pix = pix[:, 0]
+    return tower, pix, lambda x: tower(x, output_hidden_states=True).hidden_states[-1][:, 1:]

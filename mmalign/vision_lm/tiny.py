@@ -98,19 +98,21 @@ def build_tiny_llava(words: Sequence[str], seed: int = 0, **config_kwargs: Any) 
 
 def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[Any], processor: Any, *,
                           steps: int = 150, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> float:
-    """Supervised per-cell pre-training of the tiny LLaVA's CLIP vision tower (stand-in for CLIP pre-training).
+    """Supervised per-cell pre-training of a tiny VLM's vision tower (stand-in for CLIP / SigLIP pre-training).
 
     Real VLMs start from a pretrained vision encoder; a from-scratch 2-layer ViT inside the LLaVA wiring learns
-    far too slowly on a shared CPU. With ``patch_size`` = grid cell, patch token ``k`` is classified into the
-    (shape or empty, colour, size) of cell ``k`` by a linear head that is thrown away afterwards. Returns the final
+    far too slowly on a shared CPU. With ``patch_size`` = grid cell, patch token ``k`` of the whole-image view is
+    classified into the (shape or empty, colour, size) of cell ``k`` by a linear head that is thrown away afterwards.
+    Any family of :mod:`mmalign.vision_lm.families` (the view: see ``whole_image_patch_features``). Returns the final
     training accuracy of the shape head.
     """
     import numpy as np
     import torch
 
     from mmalign.vision_lm import scenes as S
+    from mmalign.vision_lm.families import whole_image_patch_features
 
-    tower = model.model.vision_tower if hasattr(model, "model") else model.vision_tower
+    tower, pix, tower_features = whole_image_patch_features(model, processor, images)
     cfg = tower.config
     cells = (cfg.image_size // cfg.patch_size) ** 2
     if cells != S.GRID * S.GRID:
@@ -131,14 +133,13 @@ def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[An
             shape_t[i, o.cell] = S.SHAPES.index(o.shape)
             color_t[i, o.cell] = S.COLORS.index(o.color)
             size_t[i, o.cell] = S.SIZES.index(o.size)
-    pix = processor.image_processor(list(images), return_tensors="pt")["pixel_values"]
     rng = np.random.default_rng(seed)
     ce = torch.nn.functional.cross_entropy
     acc = 0.0
     tower.train()
     for _ in range(steps):
         idx = torch.as_tensor(rng.integers(0, len(scenes), batch_size))
-        feats = tower(pix[idx], output_hidden_states=True).hidden_states[-1][:, 1:]  # drop CLS, as LLaVA does
+        feats = tower_features(pix[idx])
         out = head(feats)
         k = len(S.SHAPES) + 1
         loss = (ce(out[..., :k].reshape(-1, k), shape_t[idx].reshape(-1))

@@ -149,3 +149,24 @@ def test_resume_accepts_checkpoints_with_the_earlier_fingerprint(tmp_path: Path)
     manifest["trainer_state.json"] = state_file.stat().st_size
     (ckpt / "manifest.json").write_text(json.dumps(manifest))
     assert run(load_config(DemoConfig, None, [*base, "trainer.max_steps=4"]), tmp_path / "r", resume=True)["step"] == 4
+
+
+def test_lora_adapters_start_from_cfg_seed_whatever_the_global_rng(tmp_path: Path) -> None:
+    """peft initialises lora_A from the global RNG: the trainer must seed it, or runs are not reproducible."""
+    from mmalign.train.config import TrainerConfig
+    from mmalign.train.trainer import Trainer
+
+    def adapters(global_seed: int, seed: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(global_seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        cfg = TrainerConfig.from_dict({"seed": seed, "batch_size": 2, "progress": False,
+                                       "lora": {"enabled": True, "target_modules": ["0", "2"]}})
+        trainer = Trainer(cfg, model, [0, 1, 2, 3], lambda m, b: (torch.zeros(()), {}), tmp_path / f"{global_seed}")
+        return {k: v.detach().clone() for k, v in trainer.unwrapped_model().named_parameters() if "lora_A" in k}
+
+    before = torch.random.get_rng_state()
+    a, b, c = adapters(1, seed=0), adapters(2, seed=0), adapters(1, seed=1)
+    assert a.keys() == b.keys() and len(a) == 2
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+    torch.random.set_rng_state(before)

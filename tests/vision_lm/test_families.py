@@ -233,3 +233,53 @@ def test_train_job_runs_on_each_family(family, kw, tmp_path):
     assert any("rewards/margin" in x for x in lines)
     with pytest.raises(ValueError, match="family"):
         VLMTrainConfig.from_dict({"family": "qwen3_vl"})
+
+
+def test_smolvlm_uses_its_own_processor_with_idefics3_image_prompts(scene_images):
+    """SmolVLM is built with ``SmolVLMProcessor`` (needs ``num2words``); for images its prompt strings, token ids and
+    pixels equal the Idefics3 processor's, and its video processor is SmolVLM's."""
+    from transformers import SmolVLMProcessor, SmolVLMVideoProcessor
+
+    from mmalign.vision_lm.families import family_processor, family_tokenizer, tiny_family_config
+
+    _, imgs, wide = scene_images
+    procs = {}
+    for name in ("idefics3", "smolvlm"):
+        tok = family_tokenizer(name, S.vocabulary())
+        procs[name] = family_processor(name, tok, tiny_family_config(name, len(tok)))
+    assert type(procs["smolvlm"]) is SmolVLMProcessor
+    assert isinstance(procs["smolvlm"].video_processor, SmolVLMVideoProcessor)
+    assert type(procs["idefics3"]).__name__ == "Idefics3Processor"
+    for im in (imgs[0], wide):
+        a, b = (procs[n](images=[[im]], text=[PROMPT], return_tensors="pt") for n in ("smolvlm", "idefics3"))
+        assert a["input_ids"].tolist() == b["input_ids"].tolist()
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+        assert torch.equal(a["pixel_attention_mask"], b["pixel_attention_mask"])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_image_view_and_vision_pretraining_per_family(family, scene_images):
+    """With patch 16 every family's whole-image view has one tower patch per scene grid cell, the view is the image
+    itself (up to the family's resampling), and the per-cell pre-training changes the tower the model uses."""
+    from mmalign.vision_lm.families import whole_image_patch_features
+    from mmalign.vision_lm.tiny import pretrain_vision_tower
+
+    scenes, imgs, _ = scene_images
+    model, processor = build_tiny_vlm(family, S.vocabulary(), seed=0, patch_size=16)
+    tower, pix, feats = whole_image_patch_features(model, processor, imgs)
+    assert pix.shape == (len(imgs), 3, 32, 32)
+    # pixels scaled to [-1, 1]: the view is the scene image, not a tile of it
+    direct = torch.as_tensor(np.stack(imgs)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    assert (pix - direct).abs().mean() < 0.05
+    with torch.no_grad():
+        before = feats(pix)
+    assert before.shape == (len(imgs), S.GRID * S.GRID, tower.config.hidden_size)
+    acc = pretrain_vision_tower(model, scenes, imgs, processor, steps=3, batch_size=4, seed=0)
+    assert 0.0 <= acc <= 1.0
+    inner = model.model
+    assert tower is (inner.vision_model if family in ("idefics3", "smolvlm") else inner.vision_tower)
+    with torch.no_grad():
+        assert (feats(pix) - before).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="one patch per grid cell"):
+        coarse, proc = build_tiny_vlm(family, S.vocabulary(), seed=0, patch_size=8)
+        pretrain_vision_tower(coarse, scenes, imgs, proc, steps=1)
