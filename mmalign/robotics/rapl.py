@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +25,8 @@ import numpy as np
 
 from mmalign.config import Config, check_choice, check_nonnegative, check_positive, option
 
-__all__ = ["RaplConfig", "rapl_triplet_loss", "train_rapl_encoder", "train_bt_pixels", "embed", "OTRewardModel",
-           "OTRewardWrapper", "spearman", "run"]
+__all__ = ["RaplConfig", "num_train_steps", "rapl_triplet_loss", "train_rapl_encoder", "train_bt_pixels", "embed",
+           "OTRewardModel", "OTRewardWrapper", "spearman", "run"]
 
 
 @dataclass
@@ -47,9 +49,19 @@ class RaplConfig(Config):
     reg: float = option(0.05, "entropic regularisation of the Sinkhorn plan (RAPL code: 1.0)")
     sinkhorn_iters: int = option(50, "unrolled Sinkhorn iterations")
     similarity_scale: float = option(20.0, "BT temperature: logit = scale * (sim_first - sim_second)")
-    train_steps: int = option(200, "gradient steps for the encoder and for the BT baseline")
+    train_length: str = option(
+        "epochs",
+        "how long RAPL and the BT baseline train. 'epochs': train_epochs passes over the labelled triplets, i.e. "
+        "ceil(train_epochs * num_prefs / batch_size) steps on shuffled batches drawn without replacement, so every "
+        "preference budget and both methods see each triplet equally often (the reference code trains 100 epochs). "
+        "'steps': exactly train_steps steps of batches drawn with replacement at every budget (the old behaviour; "
+        "larger budgets then see each triplet fewer times)")
+    train_epochs: float = option(32.0, "passes over the triplets when train_length='epochs' (may be fractional)")
+    train_steps: int = option(200, "gradient steps for the encoder and for the BT baseline when train_length='steps'")
     batch_size: int = option(8, "triplets per step")
     lr: float = option(1e-3, "Adam learning rate")
+    run_rapl: bool = option(True, "train and score the RAPL encoder and the unaligned-OT baseline (False: only "
+                            "the BT baseline and the task reward, e.g. for preference-budget sweeps)")
     run_bt_baseline: bool = option(True, "also train the BT-on-pixels reward model")
     policy_timesteps: int = option(0, "SB3 PPO timesteps on the RAPL reward (0 = skip the policy)")
     seed: int = option(0, "seed of data, triplets, init and training")
@@ -60,10 +72,17 @@ class RaplConfig(Config):
                      "anchor_pool", "embed_dim", "sinkhorn_iters", "train_steps", "batch_size"):
             check_positive(name, getattr(self, name))
         check_choice("encoder", self.encoder, ("tiny_cnn", "resnet18", "open_clip"))
+        check_choice("train_length", self.train_length, ("epochs", "steps"))
+        check_positive("train_epochs", self.train_epochs)
         for name in ("reg", "similarity_scale", "lr", "teacher_beta"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         check_nonnegative("policy_timesteps", self.policy_timesteps)
+        if not (self.run_rapl or self.run_bt_baseline):
+            raise ValueError("run_rapl and run_bt_baseline are both False: nothing to train")
+        if self.policy_timesteps and not self.run_rapl:
+            raise ValueError(f"policy_timesteps={self.policy_timesteps} needs run_rapl=True (the policy uses the "
+                             "RAPL reward)")
         if self.n_train_traj < self.anchor_pool + 2:
             raise ValueError(f"n_train_traj must be >= anchor_pool + 2, got {self.n_train_traj}")
 
@@ -78,6 +97,36 @@ def rapl_triplet_loss(sim_first: Any, sim_second: Any, labels: Any, scale: float
     from mmalign.core.losses.preference import bradley_terry_loss
 
     return bradley_terry_loss(scale * sim_first, scale * sim_second, labels)
+
+
+def num_train_steps(num_items: int, cfg: RaplConfig) -> int:
+    """Gradient steps on ``num_items`` labelled triplets under ``cfg.train_length`` (see :class:`RaplConfig`)."""
+    if num_items < 1:
+        raise ValueError(f"num_items must be >= 1, got {num_items!r}")
+    if cfg.train_length == "steps":
+        return cfg.train_steps
+    # float slack so that e.g. 0.3 * 10 / 1 does not round up to 4 steps
+    return max(1, math.ceil(cfg.train_epochs * num_items / min(cfg.batch_size, num_items) - 1e-9))
+
+
+def _batches(num_items: int, cfg: RaplConfig, gen: Any) -> Iterator[Any]:
+    """Index batches of one training run. 'steps' keeps the original with-replacement draws (same RNG stream as
+    before the option existed, so old runs reproduce); 'epochs' walks concatenated random permutations in chunks
+    of ``batch_size``, so each triplet is used ``train_epochs`` times up to one batch of rounding."""
+    import torch
+
+    size = min(cfg.batch_size, num_items)
+    steps = num_train_steps(num_items, cfg)
+    if cfg.train_length == "steps":
+        for _ in range(steps):
+            yield torch.randint(num_items, (size,), generator=gen)
+        return
+    stream = torch.empty(0, dtype=torch.long)
+    for _ in range(steps):
+        if len(stream) < size:
+            stream = torch.cat([stream, torch.randperm(num_items, generator=gen)])
+        yield stream[:size]
+        stream = stream[size:]
 
 
 def _frames_tensor(frames: np.ndarray, stride: int) -> Any:
@@ -100,7 +149,8 @@ def embed(encoder: Any, frames: np.ndarray, stride: int = 1, chunk: int = 32) ->
 def train_rapl_encoder(
     encoder: Any, frames: np.ndarray, triplets: np.ndarray, labels: np.ndarray, cfg: RaplConfig
 ) -> list[dict[str, float]]:
-    """Fine-tune ``encoder`` in place on labelled triplets; returns per-step metrics.
+    """Fine-tune ``encoder`` in place on labelled triplets; returns per-step metrics. The number of steps is
+    :func:`num_train_steps` of the number of triplets.
 
     A small custom loop (not :class:`mmalign.train.Trainer`): each step draws triplet indices, and the frames of
     the unique rollouts in the batch are encoded once and shared, which the generic trainer's dataset view hides.
@@ -114,8 +164,7 @@ def train_rapl_encoder(
     trip = torch.from_numpy(triplets)
     lab = torch.from_numpy(labels).float()
     log = []
-    for step in range(cfg.train_steps):
-        idx = torch.randint(len(trip), (min(cfg.batch_size, len(trip)),), generator=gen)
+    for step, idx in enumerate(_batches(len(trip), cfg, gen)):
         uniq, inv = torch.unique(trip[idx], return_inverse=True)
         z = encoder(_frames_tensor(frames[uniq.numpy()], cfg.frame_stride))
         za, z1, z2 = z[inv[:, 0]], z[inv[:, 1]], z[inv[:, 2]]
@@ -124,12 +173,16 @@ def train_rapl_encoder(
         opt.zero_grad()
         loss.backward()
         opt.step()
-        log.append({"step": step, "train/loss": loss.item(), "train/pref_accuracy": float(metrics["train/pref_accuracy"])})
+        log.append({"step": step, "train/loss": loss.item(),
+                    "train/pref_accuracy": float(metrics["train/pref_accuracy"])})
     return log
 
 
-def train_bt_pixels(frames: np.ndarray, triplets: np.ndarray, labels: np.ndarray, cfg: RaplConfig) -> Any:
-    """Plain RLHF baseline: the core CNN reward model trained with BT on the triplets' two candidates."""
+def train_bt_pixels(
+    frames: np.ndarray, triplets: np.ndarray, labels: np.ndarray, cfg: RaplConfig, log: list | None = None
+) -> Any:
+    """Plain RLHF baseline: the core CNN reward model trained with BT on the triplets' two candidates, for the same
+    number of steps as RAPL on the same triplets (:func:`num_train_steps`); per-step metrics go to ``log``."""
     import torch
 
     from mmalign.core.losses.preference import bradley_terry_loss
@@ -140,14 +193,16 @@ def train_bt_pixels(frames: np.ndarray, triplets: np.ndarray, labels: np.ndarray
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     pairs, lab = torch.from_numpy(triplets[:, 1:]), torch.from_numpy(labels).float()
-    for _ in range(cfg.train_steps):
-        idx = torch.randint(len(pairs), (min(cfg.batch_size, len(pairs)),), generator=gen)
+    for step, idx in enumerate(_batches(len(pairs), cfg, gen)):
         x = _frames_tensor(frames[pairs[idx].reshape(-1).numpy()], cfg.frame_stride).permute(0, 1, 4, 2, 3)
         ret = model.segment_returns(x).reshape(-1, 2)
-        loss, _ = bradley_terry_loss(ret[:, 0], ret[:, 1], lab[idx])
+        loss, metrics = bradley_terry_loss(ret[:, 0], ret[:, 1], lab[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if log is not None:
+            log.append({"step": step, "train/loss": loss.item(),
+                        "train/pref_accuracy": float(metrics["train/pref_accuracy"])})
     return model
 
 
@@ -282,6 +337,11 @@ def train_policy(cfg: RaplConfig, encoder: Any, demo_frames: np.ndarray, timeste
     return {"policy/true_return": float(np.mean(returns))}
 
 
+def _final_accuracy(log: list[dict[str, float]]) -> float:
+    """Mean training-batch preference accuracy over the last 20 steps (all steps if fewer)."""
+    return float(np.mean([r["train/pref_accuracy"] for r in log[-20:]]))
+
+
 def run(cfg: RaplConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
     """Collect rollouts, label triplets, train RAPL and baselines, measure reward correlations (and a policy)."""
     import torch
@@ -300,24 +360,32 @@ def run(cfg: RaplConfig, run_dir: Path, resume: bool = False) -> dict[str, float
     triplets = make_triplets(train.true_returns, cfg.num_prefs, rng, cfg.anchor_pool)
     labels = label_triplets(train.true_returns, triplets, rng, cfg.teacher_beta)
     demo_idx = np.argsort(-train.true_returns)[: cfg.anchor_pool]
-    metrics: dict[str, float] = {"data/collect_s": time.time() - t0, "data/num_prefs": float(cfg.num_prefs)}
-
-    unaligned = build_encoder(cfg.encoder, cfg.embed_dim, cfg.image_size, cfg.weights_path or None)
-    aligned = copy.deepcopy(unaligned)
-    t1 = time.time()
-    log = train_rapl_encoder(aligned, train.frames, triplets, labels, cfg)
-    metrics["rapl/train_s"] = time.time() - t1
-    metrics["rapl/final_pref_accuracy"] = float(np.mean([r["train/pref_accuracy"] for r in log[-20:]]))
-    (run_dir / "rapl_train.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
-    save_file(aligned.state_dict(), str(run_dir / "rapl_encoder.safetensors"))
+    metrics: dict[str, float] = {"data/collect_s": time.time() - t0, "data/num_prefs": float(cfg.num_prefs),
+                                 "train/steps": float(num_train_steps(len(triplets), cfg))}
+    demos = train.frames[demo_idx]
+    scorers: dict[str, OTRewardModel] = {}
+    if cfg.run_rapl:
+        unaligned = build_encoder(cfg.encoder, cfg.embed_dim, cfg.image_size, cfg.weights_path or None)
+        aligned = copy.deepcopy(unaligned)
+        t1 = time.time()
+        log = train_rapl_encoder(aligned, train.frames, triplets, labels, cfg)
+        metrics["rapl/train_s"] = time.time() - t1
+        metrics["rapl/final_pref_accuracy"] = _final_accuracy(log)
+        (run_dir / "rapl_train.jsonl").write_text("\n".join(json.dumps(r) for r in log) + "\n")
+        save_file(aligned.state_dict(), str(run_dir / "rapl_encoder.safetensors"))
+        scorers = {"rapl": OTRewardModel(aligned, demos, cfg.reg, cfg.sinkhorn_iters, cfg.frame_stride),
+                   "unaligned_ot": OTRewardModel(unaligned, demos, cfg.reg, cfg.sinkhorn_iters, cfg.frame_stride)}
+    bt_model = None
+    if cfg.run_bt_baseline:
+        t1, bt_log = time.time(), []
+        bt_model = train_bt_pixels(train.frames, triplets, labels, cfg, log=bt_log)
+        metrics["bt/train_s"] = time.time() - t1
+        metrics["bt/final_pref_accuracy"] = _final_accuracy(bt_log)
+        (run_dir / "bt_train.jsonl").write_text("\n".join(json.dumps(r) for r in bt_log) + "\n")
 
     eval_sets = {"heldout": held}
     if cfg.cross_env_id:
         eval_sets["cross"] = _collect(cfg.cross_env_id, cfg.n_eval_traj, cfg.seed + 2000, cfg)
-    demos = train.frames[demo_idx]
-    scorers = {"rapl": OTRewardModel(aligned, demos, cfg.reg, cfg.sinkhorn_iters, cfg.frame_stride),
-               "unaligned_ot": OTRewardModel(unaligned, demos, cfg.reg, cfg.sinkhorn_iters, cfg.frame_stride)}
-    bt_model = train_bt_pixels(train.frames, triplets, labels, cfg) if cfg.run_bt_baseline else None
     for split, data in eval_sets.items():
         true = data.true_returns
         for name, scorer in scorers.items():

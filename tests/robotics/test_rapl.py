@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mmalign.robotics.encoders import build_encoder
-from mmalign.robotics.rapl import OTRewardModel, OTRewardWrapper, RaplConfig, rapl_triplet_loss, run, spearman
+from mmalign.robotics.rapl import (OTRewardModel, OTRewardWrapper, RaplConfig, _batches, num_train_steps,
+                                   rapl_triplet_loss, run, spearman)
 from mmalign.robotics.rapl_data import collect_trajectories, label_triplets, make_triplets
 
 
@@ -97,23 +98,74 @@ def test_config_validation() -> None:
         RaplConfig(reg=0.0)
     with pytest.raises(ValueError, match="n_train_traj"):
         RaplConfig(n_train_traj=5, anchor_pool=6)
+    with pytest.raises(ValueError, match="train_length.*'iterations'"):
+        RaplConfig(train_length="iterations")
+    for bad in (0.0, -2.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=f"train_epochs.*{bad!r}"):
+            RaplConfig(train_epochs=bad)
+    with pytest.raises(ValueError, match="run_rapl and run_bt_baseline"):
+        RaplConfig(run_rapl=False, run_bt_baseline=False)
+    with pytest.raises(ValueError, match="policy_timesteps=64"):
+        RaplConfig(run_rapl=False, policy_timesteps=64)
+
+
+def test_training_length_scales_with_data_in_epochs_mode() -> None:
+    epochs = RaplConfig(train_length="epochs", train_epochs=32.0, batch_size=8)
+    assert [num_train_steps(n, epochs) for n in (25, 50, 100, 200)] == [100, 200, 400, 800]
+    assert num_train_steps(10, RaplConfig(train_epochs=0.3, batch_size=1)) == 3  # no float round-up to 4
+    assert num_train_steps(3, RaplConfig(train_epochs=2.0, batch_size=8)) == 2  # batch capped at the data size
+    assert num_train_steps(1, RaplConfig(train_epochs=0.01)) == 1
+    fixed = RaplConfig(train_length="steps", train_steps=100)
+    assert {num_train_steps(n, fixed) for n in (25, 200)} == {100}
+    with pytest.raises(ValueError, match="num_items.*0"):
+        num_train_steps(0, epochs)
+
+
+def test_epoch_batches_use_every_triplet_equally_often() -> None:
+    cfg = RaplConfig(train_length="epochs", train_epochs=3.0, batch_size=4)
+    batches = list(_batches(12, cfg, torch.Generator().manual_seed(0)))
+    assert len(batches) == 9 and all(len(b) == 4 for b in batches)
+    assert torch.bincount(torch.cat(batches), minlength=12).tolist() == [3] * 12
+    # each epoch is a permutation (no triplet twice before all were seen once)
+    assert sorted(torch.cat(batches[:3]).tolist()) == list(range(12))
+
+
+def test_fixed_step_batches_keep_the_old_with_replacement_stream() -> None:
+    cfg = RaplConfig(train_length="steps", train_steps=5, batch_size=8)
+    got = list(_batches(30, cfg, torch.Generator().manual_seed(3)))
+    gen = torch.Generator().manual_seed(3)
+    want = [torch.randint(30, (8,), generator=gen) for _ in range(5)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want)) and len(got) == 5
 
 
 def _smoke(tmp_path, policy_timesteps: int) -> dict:
+    # 12 triplets, batch 4, 1 epoch -> 3 steps for RAPL and for BT
     cfg = RaplConfig(n_train_traj=10, n_eval_traj=6, steps=6, image_size=32, num_prefs=12, anchor_pool=2,
-                     train_steps=3, batch_size=4, policy_timesteps=policy_timesteps)
+                     train_length="epochs", train_epochs=1.0, batch_size=4, policy_timesteps=policy_timesteps)
     out = run(cfg, tmp_path)
     for split in ("heldout", "cross"):
         for m in ("rapl", "unaligned_ot", "bt_pixels", "task_reward"):
             assert -1.0 <= out[f"{split}/spearman_{m}"] <= 1.0
     assert (tmp_path / "rapl_encoder.safetensors").is_file()
-    assert len((tmp_path / "rapl_train.jsonl").read_text().splitlines()) == 3
+    assert out["train/steps"] == 3
+    for name in ("rapl_train.jsonl", "bt_train.jsonl"):
+        assert len((tmp_path / name).read_text().splitlines()) == 3
+    assert 0.0 <= out["rapl/final_pref_accuracy"] <= 1.0 and 0.0 <= out["bt/final_pref_accuracy"] <= 1.0
     assert json.loads((tmp_path / "metrics.json").read_text()) == out
     return out
 
 
 def test_rapl_pipeline_smoke(tmp_path) -> None:
     _smoke(tmp_path, policy_timesteps=0)
+
+
+def test_bt_only_run_skips_rapl(tmp_path) -> None:
+    cfg = RaplConfig(n_train_traj=10, n_eval_traj=6, steps=6, image_size=32, num_prefs=12, anchor_pool=2,
+                     cross_env_id="", train_length="steps", train_steps=2, batch_size=4, run_rapl=False)
+    out = run(cfg, tmp_path)
+    assert out["train/steps"] == 2 and "heldout/spearman_bt_pixels" in out
+    assert not any("rapl" in k or "unaligned" in k for k in out)
+    assert not (tmp_path / "rapl_train.jsonl").exists()
 
 
 @pytest.mark.slow
