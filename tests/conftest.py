@@ -17,3 +17,25 @@ torch.set_num_threads(1)
 # Importing triton (pulled in lazily by torch's compiler stack, e.g. on the first optimizer) after a MuJoCo EGL
 # context exists segfaults the process on this stack; import it first, once, for the whole test session.
 import torch._dynamo  # noqa: E402,F401
+
+
+def _load_script(name: str):  # noqa: ANN202 - a module object
+    """Import ``scripts/<name>.py`` (scripts are not a package) as a fresh module."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None, path
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def load_script():  # noqa: ANN201 - the loader function
+    """Fixture: ``load_script("bench_vlm")`` imports ``scripts/bench_vlm.py`` for tests of benchmark scripts."""
+    return _load_script

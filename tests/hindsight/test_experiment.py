@@ -48,12 +48,8 @@ def test_smoke_run(tmp_path: Path) -> None:
     assert again["runs"] == summary["runs"]
 
 
-def test_benchmark_script_renders_and_keeps_discussion(tmp_path: Path) -> None:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("run_hindsight_sweep", ROOT / "scripts/run_hindsight_sweep.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)  # type: ignore[union-attr]
+def test_benchmark_script_renders_and_keeps_discussion(tmp_path: Path, load_script) -> None:
+    script = load_script("run_hindsight_sweep")
     run_dir = tmp_path / "run"
     doc = tmp_path / "doc.md"
     doc.write_text("# Title\n\nintro\n\n<!-- BEGIN generated -->\nstale-generated-text\n<!-- END generated -->\n"

@@ -2,22 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="module")
-def cmp():
-    spec = importlib.util.spec_from_file_location("compare_imitation", ROOT / "scripts" / "compare_imitation.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def cmp(load_script):
+    return load_script("compare_imitation")
 
 
 def test_config_defaults_and_overrides(cmp):
