@@ -57,6 +57,8 @@ class BenchmarkConfig(Config):
     finetune_batch: int = option(16, "pairs per fine-tuning step")
     finetune_lr: float = option(3e-4, "fine-tuning learning rate (AdamW, constant, full weights)")
     mapo_margin_weight: float = option(0.1, "MaPO beta_mapo (weight of the margin term)")
+    mapo_c: float = option(0.5, "MaPO c in s(l) = c*l/(exp(c*l)-1) (official 0.5)")
+    mapo_temperature: float = option(1000.0, "MaPO temperature T on the score margin (official 1000 = timesteps)")
     samples_per_class: int = option(16, "evaluation samples per shape class")
     sample_steps: int = option(20, "DDIM steps for evaluation samples")
     tolerance: float = option(20.0, "style hit: mean hue within this many degrees of the target")
@@ -68,7 +70,8 @@ class BenchmarkConfig(Config):
     def __post_init__(self) -> None:
         check_range("size", self.size, 8, 64)
         for name in ("pretrain_steps", "pretrain_batch", "pretrain_lr", "num_pairs", "finetune_steps",
-                     "finetune_batch", "finetune_lr", "samples_per_class", "sample_steps", "threads", "embed_dim"):
+                     "finetune_batch", "finetune_lr", "samples_per_class", "sample_steps", "threads", "embed_dim",
+                     "mapo_c", "mapo_temperature"):
             check_positive(name, getattr(self, name))
         check_range("rare_prob", self.rare_prob, 0.0, 0.5)
         check_range("tolerance", self.tolerance, 0.0, 180.0, low_open=True)
@@ -205,7 +208,8 @@ def finetune(cfg: BenchmarkConfig, reference: Any, method: str, pairs: dict[str,
     name, beta = ("diffusion_dpo", float(method[4:])) if method.startswith("dpo_") else (method, 0.0)
     g = torch.Generator().manual_seed(10_000 + seed + 1_000_000 * stage)  # the DPO stage draws fresh (ε, t)
     loss_fn = make_loss_fn(name, _scheduler(), generator=g, ref_model=frozen, beta=beta or 5000.0,
-                           mapo_margin_weight=cfg.mapo_margin_weight, validate=False)
+                           mapo_margin_weight=cfg.mapo_margin_weight, mapo_c=cfg.mapo_c,
+                           mapo_temperature=cfg.mapo_temperature, validate=False)
     opt = torch.optim.AdamW(model.parameters(), lr=float(lr) if lr else cfg.finetune_lr, weight_decay=0.0)
     emb = _embeddings(cfg)
     n = pairs["chosen"].shape[0]
