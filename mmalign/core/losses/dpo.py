@@ -9,8 +9,10 @@ Python floats, computed on first read, see :class:`~mmalign.core.losses._common.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -95,6 +97,11 @@ def ipo_loss(
         raise ValueError("chosen_lengths and rejected_lengths must be given together (or both None), got "
                          f"chosen_lengths={'None' if chosen_lengths is None else 'tensor'}, "
                          f"rejected_lengths={'None' if rejected_lengths is None else 'tensor'}")
+    if chosen_lengths is not None and rejected_lengths is not None:
+        fast = _ipo_normalised_fast(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                                    beta, chosen_lengths, rejected_lengths, reduction)
+        if fast is not None:
+            return fast
     delta, metrics, inputs, lengths = _unchecked_margins(
         policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, beta, reduction,
         chosen_lengths, rejected_lengths)
@@ -102,6 +109,32 @@ def ipo_loss(
     # a reduced squared loss is non-finite wherever Δ is (±inf and NaN alike): it is its own witness, one read
     check_inputs_finite(loss if loss.dim() == 0 else delta, inputs, positive=lengths)
     return loss, metrics
+
+
+def _ipo_normalised_fast(
+    pcl: Tensor, prl: Tensor, rcl: Tensor, rrl: Tensor, beta: float, nw: Tensor, nl: Tensor, reduction: str,
+) -> tuple[Tensor, Metrics] | None:
+    """The common length-normalised IPO call on CPU with every check inline (the general path's Python costs ~15%
+    of a 4k-pair step); ``None`` when the call is not that common case or any check fails, so that the general path
+    runs and raises its precise error."""
+    shape = pcl.shape
+    if not (type(pcl) is Tensor and type(prl) is Tensor and type(rcl) is Tensor and type(rrl) is Tensor
+            and type(nw) is Tensor and type(nl) is Tensor and len(shape) == 1 and not pcl.is_cuda
+            and prl.shape == shape and rcl.shape == shape and rrl.shape == shape and nw.shape == shape
+            and nl.shape == shape and pcl.is_floating_point() and nw.dtype == pcl.dtype and nl.dtype == pcl.dtype
+            and (reduction == "mean" or reduction == "sum") and type(beta) is float and 0.0 < beta < math.inf):
+        return None
+    rho_w, rho_l = (pcl - rcl) / nw, (prl - rrl) / nl
+    delta = rho_w - rho_l
+    per_pair = (delta - 1.0 / (2.0 * beta)).square()
+    loss = per_pair.mean() if reduction == "mean" else per_pair.sum()
+    lo_w, hi_w = torch.aminmax(nw.detach() if nw.requires_grad else nw)
+    lo_l, hi_l = torch.aminmax(nl.detach() if nl.requires_grad else nl)
+    # the reduced square is non-finite wherever Δ is; the counts must be finite and > 0
+    if not (math.isfinite(loss.detach().item()) and 0.0 < float(lo_w) <= float(hi_w) < math.inf
+            and 0.0 < float(lo_l) <= float(hi_l) < math.inf):
+        return None
+    return loss, LossMetrics(partial(_dpo_metrics, beta), rho_w, rho_l, delta)
 
 
 def conservative_dpo_loss(
