@@ -7,6 +7,8 @@ measure) and by the untrained deterministic policy of the same seed (stricter)) 
 
     .venv/bin/python scripts/bench_pbrl.py --tasks Reacher-v5 Pusher-v5 --teachers oracle mistake --seeds 0 1 2 \\
         --steps 10000 --labels 1000 --out runs/bench_pbrl      # defaults: reward standardised, recent 3k candidates
+    .venv/bin/python scripts/bench_pbrl.py --tasks Pusher-v5 Reacher-v5 --teachers oracle --seeds 0 1 2 --labels 1000 \
+        --rounds 9 --normalize-act --action-squares --out runs/bench_pbrl_fix   # the headline recipe (pebble.yaml)
     .venv/bin/python scripts/bench_pbrl.py --tasks Reacher-v5 --teachers oracle --selector routing --tag routing \\
         --labels 400 --no-true --out runs/bench_pbrl           # a variant, reported as its own row "oracle [routing]"
     .venv/bin/python scripts/bench_pbrl.py --summarize runs/bench_pbrl --doc docs/benchmarks/robotics_feedback.md
@@ -72,7 +74,9 @@ def run_sweep(args: argparse.Namespace) -> None:
                     labels_per_round=max(1, -(-(args.labels - max(64, args.labels // 4)) // max(1, args.rounds - 1))),
                     eval_every=args.eval_every, save_reward_model=False, rm_epochs=args.rm_epochs,
                     selector=args.selector, rm_label_smoothing=args.label_smoothing, reward_norm=args.reward_norm,
-                    recent_window=args.recent_window,
+                    recent_window=args.recent_window, normalize_act=args.normalize_act,
+                    rm_act_weight=args.act_weight if args.normalize_act else 0.0,
+                    rm_action_squares=args.action_squares,
                     feedback_every=args.feedback_every, **extra,
                 )
                 t0 = time.perf_counter()
@@ -172,6 +176,12 @@ def main() -> None:
     p.add_argument("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="standardise the learned reward before relabelling")
     p.add_argument("--recent-window", type=int, default=3000, help="candidates from the last N env steps (0 = all)")
+    p.add_argument("--normalize-act", action=argparse.BooleanOptionalAction, default=False,
+                   help="standardise (and weight) the reward model's action inputs (PebbleConfig.normalize_act)")
+    p.add_argument("--act-weight", type=float, default=0.0,
+                   help="weight of the standardised actions (PebbleConfig.rm_act_weight; 0 = sqrt(obs_dim/act_dim))")
+    p.add_argument("--action-squares", action=argparse.BooleanOptionalAction, default=False,
+                   help="append squared actions to the reward model's input (PebbleConfig.rm_action_squares)")
     p.add_argument("--no-true", action="store_true", help="skip the true-reward runs")
     p.add_argument("--tag", default="", help="name suffix of a variant's learned-reward rows, e.g. 'routing'")
     p.add_argument("--out", default="runs/bench_pbrl")

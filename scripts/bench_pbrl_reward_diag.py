@@ -5,8 +5,8 @@ oracle teacher on random-policy segments, exactly as the first PEBBLE round) and
 segments, how much of the true labels the control cost decides and how much the learned reward depends on the
 actions themselves (accuracy and segment returns with every action replaced by zero).
 
-    .venv/bin/python scripts/bench_pbrl_reward_diag.py --tasks Reacher-v5 Pusher-v5 --labels 250 \\
-        --doc docs/benchmarks/robotics_feedback.md
+    .venv/bin/python scripts/bench_pbrl_reward_diag.py --tasks Reacher-v5 Pusher-v5 --labels 250 --seeds 0 1 2 \\
+        [--normalize-act] [--action-squares] [--segment-length 10] --doc docs/benchmarks/robotics_feedback.md
 """
 
 from __future__ import annotations
@@ -19,7 +19,9 @@ import numpy as np
 CTRL_WEIGHT = {"Reacher-v5": 1.0, "Pusher-v5": 0.1}  # gymnasium v5 defaults (reward_control_weight)
 
 
-def diagnose(task: str, labels: int, epochs: int, seed: int, steps: int = 1000, lr: float = 3e-4) -> dict[str, float]:
+def diagnose(task: str, labels: int, epochs: int, seed: int, steps: int = 1000, lr: float = 3e-4,
+             segment_length: int = 25, **rm_options: object) -> dict[str, float]:
+    """Diagnostics of one first-round fit; ``rm_options`` are extra :class:`PebbleConfig` reward-model fields."""
     import gymnasium
     import torch
 
@@ -34,11 +36,11 @@ def diagnose(task: str, labels: int, epochs: int, seed: int, steps: int = 1000, 
 
     def random_segments(steps: int, start: int) -> object:
         eps = collect_episodes(env, lambda o: env.action_space.sample(), max(2, steps // horizon), seed=start)
-        return segments_from_episodes(eps, 25, num=2000, rng=rng)
+        return segments_from_episodes(eps, segment_length, num=2000, rng=rng)
 
     train = random_segments(steps, seed)  # what the replay buffer holds at the first round
     cfg = PebbleConfig(env_id=task, label_budget=max(labels, 64), initial_labels=labels, rm_epochs=epochs, rm_lr=lr,
-                       seed=seed, device="cpu")
+                       seed=seed, device="cpu", segment_length=segment_length, **rm_options)  # type: ignore[arg-type]
     state = FeedbackState(cfg, env.observation_space.shape[0], env.action_space.shape[0], torch.device("cpu"))
     fit = state.feedback_round(train)
     test = random_segments(2000, 10_000 + seed)
@@ -67,26 +69,45 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=["Reacher-v5", "Pusher-v5"])
     p.add_argument("--labels", type=int, default=250)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="data/model seeds; the table shows the mean")
     p.add_argument("--lr", type=float, default=3e-4, help="reward-model learning rate")
     p.add_argument("--steps", type=int, default=1000, help="random-policy env steps the labelled segments come from")
+    p.add_argument("--segment-length", type=int, default=25)
+    p.add_argument("--rm-hidden", type=int, default=64, help="PebbleConfig.rm_hidden (width of the 2 hidden layers)")
+    p.add_argument("--normalize-act", action="store_true", help="PebbleConfig.normalize_act")
+    p.add_argument("--act-weight", type=float, default=0.0, help="PebbleConfig.rm_act_weight (0 = balanced)")
+    p.add_argument("--action-squares", action="store_true", help="PebbleConfig.rm_action_squares")
     p.add_argument("--doc", default=None)
     args = p.parse_args()
-    results = {t: diagnose(t, args.labels, args.epochs, args.seed, args.steps, args.lr) for t in args.tasks}
+    opts = dict(normalize_act=args.normalize_act, rm_act_weight=args.act_weight if args.normalize_act else 0.0,
+                rm_action_squares=args.action_squares, rm_hidden=args.rm_hidden)
+    results = {}
+    for t in args.tasks:
+        runs = [diagnose(t, args.labels, args.epochs, s, args.steps, args.lr, args.segment_length, **opts)
+                for s in args.seeds]
+        results[t] = {k: float(np.mean([r[k] for r in runs])) for k in runs[0]}
     rows = list(next(iter(results.values())))
-    lines = [f"| (random-policy 25-step segments, 5,000 random pairs) | {' | '.join(args.tasks)} |",
+    lines = [f"| (random-policy {args.segment_length}-step segments, 5,000 random pairs; mean of seeds "
+             f"{', '.join(map(str, args.seeds))}) | {' | '.join(args.tasks)} |",
              "|---|" + "---|" * len(args.tasks)]
     lines += [f"| {r} | " + " | ".join(f"{results[t][r]:.3f}" for t in args.tasks) + " |" for r in rows]
     date = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    flags = "".join([" --normalize-act" if args.normalize_act else "",
+                     f" --act-weight {args.act_weight:g}" if args.normalize_act and args.act_weight else "",
+                     " --action-squares" if args.action_squares else "",
+                     f" --segment-length {args.segment_length}" if args.segment_length != 25 else "",
+                     f" --rm-hidden {args.rm_hidden}" if args.rm_hidden != 64 else ""])
     text = (f"Command: `python scripts/bench_pbrl_reward_diag.py --tasks {' '.join(args.tasks)} --labels {args.labels} "
-            f"--epochs {args.epochs} --seed {args.seed} --steps {args.steps} --lr {args.lr}` (one oracle round of "
-            f"{args.labels} labels on {args.steps} random-policy steps, {args.epochs} epochs; tested on segments of "
-            f"2,000 other random-policy steps). Date: {date}.\n\n" + "\n".join(lines))
+            f"--epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} --lr {args.lr:g}"
+            f"{flags}` (one oracle round of {args.labels} labels on {args.steps} random-policy steps, {args.epochs} "
+            f"epochs; tested on segments of 2,000 other random-policy steps). Date: {date}.\n\n" + "\n".join(lines))
     print(text)
     if args.doc:
         from mmalign.reporting import write_marked_section
 
         key = f"bench_pbrl_reward_diag_{args.steps}_{args.labels}_{args.epochs}_{args.lr:g}"
+        if len(args.seeds) > 1 or flags:
+            key += "_s" + "-".join(map(str, args.seeds)) + flags.replace(" --", "_").replace(" ", "")
         write_marked_section(args.doc, key, text)
 
 

@@ -44,9 +44,9 @@ class PebbleConfig(Config):
     teacher_beta: float = option(0.0, "override the teacher's rationality beta (0 = keep the preset)")
     teacher_eps_mistake: float = option(-1.0, "override the teacher's label-flip probability (-1 = keep the preset)")
     teacher_shift_rewards: bool = option(
-        True, "before skip/equal teachers see true rewards, offset them so the poorest candidate segment has return 0 "
-              "(B-Pref's thresholds eps*mean-return assume non-negative rewards; a constant offset changes no other "
-              "decision because all segments have the same length)")
+        True, "skip/equal teachers measure returns from the poorest candidate segment's (core teacher "
+              "calibrate(reference='min')); B-Pref's thresholds eps*mean-return assume non-negative rewards, and "
+              "oracle/stochastic/myopic/mistake labels do not depend on it")
     label_budget: int = option(500, "total number of queries asked (skipped ones count), at most this many")
     initial_labels: int = option(100, "queries in the first feedback round")
     labels_per_round: int = option(50, "queries in every later round")
@@ -73,6 +73,16 @@ class PebbleConfig(Config):
     rm_label_smoothing: float = option(
         0.0, "fit the reward model to y(1-e)+e/2 instead of y (hard 0/1 labels push the tanh rewards into saturation)")
     normalize_obs: bool = option(True, "standardise reward-model inputs with obs stats frozen at the first round")
+    normalize_act: bool = option(
+        False, "standardise the reward model's action inputs with stats frozen at the first round (kept in the "
+               "reward nets' buffers, saved with the model) and weight them by rm_act_weight")
+    rm_act_weight: float = option(
+        0.0, "normalize_act only: factor on the standardised actions; 0 = sqrt(obs_dim/act_dim), which gives the "
+             "action block the same total input variance as the observation block")
+    rm_action_squares: bool = option(
+        False, "append the squared (standardised) actions to the reward model's input, so a quadratic control cost "
+               "is linear in the features (the first-round reward otherwise ignores the action; see "
+               "docs/methods/pebble.md)")
     unsup_steps: int = option(0, "steps of state-entropy pre-training before the first query (0 = off)")
     learning_starts: int = option(1000, "SAC random-action steps before gradient updates")
     net_width: int = option(64, "hidden width of the agent's actor and critic (two layers)")
@@ -92,7 +102,8 @@ class PebbleConfig(Config):
                      "rm_epochs", "rm_batch_size", "net_width", "batch_size", "ppo_n_steps", "eval_every",
                      "eval_episodes", "relabel_batch"):
             check_positive(name, getattr(self, name))
-        for name in ("unsup_steps", "learning_starts", "first_feedback", "teacher_beta", "recent_window"):
+        for name in ("unsup_steps", "learning_starts", "first_feedback", "teacher_beta", "recent_window",
+                     "rm_act_weight"):
             check_nonnegative(name, getattr(self, name))
         check_positive("rm_lr", self.rm_lr)
         check_positive("learning_rate", self.learning_rate)
@@ -114,6 +125,9 @@ class PebbleConfig(Config):
                 f"label_budget must be >= rm_batch_size={self.rm_batch_size} (one reward-model batch), "
                 f"got {self.label_budget}"
             )
+        if self.rm_act_weight and not self.normalize_act:
+            raise ValueError(f"rm_act_weight needs normalize_act=True (it weights standardised actions), "
+                             f"got rm_act_weight={self.rm_act_weight} with normalize_act=False")
         if self.initial_labels > self.label_budget:
             raise ValueError(f"initial_labels must be <= label_budget={self.label_budget}, got {self.initial_labels}")
         if self.unsup_steps > self.first_feedback:
@@ -214,7 +228,9 @@ class FeedbackState:
 
         self.cfg = cfg
         self.device = device
-        self.ensemble = build_ensemble(obs_dim, act_dim, cfg.ensemble_size, cfg.rm_hidden, seed=cfg.seed).to(device)
+        self.ensemble = build_ensemble(obs_dim, act_dim, cfg.ensemble_size, cfg.rm_hidden, seed=cfg.seed,
+                                       input_norm=cfg.normalize_act, action_squares=cfg.rm_action_squares).to(device)
+        self.act_weight = cfg.rm_act_weight or math.sqrt(obs_dim / act_dim)
         self.teacher = make_teacher(cfg)
         self.rng = np.random.default_rng(cfg.seed + 7919)
         self.teacher_rng = torch.Generator().manual_seed(cfg.seed + 104729)
@@ -302,13 +318,18 @@ class FeedbackState:
             flat = segs.obs.reshape(-1, segs.obs.shape[-1])
             self.obs_mean = flat.mean(0).astype(np.float32)
             self.obs_std = np.maximum(flat.std(0), 1e-3).astype(np.float32)
+        if self.rounds == 0 and self.cfg.normalize_act:
+            o = torch.as_tensor(self._norm(segs.obs), dtype=torch.float32, device=self.device)
+            a = torch.as_tensor(segs.act, dtype=torch.float32, device=self.device)
+            from mmalign.core.reward_models import MLPRewardModel
+
+            for member in self.ensemble._models():
+                if isinstance(member, MLPRewardModel):  # always true here: built with input_norm in __init__
+                    member.fit_input_normalization(o, a, act_weight=self.act_weight)
         raw = segs.true_rewards
         if self.teacher.eps_skip > 0 or self.teacher.eps_equal > 0:
-            if self.cfg.teacher_shift_rewards:
-                # offset so the poorest candidate segment has return 0 (invariant to any constant reward offset)
-                floor = float(raw.sum(1).min()) / raw.shape[1]
-                segs = dataclasses.replace(segs, true_rewards=raw - np.float32(floor))
-            self.teacher.calibrate(segs.true_rewards)
+            # thresholds measured from the poorest candidate segment's return (invariant to a constant reward offset)
+            self.teacher.calibrate(raw, reference="min" if self.cfg.teacher_shift_rewards else "zero")
         extra: dict[str, float] = {}
         if self.cfg.selector == "routing":
             from mmalign.robotics.pebble_routing import route_round

@@ -28,12 +28,15 @@ __all__ = [
 CHECKPOINT_FORMAT = "mmalign.robotics.reward_ensemble.v1"
 
 
-def build_ensemble(obs_dim: int, act_dim: int, size: int, hidden: int, *, seed: int, layers: int = 2) -> Any:
-    """A ``size``-member state-action reward ensemble, each an MLP with ``layers`` hidden layers of ``hidden``."""
+def build_ensemble(obs_dim: int, act_dim: int, size: int, hidden: int, *, seed: int, layers: int = 2,
+                   input_norm: bool = False, action_squares: bool = False) -> Any:
+    """A ``size``-member state-action reward ensemble, each an MLP with ``layers`` hidden layers of ``hidden``
+    (``input_norm`` / ``action_squares``: see :class:`~mmalign.core.reward_models.MLPRewardModel`)."""
     from mmalign.core.reward_models import MLPRewardModel, RewardEnsemble
 
     return RewardEnsemble.build(
-        lambda: MLPRewardModel(obs_dim, act_dim, hidden=(hidden,) * layers), size=size, seed=seed
+        lambda: MLPRewardModel(obs_dim, act_dim, hidden=(hidden,) * layers, input_norm=input_norm,
+                               action_squares=action_squares), size=size, seed=seed
     )
 
 
@@ -91,6 +94,8 @@ def save_reward_model(
         "size": len(ensemble),
         "hidden": linears[0].out_features,
         "layers": len(linears) - 1,
+        "input_norm": bool(getattr(first, "input_norm", False)),
+        "action_squares": bool(getattr(first, "action_squares", False)),
     }
     tensors = {k: v.detach().cpu().contiguous() for k, v in ensemble.state_dict().items()}
     tensors["input.obs_mean"] = torch.zeros(obs_dim) if obs_mean is None else torch.as_tensor(obs_mean).float()
@@ -124,7 +129,10 @@ def load_reward_model(path: str | Path, *, obs_dim: int | None = None, act_dim: 
                 f"reward checkpoint {path} was trained for {name}={meta[name]} (env {meta['env_id']}), "
                 f"but the env has {name}={want}"
             )
-    ens = build_ensemble(meta["obs_dim"], meta["act_dim"], meta["size"], meta["hidden"], seed=0, layers=meta["layers"])
+    # older checkpoints (before the input options) have neither key: plain members
+    ens = build_ensemble(meta["obs_dim"], meta["act_dim"], meta["size"], meta["hidden"], seed=0, layers=meta["layers"],
+                         input_norm=bool(meta.get("input_norm", False)),
+                         action_squares=bool(meta.get("action_squares", False)))
     state = load_file(str(path))
     meta["obs_mean"] = state.pop("input.obs_mean")
     meta["obs_std"] = state.pop("input.obs_std")

@@ -31,6 +31,26 @@ def test_round_trip_and_reward_is_ensemble_mean(checkpoint):
     env.close()
 
 
+def test_round_trip_keeps_input_normalisation_and_action_squares(tmp_path):
+    """PEBBLE's headline config (normalize_act, rm_action_squares) saves members with extra buffers and inputs."""
+    ens = build_ensemble(10, 2, size=2, hidden=8, seed=3, input_norm=True, action_squares=True)
+    g = torch.Generator().manual_seed(0)
+    obs, act = 3.0 + 2.0 * torch.randn(64, 10, generator=g), 0.5 * torch.randn(64, 2, generator=g)
+    for member in ens.members:
+        member.fit_input_normalization(obs, act, act_weight=2.0)
+    path = save_reward_model(ens, tmp_path / "rm.safetensors", "Reacher-v5", 10, 2)
+    loaded, meta = load_reward_model(path, obs_dim=10, act_dim=2)
+    assert meta["input_norm"] and meta["action_squares"]
+    with torch.no_grad():
+        want = ens.step_rewards(obs[:, None], act[:, None])
+        got = loaded.step_rewards(obs[:, None], act[:, None])
+    torch.testing.assert_close(got, want)
+    env = gym.make("mmalign/LearnedReward-v0", env_id="Reacher-v5", reward_checkpoint=str(path))
+    env.reset(seed=0)
+    env.step(np.zeros(2, np.float32))
+    env.close()
+
+
 def test_checkpoint_for_other_observation_space_is_refused(checkpoint):
     path, _ = checkpoint
     with pytest.raises(ValueError, match="obs_dim=10"):
