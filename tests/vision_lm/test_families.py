@@ -80,7 +80,16 @@ def test_saved_tiny_model_loads_through_auto_classes(fam, scene_images, tmp_path
     ex = [VLExample(PROMPT, S.caption(scenes[0]), [imgs[0]])]
     loaded = VLMAdapter(model.eval(), processor)
     with torch.no_grad():
-        assert torch.allclose(loaded.sequence_logps(loaded.encode(ex)), ad.sequence_logps(ad.encode(ex)), atol=1e-6)
+        want = ad.sequence_logps(ad.encode(ex))
+        assert torch.allclose(loaded.sequence_logps(loaded.encode(ex)), want, atol=1e-6)
+    # the bf16 path (the default on a bf16 GPU), run here on the CPU: bf16 weights, float32 log-probs, close
+    model16, processor16 = load_vlm(str(tmp_path), device="cpu", dtype="bfloat16")
+    assert next(model16.parameters()).dtype == torch.bfloat16
+    half = VLMAdapter(model16.eval(), processor16)
+    with torch.no_grad():
+        got = half.sequence_logps(half.encode(ex))
+    assert got.dtype == torch.float32
+    assert torch.allclose(got, want, rtol=1e-2), (got, want)
 
 
 def test_family_image_layouts(fam, scene_images):
