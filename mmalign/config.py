@@ -8,6 +8,7 @@ value and what is allowed, so a bad value fails before any work starts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
@@ -214,32 +215,35 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
 def _yaml_load(text: str) -> Any:
     """``yaml.safe_load`` with YAML 1.2 booleans: only true/false (any case) are booleans, so ``no``, ``off``, ``yes``
     and ``on`` stay strings (``trainer.mixed_precision=no`` is the string ``"no"``, not ``False``)."""
+    import yaml
+
+    return yaml.load(text, Loader=_yaml12_loader())  # noqa: S506 - a SafeLoader subclass
+
+
+@functools.lru_cache(maxsize=1)
+def _yaml12_loader() -> Any:
+    """A ``yaml.SafeLoader`` subclass whose implicit bool and float resolvers follow YAML 1.2."""
     import re
 
     import yaml
 
-    global _LOADER
-    if _LOADER is None:
-        class Yaml12Loader(yaml.SafeLoader):
-            pass
+    class Yaml12Loader(yaml.SafeLoader):
+        pass
 
-        replaced = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"}
-        resolvers = {key: [(tag, rx) for tag, rx in value if tag not in replaced]
-                     for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()}
-        Yaml12Loader.yaml_implicit_resolvers = resolvers
-        Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE),
-                                           list("tTfF"))
-        # YAML 1.2 floats: 1e-3 is a float (YAML 1.1 needs a dot, 1.0e-3, and reads 1e-3 as a string)
-        Yaml12Loader.add_implicit_resolver(
-            "tag:yaml.org,2002:float",
-            re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
-                       r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
-            list("-+0123456789."))
-        _LOADER = Yaml12Loader
-    return yaml.load(text, Loader=_LOADER)  # noqa: S506 - a SafeLoader subclass
-
-
-_LOADER: Any = None
+    replaced = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"}
+    Yaml12Loader.yaml_implicit_resolvers = {
+        key: [(tag, rx) for tag, rx in value if tag not in replaced]
+        for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE),
+                                       list("tTfF"))
+    # YAML 1.2 floats: 1e-3 is a float (YAML 1.1 needs a dot, 1.0e-3, and reads 1e-3 as a string)
+    Yaml12Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
+                   r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+        list("-+0123456789."))
+    return Yaml12Loader
 
 
 def _parse_scalar(text: str) -> Any:

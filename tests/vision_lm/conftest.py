@@ -62,3 +62,23 @@ def qwen2vl():
     torch.manual_seed(0)
     model = AutoModelForImageTextToText.from_config(cfg).eval()
     return VLMAdapter(model, proc)
+
+
+def _manual_response_logps(adapter: VLMAdapter, example) -> tuple[list[float], int]:  # noqa: ANN001
+    """Reference log-probs of ``example``'s response (+ EOS) from one plain forward of processor output + response
+    tokens, independent of the adapter's batching and masking; returns ``(per-token log-probs, prompt length)``."""
+    tok = adapter.tokenizer
+    with torch.no_grad():
+        enc = adapter.processor(images=[example.images], text=[example.prompt], return_tensors="pt")
+        resp = tok(example.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        ids = torch.cat([enc["input_ids"][0], torch.tensor(resp)]).unsqueeze(0)
+        vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
+        logits = adapter.model(input_ids=ids, **vision).logits[0]
+    n_prompt = enc["input_ids"].shape[1]
+    return [torch.log_softmax(logits[n_prompt - 1 + j], -1)[t].item() for j, t in enumerate(resp)], n_prompt
+
+
+@pytest.fixture(scope="session")
+def manual_response_logps():  # noqa: ANN201 - the function
+    """Fixture: ``manual_response_logps(adapter, example)`` (see :func:`_manual_response_logps`)."""
+    return _manual_response_logps

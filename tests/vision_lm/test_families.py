@@ -43,28 +43,20 @@ def _n_image_tokens(ad, ids):
     return int(sum((ids == t).sum() for t in ad.image_token_ids))
 
 
-def test_logps_match_manual_forward_and_mask_prompt_and_image_tokens(fam, scene_images):
+def test_logps_match_manual_forward_and_mask_prompt_and_image_tokens(fam, scene_images, manual_response_logps):
     name, ad = fam
     scenes, imgs, wide = scene_images
     exs = [VLExample(PROMPT, S.caption(scenes[0]), [imgs[0]]), VLExample(PROMPT, "a big red circle .", [wide])]
     batch = ad.encode(exs)
     logps, mask, _ = ad.token_logps(batch)
-    tok = ad.tokenizer
-    with torch.no_grad():
-        for i, ex in enumerate(exs):
-            enc = ad.processor(images=[ex.images], text=[ex.prompt], return_tensors="pt")
-            resp = tok(ex.response, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids = torch.cat([enc["input_ids"][0], torch.tensor(resp)]).unsqueeze(0)
-            vision = {k: v for k, v in enc.items() if k not in ("input_ids", "attention_mask")}
-            logits = ad.model(input_ids=ids, **vision).logits[0]
-            n_prompt = enc["input_ids"].shape[1]
-            manual = [torch.log_softmax(logits[n_prompt - 1 + j], -1)[t].item() for j, t in enumerate(resp)]
-            assert int(mask[i].sum()) == len(resp)
-            assert logps[i, : len(resp)].tolist() == pytest.approx(manual, abs=1e-5)
-            # the response mask covers exactly the response (+ EOS): no image, marker or prompt token
-            row = batch.response_mask[i]
-            assert int(row.sum()) == len(resp) and not bool(row[:n_prompt].any())
-            assert _n_image_tokens(ad, batch.input_ids[i, :n_prompt]) > 0
+    for i, ex in enumerate(exs):
+        manual, n_prompt = manual_response_logps(ad, ex)
+        assert int(mask[i].sum()) == len(manual)
+        assert logps[i, : len(manual)].tolist() == pytest.approx(manual, abs=1e-5)
+        # the response mask covers exactly the response (+ EOS): no image, marker or prompt token
+        row = batch.response_mask[i]
+        assert int(row.sum()) == len(manual) and not bool(row[:n_prompt].any())
+        assert _n_image_tokens(ad, batch.input_ids[i, :n_prompt]) > 0
 
 
 def test_saved_tiny_model_loads_through_auto_classes(fam, scene_images, tmp_path):

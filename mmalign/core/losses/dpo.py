@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.core.losses._common import LossMetrics, check_inputs_finite, check_shapes, fused_means
+from mmalign.core.losses._common import LossMetrics, _plain, check_inputs_finite, check_shapes, fused_means
 from mmalign.core.validation import check_beta, check_eps, check_reduction, reduce_loss
 
 __all__ = ["dpo_loss", "ipo_loss", "conservative_dpo_loss", "robust_dpo_loss"]
@@ -128,8 +128,8 @@ def _ipo_normalised_fast(
     delta = rho_w - rho_l
     per_pair = (delta - 1.0 / (2.0 * beta)).square()
     loss = per_pair.mean() if reduction == "mean" else per_pair.sum()
-    lo_w, hi_w = torch.aminmax(nw.detach() if nw.requires_grad else nw)
-    lo_l, hi_l = torch.aminmax(nl.detach() if nl.requires_grad else nl)
+    lo_w, hi_w = torch.aminmax(_plain(nw))
+    lo_l, hi_l = torch.aminmax(_plain(nl))
     # the reduced square is non-finite wherever Δ is; the counts must be finite and > 0
     if not (math.isfinite(loss.detach().item()) and 0.0 < float(lo_w) <= float(hi_w) < math.inf
             and 0.0 < float(lo_l) <= float(hi_l) < math.inf):
