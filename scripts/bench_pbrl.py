@@ -66,7 +66,10 @@ def run_sweep(args: argparse.Namespace) -> None:
                 name = teacher if teacher == "true" or not args.tag else f"{teacher} [{args.tag}]"
                 if (task, seed, name) in done:
                     continue
-                extra = TASK_DEFAULTS.get(task, {})
+                extra = dict(TASK_DEFAULTS.get(task, {}))
+                for field in ("net_width", "batch_size", "first_feedback", "eval_episodes", "recent_window"):
+                    if getattr(args, field) is not None:
+                        extra[field] = getattr(args, field)
                 cfg = PebbleConfig(
                     env_id=task, seed=seed, total_steps=args.steps, reward="true" if teacher == "true" else "learned",
                     teacher="oracle" if teacher == "true" else teacher, label_budget=args.labels,
@@ -74,7 +77,7 @@ def run_sweep(args: argparse.Namespace) -> None:
                     labels_per_round=max(1, -(-(args.labels - max(64, args.labels // 4)) // max(1, args.rounds - 1))),
                     eval_every=args.eval_every, save_reward_model=False, rm_epochs=args.rm_epochs,
                     selector=args.selector, rm_label_smoothing=args.label_smoothing, reward_norm=args.reward_norm,
-                    recent_window=args.recent_window, normalize_act=args.normalize_act,
+                    normalize_act=args.normalize_act,
                     rm_act_weight=args.act_weight if args.normalize_act else 0.0,
                     rm_action_squares=args.action_squares,
                     feedback_every=args.feedback_every, **extra,
@@ -176,6 +179,11 @@ def main() -> None:
     p.add_argument("--reward-norm", action=argparse.BooleanOptionalAction, default=True,
                    help="standardise the learned reward before relabelling")
     p.add_argument("--recent-window", type=int, default=3000, help="candidates from the last N env steps (0 = all)")
+    p.add_argument("--net-width", type=int, default=None, help="agent hidden width (PebbleConfig.net_width; default 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="SAC minibatch (PebbleConfig.batch_size; default 128)")
+    p.add_argument("--first-feedback", type=int, default=None,
+                   help="env step of the first feedback round (PebbleConfig.first_feedback; default 1000)")
+    p.add_argument("--eval-episodes", type=int, default=None, help="evaluation episodes (default: per task)")
     p.add_argument("--normalize-act", action=argparse.BooleanOptionalAction, default=False,
                    help="standardise (and weight) the reward model's action inputs (PebbleConfig.normalize_act)")
     p.add_argument("--act-weight", type=float, default=0.0,
