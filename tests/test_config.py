@@ -105,3 +105,28 @@ def test_shipped_yaml_configs_load() -> None:
         path = root.parent / rel
         assert path.is_file(), f"{entry.name}: default config {rel} is missing"
         load_config(cls, path)
+
+
+def test_every_shipped_yaml_loads_with_a_job_config_of_its_folder() -> None:
+    """Variants such as configs/robotics/pebble_halfcheetah.yaml have no job of their own: each must load with
+    the config class of some job whose default config lives in the same folder (a typo'd field fails them all)."""
+    root = Path(__file__).resolve().parents[1]
+    by_folder: dict[str, list] = {}
+    for entry in JOBS.entries():
+        if entry.extra.get("default_config"):
+            by_folder.setdefault(str(Path(entry.extra["default_config"]).parent), []).append(
+                resolve(entry.extra["config"]))
+    paths = sorted((root / "configs").glob("*/*.yaml"))
+    assert len(paths) >= 20
+    for path in paths:
+        classes = by_folder.get(str(path.parent.relative_to(root)), [])
+        assert classes, f"{path}: no job has a default config in its folder"
+        errors = []
+        for cls in classes:
+            try:
+                load_config(cls, path)
+                break
+            except (ValueError, TypeError) as exc:
+                errors.append(f"{cls.__name__}: {exc}")
+        else:
+            raise AssertionError(f"{path} loads with none of its folder's job configs: {errors}")
