@@ -46,6 +46,8 @@ class RaplConfig(Config):
     encoder: str = option("tiny_cnn", "tiny_cnn | resnet18 | open_clip")
     weights_path: str = option("", "local pretrained encoder weights ('' = random init)")
     embed_dim: int = option(32, "projection-head output size")
+    embed_norm: bool = option(True, "standardise each embedding dimension (batch stats in training, stats of the "
+                              "training frames afterwards); False = RAPL's code (see encoders.FrameEncoder)")
     reg: float = option(0.05, "entropic regularisation of the Sinkhorn plan (RAPL code: 1.0)")
     sinkhorn_iters: int = option(50, "unrolled Sinkhorn iterations")
     similarity_scale: float = option(20.0, "BT temperature: logit = scale * (sim_first - sim_second)")
@@ -150,7 +152,8 @@ def train_rapl_encoder(
     encoder: Any, frames: np.ndarray, triplets: np.ndarray, labels: np.ndarray, cfg: RaplConfig
 ) -> list[dict[str, float]]:
     """Fine-tune ``encoder`` in place on labelled triplets; returns per-step metrics. The number of steps is
-    :func:`num_train_steps` of the number of triplets.
+    :func:`num_train_steps` of the number of triplets. Leaves the encoder in ``eval()`` mode with its embedding
+    normalisation (if any) calibrated on all of ``frames``.
 
     A small custom loop (not :class:`mmalign.train.Trainer`): each step draws triplet indices, and the frames of
     the unique rollouts in the batch are encoded once and shared, which the generic trainer's dataset view hides.
@@ -159,8 +162,11 @@ def train_rapl_encoder(
 
     from mmalign.robotics.ot import ot_similarity
 
+    from mmalign.robotics.encoders import calibrate_embedding_norm
+
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
+    encoder.train()
     trip = torch.from_numpy(triplets)
     lab = torch.from_numpy(labels).float()
     log = []
@@ -175,6 +181,7 @@ def train_rapl_encoder(
         opt.step()
         log.append({"step": step, "train/loss": loss.item(),
                     "train/pref_accuracy": float(metrics["train/pref_accuracy"])})
+    calibrate_embedding_norm(encoder, _frames_tensor(frames, cfg.frame_stride))
     return log
 
 
@@ -347,7 +354,7 @@ def run(cfg: RaplConfig, run_dir: Path, resume: bool = False) -> dict[str, float
     import torch
     from safetensors.torch import save_file
 
-    from mmalign.robotics.encoders import build_encoder
+    from mmalign.robotics.encoders import build_encoder, calibrate_embedding_norm
     from mmalign.robotics.rapl_data import label_triplets, make_triplets
 
     run_dir = Path(run_dir)
@@ -365,7 +372,9 @@ def run(cfg: RaplConfig, run_dir: Path, resume: bool = False) -> dict[str, float
     demos = train.frames[demo_idx]
     scorers: dict[str, OTRewardModel] = {}
     if cfg.run_rapl:
-        unaligned = build_encoder(cfg.encoder, cfg.embed_dim, cfg.image_size, cfg.weights_path or None)
+        unaligned = build_encoder(cfg.encoder, cfg.embed_dim, cfg.image_size, cfg.weights_path or None,
+                                  embed_norm=cfg.embed_norm)
+        calibrate_embedding_norm(unaligned, _frames_tensor(train.frames, cfg.frame_stride))
         aligned = copy.deepcopy(unaligned)
         t1 = time.time()
         log = train_rapl_encoder(aligned, train.frames, triplets, labels, cfg)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from mmalign.robotics.encoders import build_encoder
+from mmalign.robotics.encoders import build_encoder, calibrate_embedding_norm
 from mmalign.robotics.rapl import (OTRewardModel, OTRewardWrapper, RaplConfig, _batches, num_train_steps,
                                    rapl_triplet_loss, run, spearman)
 from mmalign.robotics.rapl_data import collect_trajectories, label_triplets, make_triplets
@@ -32,6 +32,39 @@ def test_encoders_shapes(kind: str) -> None:
     enc = build_encoder(kind, embed_dim=16, image_size=32)
     z = enc(torch.randint(0, 255, (2, 3, 32, 32, 3), dtype=torch.uint8))
     assert z.shape == (2, 3, 16)
+
+
+def _static_scene(n: int = 24, size: int = 32) -> torch.Tensor:
+    """Frames of a mostly static scene: grey background, one small bright square moving along the diagonal."""
+    frames = torch.full((n, size, size, 3), 90, dtype=torch.uint8)
+    for i in range(n):
+        p = i * (size - 4) // n
+        frames[i, p : p + 4, p : p + 4] = torch.tensor([250, 40, 40], dtype=torch.uint8)
+    return frames
+
+
+def test_embed_norm_spreads_embeddings_of_a_static_scene_and_calibrates_exactly() -> None:
+    frames = _static_scene()
+    torch.manual_seed(1)
+    plain = build_encoder("tiny_cnn", embed_dim=16, image_size=32).eval()
+    torch.manual_seed(1)
+    normed = build_encoder("tiny_cnn", embed_dim=16, image_size=32, embed_norm=True)
+    assert "norm.running_mean" not in plain.state_dict()  # off by default: old checkpoints still load
+    with torch.no_grad():
+        zp = torch.nn.functional.normalize(plain(frames), dim=-1)
+    assert (zp @ zp.T).min() > 0.95  # the collapse embed_norm exists for: every frame points the same way
+    calibrate_embedding_norm(normed, frames)
+    assert not normed.training
+    with torch.no_grad():
+        raw = normed.project(frames).double()
+        z = normed(frames).double()
+    assert torch.allclose(normed.norm.running_mean.double(), raw.mean(0), atol=1e-5)
+    assert torch.allclose(z.mean(0), torch.zeros(16, dtype=torch.float64), atol=1e-4)
+    assert torch.allclose(z.var(0, unbiased=False), torch.ones(16, dtype=torch.float64), atol=0.03)
+    zn = torch.nn.functional.normalize(z, dim=-1)
+    assert (zn @ zn.T).min() < 0.0  # centred: the first and last frames now point apart
+    with pytest.raises(ValueError, match="at least 2 frames"):
+        calibrate_embedding_norm(normed, frames[:1])
 
 
 def test_resnet18_loads_local_weights(tmp_path) -> None:
