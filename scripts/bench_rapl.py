@@ -52,7 +52,7 @@ def run_one(key: Key, args: argparse.Namespace, out: Path) -> dict:
     cfg = RaplConfig(seed=seed, num_prefs=n, train_length=length, train_epochs=value if length == "epochs" else 1.0,
                      train_steps=int(value) if length == "steps" else 1, n_train_traj=args.n_train,
                      n_eval_traj=args.n_eval, data_cache=args.cache, run_rapl=method == "rapl",
-                     run_bt_baseline=method == "bt")
+                     run_bt_baseline=method == "bt", embed_norm=not args.no_embed_norm)
     return run(cfg, out / tag / f"seed{seed}_{method}{n}")
 
 
@@ -119,16 +119,18 @@ def main_section(res: dict[Key, dict], args: argparse.Namespace, tag: str) -> st
            and k[3] == min(args.prefs) // 2]
     head = ("| RAPL vs BT triplets | RAPL@N/2 ρ | BT@N ρ | RAPL − BT per seed | must-show | final train pref. acc. "
             "RAPL / BT | steps RAPL / BT |")
+    norm = ("without embedding normalisation (`embed_norm=false`, RAPL's code)" if args.no_embed_norm
+            else "with embedding normalisation (`embed_norm=true`)")
     lines = [
-        "## RAPL vs BT-on-pixels at matched preference budgets (`scripts/bench_rapl.py`)",
+        f"## RAPL vs BT-on-pixels at matched preference budgets, RAPL {norm} (`scripts/bench_rapl.py`)",
         "",
         f"Command: `MUJOCO_GL=egl python scripts/bench_rapl.py {args.cmdline}`; seeds {args.seeds}; {now()}; "
-        f"{machine()}; shared 2-core CPU with other engineers' jobs running (contended, load average 6-28; each run "
-        "single-threaded, the plan split over 2-3 background processes); every (seed, method, budget) is one run "
-        f"with its own metrics.json under `{args.out}/{tag}/`.",
+        f"{machine()}; shared 2-core CPU ({args.load}; each run single-threaded, the plan split over 2-3 background "
+        f"processes); every (seed, method, budget) is one run with its own metrics.json under `{args.out}/{tag}/`.",
         "",
         f"Setup: {args.n_train} scripted PushAvoidPoint-v0 rollouts (30 frames, 64x64) for triplets, {args.n_eval} "
-        "held-out rollouts per embodiment; tiny random-init CNN encoder (32-d head), OT with cosine cost, reg 0.05, "
+        f"held-out rollouts per embodiment; tiny random-init CNN encoder (32-d head) {norm}, OT with cosine cost, "
+        "reg 0.05, "
         "50 Sinkhorn iterations, every 2nd frame; 6 preferred demos (top true return); noiseless simulated human. "
         f"**Training length: {what}, identical rule for RAPL and the BT pixel reward model (core CNNRewardModel), "
         "Adam 1e-3, batch 8.** Equal epochs rather than early stopping because early stopping needs a labelled "
@@ -225,6 +227,10 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true", help="do not write the docs sections")
     ap.add_argument("--from-runs", action="store_true", help="only rebuild the docs from finished runs under --out")
     ap.add_argument("--cmdline", default="", help="command line to print in the docs (default: this one)")
+    ap.add_argument("--no-embed-norm", action="store_true",
+                    help="RAPL encoder without embedding normalisation (RaplConfig.embed_norm=False, RAPL's code)")
+    ap.add_argument("--section", default="bench_rapl", help="docs section key of the budget comparison")
+    ap.add_argument("--load", default="load not recorded", help="machine-load note printed in the docs")
     args = ap.parse_args()
     if args.epochs <= 0 or args.train_steps <= 0 or any(e <= 0 for e in args.sensitivity_epochs):
         ap.error(f"epochs and steps must be > 0, got --epochs {args.epochs} --train-steps {args.train_steps} "
@@ -246,7 +252,7 @@ def main() -> None:
 
     args.cmdline = args.cmdline or " ".join(a for a in sys.argv[1:] if a not in ("--from-runs", "--no-write"))
     tag = _tag(args.train_length, args.epochs if args.train_length == "epochs" else args.train_steps)
-    write_section("bench_rapl", main_section(res, args, tag))
+    write_section(args.section, main_section(res, args, tag))
     if args.sensitivity_epochs:
         write_section("bench_rapl_sensitivity", sensitivity_section(res, args))
 
