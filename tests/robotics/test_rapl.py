@@ -82,6 +82,29 @@ def test_resnet18_loads_local_weights(tmp_path) -> None:
         build_encoder("vit_h")
 
 
+def test_open_clip_loads_local_weights(tmp_path) -> None:
+    """A local open_clip checkpoint (safetensors) of a registered architecture is loaded into the image tower."""
+    open_clip = pytest.importorskip("open_clip")
+    import json
+
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
+                                           "patch_size": 16},
+           "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
+    (tmp_path / "mmalign-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "mmalign-tiny-clip.json")
+    torch.manual_seed(3)
+    model = open_clip.create_model("mmalign-tiny-clip")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    torch.manual_seed(4)  # a different random init: equality below can only come from the file
+    enc = build_encoder("open_clip", embed_dim=8, weights_path=str(tmp_path / "clip.safetensors"),
+                        open_clip_model="mmalign-tiny-clip")
+    assert enc.input_size == 32
+    assert torch.equal(enc.backbone.conv1.weight, model.visual.conv1.weight)
+    assert enc(torch.zeros(1, 2, 64, 64, 3, dtype=torch.uint8)).shape == (1, 2, 8)
+
+
 def test_simulated_human_triplets() -> None:
     returns = np.array([5.0, 4.0, 1.0, 2.0, 3.0, 0.0, 2.0])
     trip = make_triplets(returns, 50, np.random.default_rng(0), anchor_pool=2)
