@@ -130,8 +130,8 @@ def main_section(res: dict[Key, dict], args: argparse.Namespace, tag: str) -> st
         "",
         f"Setup: {args.n_train} scripted PushAvoidPoint-v0 rollouts (30 frames, 64x64) for triplets, {args.n_eval} "
         f"held-out rollouts per embodiment; tiny random-init CNN encoder (32-d head) {norm}, OT with cosine cost, "
-        "reg 0.05, "
-        "50 Sinkhorn iterations, every 2nd frame; 6 preferred demos (top true return); noiseless simulated human. "
+        "reg 0.05, 50 Sinkhorn iterations, every 2nd frame; 6 preferred demos (top true return); noiseless simulated "
+        "human. "
         f"**Training length: {what}, identical rule for RAPL and the BT pixel reward model (core CNNRewardModel), "
         "Adam 1e-3, batch 8.** Equal epochs rather than early stopping because early stopping needs a labelled "
         "validation split carved out of the same preference budget (5 of 25 triplets at the smallest budget, too "

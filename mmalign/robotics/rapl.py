@@ -160,9 +160,8 @@ def train_rapl_encoder(
     """
     import torch
 
-    from mmalign.robotics.ot import ot_similarity
-
     from mmalign.robotics.encoders import calibrate_embedding_norm
+    from mmalign.robotics.ot import ot_similarity
 
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.Adam(encoder.parameters(), lr=cfg.lr)
