@@ -54,12 +54,16 @@ class TrainerConfig(Config):
     distributed: str = option(
         "ddp",
         "how several processes share the work: ddp (every process holds the whole model, gradients are averaged) "
-        "or fsdp (parameters, gradients and optimizer state sharded over processes with torch FSDP2; checkpoints "
-        "are still written consolidated). A single process trains plainly either way",
+        "or fsdp (parameters, gradients and optimizer state sharded over processes with torch FSDP2) or deepspeed "
+        "(DeepSpeed ZeRO at zero_stage; needs the deepspeed extra). Checkpoints are written consolidated either way, "
+        "so a run resumes under any of them. A single process trains plainly",
     )
     fsdp_wrap: list[str] = option(
         [], "with distributed=fsdp: class names of submodules sharded as their own unit (e.g. LlamaDecoderLayer); "
         "empty: the model's _no_split_modules if it declares them, else the whole model is one unit"
+    )
+    zero_stage: int = option(
+        2, "with distributed=deepspeed: ZeRO stage 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)"
     )
 
     def __post_init__(self) -> None:
@@ -79,10 +83,11 @@ class TrainerConfig(Config):
         check_nonnegative("save_every", self.save_every)
         check_positive("keep_checkpoints", self.keep_checkpoints)
         check_nonnegative("num_workers", self.num_workers)
-        check_choice("distributed", self.distributed, ["ddp", "fsdp"])
-        if self.distributed == "fsdp" and self.mixed_precision == "fp16":
-            raise ValueError("mixed_precision 'fp16' is not supported with distributed 'fsdp' (its loss scaler does "
-                             "not handle sharded gradients); use 'bf16', 'auto' or 'no'")
+        check_choice("distributed", self.distributed, ["ddp", "fsdp", "deepspeed"])
+        check_choice("zero_stage", self.zero_stage, [1, 2, 3])
+        if self.distributed in ("fsdp", "deepspeed") and self.mixed_precision == "fp16":
+            raise ValueError(f"mixed_precision 'fp16' is not supported with distributed {self.distributed!r} (its "
+                             "loss-scaler state is not part of the checkpoints); use 'bf16', 'auto' or 'no'")
         if self.fsdp_wrap and self.distributed != "fsdp":
             raise ValueError(f"fsdp_wrap {self.fsdp_wrap!r} is only used with distributed 'fsdp', got distributed "
                              f"{self.distributed!r}")

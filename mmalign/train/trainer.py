@@ -6,8 +6,9 @@ the domain, which typically calls a pure core loss. Data order is a pure functio
 resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen. Multi-GPU and multi-node
 runs go through ``accelerate launch`` or ``torchrun`` with no code change: each process takes its shard of every
 global batch. ``distributed="fsdp"`` shards parameters, gradients and optimizer state with torch FSDP2 (applied by
-the trainer, see :mod:`mmalign.train.fsdp`); checkpoints are consolidated either way, so a run may resume on a
-different number of processes or with the other strategy as long as the global batch is the same.
+the trainer, see :mod:`mmalign.train.fsdp`); ``distributed="deepspeed"`` hands model and optimizer to DeepSpeed ZeRO
+(:mod:`mmalign.train.zero`). Checkpoints are consolidated in every case, so a run may resume on a different number of
+processes or with another strategy as long as the global batch is the same.
 """
 
 from __future__ import annotations
@@ -107,7 +108,7 @@ def _default_collate(items: Sequence[Any]) -> Any:
 
 # settings that do not change the trajectory, so a run may be resumed with other values
 _FREE = {"max_steps", "progress", "plots", "save_every", "eval_every", "log_every", "keep_checkpoints"}
-_SHARDING = {"distributed", "fsdp_wrap"}
+_SHARDING = {"distributed", "fsdp_wrap", "zero_stage"}
 
 
 def _fingerprint(cfg: TrainerConfig, world_size: int) -> str:
@@ -127,16 +128,16 @@ def _legacy_fingerprint(cfg: TrainerConfig) -> str:
 def check_launch(cfg: TrainerConfig, distributed_type: str) -> None:
     """Refuse accelerate launch modes whose sharded state these checkpoints cannot hold, before any work starts.
 
-    accelerate's FSDP plugin and DeepSpeed would wrap the model and optimizer themselves; their state is only
-    saved by ``accelerator.save_state`` as pickled files (against the project's no-pickle rule), and ZeRO's
-    partitioned optimizer state cannot be consolidated without DeepSpeed internals.
+    accelerate's FSDP and DeepSpeed plugins would wrap the model and optimizer themselves and save their state only
+    through ``accelerator.save_state``, as pickled files (against the project's no-pickle rule). The trainer applies
+    both itself instead (``trainer.distributed=fsdp`` / ``deepspeed``), with consolidated safetensors checkpoints.
     """
     if distributed_type in {"FSDP", "DEEPSPEED", "MEGATRON_LM"}:
         raise ValueError(
-            f"accelerate launch configured {distributed_type}, whose sharded model/optimizer state mmalign "
-            f"checkpoints cannot hold; launch without the FSDP/DeepSpeed plugin (torchrun or plain accelerate "
-            f"launch) and set trainer.distributed=fsdp to shard with torch FSDP2 (got distributed="
-            f"{cfg.distributed!r})"
+            f"accelerate launch configured {distributed_type}, whose plugin saves its sharded model/optimizer state "
+            f"only as pickle files; launch without the FSDP/DeepSpeed plugin (torchrun or plain accelerate launch) "
+            f"and set trainer.distributed=fsdp (torch FSDP2) or trainer.distributed=deepspeed (ZeRO, "
+            f"trainer.zero_stage) instead (got distributed={cfg.distributed!r})"
         )
 
 
@@ -188,6 +189,14 @@ class Trainer:
         check_launch(cfg, str(acc.distributed_type.value))
         # one process has nothing to shard: it trains plainly and writes the same checkpoints
         self.sharded = cfg.distributed == "fsdp" and acc.num_processes > 1
+        self.zero = cfg.distributed == "deepspeed" and acc.num_processes > 1
+        if self.zero:
+            from mmalign.train.zero import _import_deepspeed, deepspeed_config
+
+            _import_deepspeed()  # a missing install fails here, before any work
+            self._zero_config = deepspeed_config(
+                batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps, max_grad_norm=cfg.max_grad_norm,
+                zero_stage=cfg.zero_stage, mixed_precision=str(acc.mixed_precision))
         global_batch = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
         if len(train_dataset) < global_batch:
             raise ValueError(
@@ -234,7 +243,23 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def unwrapped_model(self) -> torch.nn.Module:
-        return self.accelerator.unwrap_model(self.model) if self.model is not None else self._raw_model
+        if self.model is None:
+            return self._raw_model
+        return self.model.module if self.zero else self.accelerator.unwrap_model(self.model)
+
+    def _start_zero(self) -> None:
+        """Hand model and (possibly just restored) optimizer to DeepSpeed; remember what checkpoints need."""
+        from mmalign.train.fsdp import optimizer_param_names
+        from mmalign.train.zero import initialize
+
+        model = self._raw_model
+        self._zero_names = optimizer_param_names(model, self.optimizer)
+        self._zero_params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._zero_groups = self.optimizer.state_dict()["param_groups"]
+        # in bf16 DeepSpeed casts the module and builds fp32 masters from the rounded weights: give it the exact ones
+        masters = ({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+                   if self._zero_config["bf16"]["enabled"] else None)
+        self.model = initialize(model, self.optimizer, self._zero_config, masters=masters)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
     def _ckpt_root(self) -> Path:
@@ -247,6 +272,11 @@ class Trainer:
 
             tensors, _ = gather_full_state(self.unwrapped_model(), None)
             return unshare_tensors(tensors) if tensors is not None else None
+        if self.zero and self.model is not None:
+            from mmalign.train import zero
+
+            tensors, _ = zero.gather_full_state(self.model, self._zero_params, self._zero_groups, optimizer=False)
+            return tensors
         return model_state_tensors(self.unwrapped_model()) if self.is_main else None
 
     def save(self) -> Path:
@@ -254,18 +284,25 @@ class Trainer:
 
         acc = self.accelerator
         model = self.unwrapped_model()
-        names = optimizer_param_names(model, self.optimizer)
-        if self.sharded:  # every process takes part in the gather; rank 0 receives the full state
+        if self.zero:  # every process takes part in the gather; rank 0 receives the full state
+            from mmalign.train import zero
+
+            names = self._zero_names
+            tensors, opt_state = zero.gather_full_state(self.model, self._zero_params, self._zero_groups)
+        elif self.sharded:
+            names = optimizer_param_names(model, self.optimizer)
             tensors, opt_state = gather_full_state(model, self.optimizer)
             tensors = unshare_tensors(tensors) if tensors is not None else None
         else:
+            names = optimizer_param_names(model, self.optimizer)
             tensors = model_state_tensors(model) if self.is_main else None
             opt_state = self.optimizer.state_dict() if self.is_main else None
         return save_checkpoint(
             self._ckpt_root(), self.step, model_tensors=tensors, optimizer=None, optimizer_state=opt_state,
             param_names=names, scheduler=self.scheduler if self.is_main else None,
             trainer_state={"config_fingerprint": _fingerprint(self.cfg, acc.num_processes), "seed": self.cfg.seed,
-                           "distributed": "fsdp" if self.sharded else "ddp"},
+                           "distributed": "fsdp" if self.sharded else "deepspeed" if self.zero else "ddp",
+                           **({"zero_stage": self.cfg.zero_stage} if self.zero else {})},
             rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
             keep=self.cfg.keep_checkpoints, generators=self.generators,
         )
@@ -287,14 +324,17 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, Any]:
-        # a sharded forward needs every process, so under FSDP all run eval_fn and the main process reports
-        if self.eval_fn is None or not (self.is_main or self.sharded):
+        # a sharded forward needs every process, so under FSDP and ZeRO-3 all run eval_fn and the main process reports
+        collective = self.sharded or (self.zero and self.cfg.zero_stage == 3)
+        if self.eval_fn is None or not (self.is_main or collective):
             return {}
         np_state, py_state = np.random.get_state(), random.getstate()
         model = self.unwrapped_model()
         was_training = model.training
         model.eval()
-        with torch.random.fork_rng(devices=[]), torch.no_grad():
+        # DeepSpeed casts the module itself under bf16, so its inputs need autocast as in training
+        cast = self.accelerator.autocast() if self.zero else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), cast:
             out = self.eval_fn(model)
         model.train(was_training)
         np.random.set_state(np_state)
@@ -319,6 +359,8 @@ class Trainer:
                   f"out of that epoch (a different subset each epoch)")
         if self.sharded:  # already placed and sharded; accelerate.prepare would wrap it in DDP as well
             self.model = self._raw_model
+        elif self.zero:  # DeepSpeed places, partitions and reduces; the optimizer state (if resumed) moves along
+            self._start_zero()
         else:
             self.model, self.optimizer = acc.prepare(self._raw_model, self.optimizer)
         sampler = _StepBatches(len(self.dataset), cfg.batch_size, cfg.grad_accum_steps, acc.num_processes,
@@ -339,27 +381,36 @@ class Trainer:
                 sync = micro == cfg.grad_accum_steps - 1
                 if self.sharded:  # FSDP2 keeps unsharded gradients until the last micro-batch reduce-scatters them
                     self.model.set_requires_gradient_sync(sync)
-                ctx = contextlib.nullcontext() if sync or self.sharded else acc.no_sync(self.model)
+                ctx = contextlib.nullcontext() if sync or self.sharded or self.zero else acc.no_sync(self.model)
                 with ctx:
                     with acc.autocast():
                         loss, metrics = self.loss_fn(self.model, batch)
                     if not torch.isfinite(loss):
                         raise FloatingPointError(f"loss is {loss.item()} at step {self.step} (micro-batch {micro})")
-                    acc.backward(loss / cfg.grad_accum_steps)
+                    if self.zero:  # the engine divides by the accumulation steps and steps on the last micro-batch
+                        self.model.backward(loss)
+                        self.model.step()
+                    else:
+                        acc.backward(loss / cfg.grad_accum_steps)
                 for k, v in {"train/loss": loss, **metrics}.items():
                     t = torch.as_tensor(v, dtype=torch.float32, device=acc.device).detach().reshape(-1)[:1]
                     sums[k] = sums.get(k, 0) + t / cfg.grad_accum_steps
                 examples += cfg.batch_size * acc.num_processes
-            if cfg.max_grad_norm > 0:
+            if self.zero:  # clipped inside engine.step (gradient_clipping); the norm is the pre-clip one
+                norm = self.model.get_global_grad_norm()
+                if cfg.max_grad_norm > 0 and norm is not None:
+                    sums["train/grad_norm"] = torch.as_tensor(float(norm), device=acc.device).reshape(-1)[:1]
+            elif cfg.max_grad_norm > 0:
                 if self.sharded:  # the norm of sharded gradients is a replicated DTensor
                     dnorm: Any = torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                     norm = dnorm.full_tensor()
                 else:
                     norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 sums["train/grad_norm"] = torch.as_tensor(norm, device=acc.device).float().reshape(-1)[:1]
-            self.optimizer.step()
+            if not self.zero:
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
             self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:

@@ -17,36 +17,22 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
 import torch
+from _sharded import corrupt_rank1_then_resume, demo_runner, record_linear_dtypes
 
 from mmalign.cli import close_process_group
-from mmalign.config import load_config
-from mmalign.train.checkpoint import CheckpointError, latest_checkpoint
-from mmalign.train.demo import DemoConfig, run
 
-COMMON = ["trainer.progress=false", "trainer.plots=false", "trainer.distributed=fsdp", "trainer.fsdp_wrap=[Linear]",
-          "trainer.batch_size=16", "trainer.save_every=4", "trainer.log_every=2", "n_pairs=256", "hidden=32"]
-
-
-def _run(out: Path, name: str, steps: int, extra: list[str], resume: bool = False) -> dict:
-    cfg = load_config(DemoConfig, None, [*COMMON, *extra, f"trainer.max_steps={steps}"])
-    return run(cfg, out / name, resume=resume)
+_run = demo_runner(["trainer.progress=false", "trainer.plots=false", "trainer.distributed=fsdp",
+                    "trainer.fsdp_wrap=[Linear]", "trainer.batch_size=16", "trainer.save_every=4",
+                    "trainer.log_every=2", "n_pairs=256", "hidden=32"])
 
 
 def bf16(out: Path) -> None:
-    seen: set[str] = set()
-    forward = torch.nn.Linear.forward
-
-    def recording(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-        if type(self).__name__.startswith("FSDP"):  # sharded units only (the demo's reference pass runs unsharded)
-            seen.add(str(self.weight.dtype))
-        return forward(self, x)
-
-    torch.nn.Linear.forward = recording  # type: ignore[method-assign]
+    # sharded units only (the demo's reference pass runs unsharded)
+    seen = record_linear_dtypes(lambda m: type(m).__name__.startswith("FSDP"))
     extra = ["dropout=0.0", "trainer.mixed_precision=bf16"]
     _run(out, "bf16-full", 8, extra)
     _run(out, "bf16-stop", 4, extra)
@@ -58,7 +44,6 @@ def bf16(out: Path) -> None:
 
 def main(out: Path) -> None:
     torch.set_num_threads(1)
-    rank = int(os.environ["RANK"])
     drop, plain = ["dropout=0.2"], ["dropout=0.0"]
     result: dict = {}
     _run(out, "drop-full", 8, drop)
@@ -71,23 +56,9 @@ def main(out: Path) -> None:
     _run(out, "lora-full", 8, lora)
     _run(out, "lora-stop", 4, lora)
     _run(out, "lora-stop", 8, lora, resume=True)
-
-    # only rank 1 reads rng-1: corrupt it (same size, so the manifest check passes) and resume
-    bad = out / "bad"
-    if rank == 0:
-        shutil.copytree(out / "plain-stop", bad)
-        target = latest_checkpoint(bad / "checkpoints") / "rng-1.safetensors"
-        target.write_bytes(b"\x00" * target.stat().st_size)
-    torch.distributed.barrier()
-    try:
-        _run(out, "bad", 8, plain, resume=True)
-        errors = "no error"
-    except CheckpointError as err:
-        errors = str(err)
-    gathered: list = [None, None]
-    torch.distributed.all_gather_object(gathered, errors)
-    result["corrupt_errors"] = gathered
-    if rank == 0:
+    result["corrupt_errors"] = corrupt_rank1_then_resume(
+        out, "plain-stop", 4, lambda: _run(out, "bad", 8, plain, resume=True))
+    if int(os.environ["RANK"]) == 0:
         (out / "result.json").write_text(json.dumps(result))
     close_process_group()  # as the CLI does after a job: not left to the destructors at interpreter exit
 

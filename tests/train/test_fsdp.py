@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from _sharded import ENV, TORCHRUN, assert_weights_equal, launch, weights
 
 from mmalign.config import load_config
 from mmalign.train.checkpoint import latest_checkpoint, load_checkpoint
@@ -21,25 +21,10 @@ from mmalign.train.config import TrainerConfig
 from mmalign.train.demo import DemoConfig, run
 from mmalign.train.trainer import check_launch
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 WORKER = Path(__file__).with_name("_fsdp_worker.py")
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]  # free port
 # the worker's settings with 2 x 16 examples per step; one process takes the same global batch of 32
 ONE_PROCESS = ["trainer.progress=false", "trainer.plots=false", "trainer.batch_size=32", "trainer.save_every=4",
                "trainer.log_every=2", "n_pairs=256", "hidden=32", "dropout=0.0"]
-
-
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "model.safetensors"))
-
-
-def _assert_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], exact: bool) -> None:
-    assert a.keys() == b.keys()
-    for key in a:
-        if exact:
-            assert torch.equal(a[key], b[key]), f"{key} differs"
-        else:
-            torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5, msg=f"{key} differs")
 
 
 def _process_tree(pid: int) -> list[int]:
@@ -53,20 +38,12 @@ def _process_tree(pid: int) -> list[int]:
 
 @pytest.fixture(scope="module")
 def fsdp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fsdp")
-    proc = subprocess.run([*TORCHRUN, str(WORKER), str(out)], env=ENV, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out
+    return launch(WORKER, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.fixture(scope="module")
 def fsdp_bf16_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("fsdp_bf16")
-    proc = subprocess.run([*TORCHRUN, str(WORKER), str(out), "bf16"], env=ENV, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    return out
+    return launch(WORKER, tmp_path_factory.mktemp("fsdp_bf16"), "bf16")
 
 
 def test_fsdp_bf16_policy_computes_in_bf16_keeps_fp32_state_and_resumes_exactly(
@@ -75,10 +52,10 @@ def test_fsdp_bf16_policy_computes_in_bf16_keeps_fp32_state_and_resumes_exactly(
     result = json.loads((fsdp_bf16_runs / "result_bf16.json").read_text())
     assert result["resumed"] == 8
     assert result["forward_dtypes"] == ["torch.bfloat16"]  # every unit all-gathered bf16 copies for compute
-    full, stopped = _weights(fsdp_bf16_runs / "bf16-full"), _weights(fsdp_bf16_runs / "bf16-stop")
+    full, stopped = weights(fsdp_bf16_runs / "bf16-full"), weights(fsdp_bf16_runs / "bf16-stop")
     assert all(t.dtype == torch.float32 for t in full.values())  # sharded master weights stay fp32
-    _assert_equal(full, stopped, exact=True)
-    fp32 = _weights(fsdp_runs / "plain-full")
+    assert_weights_equal(full, stopped, exact=True)
+    fp32 = weights(fsdp_runs / "plain-full")
     diff = max(float((full[k] - fp32[k]).abs().max()) for k in fp32)
     assert 0.0 < diff < 2e-2, diff  # bf16 compute: close to the fp32 run (8 steps of lr 3e-3), not equal to it
 
@@ -87,15 +64,15 @@ def test_fsdp_stop_and_resume_is_bitwise_identical(fsdp_runs: Path) -> None:
     result = json.loads((fsdp_runs / "result.json").read_text())
     assert result["resumed"] == 8
     # dropout draws from each process's own RNG stream: both streams must have been restored
-    _assert_equal(_weights(fsdp_runs / "drop-full"), _weights(fsdp_runs / "drop-stop"), exact=True)
-    lora = _weights(fsdp_runs / "lora-full")
+    assert_weights_equal(weights(fsdp_runs / "drop-full"), weights(fsdp_runs / "drop-stop"), exact=True)
+    lora = weights(fsdp_runs / "lora-full")
     assert any("lora_A" in k for k in lora) and any("base_layer" in k for k in lora)
-    _assert_equal(lora, _weights(fsdp_runs / "lora-stop"), exact=True)
+    assert_weights_equal(lora, weights(fsdp_runs / "lora-stop"), exact=True)
 
 
 def test_fsdp_equals_one_process_run(fsdp_runs: Path, tmp_path: Path) -> None:
     run(load_config(DemoConfig, None, [*ONE_PROCESS, "trainer.max_steps=8"]), tmp_path / "one")
-    _assert_equal(_weights(fsdp_runs / "plain-full"), _weights(tmp_path / "one"), exact=False)
+    assert_weights_equal(weights(fsdp_runs / "plain-full"), weights(tmp_path / "one"), exact=False)
 
 
 def test_fsdp_checkpoint_is_consolidated_and_resumes_in_one_process(fsdp_runs: Path, tmp_path: Path) -> None:
@@ -115,7 +92,7 @@ def test_fsdp_checkpoint_is_consolidated_and_resumes_in_one_process(fsdp_runs: P
     shutil.copytree(fsdp_runs / "plain-stop", resumed)
     out = run(load_config(DemoConfig, None, [*ONE_PROCESS, "trainer.max_steps=8"]), resumed, resume=True)
     assert out["step"] == 8
-    _assert_equal(_weights(fsdp_runs / "plain-full"), _weights(resumed), exact=False)
+    assert_weights_equal(weights(fsdp_runs / "plain-full"), weights(resumed), exact=False)
 
 
 def test_a_corrupt_file_on_one_rank_stops_every_rank_with_a_clear_error(fsdp_runs: Path) -> None:
@@ -128,7 +105,7 @@ def test_fsdp_on_one_process_trains_plainly(tmp_path: Path) -> None:
     base = ["trainer.max_steps=3", "trainer.progress=false", "trainer.plots=false", "n_pairs=128", "hidden=16"]
     run(load_config(DemoConfig, None, base), tmp_path / "ddp")
     run(load_config(DemoConfig, None, [*base, "trainer.distributed=fsdp"]), tmp_path / "fsdp")
-    _assert_equal(_weights(tmp_path / "ddp"), _weights(tmp_path / "fsdp"), exact=True)
+    assert_weights_equal(weights(tmp_path / "ddp"), weights(tmp_path / "fsdp"), exact=True)
 
 
 def test_fsdp_settings_are_validated() -> None:
@@ -150,15 +127,21 @@ def test_unknown_fsdp_wrap_class_is_a_clear_error() -> None:
 
 @pytest.mark.parametrize("launch", ["FSDP", "DEEPSPEED"])
 def test_accelerate_sharding_plugins_are_refused(launch: str) -> None:
-    with pytest.raises(ValueError, match=f"accelerate launch configured {launch}.*trainer.distributed=fsdp"):
+    with pytest.raises(ValueError, match=f"accelerate launch configured {launch}.*trainer.distributed=fsdp.*"
+                                         "trainer.distributed=deepspeed"):
         check_launch(TrainerConfig(), launch)
     check_launch(TrainerConfig(), "MULTI_CPU")
 
 
 @pytest.mark.slow
-def test_fsdp_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
+@pytest.mark.parametrize("strategy", [
+    "trainer.distributed=fsdp",
+    pytest.param("trainer.distributed=deepspeed trainer.zero_stage=3", marks=pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None, reason="DeepSpeed is not installed")),
+])
+def test_sharded_sigkill_then_resume_is_bitwise_identical(tmp_path: Path, strategy: str) -> None:
     cli = [*TORCHRUN, "-m", "mmalign.cli", "train", "demo"]
-    common = ["trainer.distributed=fsdp", "trainer.max_steps=300", "trainer.save_every=10", "trainer.batch_size=32",
+    common = [*strategy.split(), "trainer.max_steps=300", "trainer.save_every=10", "trainer.batch_size=32",
               "trainer.progress=false", "trainer.plots=false", "trainer.eval_every=50", "dropout=0.1",
               "n_pairs=1024", "hidden=128"]
     full = tmp_path / "full"
@@ -188,6 +171,6 @@ def test_fsdp_sigkill_then_resume_is_bitwise_identical(tmp_path: Path) -> None:
 
     subprocess.run([*cli, "--output-dir", str(killed), "--resume", *common], check=True, env=ENV,
                    capture_output=True, timeout=600)
-    _assert_equal(_weights(full), _weights(killed), exact=True)
+    assert_weights_equal(weights(full), weights(killed), exact=True)
     assert len((full / "metrics.jsonl").read_text().splitlines()) == len(
         (killed / "metrics.jsonl").read_text().splitlines())

@@ -1,0 +1,80 @@
+"""Run under ``torchrun --nproc_per_node 2``: DeepSpeed ZeRO training runs whose results ``test_zero.py`` compares.
+
+One launch does all the multi-process work (starting processes and DeepSpeed engines is what costs time here):
+
+- ``z{1,2,3}-full``: 8 steps with dropout (per-process RNG streams matter) and ``z{1,2,3}-stop``: the same run stopped
+  after 4 steps, then resumed in a fresh trainer (a new engine) to 8 steps;
+- ``z2-plain`` / ``z3-plain``: 8 steps without dropout, with 2 micro-batches of 8 per process and per step (the
+  test compares them with a 1-process run of the same global batch of 32);
+- ``z2-to-z3``: the 4-step ZeRO-2 checkpoint resumed under ZeRO-3 (the checkpoints are consolidated);
+- ``lora-full`` / ``lora-stop``: peft LoRA adapters under ZeRO-3 (frozen base weights partitioned too);
+- a resume from a checkpoint whose ``rng-1`` file only rank 1 reads is corrupt: both ranks must raise (no hang).
+
+The model's hidden width is odd (33), so parameters straddle the partition boundary between the two ranks and the
+last ZeRO-3 partition of a parameter is padded. Usage: ``torchrun --nproc_per_node 2 tests/train/_zero_worker.py
+OUT_DIR``; rank 0 writes ``OUT_DIR/result.json``. With a third argument ``bf16`` it runs ``b{2,3}-full`` /
+``b{2,3}-stop`` (+ resume) under ``mixed_precision=bf16`` instead (accelerate fixes the precision once per process)
+and records the weight dtypes the Linear layers saw while training.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+from _sharded import corrupt_rank1_then_resume, demo_runner, record_linear_dtypes
+
+from mmalign.cli import close_process_group
+
+_run = demo_runner(["trainer.progress=false", "trainer.plots=false", "trainer.distributed=deepspeed",
+                    "trainer.batch_size=16", "trainer.save_every=4", "trainer.log_every=2", "trainer.eval_every=4",
+                    "n_pairs=256", "hidden=33"])
+
+
+def bf16(out: Path) -> None:
+    # training passes only (the demo's reference pass runs before the engine exists, evaluation without grad)
+    seen = record_linear_dtypes(lambda m: torch.is_grad_enabled())
+    result: dict = {"resumed": {}}
+    for stage in (2, 3):
+        extra = ["dropout=0.0", "trainer.mixed_precision=bf16", f"trainer.zero_stage={stage}"]
+        _run(out, f"b{stage}-full", 8, extra)
+        _run(out, f"b{stage}-stop", 4, extra)
+        result["resumed"][stage] = _run(out, f"b{stage}-stop", 8, extra, resume=True)["step"]
+    if int(os.environ["RANK"]) == 0:
+        (out / "result_bf16.json").write_text(json.dumps({**result, "forward_dtypes": sorted(seen)}))
+    close_process_group()
+
+
+def main(out: Path) -> None:
+    result: dict = {"resumed": {}}
+    for stage in (1, 2, 3):
+        extra = ["dropout=0.2", f"trainer.zero_stage={stage}"]
+        _run(out, f"z{stage}-full", 8, extra)
+        _run(out, f"z{stage}-stop", 4, extra)
+        result["resumed"][stage] = _run(out, f"z{stage}-stop", 8, extra, resume=True)["step"]
+    plain = ["dropout=0.0", "trainer.batch_size=8", "trainer.grad_accum_steps=2"]
+    for stage in (2, 3):
+        _run(out, f"z{stage}-plain", 8, [*plain, f"trainer.zero_stage={stage}"])
+    _run(out, "z2-to-z3", 4, [*plain, "trainer.zero_stage=2"])
+    _run(out, "z2-to-z3", 8, [*plain, "trainer.zero_stage=3"], resume=True)
+    lora = ["dropout=0.0", "trainer.zero_stage=3", "trainer.lora.enabled=true",
+            "trainer.lora.target_modules=['0','3']", "trainer.lr=0.01"]
+    _run(out, "lora-full", 8, lora)
+    _run(out, "lora-stop", 4, lora)
+    _run(out, "lora-stop", 8, lora, resume=True)
+    result["corrupt_errors"] = corrupt_rank1_then_resume(
+        out, "z2-stop", 4, lambda: _run(out, "bad", 8, ["dropout=0.2", "trainer.zero_stage=2"], resume=True))
+    if int(os.environ["RANK"]) == 0:
+        (out / "result.json").write_text(json.dumps(result))
+    close_process_group()
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    if sys.argv[2:] == ["bf16"]:
+        bf16(Path(sys.argv[1]))
+    else:
+        main(Path(sys.argv[1]))
