@@ -243,9 +243,12 @@ class Trainer:
         return self.accelerator.is_main_process
 
     def unwrapped_model(self) -> torch.nn.Module:
-        if self.model is None:
+        if self.model is None or self.model is self._raw_model:  # not wrapped (one process, FSDP2)
             return self._raw_model
-        return self.model.module if self.zero else self.accelerator.unwrap_model(self.model)
+        if self.zero or isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return self.model.module
+        # other wrappers: accelerate knows them (its unwrap imports DeepSpeed whenever it is installed, ~1 s)
+        return self.accelerator.unwrap_model(self.model)
 
     def _start_zero(self) -> None:
         """Hand model and (possibly just restored) optimizer to DeepSpeed; remember what checkpoints need."""
@@ -322,6 +325,34 @@ class Trainer:
             raise CheckpointError(f"{path} was written with different training settings; refusing to resume")
         self.step = int(state["step"])
 
+    def _write_run_info(self) -> None:
+        """Append this start to ``run_info.json``: what the run resolved (device, precision, processes, strategy).
+
+        A resumed run adds an entry (with the step it resumed at); earlier entries are kept.
+        """
+        import platform
+
+        from mmalign.train.checkpoint import atomic_write_text
+
+        acc = self.accelerator
+        info = {
+            "device": str(acc.device),
+            "device_name": (torch.cuda.get_device_name(acc.device) if acc.device.type == "cuda"
+                            else platform.processor() or platform.machine()),
+            "mixed_precision": str(acc.mixed_precision),
+            "num_processes": acc.num_processes,
+            "distributed": "fsdp" if self.sharded else "deepspeed" if self.zero else "ddp",
+            **({"zero_stage": self.cfg.zero_stage} if self.zero else {}),
+            "resumed_at_step": self.step,
+            "torch": torch.__version__,
+        }
+        path = self.run_dir / "run_info.json"
+        try:
+            starts = json.loads(path.read_text())["starts"] if path.is_file() else []
+        except (ValueError, KeyError, TypeError):
+            starts = []  # unreadable (e.g. from a crash mid-write of an older version): start the list anew
+        atomic_write_text(path, json.dumps({"starts": [*starts, info]}, indent=1) + "\n")
+
     # -- the loop ----------------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, Any]:
         # a sharded forward needs every process, so under FSDP and ZeRO-3 all run eval_fn and the main process reports
@@ -363,6 +394,8 @@ class Trainer:
             self._start_zero()
         else:
             self.model, self.optimizer = acc.prepare(self._raw_model, self.optimizer)
+        if self.is_main:
+            self._write_run_info()
         sampler = _StepBatches(len(self.dataset), cfg.batch_size, cfg.grad_accum_steps, acc.num_processes,
                                acc.process_index, cfg.seed, self.step, cfg.max_steps)
         # Own generator: creating the iterator must not draw from the global RNG that a resume just restored.

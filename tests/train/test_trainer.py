@@ -170,3 +170,38 @@ def test_lora_adapters_start_from_cfg_seed_whatever_the_global_rng(tmp_path: Pat
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)
     torch.random.set_rng_state(before)
+
+
+def test_run_info_records_what_each_start_resolved(tmp_path: Path) -> None:
+    base = ["trainer.progress=false", "trainer.plots=false", "n_pairs=128", "hidden=16"]
+    run(load_config(DemoConfig, None, [*base, "trainer.max_steps=2"]), tmp_path / "r")
+    run(load_config(DemoConfig, None, [*base, "trainer.max_steps=4"]), tmp_path / "r", resume=True)
+    starts = json.loads((tmp_path / "r" / "run_info.json").read_text())["starts"]
+    assert [s["resumed_at_step"] for s in starts] == [0, 2]
+    assert all(s["device"] == "cpu" and s["mixed_precision"] == "no" and s["num_processes"] == 1
+               and s["distributed"] == "ddp" for s in starts)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_auto_precision_on_a_gpu_trains_in_bf16_and_resumes_exactly(tmp_path: Path) -> None:
+    """On a bf16 GPU ``mixed_precision=auto`` resolves to bf16; stop + resume equals an uninterrupted run there too.
+
+    Each run is a subprocess: accelerate fixes device and precision once per process.
+    """
+    env = {**ENV, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    common = ["trainer.save_every=4", "trainer.progress=false", "trainer.plots=false", "dropout=0.1",
+              "n_pairs=512", "hidden=64"]
+    script = ("import sys; from pathlib import Path; from mmalign.config import load_config; "
+              "from mmalign.train.demo import DemoConfig, run; "
+              "run(load_config(DemoConfig, None, sys.argv[3:]), Path(sys.argv[1]), resume=sys.argv[2] == 'resume')")
+    for name, mode, steps in [("full", "new", 8), ("stop", "new", 4), ("stop", "resume", 8)]:
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name), mode, f"trainer.max_steps={steps}",
+                        *common], check=True, env=env, capture_output=True)
+    info = json.loads((tmp_path / "full" / "run_info.json").read_text())["starts"][0]
+    assert info["device"].startswith("cuda")
+    assert info["mixed_precision"] == ("bf16" if torch.cuda.is_bf16_supported() else "no")
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "stop")
+    assert all(t.dtype == torch.float32 for t in a.values())  # autocast computes in bf16, weights stay fp32
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume on {info['device_name']}"

@@ -163,3 +163,24 @@ def test_latest_checkpoint_of_a_zero_run_names_its_stage(zero_runs: Path) -> Non
     ckpt = latest_checkpoint(zero_runs / "z1-full" / "checkpoints")
     assert ckpt is not None and ckpt.name == "step-00000008"
     assert json.loads((ckpt / "trainer_state.json").read_text())["zero_stage"] == 1
+
+
+ROUNDTRIP = Path(__file__).with_name("_zero_roundtrip.py")
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_state_round_trip_on_one_process_per_device(tmp_path: Path, device: str, stage: int) -> None:
+    """gather_full_state -> plain model + AdamW -> initialize continues bitwise (on CUDA: NCCL, one GPU a process)."""
+    import subprocess
+
+    from _sharded import ENV, TORCHRUN
+
+    nproc = str(min(2, torch.cuda.device_count())) if device == "cuda" else "1"
+    cmd = [*TORCHRUN[:-1], nproc, str(ROUNDTRIP), str(tmp_path), str(stage), device]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "roundtrip.json").read_text())
+    assert result["device"].startswith(device) and result["saved_step"] == 3.0
+    assert result["bitwise"], result
