@@ -10,7 +10,7 @@ import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ORDER = ["core_losses", "core_teachers", "core_routing", "robotics_feedback", "robotics_cpl", "robotics_imitation",
+ORDER = ["training", "core_losses", "core_teachers", "core_routing", "robotics_feedback", "robotics_cpl", "robotics_imitation",
          "robotics_overhead",
          "hindsight", "vision_lm", "diffusion", "visuomotor"]
 

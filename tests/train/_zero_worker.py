@@ -8,7 +8,8 @@ One launch does all the multi-process work (starting processes and DeepSpeed eng
   test compares them with a 1-process run of the same global batch of 32);
 - ``z2-to-z3``: the 4-step ZeRO-2 checkpoint resumed under ZeRO-3 (the checkpoints are consolidated);
 - ``lora-full`` / ``lora-stop``: peft LoRA adapters under ZeRO-3 (frozen base weights partitioned too);
-- a resume from a checkpoint whose ``rng-1`` file only rank 1 reads is corrupt: both ranks must raise (no hang).
+- a resume from a checkpoint whose ``rng-1`` file only rank 1 reads is corrupt: both ranks must raise (no hang);
+- per stage, how many fp32 master and parameter elements rank 0 holds (ZeRO must really partition).
 
 The model's hidden width is odd (33), so parameters straddle the partition boundary between the two ranks and the
 last ZeRO-3 partition of a parameter is padded. Usage: ``torchrun --nproc_per_node 2 tests/train/_zero_worker.py
@@ -48,8 +49,28 @@ def bf16(out: Path) -> None:
     close_process_group()
 
 
+def partition_sizes() -> dict:
+    """Per ZeRO stage: this rank's fp32 master elements and the parameter elements it holds, vs the model's total."""
+    from mmalign.train.zero import _flat_partitions, deepspeed_config, initialize
+
+    sizes = {}
+    for stage in (1, 2, 3):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(16, 33), torch.nn.Tanh(), torch.nn.Linear(33, 32))
+        config = deepspeed_config(batch_size=1, grad_accum_steps=1, max_grad_norm=0.0, zero_stage=stage,
+                                  mixed_precision="no")
+        total = sum(p.numel() for p in model.parameters())  # before ZeRO-3 empties the module's parameters
+        engine = initialize(model, torch.optim.AdamW(model.parameters()), config)
+        sizes[stage] = {
+            "total": total,
+            "masters": sum(f.numel() for f in _flat_partitions(engine.optimizer)),
+            "held": sum(p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel() for p in model.parameters()),
+        }
+    return sizes
+
+
 def main(out: Path) -> None:
-    result: dict = {"resumed": {}}
+    result: dict = {"resumed": {}, "sizes": partition_sizes()}
     for stage in (1, 2, 3):
         extra = ["dropout=0.2", f"trainer.zero_stage={stage}"]
         _run(out, f"z{stage}-full", 8, extra)

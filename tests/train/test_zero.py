@@ -51,6 +51,17 @@ def test_zero_stop_and_resume_is_bitwise_identical(zero_runs: Path, stage: int) 
     assert_weights_equal(weights(zero_runs / f"z{stage}-full"), weights(zero_runs / f"z{stage}-stop"), exact=True)
 
 
+def test_zero_partitions_masters_and_stage3_parameters(zero_runs: Path) -> None:
+    sizes = json.loads((zero_runs / "result.json").read_text())["sizes"]
+    for stage in ("1", "2", "3"):
+        total, masters, held = sizes[stage]["total"], sizes[stage]["masters"], sizes[stage]["held"]
+        assert total == 16 * 33 + 33 + 33 * 32 + 32
+        # each rank optimises half of the fp32 masters (and AdamW moments), up to alignment padding
+        assert total / 2 <= masters <= total / 2 + 64, sizes[stage]
+        # ZeRO-1/2 keep every parameter on every rank; ZeRO-3 keeps a half of each (last partitions padded)
+        assert held == total if stage != "3" else total / 2 <= held <= total / 2 + 4, sizes[stage]
+
+
 def test_zero_stages_equal_each_other_and_a_one_process_run(zero_runs: Path, one_process: Path) -> None:
     z2, z3 = weights(zero_runs / "z2-plain"), weights(zero_runs / "z3-plain")
     assert_weights_equal(z2, z3, exact=False)
@@ -184,3 +195,25 @@ def test_zero_state_round_trip_on_one_process_per_device(tmp_path: Path, device:
     result = json.loads((tmp_path / "roundtrip.json").read_text())
     assert result["device"].startswith(device) and result["saved_step"] == 3.0
     assert result["bitwise"], result
+
+
+def test_bench_sharding_counts_what_each_process_holds() -> None:
+    """The benchmark's table: DDP holds everything, ZeRO-3 half of parameters, masters and moments; same weights."""
+    import subprocess
+    import sys
+
+    from _sharded import ENV
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_sharding.py"
+    proc = subprocess.run([sys.executable, str(script), "--width", "32", "--layers", "2", "--batch", "8", "--steps",
+                           "3", "--warmup", "1", "--strategies", "ddp", "zero3", "--no-doc"],
+                          env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {json.loads(line)["strategy"]: json.loads(line) for line in proc.stdout.splitlines()
+            if line.startswith("{")}
+    n = 2 * (32 * 32 + 32)
+    assert rows["ddp"]["held"] == {"params": n, "masters": 0, "moments": 2 * n}
+    z3 = rows["zero3"]["held"]
+    assert n / 2 <= z3["params"] <= n / 2 + 4 and n / 2 <= z3["masters"] <= n / 2 + 4
+    assert z3["moments"] == 2 * z3["masters"]
+    assert "| zero3 |" in proc.stdout and "0.0e+00 |" in proc.stdout.splitlines()[-1]
