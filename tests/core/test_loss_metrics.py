@@ -223,6 +223,7 @@ def test_ipo_uses_its_reduced_loss_as_witness_and_names_inputs() -> None:
 
 
 @pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_read_scalars_on_cuda_reads_once() -> None:
     values = read_scalars([torch.tensor(1.5, device="cuda"), torch.tensor(-2.0, device="cuda")])
     assert values == [1.5, -2.0]
