@@ -25,6 +25,7 @@ error naming the DeepSpeed version, not a silent wrong resume.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Any
 
@@ -57,12 +58,6 @@ def deepspeed_config(*, batch_size: int, grad_accum_steps: int, max_grad_norm: f
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
     }
-
-
-def _nullcontext() -> Any:
-    import contextlib
-
-    return contextlib.nullcontext()
 
 
 def _import_deepspeed() -> Any:
@@ -210,7 +205,7 @@ def gather_full_state(engine: Any, params: list[torch.Tensor], param_groups: lis
     if frozen:  # not optimised: the module's own values (gathered from their ZeRO-3 partitions first)
         import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters(frozen) if zero3 else _nullcontext()
+        gather = deepspeed.zero.GatheredParameters(frozen) if zero3 else contextlib.nullcontext()
         with gather:
             for p in frozen:
                 full[id(p)] = p.detach().cpu().clone()
