@@ -25,7 +25,12 @@ __all__ = [
     "gather_full_state",
     "load_full_state",
     "all_ranks_ok",
+    "runs_in_lockstep",
 ]
+
+
+# methods besides forward() that domain adapters call on a (possibly peft-wrapped) model
+FORWARD_METHODS = ("get_image_features", "get_video_features")
 
 
 def is_sharded(model: torch.nn.Module | None) -> bool:
@@ -72,6 +77,13 @@ def shard_model(model: torch.nn.Module, wrap: Sequence[str], device: torch.devic
         if name and type(module).__name__ in names:
             fully_shard(module, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
+    # Adapters call some methods of the root directly (a VLM's shared image features); FSDP2 gathers the root's
+    # parameters only around forward() unless a method is registered as a forward method too.
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    for name in FORWARD_METHODS:
+        if callable(getattr(model, name, None)):
+            register_fsdp_forward_method(model, name)
     return model
 
 
@@ -145,3 +157,18 @@ def all_ranks_ok(ok: bool, device: torch.device) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32, device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def runs_in_lockstep(model: torch.nn.Module) -> bool:
+    """True when every process must run the same number of forward passes of ``model``.
+
+    That is the case when its parameters are sharded over several processes (FSDP2 DTensors or DeepSpeed ZeRO-3
+    partitions): each forward gathers them collectively, so a process that stops early (e.g. a generation loop whose
+    rows all hit EOS) leaves the others waiting forever. Loops with data-dependent lengths check this and agree on
+    stopping with :func:`all_ranks_ok`.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return False
+    return is_sharded(model) or any(hasattr(p, "ds_id") for p in model.parameters())

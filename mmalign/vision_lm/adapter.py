@@ -443,6 +443,11 @@ class VLMAdapter:
         attn = hide_image_tokens(ids, attn, self.image_token_ids, rho, generator) if rho > 0 else attn
         eos = self.tokenizer.eos_token_id
         stop_ids = {self.tokenizer.convert_tokens_to_ids(w) for w in stop_words}
+        # sharded parameters (FSDP2, ZeRO-3) are gathered collectively in every forward: all processes keep stepping
+        # until every one of them is done (finished rows only append padding), as HF's synced_gpus does
+        from mmalign.train.fsdp import all_ranks_ok, runs_in_lockstep
+
+        lockstep = runs_in_lockstep(self.model)
         was_training = self.model.training
         self.model.eval()
         out = torch.full((len(batch), max_new_tokens), pad, dtype=torch.long, device=dev)
@@ -470,7 +475,7 @@ class VLMAdapter:
                 done |= nxt == eos
                 for s in stop_ids:
                     done |= nxt == s
-                if bool(done.all()):
+                if all_ranks_ok(bool(done.all()), dev) if lockstep else bool(done.all()):
                     break
                 step_ids = nxt.unsqueeze(1)
                 attn = torch.cat([attn, torch.ones_like(step_ids)], dim=1)
