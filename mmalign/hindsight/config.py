@@ -129,3 +129,10 @@ class HindsightTextConfig(Config):
             check_positive(name, getattr(self, name))
         if self.n_embd % 2:
             raise ValueError(f"n_embd must be even (2 attention heads), got {self.n_embd}")
+        for name in ("sft", "dpo"):
+            strategy = getattr(self, name).distributed
+            if strategy != "ddp":
+                raise ValueError(
+                    f"{name}.distributed must be 'ddp' for the text experiment, got {strategy!r}: it scores, copies "
+                    "and evaluates its models outside the trainer, which a sharded model (fsdp, deepspeed) does not "
+                    "allow; the tiny GPT-2 needs no sharding")

@@ -279,7 +279,7 @@ class Trainer:
             from mmalign.train import zero
 
             tensors, _ = zero.gather_full_state(self.model, self._zero_params, self._zero_groups, optimizer=False)
-            return tensors
+            return unshare_tensors(tensors) if tensors is not None else None
         return model_state_tensors(self.unwrapped_model()) if self.is_main else None
 
     def save(self) -> Path:
@@ -292,6 +292,7 @@ class Trainer:
 
             names = self._zero_names
             tensors, opt_state = zero.gather_full_state(self.model, self._zero_params, self._zero_groups)
+            tensors = unshare_tensors(tensors) if tensors is not None else None  # tied weights: one copy per name
         elif self.sharded:
             names = optimizer_param_names(model, self.optimizer)
             tensors, opt_state = gather_full_state(model, self.optimizer)

@@ -34,6 +34,9 @@ def test_text_config_loads() -> None:
     assert cfg.market.channels == ["foresight", "partial_hindsight"] and cfg.sft.max_steps > 0
     with pytest.raises(ValueError, match="n_embd"):
         load_config(HindsightTextConfig, None, ["n_embd=33"])
+    for override in ("sft.distributed=fsdp", "dpo.distributed=deepspeed"):
+        with pytest.raises(ValueError, match=r"distributed must be 'ddp' for the text experiment"):
+            load_config(HindsightTextConfig, None, [override])
 
 
 @pytest.mark.slow

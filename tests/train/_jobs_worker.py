@@ -31,11 +31,11 @@ def _vlm(out: Path, name: str, trainer: dict) -> float:
     return float(run(cfg, out / name)["train/loss"])
 
 
-def _diffusion(out: Path, name: str, method: str, trainer: dict) -> float:
+def _diffusion(out: Path, name: str, method: str, trainer: dict, eval_samples: int = 0) -> float:
     from mmalign.diffusion.train import DiffusionTrainConfig, run
 
     cfg = DiffusionTrainConfig.from_dict({
-        "method": method, "data": "shapes:safety", "num_pairs": 16, "image_size": 8, "eval_samples_per_class": 0,
+        "method": method, "data": "shapes:safety", "num_pairs": 16, "image_size": 8, "eval_samples_per_class": eval_samples,
         "trainer": {"max_steps": 2, "batch_size": 4, "log_every": 1, "progress": False, "plots": False, **trainer}})
     return float(run(cfg, out / name)["train/loss"])
 
@@ -70,7 +70,8 @@ def main(out: Path) -> None:
     zero3 = {"distributed": "deepspeed", "zero_stage": 3}
     result["loss"]["vlm_fsdp"] = _vlm(out, "vlm-fsdp", {"distributed": "fsdp"})
     result["loss"]["vlm_zero3"] = _vlm(out, "vlm-zero3", zero3)
-    result["loss"]["mapo_zero3"] = _diffusion(out, "mapo-zero3", "mapo", zero3)
+    # with evaluation (sampling on every process, as ZeRO-3 requires)
+    result["loss"]["mapo_zero3"] = _diffusion(out, "mapo-zero3", "mapo", zero3, eval_samples=1)
     result["loss"]["dpo_zero3"] = _diffusion(out, "dpo-zero3", "diffusion_dpo", zero3)
     for strategy in ("fsdp", "zero3"):
         texts = _generate(strategy)

@@ -9,7 +9,8 @@ One launch does all the multi-process work (starting processes and DeepSpeed eng
 - ``z2-to-z3``: the 4-step ZeRO-2 checkpoint resumed under ZeRO-3 (the checkpoints are consolidated);
 - ``lora-full`` / ``lora-stop``: peft LoRA adapters under ZeRO-3 (frozen base weights partitioned too);
 - a resume from a checkpoint whose ``rng-1`` file only rank 1 reads is corrupt: both ranks must raise (no hang);
-- per stage, how many fp32 master and parameter elements rank 0 holds (ZeRO must really partition).
+- per stage, how many fp32 master and parameter elements rank 0 holds (ZeRO must really partition);
+- ``tied-full`` / ``tied-stop``: a model whose embedding and output layer share a weight, under ZeRO-3.
 
 The model's hidden width is odd (33), so parameters straddle the partition boundary between the two ranks and the
 last ZeRO-3 partition of a parameter is padded. Usage: ``torchrun --nproc_per_node 2 tests/train/_zero_worker.py
@@ -69,6 +70,39 @@ def partition_sizes() -> dict:
     return sizes
 
 
+class TiedLM(torch.nn.Module):
+    """Embedding and output layer share one weight (as GPT-2's wte / lm_head do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wte = torch.nn.Embedding(11, 6)
+        self.mid = torch.nn.Linear(6, 6)
+        self.lm_head = torch.nn.Linear(6, 11, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.mid(self.wte(ids))))
+
+
+def tied(out: Path, name: str, steps: int, resume: bool = False) -> None:
+    """ZeRO-3 training of TiedLM through the trainer (tied weights must be saved once per name)."""
+    from mmalign.config import load_config
+    from mmalign.train.config import TrainerConfig
+    from mmalign.train.trainer import Trainer
+
+    cfg = load_config(TrainerConfig, None, [f"max_steps={steps}", "batch_size=4", "save_every=2", "progress=false",
+                                            "plots=false", "lr=0.01", "distributed=deepspeed", "zero_stage=3"])
+    torch.manual_seed(0)
+    data = [(torch.randint(0, 11, (5,), generator=torch.Generator().manual_seed(i)),) for i in range(32)]
+
+    def loss_fn(model, batch):  # noqa: ANN001, ANN202
+        (ids,) = batch
+        logits = model(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, 11), ids[:, 1:].reshape(-1)), {}
+
+    Trainer(cfg, TiedLM(), data, loss_fn, out / name).train(resume=resume)
+
+
 def main(out: Path) -> None:
     result: dict = {"resumed": {}, "sizes": partition_sizes()}
     for stage in (1, 2, 3):
@@ -87,6 +121,9 @@ def main(out: Path) -> None:
     _run(out, "lora-full", 8, lora)
     _run(out, "lora-stop", 4, lora)
     _run(out, "lora-stop", 8, lora, resume=True)
+    tied(out, "tied-full", 4)
+    tied(out, "tied-stop", 2)
+    tied(out, "tied-stop", 4, resume=True)
     result["corrupt_errors"] = corrupt_rank1_then_resume(
         out, "z2-stop", 4, lambda: _run(out, "bad", 8, ["dropout=0.2", "trainer.zero_stage=2"], resume=True))
     if int(os.environ["RANK"]) == 0:

@@ -115,6 +115,13 @@ def test_zero3_lora_partitions_the_frozen_base_and_resumes_exactly(zero_runs: Pa
     assert_weights_equal(lora, weights(zero_runs / "lora-stop"), exact=True)
 
 
+def test_zero3_saves_tied_weights_under_each_name_and_resumes_exactly(zero_runs: Path) -> None:
+    full = weights(zero_runs / "tied-full")
+    assert {"wte.weight", "lm_head.weight"} <= full.keys()
+    assert torch.equal(full["wte.weight"], full["lm_head.weight"])  # still one weight, saved under both names
+    assert_weights_equal(full, weights(zero_runs / "tied-stop"), exact=True)
+
+
 def test_a_corrupt_file_on_one_rank_stops_every_rank(zero_runs: Path) -> None:
     errors = json.loads((zero_runs / "result.json").read_text())["corrupt_errors"]
     assert "rng-1.safetensors is corrupt or truncated" in errors[1]
