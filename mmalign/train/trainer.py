@@ -193,7 +193,7 @@ class Trainer:
         if self.zero:
             from mmalign.train.zero import _import_deepspeed, deepspeed_config
 
-            _import_deepspeed()  # a missing install fails here, before any work
+            _import_deepspeed(acc.device.type)  # a missing install or another device fails here, before any work
             self._zero_config = deepspeed_config(
                 batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps, max_grad_norm=cfg.max_grad_norm,
                 zero_stage=cfg.zero_stage, mixed_precision=str(acc.mixed_precision))

@@ -60,7 +60,18 @@ def deepspeed_config(*, batch_size: int, grad_accum_steps: int, max_grad_norm: f
     }
 
 
-def _import_deepspeed() -> Any:
+def _import_deepspeed(device_type: str | None = None) -> Any:
+    """Import DeepSpeed (a clear error if it is missing); with ``device_type``, make its accelerator that device's.
+
+    DeepSpeed picks its accelerator once per process (CUDA when present). A run forced onto the CPU next to a GPU
+    (``trainer.cpu``) asks for its CPU accelerator through ``DS_ACCELERATOR`` before the first import; if DeepSpeed
+    already chose another device in this process, that is an error instead of a model silently placed elsewhere.
+    """
+    import os
+    import sys
+
+    if device_type == "cpu" and "deepspeed" not in sys.modules:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
         import deepspeed
     except ImportError as err:
@@ -69,6 +80,13 @@ def _import_deepspeed() -> Any:
             f"import failed with: {err}"
         ) from None
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    if device_type is not None:
+        from deepspeed.accelerator import get_accelerator
+
+        ds_device = get_accelerator().device_name()
+        if ds_device != device_type:
+            raise RuntimeError(f"DeepSpeed's accelerator in this process is {ds_device!r} but the trainer runs on "
+                               f"{device_type!r}; set DS_ACCELERATOR={device_type} before DeepSpeed is first imported")
     return deepspeed
 
 

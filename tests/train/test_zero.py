@@ -225,3 +225,15 @@ def test_bench_sharding_counts_what_each_process_holds() -> None:
     assert n / 2 <= z3["params"] <= n / 2 + 4 and n / 2 <= z3["masters"] <= n / 2 + 4
     assert z3["moments"] == 2 * z3["masters"]
     assert "| zero3 |" in proc.stdout and "0.0e+00 |" in proc.stdout.splitlines()[-1]
+
+
+def test_deepspeed_on_another_device_than_the_trainer_is_a_clear_error() -> None:
+    import subprocess
+    import sys
+
+    code = ("from mmalign.train.zero import _import_deepspeed\n"
+            "_import_deepspeed('cpu')\n"
+            "try:\n    _import_deepspeed('cuda')\nexcept RuntimeError as e:\n    print('ERR', e)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "ERR DeepSpeed's accelerator in this process is 'cpu' but the trainer runs on 'cuda'" in proc.stdout
