@@ -14,9 +14,9 @@ One launch does all the multi-process work (starting processes and DeepSpeed eng
 
 The model's hidden width is odd (33), so parameters straddle the partition boundary between the two ranks and the
 last ZeRO-3 partition of a parameter is padded. Usage: ``torchrun --nproc_per_node 2 tests/train/_zero_worker.py
-OUT_DIR``; rank 0 writes ``OUT_DIR/result.json``. With a third argument ``bf16`` it runs ``b{2,3}-full`` /
-``b{2,3}-stop`` (+ resume) under ``mixed_precision=bf16`` instead (accelerate fixes the precision once per process)
-and records the weight dtypes the Linear layers saw while training.
+OUT_DIR``; rank 0 writes ``OUT_DIR/result.json``. With a third argument ``bf16`` it runs ``b{1,2,3}-full`` /
+``b{1,2,3}-stop`` (+ resume) under ``mixed_precision=bf16`` instead (accelerate fixes the precision once per process)
+and records the weight dtypes the Linear layers saw while training (``b1-*`` too).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def bf16(out: Path) -> None:
     # training passes only (the demo's reference pass runs before the engine exists, evaluation without grad)
     seen = record_linear_dtypes(lambda m: torch.is_grad_enabled())
     result: dict = {"resumed": {}}
-    for stage in (2, 3):
+    for stage in (1, 2, 3):
         extra = ["dropout=0.0", "trainer.mixed_precision=bf16", f"trainer.zero_stage={stage}"]
         _run(out, f"b{stage}-full", 8, extra)
         _run(out, f"b{stage}-stop", 4, extra)
