@@ -121,7 +121,7 @@ class PreferenceObjective:
     Reference log-probs come from ``batch["ref/..."]`` (precomputed cache) when present, else from the same model
     with LoRA disabled. ``online`` (a callable ``(adapter, pairs) -> list[str]``) regenerates the rejected answers
     of a random subset of rows (each with probability ``online_prob``; 1.0 = fully online BDHS, 0.5 = Mixed-DPO)
-    from the current policy before scoring.
+    from the current policy before scoring (in step across processes when the parameters are sharded).
     """
 
     def __init__(self, adapter: VLMAdapter, method: str = "dpo", *, beta: float = 0.1, eps: float = 0.1,
@@ -140,9 +140,9 @@ class PreferenceObjective:
     def _regenerate(self, batch: dict[str, Any]) -> dict[str, Any]:
         pairs: list[PrefPair] = batch["raw"].pairs
         rows = [i for i in range(len(pairs)) if self.rng.random() < self.online_prob]
+        new = self._generate_in_step([pairs[i] for i in rows])
         if not rows:
             return batch
-        new = self.online(self.adapter, [pairs[i] for i in rows])  # type: ignore[misc]
         updated = list(pairs)
         for i, text in zip(rows, new):
             p = updated[i]
@@ -151,6 +151,29 @@ class PreferenceObjective:
                                                   is not None else p.images) for p in updated])
         dev = batch["chosen"].input_ids.device
         return {**batch, "rejected": rejected.to(dev)}
+
+    def _generate_in_step(self, todo: list[PrefPair]) -> list[str]:
+        """Regenerate the rejected answers of ``todo`` (possibly none) with ``self.online``.
+
+        With parameters sharded over processes (FSDP2, ZeRO-3) every forward is a collective, but BDHS makes a
+        data-dependent number of generate calls. So every process regenerates the union of all processes' rows, in
+        rank order (the same inputs and the same seeded random streams give the same calls everywhere), and keeps its
+        own slice: sharding trades the redundant generation for memory.
+        """
+        from mmalign.train.fsdp import runs_in_lockstep
+
+        if not runs_in_lockstep(self.adapter.model):
+            return self.online(self.adapter, todo) if todo else []  # type: ignore[misc]
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, todo)
+        union = [p for part in gathered for p in part]
+        if not union:
+            return []
+        new = self.online(self.adapter, union)  # type: ignore[misc]
+        start = sum(len(part) for part in gathered[: dist.get_rank()])
+        return new[start:start + len(todo)]
 
     def _scores(self, branches: list[EncodedBatch], kl: bool) -> list[tuple[Tensor, Tensor, Tensor | None]]:
         return self.adapter.branch_logps(branches, return_logits=kl)

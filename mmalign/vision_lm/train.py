@@ -123,28 +123,6 @@ def drop_overlong(adapter: Any, pairs: list[Any]) -> tuple[list[Any], int]:
     return kept, len(pairs) - len(kept)
 
 
-def check_online_sharding(cfg: VLMTrainConfig, world_size: int | None = None) -> None:
-    """Refuse online BDHS when parameters are sharded over several processes (FSDP, ZeRO-3), before any work.
-
-    Every forward of a sharded model gathers its parameters collectively, so all processes must run the same number
-    of forwards; online BDHS regenerates a data-dependent number of sentence continuations on each process (the
-    token loop itself stays in step, the number of generate calls does not), which would leave processes waiting on
-    each other forever. DDP and ZeRO-1/2 replicate the parameters and run it.
-    """
-    import os
-
-    world = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
-    t = cfg.trainer
-    sharded = t.distributed == "fsdp" or (t.distributed == "deepspeed" and t.zero_stage == 3)
-    if cfg.bdhs_online_prob > 0 and sharded and world > 1:
-        raise ValueError(
-            f"bdhs_online_prob={cfg.bdhs_online_prob} (online BDHS) is not supported with trainer.distributed="
-            f"{t.distributed!r}{' zero_stage=3' if t.distributed == 'deepspeed' else ''} on {world} processes: the "
-            "processes would generate different numbers of continuations through collectively gathered parameters "
-            "and wait on each other forever; use trainer.distributed=ddp, or deepspeed with zero_stage 1 or 2, or "
-            "offline BDHS (bdhs_online_prob=0)")
-
-
 def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Build/load model and pairs, train with the generic trainer, write metrics and weights into ``run_dir``."""
     import numpy as np
@@ -155,8 +133,6 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     from mmalign.vision_lm import methods as M
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.adapter import VLExample, VLMAdapter, load_vlm
-
-    check_online_sharding(cfg)
     from mmalign.vision_lm.objectives import PairCollator, PreferenceObjective
     from mmalign.vision_lm.refcache import reference_cache
 

@@ -1,7 +1,7 @@
 """Run under ``torchrun --nproc_per_node 2``: domain jobs and VLM generation with sharded parameters.
 
 - the VLM train job (DPO; its adapter calls ``get_image_features`` on the root model, outside ``forward``) under
-  FSDP2 and under ZeRO-3, and the diffusion train job (MaPO, Diffusion-DPO with a frozen reference) under ZeRO-3;
+  FSDP2 and under ZeRO-3, the same with online BDHS (regeneration inside the loss), and the diffusion train job (MaPO, Diffusion-DPO with a frozen reference) under ZeRO-3;
 - ``VLMAdapter.generate`` on a sharded tiny LLaVA (FSDP2, then ZeRO-3) where rank 0's rows stop after one token
   and rank 1's run to ``max_new_tokens``: the token loop must keep both processes stepping (else it hangs).
 
@@ -21,11 +21,11 @@ import torch
 from mmalign.cli import close_process_group
 
 
-def _vlm(out: Path, name: str, trainer: dict) -> float:
+def _vlm(out: Path, name: str, trainer: dict, **job: object) -> float:
     from mmalign.vision_lm.train import VLMTrainConfig, run
 
     cfg = VLMTrainConfig.from_dict({
-        "method": "dpo", "sft_steps": 0, "n_scenes": 8, "max_length": 64,
+        "method": "dpo", "sft_steps": 0, "n_scenes": 8, "max_length": 64, **job,
         "trainer": {"max_steps": 2, "batch_size": 2, "lr": 1e-3, "progress": False, "plots": False, "log_every": 1,
                     "lora": {"enabled": True, "r": 4, "alpha": 8.0}, **trainer}})
     return float(run(cfg, out / name)["train/loss"])
@@ -70,6 +70,9 @@ def main(out: Path) -> None:
     zero3 = {"distributed": "deepspeed", "zero_stage": 3}
     result["loss"]["vlm_fsdp"] = _vlm(out, "vlm-fsdp", {"distributed": "fsdp"})
     result["loss"]["vlm_zero3"] = _vlm(out, "vlm-zero3", zero3)
+    bdhs = {"pair_source": "bdhs", "bdhs_online_prob": 1.0}
+    result["loss"]["bdhs_fsdp"] = _vlm(out, "bdhs-fsdp", {"distributed": "fsdp"}, **bdhs)
+    result["loss"]["bdhs_zero3"] = _vlm(out, "bdhs-zero3", zero3, **bdhs)
     # with evaluation (sampling on every process, as ZeRO-3 requires)
     result["loss"]["mapo_zero3"] = _diffusion(out, "mapo-zero3", "mapo", zero3, eval_samples=1)
     result["loss"]["dpo_zero3"] = _diffusion(out, "dpo-zero3", "diffusion_dpo", zero3)
