@@ -199,10 +199,11 @@ def gather_full_state(engine: Any, params: list[torch.Tensor], param_groups: lis
     """Collective: full model state and index-keyed plain-AdamW state on rank 0 (CPU); ``(None, None)`` elsewhere.
 
     Trainable parameters are the fp32 masters; frozen ones (e.g. a LoRA base) and buffers are the module's own,
-    gathered from their partitions under ZeRO-3. ``params`` are the plain optimizer's parameters in state-dict index
-    order (as :func:`initialize` received them; DeepSpeed keeps the parameter objects). ``param_groups`` are the plain optimizer's groups as its
-    ``state_dict()`` gave them before DeepSpeed took it over (hyperparameters and parameter indices); their learning
-    rates are refreshed from the engine.
+    gathered from their partitions under ZeRO-3, one at a time. ``params`` are the plain optimizer's parameters in
+    state-dict index order (as :func:`initialize` received them; DeepSpeed keeps the parameter objects).
+    ``param_groups`` are the plain optimizer's groups as its ``state_dict()`` gave them before DeepSpeed took it over
+    (hyperparameters and parameter indices); their learning rates are refreshed from the engine. Rank 0 holds the
+    full state in CPU memory while saving, as for FSDP.
     """
     import torch.distributed as dist
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
@@ -212,24 +213,23 @@ def gather_full_state(engine: Any, params: list[torch.Tensor], param_groups: lis
     main = dist.get_rank() == 0
     zero3 = hasattr(zero_opt, "fp32_partitioned_groups_flat")
     by_id = {id(p): n for n, p in module.named_parameters()}
+    # one parameter at a time, the same order on every rank (each call is a collective); only rank 0 keeps a copy
     full: dict[int, torch.Tensor] = {}
-    frozen = []
     for p in module.parameters():
         value = safe_get_full_fp32_param(p) if p.requires_grad else None
-        if value is None:
-            frozen.append(p)
-        else:
-            full[id(p)] = value.detach().cpu().clone()
-    if frozen:  # not optimised: the module's own values (gathered from their ZeRO-3 partitions first)
-        import deepspeed
+        if value is None:  # not optimised (e.g. a LoRA base): the module's own value, gathered under ZeRO-3
+            import deepspeed
 
-        gather = deepspeed.zero.GatheredParameters(frozen) if zero3 else contextlib.nullcontext()
-        with gather:
-            for p in frozen:
-                full[id(p)] = p.detach().cpu().clone()
+            with deepspeed.zero.GatheredParameters([p]) if zero3 else contextlib.nullcontext():
+                if main:
+                    full[id(p)] = p.detach().cpu().clone()
+        elif main:
+            full[id(p)] = value.detach().cpu().clone()
+        del value
     tensors: dict[str, torch.Tensor] = {}
-    for name, t in module.state_dict(keep_vars=True).items():
-        tensors[name] = full[id(t)] if id(t) in by_id else t.detach().cpu().clone()
+    if main:
+        for name, t in module.state_dict(keep_vars=True).items():
+            tensors[name] = full[id(t)] if id(t) in by_id else t.detach().cpu().clone()
 
     base = zero_opt.optimizer
     flats = _flat_partitions(zero_opt)
@@ -241,7 +241,9 @@ def gather_full_state(engine: Any, params: list[torch.Tensor], param_groups: lis
             entry: dict[str, Any] = {"step": step.clone()}
             for key in _ADAM_KEYS:
                 value = safe_get_full_optimizer_state(p, key)
-                entry[key] = value.detach().cpu().clone()
+                if main:
+                    entry[key] = value.detach().cpu().clone()
+                del value
             state[i] = entry
     if not main:
         return None, None
