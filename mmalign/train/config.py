@@ -65,6 +65,10 @@ class TrainerConfig(Config):
     zero_stage: int = option(
         2, "with distributed=deepspeed: ZeRO stage 1 (optimizer state sharded), 2 (+ gradients) or 3 (+ parameters)"
     )
+    zero_offload_optimizer: bool = option(
+        False, "with distributed=deepspeed: keep the fp32 masters and AdamW state in CPU memory and step them there "
+        "(ZeRO-Offload): less accelerator memory, slower steps; the trajectory is unchanged"
+    )
 
     def __post_init__(self) -> None:
         check_positive("max_steps", self.max_steps)
@@ -85,6 +89,9 @@ class TrainerConfig(Config):
         check_nonnegative("num_workers", self.num_workers)
         check_choice("distributed", self.distributed, ["ddp", "fsdp", "deepspeed"])
         check_choice("zero_stage", self.zero_stage, [1, 2, 3])
+        if self.zero_offload_optimizer and self.distributed != "deepspeed":
+            raise ValueError(f"zero_offload_optimizer is only used with distributed 'deepspeed', got distributed "
+                             f"{self.distributed!r}")
         if self.distributed in ("fsdp", "deepspeed") and self.mixed_precision == "fp16":
             raise ValueError(f"mixed_precision 'fp16' is not supported with distributed {self.distributed!r} (its "
                              "loss-scaler state is not part of the checkpoints); use 'bf16', 'auto' or 'no'")

@@ -108,7 +108,7 @@ def _default_collate(items: Sequence[Any]) -> Any:
 
 # settings that do not change the trajectory, so a run may be resumed with other values
 _FREE = {"max_steps", "progress", "plots", "save_every", "eval_every", "log_every", "keep_checkpoints"}
-_SHARDING = {"distributed", "fsdp_wrap", "zero_stage"}
+_SHARDING = {"distributed", "fsdp_wrap", "zero_stage", "zero_offload_optimizer"}
 
 
 def _fingerprint(cfg: TrainerConfig, world_size: int) -> str:
@@ -196,7 +196,8 @@ class Trainer:
             _import_deepspeed(acc.device.type)  # a missing install or another device fails here, before any work
             self._zero_config = deepspeed_config(
                 batch_size=cfg.batch_size, grad_accum_steps=cfg.grad_accum_steps, max_grad_norm=cfg.max_grad_norm,
-                zero_stage=cfg.zero_stage, mixed_precision=str(acc.mixed_precision))
+                zero_stage=cfg.zero_stage, mixed_precision=str(acc.mixed_precision),
+                offload_optimizer=cfg.zero_offload_optimizer)
         global_batch = cfg.batch_size * cfg.grad_accum_steps * acc.num_processes
         if len(train_dataset) < global_batch:
             raise ValueError(

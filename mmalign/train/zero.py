@@ -37,7 +37,7 @@ _ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 def deepspeed_config(*, batch_size: int, grad_accum_steps: int, max_grad_norm: float, zero_stage: int,
-                     mixed_precision: str) -> dict[str, Any]:
+                     mixed_precision: str, offload_optimizer: bool = False) -> dict[str, Any]:
     """The DeepSpeed config for the trainer's settings (micro-batch per process, accumulation, clipping, precision).
 
     The optimizer and LR schedule are not in it: the trainer passes its own ``torch.optim.AdamW`` and steps its own
@@ -51,7 +51,10 @@ def deepspeed_config(*, batch_size: int, grad_accum_steps: int, max_grad_norm: f
         "train_micro_batch_size_per_gpu": batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
         "gradient_clipping": float(max_grad_norm),
-        "zero_optimization": {"stage": zero_stage},
+        "zero_optimization": {"stage": zero_stage,
+                              **({"offload_optimizer": {"device": "cpu"}} if offload_optimizer else {})},
+        # with offload DeepSpeed would swap in its own CPU Adam; the trainer's torch AdamW steps on the CPU partitions
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": mixed_precision == "bf16"},
         # the trainer's AdamW is torch's own, which ZeRO partitions like any torch optimizer
         "zero_allow_untested_optimizer": True,

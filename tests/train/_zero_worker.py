@@ -4,6 +4,7 @@ One launch does all the multi-process work (starting processes and DeepSpeed eng
 
 - ``z{1,2,3}-full``: 8 steps with dropout (per-process RNG streams matter) and ``z{1,2,3}-stop``: the same run stopped
   after 4 steps, then resumed in a fresh trainer (a new engine) to 8 steps;
+- ``o{2,3}-full`` / ``o{2,3}-stop``: the same with ZeRO-Offload (``zero_offload_optimizer``);
 - ``z2-plain`` / ``z3-plain``: 8 steps without dropout, with 2 micro-batches of 8 per process and per step and the
   gradient clipped (the test compares them with a 1-process run of the same global batch of 32);
 - ``z2-to-z3``: the 4-step ZeRO-2 checkpoint resumed under ZeRO-3 (the checkpoints are consolidated);
@@ -111,6 +112,11 @@ def main(out: Path) -> None:
         _run(out, f"z{stage}-stop", 4, extra)
         result["resumed"][stage] = _run(out, f"z{stage}-stop", 8, extra, resume=True)["step"]
     # clipping active (gradient norms are about 0.2): the engine clips as the plain trainer does
+    for stage in (2, 3):  # ZeRO-Offload: masters and AdamW state stepped in CPU memory
+        extra = ["dropout=0.2", f"trainer.zero_stage={stage}", "trainer.zero_offload_optimizer=true"]
+        _run(out, f"o{stage}-full", 8, extra)
+        _run(out, f"o{stage}-stop", 4, extra)
+        result["resumed"][f"o{stage}"] = _run(out, f"o{stage}-stop", 8, extra, resume=True)["step"]
     plain = ["dropout=0.0", "trainer.batch_size=8", "trainer.grad_accum_steps=2", "trainer.max_grad_norm=0.05"]
     for stage in (2, 3):
         _run(out, f"z{stage}-plain", 8, [*plain, f"trainer.zero_stage={stage}"])

@@ -52,6 +52,14 @@ def test_zero_stop_and_resume_is_bitwise_identical(zero_runs: Path, stage: int) 
     assert_weights_equal(weights(zero_runs / f"z{stage}-full"), weights(zero_runs / f"z{stage}-stop"), exact=True)
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_zero_offload_resumes_exactly_and_follows_the_same_trajectory(zero_runs: Path, stage: int) -> None:
+    assert json.loads((zero_runs / "result.json").read_text())["resumed"][f"o{stage}"] == 8
+    offloaded = weights(zero_runs / f"o{stage}-full")
+    assert_weights_equal(offloaded, weights(zero_runs / f"o{stage}-stop"), exact=True)
+    assert_weights_equal(offloaded, weights(zero_runs / f"z{stage}-full"), exact=True)
+
+
 def test_zero_partitions_masters_and_stage3_parameters(zero_runs: Path) -> None:
     sizes = json.loads((zero_runs / "result.json").read_text())["sizes"]
     for stage in ("1", "2", "3"):
@@ -154,6 +162,8 @@ def test_zero_settings_are_validated() -> None:
         TrainerConfig(distributed="deepspeed", zero_stage=4)
     with pytest.raises(ValueError, match="fp16.*'deepspeed'"):
         TrainerConfig(distributed="deepspeed", mixed_precision="fp16")
+    with pytest.raises(ValueError, match="zero_offload_optimizer is only used with distributed 'deepspeed'"):
+        TrainerConfig(zero_offload_optimizer=True)
     TrainerConfig(distributed="deepspeed", zero_stage=3, mixed_precision="bf16")
 
 
@@ -164,6 +174,9 @@ def test_deepspeed_config_follows_the_trainer_settings() -> None:
     assert cfg["train_micro_batch_size_per_gpu"] == 4 and cfg["gradient_accumulation_steps"] == 3
     assert cfg["gradient_clipping"] == 0.5 and cfg["zero_optimization"] == {"stage": 3}
     assert cfg["bf16"] == {"enabled": True} and "optimizer" not in cfg and "scheduler" not in cfg
+    offload = deepspeed_config(batch_size=1, grad_accum_steps=1, max_grad_norm=0, zero_stage=2, mixed_precision="no",
+                               offload_optimizer=True)
+    assert offload["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}
     with pytest.raises(ValueError, match="mixed_precision must be 'no' or 'bf16'.*'fp16'"):
         deepspeed_config(batch_size=1, grad_accum_steps=1, max_grad_norm=0, zero_stage=1, mixed_precision="fp16")
 
