@@ -137,21 +137,19 @@ def saved_step(saved: list[dict[str, Any]]) -> float | None:
 
 
 def _restore_state(engine: Any, params: list[torch.Tensor], saved: list[dict[str, Any]],
-                   restore_masters: bool) -> None:
-    """Create ZeRO's AdamW state (with the saved step) and write every parameter's saved moments into it."""
+                   masters: list[torch.Tensor | None] | None) -> None:
+    """Put back exact fp32 masters (if given), create ZeRO's AdamW state with the saved step, write the moments."""
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     zero_opt = engine.optimizer
     zero3 = hasattr(zero_opt, "fp32_partitioned_groups_flat")
-    if restore_masters:  # the engine built its fp32 masters from bf16 weights: put the exact ones back
-        for p, state in zip(params, saved):
-            master = state.get("_master")
-            if master is None:
-                continue
-            if zero3:
-                _set_zero3_slice(zero_opt, p, master, None)
-            else:
-                safe_set_full_fp32_param(p, master)
+    for p, master in zip(params, masters or []):  # the engine built its masters from bf16 weights
+        if master is None:
+            continue
+        if zero3:
+            _set_zero3_slice(zero_opt, p, master, None)
+        else:
+            safe_set_full_fp32_param(p, master)
     step = saved_step(saved)
     if step is None:
         return  # a run saved before its first step: AdamW creates its state at the first step as usual
@@ -186,14 +184,11 @@ def initialize(model: torch.nn.Module, optimizer: torch.optim.Optimizer, config:
     if any(id(p) not in names for p in params):
         raise ValueError("the optimizer holds parameters that are not parameters of the model")
     saved = [dict(optimizer.state.get(p, {})) for p in params]
-    if masters:
-        for p, state in zip(params, saved):
-            if names[id(p)] in masters:
-                state["_master"] = masters[names[id(p)]]
+    exact = [masters.get(names[id(p)]) for p in params] if masters else None
     saved_step(saved)  # unequal step counts fail here, before DeepSpeed starts
     optimizer.state.clear()  # ZeRO optimises flat partitions; the per-parameter state is restored into them below
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
-    _restore_state(engine, params, saved, restore_masters=bool(masters))
+    _restore_state(engine, params, saved, exact)
     return engine
 
 

@@ -475,7 +475,10 @@ class VLMAdapter:
                 done |= nxt == eos
                 for s in stop_ids:
                     done |= nxt == s
-                if all_ranks_ok(bool(done.all()), dev) if lockstep else bool(done.all()):
+                finished = bool(done.all())
+                if lockstep:  # every process must agree, or the ones still generating wait forever
+                    finished = all_ranks_ok(finished, dev)
+                if finished:
                     break
                 step_ids = nxt.unsqueeze(1)
                 attn = torch.cat([attn, torch.ones_like(step_ids)], dim=1)
