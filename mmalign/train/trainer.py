@@ -240,6 +240,11 @@ class Trainer:
                                                     target_modules=list(lo.target_modules)))
 
     @property
+    def strategy(self) -> str:
+        """How the processes share the work in this run: ddp, fsdp or deepspeed (one process always trains plainly)."""
+        return "fsdp" if self.sharded else "deepspeed" if self.zero else "ddp"
+
+    @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
@@ -306,7 +311,7 @@ class Trainer:
             self._ckpt_root(), self.step, model_tensors=tensors, optimizer=None, optimizer_state=opt_state,
             param_names=names, scheduler=self.scheduler if self.is_main else None,
             trainer_state={"config_fingerprint": _fingerprint(self.cfg, acc.num_processes), "seed": self.cfg.seed,
-                           "distributed": "fsdp" if self.sharded else "deepspeed" if self.zero else "ddp",
+                           "distributed": self.strategy,
                            **({"zero_stage": self.cfg.zero_stage} if self.zero else {})},
             rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
             keep=self.cfg.keep_checkpoints, generators=self.generators,
@@ -343,7 +348,7 @@ class Trainer:
                             else platform.processor() or platform.machine()),
             "mixed_precision": str(acc.mixed_precision),
             "num_processes": acc.num_processes,
-            "distributed": "fsdp" if self.sharded else "deepspeed" if self.zero else "ddp",
+            "distributed": self.strategy,
             **({"zero_stage": self.cfg.zero_stage} if self.zero else {}),
             "resumed_at_step": self.step,
             "torch": torch.__version__,
@@ -357,12 +362,13 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     def _evaluate(self) -> dict[str, Any]:
+        from mmalign.train.fsdp import runs_in_lockstep
+
         # a sharded forward needs every process, so under FSDP and ZeRO-3 all run eval_fn and the main process reports
-        collective = self.sharded or (self.zero and self.cfg.zero_stage == 3)
-        if self.eval_fn is None or not (self.is_main or collective):
+        model = self.unwrapped_model()
+        if self.eval_fn is None or not (self.is_main or runs_in_lockstep(model)):
             return {}
         np_state, py_state = np.random.get_state(), random.getstate()
-        model = self.unwrapped_model()
         was_training = model.training
         model.eval()
         # DeepSpeed casts the module itself under bf16, so its inputs need autocast as in training

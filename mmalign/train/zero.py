@@ -93,6 +93,10 @@ def _import_deepspeed(device_type: str | None = None) -> Any:
     return deepspeed
 
 
+def _is_zero3(zero_opt: Any) -> bool:
+    return hasattr(zero_opt, "fp32_partitioned_groups_flat")
+
+
 def _flat_partitions(zero_opt: Any) -> list[torch.Tensor]:
     """The flat fp32 tensors ZeRO's wrapped AdamW optimises on this rank, one per parameter group."""
     for attr in ("single_partition_of_fp32_groups", "fp32_partitioned_groups_flat"):  # ZeRO-1/2, ZeRO-3
@@ -142,7 +146,7 @@ def _restore_state(engine: Any, params: list[torch.Tensor], saved: list[dict[str
     from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
     zero_opt = engine.optimizer
-    zero3 = hasattr(zero_opt, "fp32_partitioned_groups_flat")
+    zero3 = _is_zero3(zero_opt)
     for p, master in zip(params, masters or []):  # the engine built its masters from bf16 weights
         if master is None:
             continue
@@ -209,7 +213,7 @@ def gather_full_state(engine: Any, params: list[torch.Tensor], param_groups: lis
     module = engine.module
     zero_opt = engine.optimizer
     main = dist.get_rank() == 0
-    zero3 = hasattr(zero_opt, "fp32_partitioned_groups_flat")
+    zero3 = _is_zero3(zero_opt)
     by_id = {id(p): n for n, p in module.named_parameters()}
     # one parameter at a time, the same order on every rank (each call is a collective); only rank 0 keeps a copy
     full: dict[int, torch.Tensor] = {}
