@@ -130,7 +130,13 @@ def table(rows: list[dict], cfg: BenchmarkConfig) -> str:
     for metric, title in (("pref_score", "Preference score (style: fraction of samples within ±{tol:g}° of the "
                                          "chosen hue; safety: 1 − green rate), mean ± 95% CI over seeds"),
                           ("fidelity_iou", "Fidelity (IoU of the drawn foreground with the prompted shape's mask)"),
-                          ("shape_acc", "Shape accuracy (prompted shape is the best-matching mask)")):
+                          ("shape_acc", "Shape accuracy (prompted shape is the best-matching mask)"),
+                          ("pref_shape", "Per-sample joint score (fraction of samples that are a preference hit "
+                                         "*and* draw the prompted shape)"),
+                          ("w1_chosen", "Circular W1 (degrees) from the samples' hues to the chosen images' hues; "
+                                        "the reference row is the reference-chosen mismatch")):
+        if not all(metric in r for r in rows):
+            continue  # rows from before this metric existed
         lines += [f"**{title.format(tol=cfg.tolerance)}**", "", "| method | " + " | ".join(settings) + " |",
                   "|---|" + "---|" * len(settings)]
         for m in methods:
@@ -138,20 +144,31 @@ def table(rows: list[dict], cfg: BenchmarkConfig) -> str:
                     for s in settings]
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         lines.append("")
-    # the paper's claim: MaPO's advantage over the best Diffusion-DPO beta grows with the mismatch
-    dpos = [m for m in methods if m.startswith("dpo_")]
-    if not dpos or "mapo" not in methods:
-        return "\n".join(lines)
-    lines += ["**MaPO − best Diffusion-DPO β (per setting, preference score, mean over seeds)**", "",
-              "| setting | MaPO | best DPO (β) | SFT | MaPO − best DPO |", "|---|---|---|---|---|"]
-    for s in settings:
-        mean = lambda m: statistics.fmean(r["pref_score"] for r in cell[(s, m)]) if (s, m) in cell else float("nan")  # noqa: E731
-        if not dpos or (s, "mapo") not in cell:
+    # the paper's claim: MaPO's advantage over the best Diffusion-DPO beta grows with the mismatch (compared within
+    # full fine-tuning and within each LoRA rank)
+    for adapter in dict.fromkeys(_adapter(m) for m in methods):
+        mapo, sft = "mapo" + adapter, "sft" + adapter
+        dpos = [m for m in methods if m.startswith("dpo_") and _adapter(m) == adapter]
+        if not dpos or mapo not in methods:
             continue
-        best = max(dpos, key=mean)
-        lines.append(f"| {s} | {mean('mapo'):.2f} | {mean(best):.2f} ({best[4:]}) | {mean('sft'):.2f} | "
-                     f"{mean('mapo') - mean(best):+.2f} |")
-    return "\n".join(lines)
+        lines += [f"**MaPO − best Diffusion-DPO β{' (' + adapter[1:] + ')' if adapter else ''} (per setting, "
+                  "preference score, mean over seeds)**", "",
+                  "| setting | MaPO | best DPO (β) | SFT | MaPO − best DPO |", "|---|---|---|---|---|"]
+        for s in settings:
+            mean = lambda m: statistics.fmean(r["pref_score"] for r in cell[(s, m)]) if (s, m) in cell else float("nan")  # noqa: E731
+            if (s, mapo) not in cell:
+                continue
+            best = max(dpos, key=mean)
+            lines.append(f"| {s} | {mean(mapo):.2f} | {mean(best):.2f} ({best[4:]}) | {mean(sft):.2f} | "
+                         f"{mean(mapo) - mean(best):+.2f} |")
+        lines.append("")
+    return "\n".join(lines).rstrip("\n")
+
+
+def _adapter(method: str) -> str:
+    """``"dpo_500+lora8@1e-3"`` -> ``"+lora8"``; ``""`` for full fine-tuning."""
+    name = method.partition("@")[0]
+    return "+" + name.partition("+")[2] if "+" in name else ""
 
 
 def _family_groups(rows: list[dict], cfg: BenchmarkConfig) -> dict[tuple[str, float], list[dict]]:

@@ -129,3 +129,23 @@ def test_paired_table_differences_and_baseline_check(bench, tmp_path, monkeypatc
                                       "--baseline", "dpo_5000", "methods=[mapo@1e-3]"])
     with pytest.raises(ValueError, match="--baseline"):
         bench.main()
+
+
+def test_table_compares_mapo_and_dpo_within_each_adapter_kind(bench):
+    """Full fine-tuning and LoRA arms get separate "MaPO − best DPO" tables; new metrics appear when every row has
+    them (rows of older runs lack pref_shape / w1_chosen)."""
+    from mmalign.diffusion.benchmark import BenchmarkConfig
+
+    methods = ["mapo", "dpo_500", "mapo+lora8", "dpo_500+lora8", "dpo_5000+lora8"]
+    cfg = BenchmarkConfig(settings=["style_0", "style_90"], methods=methods)
+    pref = {"mapo": 0.5, "dpo_500": 0.75, "mapo+lora8": 0.5, "dpo_500+lora8": 0.25, "dpo_5000+lora8": 0.125}
+    rows = [{"setting": s, "method": m, "seed": 0, "pref_score": pref.get(m, 0.0), "fidelity_iou": 0.8,
+             "shape_acc": 0.5, "pref_shape": pref.get(m, 0.0) / 2, "w1_chosen": 30.0}
+            for s in ("style_0", "style_90") for m in ["reference", *methods]]
+    text = bench.table(rows, cfg)
+    assert "**MaPO − best Diffusion-DPO β (per setting" in text and "| style_90 | 0.50 | 0.75 (500) | nan | -0.25 |" in text
+    assert "β (lora8)" in text and "| style_90 | 0.50 | 0.25 (500+lora8) | nan | +0.25 |" in text
+    assert "Per-sample joint score" in text and "| dpo_500+lora8 | 0.12 (n=1) | 0.12 (n=1) |" in text
+    assert "Circular W1" in text
+    old = [{k: v for k, v in r.items() if k not in ("pref_shape", "w1_chosen")} for r in rows]
+    assert "Circular W1" not in bench.table(old + rows[:1], cfg)

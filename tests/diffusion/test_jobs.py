@@ -34,6 +34,19 @@ def test_config_errors_name_the_field():
         BenchmarkConfig(methods=["dpo_5@fast"])
     with pytest.raises(ValueError, match="settings entries"):
         BenchmarkConfig(settings=["style"])
+    for bad in ("mapo+lora0", "mapo+lorax", "mapo+qlora8", "mapo+"):
+        with pytest.raises(ValueError, match=r"<method>\+lora<positive rank>"):
+            BenchmarkConfig(methods=[bad])
+    with pytest.raises(ValueError, match="'orpo'"):
+        BenchmarkConfig(methods=["orpo+lora4"])
+
+
+def test_parse_method_splits_adapter_and_lr():
+    from mmalign.diffusion.benchmark import parse_method
+
+    assert parse_method("dpo_5000+lora8@1e-4") == ("dpo_5000", 8, 1e-4)
+    assert parse_method("sftdpo_500@3e-5") == ("sftdpo_500", 0, 3e-5)
+    assert parse_method("mapo") == ("mapo", 0, None)
 
 
 @pytest.mark.parametrize("method,lora", [("diffusion_dpo", True), ("mapo", False)])
@@ -102,6 +115,70 @@ def test_sftdpo_reference_is_the_sft_model():
         via_pretrained = pair_denoising_errors(ref, _scheduler(), batch, noise, t)[0].mean().item()
     assert out["diffusion/ref_err_chosen"] == pytest.approx(via_sft, rel=1e-5)
     assert abs(via_sft - via_pretrained) > 1e-4
+
+
+def _tiny_lora_setup():
+    from mmalign.diffusion.benchmark import build_model
+
+    cfg = BenchmarkConfig(size=8, channels=[8, 16], embed_dim=8, finetune_steps=1, finetune_batch=2)
+    torch.manual_seed(0)
+    ref = build_model(cfg)
+    return cfg, ref, make_pairs("style_90", 4, torch.Generator().manual_seed(0), 8)
+
+
+def test_lora_dpo_references_the_untouched_base_and_returns_a_plain_unet():
+    """+lora: only adapters train, the reference is the base with adapters off (first DPO loss exactly log 2), and
+    the returned model is the merged plain UNet; the pretrained reference object itself is never modified."""
+    import math
+
+    from diffusers import UNet2DConditionModel
+
+    from mmalign.diffusion.benchmark import finetune
+
+    cfg, ref, pairs = _tiny_lora_setup()
+    before = {k: v.clone() for k, v in ref.state_dict().items()}
+    model, out = finetune(cfg, ref, "dpo_1000+lora2@1e-2", pairs, 0)
+    assert out["final_loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert type(model) is UNet2DConditionModel and not any("lora" in k for k in model.state_dict())
+    assert all(torch.equal(before[k], v) for k, v in ref.state_dict().items())
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # LoRA reaches only the attention projections it targets; every other weight is the base's
+    assert changed and all(any(t in k for t in ("to_q", "to_k", "to_v", "to_out.0")) for k in changed)
+
+
+def test_lora_sftdpo_references_the_merged_sft_model():
+    import math
+
+    from mmalign.diffusion.benchmark import finetune
+
+    cfg, ref, pairs = _tiny_lora_setup()
+    sft, _ = finetune(cfg, ref, "sft+lora2@1e-2", pairs, 0)
+    _, out = finetune(cfg, ref, "sftdpo_1000+lora2@1e-2", pairs, 0)
+    assert out["final_loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy = reference = merged SFT model
+    assert any(not torch.equal(a, b) for a, b in zip(sft.state_dict().values(), ref.state_dict().values()))
+
+
+def test_circular_w1_hand_computed():
+    from mmalign.diffusion.benchmark import circular_w1
+
+    assert circular_w1([350.0], [10.0]) == pytest.approx(20.0, abs=1e-3)  # across 0°, not 340°
+    assert circular_w1([0.0], [180.0]) == pytest.approx(180.0, abs=1e-3)
+    assert circular_w1([0.0, 90.0], [90.0, 0.0]) == pytest.approx(0.0, abs=1e-3)
+    assert circular_w1([0.0, 90.0], [45.0, 135.0]) == pytest.approx(45.0, abs=1e-3)
+
+
+def test_evaluate_joint_score_and_mismatch(tmp_path):
+    from mmalign.diffusion.benchmark import evaluate
+
+    cfg, ref, pairs = _tiny_lora_setup()
+    cfg = BenchmarkConfig(size=8, channels=[8, 16], embed_dim=8, samples_per_class=2, sample_steps=2)
+    far = evaluate(cfg, ref, "style_90", 0, chosen_hue=torch.full((8,), 90.0))
+    near = evaluate(cfg, ref, "style_90", 0, chosen_hue=torch.full((8,), 100.0))
+    assert far["pref_shape"] <= min(far["pref_score"], far["shape_acc"])
+    # same samples: moving every chosen hue by 10° moves W1 by at most 10°
+    assert 0.0 <= far["w1_chosen"] <= 180.0 and abs(far["w1_chosen"] - near["w1_chosen"]) <= 10.0 + 1e-6
+    assert "w1_chosen" not in evaluate(cfg, ref, "style_90", 0)
 
 
 def test_markdown_sections_are_replaced_in_place(tmp_path):
