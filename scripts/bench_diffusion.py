@@ -145,22 +145,27 @@ def table(rows: list[dict], cfg: BenchmarkConfig) -> str:
             lines.append(f"| {m} | " + " | ".join(vals) + " |")
         lines.append("")
     # the paper's claim: MaPO's advantage over the best Diffusion-DPO beta grows with the mismatch (compared within
-    # full fine-tuning and within each LoRA rank)
+    # full fine-tuning and within each LoRA rank; with several lrs of a method, its best per setting)
+    family = lambda m: m.partition("@")[0]  # noqa: E731
     for adapter in dict.fromkeys(_adapter(m) for m in methods):
-        mapo, sft = "mapo" + adapter, "sft" + adapter
+        mapos = [m for m in methods if family(m) == "mapo" + adapter]
+        sfts = [m for m in methods if family(m) == "sft" + adapter]
         dpos = [m for m in methods if m.startswith("dpo_") and _adapter(m) == adapter]
-        if not dpos or mapo not in methods:
+        if not dpos or not mapos:
             continue
         lines += [f"**MaPO − best Diffusion-DPO β{' (' + adapter[1:] + ')' if adapter else ''} (per setting, "
-                  "preference score, mean over seeds)**", "",
+                  "preference score, mean over seeds; a method run at several lrs shows its best)**", "",
                   "| setting | MaPO | best DPO (β) | SFT | MaPO − best DPO |", "|---|---|---|---|---|"]
         for s in settings:
             mean = lambda m: statistics.fmean(r["pref_score"] for r in cell[(s, m)]) if (s, m) in cell else float("nan")  # noqa: E731
-            if (s, mapo) not in cell:
+            if not any((s, m) in cell for m in mapos):
                 continue
-            best = max(dpos, key=mean)
-            lines.append(f"| {s} | {mean(mapo):.2f} | {mean(best):.2f} ({best[4:]}) | {mean(sft):.2f} | "
-                         f"{mean(mapo) - mean(best):+.2f} |")
+            best = lambda ms: max(ms, key=lambda m: -1.0 if math.isnan(mean(m)) else mean(m))  # noqa: E731
+            show = lambda m, ms: f"{mean(m):.2f}" + (f" (@{m.partition('@')[2]})" if len(ms) > 1 else "")  # noqa: E731
+            bm, bd = best(mapos), best(dpos)
+            sft = show(best(sfts), sfts) if sfts else "–"
+            lines.append(f"| {s} | {show(bm, mapos)} | {mean(bd):.2f} ({bd[4:]}) | {sft} | "
+                         f"{mean(bm) - mean(bd):+.2f} |")
         lines.append("")
     return "\n".join(lines).rstrip("\n")
 
@@ -330,6 +335,10 @@ def main() -> None:
                *(["--format", args.format] if args.format else []),
                *(["--baseline", args.baseline] if args.baseline else []), *mapo_opts,
                *(a for d in args.merge for a in ("--merge", d)), *args.overrides]
+    lora = any(_adapter(m) for m in cfg.methods)
+    lora_note = (" (methods with +lora<r>: rank-r LoRA on to_q/to_k/to_v/to_out.0 only, α = r, Gaussian init as "
+                 "diffusers' DPO script, merged into the weights before sampling)") if lora else ""
+    lora_ref = " (with +lora<r>: the same network with adapters disabled)" if lora else ""
     text = "\n".join([
         "## " + (args.title or ("Learning-rate sweep and SFT reference (MaPO vs Diffusion-DPO vs SFT)" if sweep else
                                 "Offline reference-mismatch benchmark (MaPO vs Diffusion-DPO vs SFT)")), "",
@@ -339,11 +348,11 @@ def main() -> None:
         f"Model: pixel-space UNet2DConditionModel {cfg.channels} at {cfg.size}×{cfg.size}, reference pretrained "
         f"{cfg.pretrain_steps} steps × {cfg.pretrain_batch} (lr {cfg.pretrain_lr:g}) then 500 more at lr 1e-3 "
         f"(`pretrain_init`, see setup) on hue ~ N(0°, 12°) (p = {1 - cfg.rare_prob:g}) or "
-        f"N(120°, 12°) (p = {cfg.rare_prob:g}). Fine-tuning: full weights, {cfg.finetune_steps} steps × "
+        f"N(120°, 12°) (p = {cfg.rare_prob:g}). Fine-tuning: full weights{lora_note}, {cfg.finetune_steps} steps × "
         f"{cfg.finetune_batch} pairs, AdamW lr {cfg.finetune_lr:g} (a method name ending in @lr used that lr), {cfg.num_pairs} pairs per setting and seed; "
         f"MaPO c {variant['c']:g}, T {variant['T']:g}, margin weight {variant['w']:g} (official 0.5, 1000, 0.1; rows "
         "named mapo[...] list the values that differ); Diffusion-DPO β in the "
-        f"official −0.5·β form, frozen-copy reference. Evaluation: {cfg.samples_per_class} DDIM samples "
+        f"official −0.5·β form, frozen-copy reference{lora_ref}. Evaluation: {cfg.samples_per_class} DDIM samples "
         f"({cfg.sample_steps} steps) per shape, fixed noise per seed.", "",
         *([table(rows, cfg), ""] if fmt in ("ci", "both") else []),
         *([lr_table(rows, cfg), "", best_lr_table(rows, cfg)] if fmt in ("sweep", "both") else []),

@@ -136,15 +136,17 @@ def test_table_compares_mapo_and_dpo_within_each_adapter_kind(bench):
     them (rows of older runs lack pref_shape / w1_chosen)."""
     from mmalign.diffusion.benchmark import BenchmarkConfig
 
-    methods = ["mapo", "dpo_500", "mapo+lora8", "dpo_500+lora8", "dpo_5000+lora8"]
+    methods = ["mapo", "dpo_500", "mapo+lora8@1e-2", "mapo+lora8@1e-3", "dpo_500+lora8", "dpo_5000+lora8"]
     cfg = BenchmarkConfig(settings=["style_0", "style_90"], methods=methods)
-    pref = {"mapo": 0.5, "dpo_500": 0.75, "mapo+lora8": 0.5, "dpo_500+lora8": 0.25, "dpo_5000+lora8": 0.125}
+    pref = {"mapo": 0.5, "dpo_500": 0.75, "mapo+lora8@1e-2": 0.5, "mapo+lora8@1e-3": 0.375, "dpo_500+lora8": 0.25,
+            "dpo_5000+lora8": 0.125}
     rows = [{"setting": s, "method": m, "seed": 0, "pref_score": pref.get(m, 0.0), "fidelity_iou": 0.8,
              "shape_acc": 0.5, "pref_shape": pref.get(m, 0.0) / 2, "w1_chosen": 30.0}
             for s in ("style_0", "style_90") for m in ["reference", *methods]]
     text = bench.table(rows, cfg)
-    assert "**MaPO − best Diffusion-DPO β (per setting" in text and "| style_90 | 0.50 | 0.75 (500) | nan | -0.25 |" in text
-    assert "β (lora8)" in text and "| style_90 | 0.50 | 0.25 (500+lora8) | nan | +0.25 |" in text
+    assert "**MaPO − best Diffusion-DPO β (per setting" in text and "| style_90 | 0.50 | 0.75 (500) | – | -0.25 |" in text
+    # two MaPO lrs: the better one per setting, labelled with its lr
+    assert "β (lora8)" in text and "| style_90 | 0.50 (@1e-2) | 0.25 (500+lora8) | – | +0.25 |" in text
     assert "Per-sample joint score" in text and "| dpo_500+lora8 | 0.12 (n=1) | 0.12 (n=1) |" in text
     assert "Circular W1" in text
     old = [{k: v for k, v in r.items() if k not in ("pref_shape", "w1_chosen")} for r in rows]

@@ -182,6 +182,22 @@ def test_run_info_records_what_each_start_resolved(tmp_path: Path) -> None:
                and s["distributed"] == "ddp" for s in starts)
 
 
+@pytest.mark.parametrize("available,bf16,cpu,expected", [
+    (True, True, False, "bf16"),   # Ampere or newer
+    (True, False, False, "no"),    # e.g. V100 / T4: fp16 would need loss scaling, so auto stays in fp32
+    (True, True, True, "no"),      # trainer.cpu=true on a GPU machine
+    (False, False, False, "no"),   # CPU / MPS machine
+])
+def test_auto_precision_decision(monkeypatch, available, bf16, cpu, expected) -> None:
+    """The ``auto`` rule, with the GPU's presence and bf16 support simulated (the real GPU run is a gpu test)."""
+    from mmalign.train.trainer import resolve_mixed_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+    assert resolve_mixed_precision("auto", cpu=cpu) == expected
+    assert resolve_mixed_precision("fp16", cpu=cpu) == "fp16"  # an explicit setting is never changed
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_auto_precision_on_a_gpu_trains_in_bf16_and_resumes_exactly(tmp_path: Path) -> None:
