@@ -355,7 +355,8 @@ def main() -> None:
         f"official −0.5·β form, frozen-copy reference{lora_ref}. Evaluation: {cfg.samples_per_class} DDIM samples "
         f"({cfg.sample_steps} steps) per shape, fixed noise per seed.", "",
         *([table(rows, cfg), ""] if fmt in ("ci", "both") else []),
-        *([lr_table(rows, cfg), "", best_lr_table(rows, cfg)] if fmt in ("sweep", "both") else []),
+        *([t for t in (lr_table(rows, cfg),) if t] + ["", best_lr_table(rows, cfg)] if fmt in ("sweep", "both")
+          else []),
         *(["", paired_table(rows, cfg, args.baseline)] if args.baseline else [])])
     write_markdown_section(Path(args.doc), args.section, text)
     print(text)
