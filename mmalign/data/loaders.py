@@ -55,12 +55,21 @@ def read_rows(path: str | Path, split: str | None = None) -> list[dict[str, Any]
     suffix = path.suffix.lower()
     if suffix in {".jsonl", ".json"}:
         rows = []
-        with open(path) as fh:
-            text = fh.read()
+        try:  # newline="": no newline translation, so that the split below sees the file's own line ends
+            with open(path, encoding="utf-8-sig", newline="") as fh:
+                text = fh.read()
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path} is not UTF-8 text (invalid byte at offset {err.start})") from None
         if suffix == ".json" and text.lstrip().startswith("["):
-            return list(json.loads(text))
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
+            try:
+                return list(json.loads(text))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{err.lineno}:{err.colno} is not a valid JSON array ({err.msg}; the file "
+                                 f"may be truncated)") from None
+        # Lines end at "\n" only ("\r\n" leaves a "\r", which JSON ignores as whitespace): str.splitlines would also
+        # split at U+2028, U+2029 and U+0085, which JSON strings may contain unescaped.
+        for lineno, line in enumerate(text.split("\n"), 1):
+            if not line.strip(" \t\r"):
                 continue
             try:
                 rows.append(json.loads(line))

@@ -77,32 +77,50 @@ def _check_label(row: Mapping[str, Any], out: list[str]) -> None:
         out.append(f"label {value} outside [0, 1]")
 
 
+def _is_hf_image(value: Any) -> bool:
+    """An HF ``datasets`` Image feature value: ``{"bytes": ..., "path": ...}`` (either may be None)."""
+    return isinstance(value, Mapping) and ("bytes" in value or "path" in value)
+
+
+def _image_file(value: Any, base_dir: Path | None) -> Path | bytes | None:
+    """Where a path or HF Image value's image lies: encoded bytes, or a path (relative ones under ``base_dir``).
+
+    An HF Image with ``bytes`` None is stored by path (``datasets`` writes path-backed images so to Parquet).
+    None when the value holds neither.
+    """
+    if _is_hf_image(value):
+        if value.get("bytes") is not None:
+            return bytes(value["bytes"])
+        value = value.get("path")
+        if _is_missing(value):
+            return None
+    path = Path(value)
+    return base_dir / path if base_dir is not None and not path.is_absolute() else path
+
+
+def _open_image(source: Path | bytes) -> Any:
+    import io
+
+    from PIL import Image
+
+    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+
+
 def _check_image(name: str, value: Any, base_dir: Path | None, out: list[str]) -> None:
     if _is_missing(value):
         out.append(f"missing field {name!r}")
         return
-    if isinstance(value, (str, Path)):
-        path = Path(value)
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
+    if isinstance(value, (str, Path)) or _is_hf_image(value):
+        source = _image_file(value, base_dir)
+        if source is None:
+            out.append(f"image {name!r} holds neither bytes nor a path")
+            return
         try:
-            from PIL import Image
-
-            with Image.open(path) as im:
+            with _open_image(source) as im:
                 im.verify()
         except Exception as err:  # PIL raises many types for unreadable files
-            out.append(f"unreadable image {name!r} at {path} ({type(err).__name__})")
-        return
-    if isinstance(value, Mapping) and "bytes" in value:  # HF datasets Image feature
-        import io
-
-        try:
-            from PIL import Image
-
-            with Image.open(io.BytesIO(value["bytes"])) as im:
-                im.verify()
-        except Exception as err:
-            out.append(f"unreadable image {name!r} ({type(err).__name__})")
+            where = "" if isinstance(source, bytes) else f" at {source}"
+            out.append(f"unreadable image {name!r}{where} ({type(err).__name__})")
         return
     if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image
         return
@@ -166,9 +184,10 @@ def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None
         _check_image("chosen_image", row["chosen_image"], base_dir, out)
         _check_image("rejected_image", row["rejected_image"], base_dir, out)
         if not out:
-            shapes = [_image_shape(row[n], base_dir) for n in ("chosen_image", "rejected_image")]
-            if None not in shapes and shapes[0] != shapes[1]:
-                out.append(f"chosen_image size {shapes[0]} differs from rejected_image size {shapes[1]}")
+            first, second = (_image_sizes(row[n], base_dir) for n in ("chosen_image", "rejected_image"))
+            if not first & second:  # no reading of the two array layouts gives both images the same size
+                out.append(f"chosen_image size {_show(first)} differs from rejected_image size {_show(second)} "
+                           f"(height, width)")
     else:
         lengths: dict[str, int] = {}
         for side in ("first", "second"):
@@ -187,19 +206,33 @@ def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None
     return out
 
 
-def _image_shape(value: Any, base_dir: Path | None) -> tuple[int, ...] | None:
-    if isinstance(value, (str, Path)):
-        from PIL import Image
+_CHANNELS = (1, 2, 3, 4)  # L, LA, RGB, RGBA
 
-        path = Path(value) if base_dir is None or Path(value).is_absolute() else base_dir / value
-        with Image.open(path) as im:
-            return (im.size[1], im.size[0])
-    if hasattr(value, "size") and hasattr(value, "mode"):
-        return (value.size[1], value.size[0])
-    if isinstance(value, Mapping):
-        return None
-    arr = np.asarray(value)
-    return tuple(arr.shape)
+
+def _image_sizes(value: Any, base_dir: Path | None) -> set[tuple[int, int]]:
+    """The possible (height, width) of a valid image (checked by ``_check_image``), whatever its format.
+
+    Files and PIL images have one. A 2-D array is (H, W). A 3-D array is (H, W, C) when its last axis could be
+    channels (1-4 long) and (C, H, W) when its first axis could; both readings are kept when both could (e.g.
+    (3, 4, 3)) or neither does, so an ambiguous layout never makes two images of the same size differ.
+    """
+    if isinstance(value, (str, Path)) or _is_hf_image(value):
+        source = _image_file(value, base_dir)
+        assert source is not None
+        with _open_image(source) as im:
+            return {(im.size[1], im.size[0])}
+    if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image: size is (width, height)
+        return {(value.size[1], value.size[0])}
+    shape = np.shape(value)
+    if len(shape) == 2:
+        return {(shape[0], shape[1])}
+    hwc, chw = (shape[0], shape[1]), (shape[1], shape[2])
+    sizes = ({hwc} if shape[2] in _CHANNELS else set()) | ({chw} if shape[0] in _CHANNELS else set())
+    return sizes or {hwc, chw}
+
+
+def _show(sizes: set[tuple[int, int]]) -> str:
+    return " or ".join(str(s) for s in sorted(sizes))
 
 
 def validate_rows(

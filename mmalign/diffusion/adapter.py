@@ -176,16 +176,24 @@ def add_lora(model: torch.nn.Module, r: int = 8, alpha: float | None = None,
              target_modules: tuple[str, ...] = LORA_TARGETS, dropout: float = 0.0, seed: int = 0) -> torch.nn.Module:
     """Wrap ``model`` with peft LoRA on the attention projections (Gaussian init, as diffusers' DPO script).
 
-    Only the adapters train; ``reference_context(model)`` gives the untouched base model.
+    Only the adapters train; ``reference_context(model)`` gives the untouched base model. peft draws the Gaussian
+    init from the global RNG: it is drawn as after ``torch.manual_seed(seed)``, inside a forked RNG state, so the
+    caller's global RNG (CPU, and CUDA where initialised) is left as it was.
     """
     from peft import LoraConfig, get_peft_model
 
     if r <= 0:
         raise ValueError(f"r must be a positive integer, got {r}")
-    torch.manual_seed(seed)  # peft draws the Gaussian LoRA init from the global RNG
     cfg = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout,
                      init_lora_weights="gaussian", target_modules=list(target_modules))
-    return get_peft_model(model, cfg)
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        if cuda:
+            torch.manual_seed(seed)  # seeds CUDA too; fork_rng restores every device afterwards
+        else:
+            # CPU only: torch.manual_seed would also queue a seed for a CUDA RNG initialised later
+            torch.random.default_generator.manual_seed(seed)
+        return get_peft_model(model, cfg)
 
 
 def make_loss_fn(

@@ -272,14 +272,15 @@ def circular_w1(a: Any, b: Any) -> float:
 
 
 def evaluate(cfg: BenchmarkConfig, model: Any, setting: str, seed: int,
-             chosen_hue: Any = None) -> dict[str, float]:
+             chosen_hue: Any = None, scheduler: Any = None) -> dict[str, float]:
     """Exact pixel-statistics scores of ``samples_per_class`` DDIM samples per shape (fixed eval noise per seed).
 
     Hue is measured inside the prompted shape's mask (:func:`mmalign.diffusion.scorers.shape_hue`); green = within
     40° of 120°; style hit = within ``tolerance`` of the chosen hue. ``pref_shape`` counts the samples that are a
     preference hit *and* draw the prompted shape. With ``chosen_hue`` (hues of the chosen training images),
     ``w1_chosen`` is the circular W1 distance (degrees) from the samples' hues to the chosen ones: for the
-    reference model, the size of the reference-chosen mismatch.
+    reference model, the size of the reference-chosen mismatch. ``scheduler`` is the model's training scheduler,
+    whose config (betas, prediction type) the DDIM sampler takes; ``None``: the benchmark's epsilon scheduler.
     """
     import torch
 
@@ -289,7 +290,8 @@ def evaluate(cfg: BenchmarkConfig, model: Any, setting: str, seed: int,
 
     cls = torch.arange(len(SHAPES)).repeat_interleave(cfg.samples_per_class)
     g = torch.Generator().manual_seed(50_000 + seed)
-    imgs = sample(model, sampling_scheduler(_scheduler()), _embeddings(cfg)[cls], (3, cfg.size, cfg.size),
+    sampler = sampling_scheduler(_scheduler() if scheduler is None else scheduler)
+    imgs = sample(model, sampler, _embeddings(cfg)[cls], (3, cfg.size, cfg.size),
                   num_inference_steps=cfg.sample_steps, generator=g)
     hue = shape_hue(imgs, cls)
     fid = ShapeFidelityScorer(cfg.size)

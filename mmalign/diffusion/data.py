@@ -134,13 +134,23 @@ def save_pair_cache(path: str | Path, tensors: dict[str, Tensor]) -> None:
 
 
 def load_pair_cache(path: str | Path, keys: Sequence[str] | None = None) -> CachedPairDataset:
-    """Read a pair cache written by :func:`save_pair_cache` (optionally only ``keys``)."""
-    from safetensors.torch import load_file
+    """Read a pair cache written by :func:`save_pair_cache` (optionally only ``keys``).
+
+    The ``labels`` column is read whenever the file holds it, whatever ``keys`` says: it decides which image of each
+    pair is the chosen one (and drops ties), so leaving it out would silently train on reversed pairs.
+    """
+    from safetensors import safe_open
 
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"pair cache {str(path)!r} does not exist")
-    data = load_file(str(path))
-    if keys is not None:
-        data = {k: data[k] for k in keys}
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        if keys is not None:
+            missing = [k for k in keys if k not in names]
+            if missing:
+                raise ValueError(f"keys {missing} are not in pair cache {str(path)!r}, which holds {sorted(names)}")
+            wanted = set(keys) | ({"labels"} & set(names))
+            names = [k for k in names if k in wanted]
+        data = {k: f.get_tensor(k) for k in names}
     return CachedPairDataset(data)

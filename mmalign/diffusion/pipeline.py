@@ -5,7 +5,8 @@
 memory (every byte, plus one merged token per given word), so nothing is downloaded. ``with_unet`` swaps a trained
 (optionally LoRA-wrapped) UNet into any pipeline, ``generate`` runs the pipeline's own ``__call__`` (prompt
 encoding, CFG, scheduler loop, VAE decode) and ``evaluate_pipeline`` scores the images with pluggable scorers
-(:mod:`mmalign.diffusion.scorers`). ``encode_prompts`` gives the prompt embeddings that training caches.
+(:mod:`mmalign.diffusion.scorers`). ``encode_prompts`` gives the prompt embeddings that training caches
+(and, for SDXL, the pooled ``text_embeds``).
 """
 
 from __future__ import annotations
@@ -108,11 +109,28 @@ def with_unet(pipe: Any, unet: torch.nn.Module) -> Any:
 
 
 @torch.no_grad()
-def encode_prompts(pipe: Any, prompts: Sequence[str]) -> Tensor:
-    """Prompt embeddings ``[N, L, D]`` exactly as the pipeline conditions on them (to cache for training)."""
-    emb, _ = pipe.encode_prompt(list(prompts), device=pipe.device, num_images_per_prompt=1,
-                                do_classifier_free_guidance=False)
-    return emb.float().cpu()
+def encode_prompts(pipe: Any, prompts: Sequence[str]) -> dict[str, Tensor]:
+    """Prompt embeddings exactly as the pipeline conditions on them, as pair-cache columns (to cache for training).
+
+    Returns ``{"encoder_hidden_states": [N, L, D]}``, plus ``"text_embeds": [N, P]`` (the pooled embedding of the
+    last text encoder) for pipelines whose ``encode_prompt`` returns pooled embeddings (SDXL:
+    ``(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds)``). An SDXL
+    cache also needs ``time_ids`` ``[N, 6]`` per image (:func:`mmalign.diffusion.data.sdxl_time_ids`).
+    """
+    out = pipe.encode_prompt(list(prompts), device=pipe.device, num_images_per_prompt=1,
+                             do_classifier_free_guidance=False)
+    if not isinstance(out, (tuple, list)) or len(out) not in (2, 4):
+        got = f"{len(out)} values" if isinstance(out, (tuple, list)) else type(out).__name__
+        raise ValueError(f"{type(pipe).__name__}.encode_prompt must return (prompt_embeds, negative_prompt_embeds) "
+                         f"or, SDXL, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, "
+                         f"negative_pooled_prompt_embeds); got {got}")
+    emb = {"encoder_hidden_states": out[0].float().cpu()}
+    if len(out) == 4:
+        if out[2] is None:
+            raise ValueError(f"{type(pipe).__name__}.encode_prompt returned no pooled_prompt_embeds; an SDXL-type "
+                             "UNet needs them as text_embeds")
+        emb["text_embeds"] = out[2].float().cpu()
+    return emb
 
 
 def generate(pipe: Any, prompts: Sequence[str] | None = None, *, prompt_embeds: Tensor | None = None,

@@ -174,14 +174,30 @@ def _dataset(cfg: DiffusionTrainConfig) -> tuple[Any, str | None]:
                               "encoder_hidden_states": emb[pairs["classes"]]}), setting
 
 
-def _pipeline_eval_fn(cfg: DiffusionTrainConfig, run_dir: Path) -> Any:
-    """Evaluation through the model folder's own pipeline (any class, e.g. SD or SDXL) with the trained UNet."""
+def _with_prediction_type(pipe: Any, prediction_type: str) -> Any:
+    """``pipe`` with its scheduler (same class and config) predicting ``prediction_type``, the trained UNet's."""
+    sched = pipe.scheduler
+    if "prediction_type" not in sched.config:
+        raise ValueError(f"the pipeline's scheduler {type(sched).__name__} has no prediction_type setting; it cannot "
+                         f"sample a UNet trained with prediction_type {prediction_type!r}")
+    if sched.config.prediction_type != prediction_type:
+        pipe.scheduler = type(sched).from_config(sched.config, prediction_type=prediction_type)
+    return pipe
+
+
+def _pipeline_eval_fn(cfg: DiffusionTrainConfig, run_dir: Path, prediction_type: str) -> Any:
+    """Evaluation through the model folder's own pipeline (any class, e.g. SD or SDXL) with the trained UNet.
+
+    The pipeline's scheduler keeps its class and settings but predicts ``prediction_type`` (the training
+    scheduler's, e.g. ``v_prediction`` set by the ``prediction_type`` option).
+    """
     import torch
     from diffusers import DiffusionPipeline
 
     from mmalign.diffusion.pipeline import evaluate_pipeline, with_unet
 
     base = DiffusionPipeline.from_pretrained(cfg.model, safety_checker=None, requires_safety_checker=False)
+    base = _with_prediction_type(base, prediction_type)
     scorers = {}
     if cfg.eval_clip_weights:
         from mmalign.diffusion.scorers import ClipScorer
@@ -228,10 +244,12 @@ def run(cfg: DiffusionTrainConfig, run_dir: Path, resume: bool = False) -> dict[
         def eval_fn(model: torch.nn.Module) -> dict[str, float]:
             if ref_model is not None:
                 ref_model.to(next(model.parameters()).device)
-            return {f"eval/{k}": v for k, v in evaluate(bcfg, model, setting, cfg.trainer.seed).items()}
+            # sampled with the training scheduler's config: a v-prediction model needs a v-prediction sampler
+            scores = evaluate(bcfg, model, setting, cfg.trainer.seed, scheduler=scheduler)
+            return {f"eval/{k}": v for k, v in scores.items()}
 
     if cfg.eval_prompts:
-        eval_fn = _pipeline_eval_fn(cfg, Path(run_dir))
+        eval_fn = _pipeline_eval_fn(cfg, Path(run_dir), scheduler.config.prediction_type)
     trainer = Trainer(cfg.trainer, unet, dataset, loss_fn, Path(run_dir), eval_fn=eval_fn,
                       generators={"noise": generator})  # checkpointed, so --resume redraws the same noise
     if ref_model is not None:

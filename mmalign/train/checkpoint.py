@@ -14,7 +14,12 @@ Layout of ``<run_dir>/checkpoints/``::
     latest                  name of the newest complete checkpoint
 
 A checkpoint is written into ``step-<8-digit step>.tmp`` and renamed into place only when every file is flushed;
-``latest`` is replaced atomically afterwards. A crash at any moment leaves the previous checkpoint intact.
+``latest`` is replaced atomically afterwards. A crash at any moment leaves the previous checkpoint intact. A step
+whose folder already exists (written by an earlier start of the run) is replaced without a moment in which it is
+missing: the old folder is renamed to ``step-<step>.replaced``, the new one renamed in, ``latest`` updated, and only
+then the old one deleted; :func:`latest_checkpoint` falls back to the ``.replaced`` folder and the next save finishes
+or rolls back an interrupted replacement. Rotation (``keep``) only deletes checkpoints of earlier steps than the one
+just written; folders of later steps (left by an earlier run in the same folder) are kept and reported.
 
 The format is consolidated: a run sharded with FSDP gathers its full model and optimizer state to rank 0 before
 writing (:mod:`mmalign.train.fsdp`), so any checkpoint loads into a 1-process, DDP or FSDP run alike. Loading reads
@@ -26,7 +31,9 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -49,6 +56,8 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+_REPLACED = ".replaced"  # suffix of a complete checkpoint folder moved aside while its step is written anew
+_STEP_DIR = re.compile(r"step-(\d+)")
 
 
 class CheckpointError(RuntimeError):
@@ -167,6 +176,12 @@ def _rng_state(generators: dict[str, torch.Generator] | None = None) -> tuple[di
     return tensors, meta
 
 
+def _cuda_rng_states(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    """The ``torch_cuda_<i>`` states in device order (numeric: 2 before 10)."""
+    keys = [k for k in tensors if k.startswith("torch_cuda_")]
+    return [tensors[k] for k in sorted(keys, key=lambda k: int(k[len("torch_cuda_"):]))]
+
+
 def _set_rng_state(
     tensors: dict[str, torch.Tensor], meta: dict[str, Any], generators: dict[str, torch.Generator] | None = None
 ) -> None:
@@ -176,7 +191,7 @@ def _set_rng_state(
         if key not in tensors:
             raise CheckpointError(f"checkpoint holds no state for the random generator {name!r}")
         gen.set_state(tensors[key])
-    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("torch_cuda_"))]
+    cuda = _cuda_rng_states(tensors)
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
     n = meta["numpy"]
@@ -243,27 +258,79 @@ def save_checkpoint(
         sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
         _write_json(tmp / MANIFEST, sizes)
         _fsync_dir(tmp)
-        if final.exists():  # a checkpoint of the same step from an earlier, resumed run: replace it whole
-            shutil.rmtree(final)
+        _finish_replacements(root)
+        aside = final.with_name(final.name + _REPLACED)
+        if final.exists():
+            # a checkpoint of the same step from an earlier start of the run: keep it complete (aside) until the new
+            # one is in place and ``latest`` names it, so a crash at any moment leaves a loadable checkpoint
+            os.replace(final, aside)
+            _fsync_dir(root)
         os.replace(tmp, final)
         _fsync_dir(root)
         atomic_write_text(root / "latest", final.name)
-        complete = sorted(p for p in root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp"))
-        for old in complete[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        if aside.exists():
+            shutil.rmtree(aside)
+        _rotate(root, step, keep)
     if barrier is not None:
         barrier()
     return final
 
 
+def _step_dirs(root: Path) -> dict[int, Path]:
+    """Complete checkpoint folders under ``root`` by step (``.tmp`` and ``.replaced`` folders excluded)."""
+    out: dict[int, Path] = {}
+    for p in root.iterdir():
+        match = _STEP_DIR.fullmatch(p.name)
+        if match and p.is_dir():
+            out[int(match.group(1))] = p
+    return out
+
+
+def _finish_replacements(root: Path) -> None:
+    """Complete or roll back replacements a crash interrupted (main process, before writing a checkpoint).
+
+    ``step-N.replaced`` next to ``step-N``: the new folder was in place, so the old one goes. Alone: the crash came
+    before the new folder was renamed in, so the old one is renamed back and remains the checkpoint of step N.
+    """
+    for aside in sorted(root.glob(f"step-*{_REPLACED}")):
+        final = aside.with_name(aside.name[: -len(_REPLACED)])
+        if final.is_dir():
+            shutil.rmtree(aside)
+        else:
+            os.replace(aside, final)
+            _fsync_dir(root)
+
+
+def _rotate(root: Path, step: int, keep: int) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``step`` (the one just written counts); never touch later ones."""
+    dirs = _step_dirs(root)
+    older = sorted(s for s in dirs if s < step)
+    for s in older[: max(0, len(older) - (keep - 1))]:
+        shutil.rmtree(dirs[s], ignore_errors=True)
+    later = sorted(dirs[s].name for s in dirs if s > step)
+    if later:
+        warnings.warn(
+            f"{root} holds checkpoints of later steps than the one just written ({later}), left by an earlier run in "
+            f"this folder; they are kept, not rotated, and `latest` names {dirs[step].name}. Delete them if unneeded",
+            stacklevel=3,
+        )
+
+
 def latest_checkpoint(root: Path) -> Path | None:
-    """The newest complete checkpoint under ``root`` (following ``latest``), or None when there is none."""
+    """The newest complete checkpoint under ``root`` (following ``latest``), or None when there is none.
+
+    When a save replacing that step was interrupted after the old folder was moved aside, the aside folder
+    (``step-N.replaced``, still complete) is returned.
+    """
     root = Path(root)
     pointer = root / "latest"
     if not pointer.is_file():
         return None
     path = root / pointer.read_text().strip()
     if not path.is_dir():
+        aside = path.with_name(path.name + _REPLACED)
+        if aside.is_dir():
+            return aside
         raise CheckpointError(f"{pointer} names {path.name}, which does not exist")
     return path
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mmalign.config import Config, check_choice, check_nonnegative, check_positive, option
+from mmalign.config import Config, check_choice, check_nonnegative, check_positive, check_range, option
 
 
 @dataclass
@@ -14,17 +14,18 @@ class LoraOptions(Config):
     enabled: bool = option(False, "wrap the model with peft LoRA adapters and train only them")
     r: int = option(8, "LoRA rank")
     alpha: float = option(16.0, "LoRA scaling alpha")
-    dropout: float = option(0.0, "dropout on the LoRA branch")
+    dropout: float = option(0.0, "dropout on the LoRA branch, in [0, 1)")
     target_modules: list[str] = option(
         ["q_proj", "k_proj", "v_proj", "o_proj"], "module names (suffixes) that receive adapters"
     )
 
     def __post_init__(self) -> None:
-        check_positive("lora.r", self.r)
-        check_positive("lora.alpha", self.alpha)
-        check_nonnegative("lora.dropout", self.dropout)
+        # bare field names: Config.from_dict prefixes the nested path (trainer.lora.dropout must be ...)
+        check_positive("r", self.r)
+        check_positive("alpha", self.alpha)
+        check_range("dropout", self.dropout, 0.0, 1.0, high_open=True)  # 1 would zero the LoRA branch: no training
         if self.enabled and not self.target_modules:
-            raise ValueError("lora.target_modules must name at least one module when lora.enabled is true, got []")
+            raise ValueError("target_modules must name at least one module when enabled is true, got []")
 
 
 @dataclass

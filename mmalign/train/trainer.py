@@ -3,12 +3,15 @@
 The loop owns devices, precision, gradient accumulation, clipping, LR schedules, optional LoRA, logging, plots and
 atomic resumable checkpoints. What is being optimised is a ``loss_fn(model, batch) -> (loss, metrics)`` supplied by
 the domain, which typically calls a pure core loss. Data order is a pure function of (seed, epoch, step), so a run
-resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen. Multi-GPU and multi-node
-runs go through ``accelerate launch`` or ``torchrun`` with no code change: each process takes its shard of every
-global batch. ``distributed="fsdp"`` shards parameters, gradients and optimizer state with torch FSDP2 (applied by
-the trainer, see :mod:`mmalign.train.fsdp`); ``distributed="deepspeed"`` hands model and optimizer to DeepSpeed ZeRO
-(:mod:`mmalign.train.zero`). Checkpoints are consolidated in every case, so a run may resume on a different number of
-processes or with another strategy as long as the global batch is the same.
+resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen. With ``num_workers > 0`` the
+worker processes' torch, numpy and python RNGs are seeded before every micro-batch from (seed, step, micro-batch,
+rank), so random augmentation in ``__getitem__``/``collate_fn`` resumes exactly too (and does not depend on the number
+of workers); with ``num_workers=0`` items are loaded in the main process from its checkpointed global RNGs. Multi-GPU
+and multi-node runs go through ``accelerate launch`` or ``torchrun`` with no code change: each process takes its
+shard of every global batch. ``distributed="fsdp"`` shards parameters, gradients and optimizer state with torch FSDP2
+(applied by the trainer, see :mod:`mmalign.train.fsdp`); ``distributed="deepspeed"`` hands model and optimizer to
+DeepSpeed ZeRO (:mod:`mmalign.train.zero`). Checkpoints are consolidated in every case, so a run may resume on a
+different number of processes or with another strategy as long as the global batch is the same.
 """
 
 from __future__ import annotations
@@ -72,11 +75,15 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
 
 
 class _StepBatches:
-    """Micro-batch index lists for one process, from ``start_step`` on; a pure function of (seed, step)."""
+    """Micro-batch index lists for one process, from ``start_step`` on; a pure function of (seed, step).
 
-    def __init__(self, n: int, batch_size: int, accum: int, world: int, rank: int, seed: int, start: int, stop: int):
+    With ``keyed`` each micro-batch comes as ``(step, micro, indices)``, for :class:`_SeededBatches` in the workers.
+    """
+
+    def __init__(self, n: int, batch_size: int, accum: int, world: int, rank: int, seed: int, start: int, stop: int,
+                 keyed: bool = False):
         self.n, self.bs, self.accum, self.world, self.rank = n, batch_size, accum, world, rank
-        self.seed, self.start, self.stop = seed, start, stop
+        self.seed, self.start, self.stop, self.keyed = seed, start, stop, keyed
         self.global_batch = batch_size * accum * world
         self.steps_per_epoch = n // self.global_batch
 
@@ -84,7 +91,7 @@ class _StepBatches:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
         return torch.randperm(self.n, generator=gen)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[Any]:
         perm, perm_epoch = None, -1
         for step in range(self.start, self.stop):
             epoch, k = divmod(step, self.steps_per_epoch)
@@ -94,10 +101,42 @@ class _StepBatches:
             chunk = perm[k * self.global_batch : (k + 1) * self.global_batch]
             for micro in range(self.accum):
                 first = (micro * self.world + self.rank) * self.bs
-                yield chunk[first : first + self.bs].tolist()
+                indices = chunk[first : first + self.bs].tolist()
+                yield (step, micro, indices) if self.keyed else indices
 
     def __len__(self) -> int:
         return (self.stop - self.start) * self.accum
+
+
+def _batch_seeds(seed: int, step: int, micro: int, rank: int) -> tuple[int, int, int]:
+    """Seeds (torch, numpy, python) of one micro-batch's loading: a pure function of its position in the run."""
+    digest = hashlib.sha256(f"mmalign-data:{seed}:{step}:{micro}:{rank}".encode()).digest()
+    return (int.from_bytes(digest[:8], "little") >> 1, int.from_bytes(digest[8:12], "little"),
+            int.from_bytes(digest[12:28], "little"))
+
+
+class _SeededBatches:
+    """Wraps the dataset in DataLoader workers: reseeds the worker's RNGs before loading each keyed micro-batch.
+
+    A worker's RNG streams would otherwise start from the DataLoader's base seed at every (re)start of the run, so
+    random augmentation after a resume would repeat the first steps' draws instead of continuing. The reseeding also
+    covers ``collate_fn``, which runs right after in the same worker.
+    """
+
+    def __init__(self, dataset: Any, seed: int, rank: int) -> None:
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitems__(self, key: tuple[int, int, list[int]]) -> list[Any]:
+        step, micro, indices = key
+        torch_seed, np_seed, py_seed = _batch_seeds(self.seed, step, micro, self.rank)
+        torch.manual_seed(torch_seed)
+        np.random.seed(np_seed)
+        random.seed(py_seed)
+        getitems = getattr(self.dataset, "__getitems__", None)
+        return list(getitems(indices)) if getitems else [self.dataset[i] for i in indices]
 
 
 def _default_collate(items: Sequence[Any]) -> Any:
@@ -106,7 +145,8 @@ def _default_collate(items: Sequence[Any]) -> Any:
     return default_collate(list(items))
 
 
-# settings that do not change the trajectory, so a run may be resumed with other values
+# settings that do not change the trajectory, so a run may be resumed with other values (max_steps: unless the LR
+# schedule depends on it, which _check_max_steps refuses on resume)
 _FREE = {"max_steps", "progress", "plots", "save_every", "eval_every", "log_every", "keep_checkpoints"}
 _SHARDING = {"distributed", "fsdp_wrap", "zero_stage", "zero_offload_optimizer"}
 
@@ -138,6 +178,27 @@ def check_launch(cfg: TrainerConfig, distributed_type: str) -> None:
             f"only as pickle files; launch without the FSDP/DeepSpeed plugin (torchrun or plain accelerate launch) "
             f"and set trainer.distributed=fsdp (torch FSDP2) or trainer.distributed=deepspeed (ZeRO, "
             f"trainer.zero_stage) instead (got distributed={cfg.distributed!r})"
+        )
+
+
+def _check_max_steps(cfg: TrainerConfig, saved: Any, step: int, path: Path) -> None:
+    """Refuse a resume whose ``max_steps`` changes a learning rate the checkpointed steps already used.
+
+    The LR of each step ``s <= step`` (the checkpoint's optimizer holds the one for ``step``) must be the same under
+    the saved and the new ``max_steps``; only then does the resumed run follow an uninterrupted run with the new value.
+    A constant schedule (with or without warmup) never depends on it; linear and cosine decay do once past warmup.
+    """
+    if saved is None or int(saved) == cfg.max_steps or cfg.lr_schedule == "constant":
+        return
+    old = _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, int(saved))
+    new = _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
+    changed = next((s for s in range(step + 1) if old(s) != new(s)), None)
+    if changed is not None:
+        raise CheckpointError(
+            f"{path} was written by a run with max_steps={int(saved)}; resuming with max_steps={cfg.max_steps} "
+            f"would change the learning rate the {cfg.lr_schedule!r} schedule gave step {changed} "
+            f"({old(changed):.6g} vs {new(changed):.6g} x lr), so the run would follow neither trajectory; resume "
+            f"with max_steps={int(saved)}, or start a new run"
         )
 
 
@@ -224,6 +285,7 @@ class Trainer:
         self._raw_model = model
         self.model: Any = None  # prepared in train(), after a possible checkpoint load
         self.step = 0
+        self._checkpointed_step: int | None = None  # the step the latest checkpoint (loaded or written) holds
 
     def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
         from peft import LoraConfig, PeftModel, get_peft_model
@@ -289,6 +351,7 @@ class Trainer:
         return model_state_tensors(self.unwrapped_model()) if self.is_main else None
 
     def save(self) -> Path:
+        """Write a checkpoint of the current step (collective in a distributed run)."""
         from mmalign.train.fsdp import gather_full_state, optimizer_param_names
 
         acc = self.accelerator
@@ -307,15 +370,17 @@ class Trainer:
             names = optimizer_param_names(model, self.optimizer)
             tensors = model_state_tensors(model) if self.is_main else None
             opt_state = self.optimizer.state_dict() if self.is_main else None
-        return save_checkpoint(
+        path = save_checkpoint(
             self._ckpt_root(), self.step, model_tensors=tensors, optimizer=None, optimizer_state=opt_state,
             param_names=names, scheduler=self.scheduler if self.is_main else None,
             trainer_state={"config_fingerprint": _fingerprint(self.cfg, acc.num_processes), "seed": self.cfg.seed,
-                           "distributed": self.strategy,
+                           "distributed": self.strategy, "max_steps": self.cfg.max_steps,
                            **({"zero_stage": self.cfg.zero_stage} if self.zero else {})},
             rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
             keep=self.cfg.keep_checkpoints, generators=self.generators,
         )
+        self._checkpointed_step = self.step
+        return path
 
     def _resume(self) -> None:
         from mmalign.train.fsdp import all_ranks_ok
@@ -331,6 +396,11 @@ class Trainer:
                                                    _legacy_fingerprint(self.cfg)}:
             raise CheckpointError(f"{path} was written with different training settings; refusing to resume")
         self.step = int(state["step"])
+        if "max_steps" not in state and self.cfg.lr_schedule != "constant" and self.is_main:
+            print(f"[mmalign] {path} does not record max_steps (written by an earlier version): it cannot be checked "
+                  f"that the {self.cfg.lr_schedule!r} LR schedule is unchanged; resume with the run's max_steps")
+        _check_max_steps(self.cfg, state.get("max_steps"), self.step, path)
+        self._checkpointed_step = self.step
 
     def _write_run_info(self) -> None:
         """Append this start to ``run_info.json``: what the run resolved (device, precision, processes, strategy).
@@ -404,10 +474,13 @@ class Trainer:
             self.model, self.optimizer = acc.prepare(self._raw_model, self.optimizer)
         if self.is_main:
             self._write_run_info()
+        workers = cfg.num_workers > 0
         sampler = _StepBatches(len(self.dataset), cfg.batch_size, cfg.grad_accum_steps, acc.num_processes,
-                               acc.process_index, cfg.seed, self.step, cfg.max_steps)
+                               acc.process_index, cfg.seed, self.step, cfg.max_steps, keyed=workers)
+        # workers reseed per micro-batch (see _SeededBatches); without workers the main process's restored RNGs load
+        dataset = _SeededBatches(self.dataset, cfg.seed, acc.process_index) if workers else self.dataset
         # Own generator: creating the iterator must not draw from the global RNG that a resume just restored.
-        loader = DataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=self.collate_fn,
                             num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
         batches = iter(loader)
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
@@ -466,7 +539,8 @@ class Trainer:
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 last.update(logger.log(self.step, self._evaluate()))
         bar.close()
-        self.save()
+        if self._checkpointed_step != self.step:  # resuming a finished run: its checkpoint is already this step
+            self.save()
         final_eval = logger.log(self.step, self._evaluate())
         last.update(final_eval)
         final = self.full_model_state()

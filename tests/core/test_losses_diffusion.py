@@ -38,6 +38,22 @@ def test_diffusion_dpo_reference_equal_policy_is_log2() -> None:
     assert loss.item() == pytest.approx(math.log(2.0))
 
 
+def test_pref_accuracy_ties_earn_half_as_in_every_loss() -> None:
+    """Suite convention (docs/methods/losses.md): a tie earns ½ — unlike the official ``implicit_acc`` (ties 0)."""
+    lw, ll, _, _ = _errs()
+    _, m = diffusion_dpo_loss(lw, ll, lw, ll)  # policy = reference (initialisation): every argument is 0
+    assert m["train/pref_accuracy"] == 0.5
+    _, m = mapo_loss(lw, lw)  # equal errors: every margin is 0
+    assert m["train/pref_accuracy"] == 0.5
+    lw = torch.tensor([0.1, 0.2, 0.3, 0.1], dtype=D64)
+    ll = torch.tensor([0.2, 0.1, 0.3, 0.3], dtype=D64)  # chosen lower, higher, tie, lower
+    ref = torch.full((4,), 0.2, dtype=D64)
+    _, m = diffusion_dpo_loss(lw, ll, ref, ref, beta=10.0)
+    assert m["train/pref_accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+    _, m = mapo_loss(lw, ll)
+    assert m["train/pref_accuracy"] == pytest.approx((1 + 0 + 0.5 + 1) / 4)
+
+
 def test_mapo_score_properties() -> None:
     x = torch.tensor([0.0, 1e-6, 1e-3, 0.1, 1.0, 10.0], dtype=D64)
     s = mapo_score(x, c=1.0)

@@ -139,3 +139,68 @@ def test_conversational_format_is_accepted(tmp_path: Path) -> None:
     assert report.kept == 1
     (tmp_path / "conv.jsonl").write_text(json.dumps(row) + "\n")
     assert len(load_preference_data(tmp_path / "conv.jsonl", "text")) == 1
+
+
+def test_hf_image_stored_by_path_is_read_from_its_path(tmp_path: Path) -> None:
+    """``datasets`` writes path-backed images to Parquet as {"bytes": None, "path": ...}: not empty bytes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    _png(tmp_path / "a.png")
+    by_path = {"bytes": None, "path": "a.png"}
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r", "images": [by_path]},
+            {"prompt": "p", "chosen": "c", "rejected": "r", "images": [{"bytes": None, "path": "gone.png"}]},
+            {"prompt": "p", "chosen": "c", "rejected": "r", "images": [{"bytes": None, "path": None}]}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    ds = load_preference_data(tmp_path / "d.parquet", "text", skip_invalid=True)
+    assert len(ds) == 1 and ds[0]["images"] == [by_path]
+    reasons = dict(ds.report.dropped)
+    assert f"unreadable image 'images[0]' at {tmp_path / 'gone.png'}" in reasons[1]
+    assert "image 'images[0]' holds neither bytes nor a path" in reasons[2]
+    png = (tmp_path / "a.png").read_bytes()
+    pair = {"caption": "c", "chosen_image": by_path, "rejected_image": {"bytes": png, "path": "ignored.png"}}
+    assert validate_rows("image", [pair], base_dir=tmp_path)[1].kept == 1
+
+
+def test_image_pair_sizes_compare_height_and_width_in_any_format(tmp_path: Path) -> None:
+    """Paths, PIL images, (H, W), (H, W, C) and (C, H, W) arrays of one 6x10 image all match; sizes still differ."""
+    from PIL import Image
+
+    path = str(_png(tmp_path / "c.png", (10, 6)))  # PIL sizes are (width, height)
+    same = [path, Image.new("L", (10, 6)), np.zeros((6, 10)), np.zeros((6, 10, 3)), np.zeros((3, 6, 10)),
+            np.zeros((1, 6, 10)), np.zeros((6, 10, 4)), {"bytes": None, "path": "c.png"}]
+    rows = [{"caption": "x", "chosen_image": a, "rejected_image": b} for a in same for b in same]
+    assert validate_rows("image", rows, base_dir=tmp_path)[1].kept == len(rows)
+    # (3, 4, 3) reads as HWC (3, 4) or CHW (4, 3): either may be the other image's layout, so no false error
+    ambiguous = {"caption": "x", "chosen_image": np.zeros((3, 4, 3)), "rejected_image": np.zeros((3, 3, 4))}
+    assert validate_rows("image", [ambiguous])[1].kept == 1
+    bad = [{"caption": "x", "chosen_image": path, "rejected_image": np.zeros((10, 6, 3))},
+           {"caption": "x", "chosen_image": np.zeros((3, 6, 10)), "rejected_image": np.zeros((3, 10, 6))},
+           {"caption": "x", "chosen_image": np.zeros((3, 4, 3)), "rejected_image": np.zeros((5, 5))}]
+    with pytest.raises(DataValidationError) as err:
+        validate_rows("image", bad, base_dir=tmp_path)
+    reasons = dict(err.value.problems)
+    assert "chosen_image size (6, 10) differs from rejected_image size (10, 6) (height, width)" in reasons[0]
+    assert "chosen_image size (6, 10) differs from rejected_image size (10, 6)" in reasons[1]
+    assert "chosen_image size (3, 4) or (4, 3) differs from rejected_image size (5, 5)" in reasons[2]
+
+
+def test_jsonl_lines_end_at_newline_only(tmp_path: Path) -> None:
+    """U+2028, U+2029 and U+0085 may stand raw in JSON strings; CRLF files load; error line numbers stay right."""
+    rows = [{"prompt": f"a{sep}b", "chosen": "c", "rejected": "r"} for sep in ("\u2028", "\u2029", "\x85")]
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\r\n" for r in rows)
+    (tmp_path / "d.jsonl").write_bytes(text.encode("utf-8"))
+    ds = load_preference_data(tmp_path / "d.jsonl", "text")
+    assert [r["prompt"] for r in ds.rows] == ["a\u2028b", "a\u2029b", "a\x85b"]
+    (tmp_path / "bad.jsonl").write_bytes((text + "\r\n{not json\r\n").encode("utf-8"))
+    with pytest.raises(ValueError, match=r"bad.jsonl:5 is not valid JSON"):
+        load_preference_data(tmp_path / "bad.jsonl", "text")
+
+
+def test_truncated_json_array_names_the_file_and_position(tmp_path: Path) -> None:
+    (tmp_path / "d.json").write_text('[{"prompt": "p", "chosen": "c", "rejected": "r"},\n')
+    with pytest.raises(ValueError, match=r"d\.json:2:1 is not a valid JSON array \(Expecting value; the file may "
+                                         r"be truncated\)"):
+        load_preference_data(tmp_path / "d.json", "text")
+    (tmp_path / "ok.json").write_text(json.dumps([{"prompt": "p", "chosen": "c", "rejected": "r"}], indent=1))
+    assert len(load_preference_data(tmp_path / "ok.json", "text")) == 1

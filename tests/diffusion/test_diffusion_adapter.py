@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmalign.diffusion.adapter import (
-    PairBatch, add_lora, check_pair_batch, denoising_errors, make_loss_fn, pair_denoising_errors,
+    LORA_TARGETS, PairBatch, add_lora, check_pair_batch, denoising_errors, make_loss_fn, pair_denoising_errors,
     paired_noise_and_timesteps, reference_pair_errors, training_target,
 )
 from diffusion_fixtures import ddpm, pair_batch, tiny_sd_unet
@@ -71,6 +71,25 @@ def test_lora_disabled_reference_equals_base_model(sd_unet):
     with torch.no_grad():
         pol_w, _ = pair_denoising_errors(lora, sched, batch, noise, t)
     assert not torch.allclose(pol_w, base_w)  # adapters are back on after the reference pass
+
+
+def test_add_lora_keeps_its_seeded_init_and_leaves_the_global_rng_alone(sd_unet):
+    """The LoRA init is the one drawn after ``torch.manual_seed(seed)``; the caller's global RNG is untouched."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(7)
+    torch.rand(3)  # some state of the caller's own
+    state = torch.get_rng_state()
+    lora = add_lora(copy.deepcopy(sd_unet), r=2, seed=5)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(5)  # the former implementation: reseed the global RNG, then let peft draw
+    expected = get_peft_model(copy.deepcopy(sd_unet), LoraConfig(
+        r=2, lora_alpha=2, lora_dropout=0.0, init_lora_weights="gaussian", target_modules=list(LORA_TARGETS)))
+    got, want = lora.state_dict(), expected.state_dict()
+    assert got.keys() == want.keys() and any("lora_A" in k for k in got)
+    assert all(torch.equal(got[k], want[k]) for k in got)
+    other = add_lora(copy.deepcopy(sd_unet), r=2, seed=6).state_dict()
+    assert any(not torch.equal(got[k], other[k]) for k in got if "lora_A" in k)
 
 
 def test_frozen_copy_reference_and_full_model_without_lora_is_an_error(sd_unet):

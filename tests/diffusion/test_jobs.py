@@ -61,6 +61,26 @@ def test_train_job_through_the_generic_trainer(tmp_path, method, lora):
     assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "metrics.jsonl").is_file()
 
 
+@pytest.mark.parametrize("prediction_type", ["v_prediction", "epsilon"])
+def test_shapes_evaluation_samples_with_the_training_prediction_type(tmp_path, monkeypatch, prediction_type):
+    """The end-of-run samples are drawn by a sampler with the training scheduler's config (prediction type)."""
+    import mmalign.diffusion.sampling as S
+
+    seen, original = [], S.sample
+
+    def spy(model, scheduler, *args, **kwargs):
+        seen.append(scheduler.config.prediction_type)
+        return original(model, scheduler, *args, **{**kwargs, "num_inference_steps": 1})
+
+    monkeypatch.setattr(S, "sample", spy)
+    cfg = DiffusionTrainConfig.from_dict({
+        "method": "sft", "prediction_type": prediction_type, "data": "shapes:style_90", "num_pairs": 4,
+        "image_size": 8, "eval_samples_per_class": 1,
+        "trainer": {"max_steps": 1, "batch_size": 4, "progress": False, "plots": False, "cpu": True}})
+    run_train(cfg, tmp_path)
+    assert seen and set(seen) == {prediction_type}
+
+
 def test_benchmark_pairs_match_their_setting():
     from mmalign.diffusion.scorers import circular_mean_hue, hue_distance
 

@@ -36,7 +36,9 @@ def test_pipeline_call_equals_the_benchmark_sampling_loop_plus_vae_decode(pipe):
     """The benchmark's sampler (``sampling.sample``) is the pipeline's denoising loop: same images, same noise."""
     from mmalign.diffusion.sampling import sample
 
-    emb = encode_prompts(pipe, ["a red circle", "a green square"])
+    cols = encode_prompts(pipe, ["a red circle", "a green square"])
+    assert set(cols) == {"encoder_hidden_states"}  # SD: no pooled embeddings
+    emb = cols["encoder_hidden_states"]
     assert emb.shape == (2, pipe.tokenizer.model_max_length, 16)
     images = generate(pipe, prompt_embeds=emb, num_inference_steps=4, generator=torch.Generator().manual_seed(3))
     assert images.shape == (2, 3, 16, 16) and images.min() >= -1 and images.max() <= 1
@@ -54,6 +56,40 @@ def test_pipeline_call_equals_the_benchmark_sampling_loop_plus_vae_decode(pipe):
     assert cfg.shape == (1, 3, 16, 16) and torch.isfinite(cfg).all()
     with pytest.raises(ValueError, match="exactly one of prompts or prompt_embeds"):
         generate(pipe)
+
+
+class _StubPipe:
+    """Stands in for a pipeline: ``encode_prompt`` returns SD's 2-tuple or SDXL's 4-tuple."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, out) -> None:
+        self.out = out
+
+    def encode_prompt(self, prompts, **kwargs):
+        assert kwargs["do_classifier_free_guidance"] is False and kwargs["num_images_per_prompt"] == 1
+        return self.out
+
+
+def test_encode_prompts_returns_sdxl_pooled_embeddings_for_the_cache(tmp_path):
+    from mmalign.diffusion.data import load_pair_cache, save_pair_cache, sdxl_time_ids
+
+    emb, pooled = torch.randn(2, 3, 8, dtype=torch.float16), torch.randn(2, 5)
+    sd = encode_prompts(_StubPipe((emb, None)), ["a", "b"])
+    assert set(sd) == {"encoder_hidden_states"} and sd["encoder_hidden_states"].dtype == torch.float32
+    torch.testing.assert_close(sd["encoder_hidden_states"], emb.float())
+    xl = encode_prompts(_StubPipe((emb, None, pooled, None)), ["a", "b"])  # SDXL's encode_prompt
+    assert set(xl) == {"encoder_hidden_states", "text_embeds"}
+    torch.testing.assert_close(xl["text_embeds"], pooled)
+    # the columns go straight into an SDXL pair cache (with the micro-conditioning time ids)
+    path = tmp_path / "sdxl.safetensors"
+    save_pair_cache(path, {"chosen": torch.zeros(2, 4, 2, 2), "rejected": torch.ones(2, 4, 2, 2), **xl,
+                           "time_ids": sdxl_time_ids((16, 16))[None].repeat(2, 1)})
+    torch.testing.assert_close(load_pair_cache(path)[1]["text_embeds"], pooled[1])
+    with pytest.raises(ValueError, match="_StubPipe.encode_prompt must return.*got 3 values"):
+        encode_prompts(_StubPipe((emb, None, pooled)), ["a", "b"])
+    with pytest.raises(ValueError, match="no pooled_prompt_embeds"):
+        encode_prompts(_StubPipe((emb, None, None, None)), ["a", "b"])
 
 
 def test_trained_lora_unet_inside_the_pipeline(pipe):
@@ -95,7 +131,7 @@ def test_train_job_on_a_pipeline_folder_then_generate_and_score(tmp_path, pipe):
     prompts = ["a green circle", "a green square"] * 2
     save_pair_cache(tmp_path / "pairs.safetensors", {
         "chosen": encode_latents(pipe.vae, chosen, generator=g), "rejected": encode_latents(pipe.vae, rejected, generator=g),
-        "encoder_hidden_states": encode_prompts(pipe, prompts)})
+        **encode_prompts(pipe, prompts)})
     cfg = DiffusionTrainConfig.from_dict({
         "method": "mapo", "model": str(folder), "data": str(tmp_path / "pairs.safetensors"),
         "eval_prompts": ["a green circle"], "eval_images_per_prompt": 2, "eval_steps": 2,
@@ -112,3 +148,33 @@ def test_train_job_on_a_pipeline_folder_then_generate_and_score(tmp_path, pipe):
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])  # metrics were logged
     with pytest.raises(ValueError, match="eval_prompts needs model to be a full diffusers pipeline"):
         DiffusionTrainConfig(eval_prompts=["x"])
+
+
+def test_pipeline_evaluation_samples_with_the_trained_prediction_type(tmp_path, pipe, monkeypatch):
+    """A v-prediction run evaluates through the folder's pipeline with a v-prediction scheduler of the same class."""
+    import mmalign.diffusion.pipeline as P
+    from mmalign.diffusion.data import save_pair_cache
+    from mmalign.diffusion.train import DiffusionTrainConfig, run as run_train
+
+    folder = tmp_path / "tiny-sd"
+    pipe.save_pretrained(folder)
+    assert pipe.scheduler.config.prediction_type == "epsilon"
+    save_pair_cache(tmp_path / "pairs.safetensors", {
+        "chosen": torch.zeros(2, 4, 8, 8), "rejected": torch.ones(2, 4, 8, 8),
+        "encoder_hidden_states": torch.randn(2, pipe.tokenizer.model_max_length, 16)})
+    seen = []
+
+    def spy(p, prompts, scorers, **kw):
+        seen.append((type(p.scheduler).__name__, p.scheduler.config.prediction_type, p.scheduler.config.beta_end))
+        return {}, torch.zeros(len(prompts) * kw["images_per_prompt"], 3, 16, 16)
+
+    monkeypatch.setattr(P, "evaluate_pipeline", spy)
+    for prediction_type in ("v_prediction", ""):
+        cfg = DiffusionTrainConfig.from_dict({
+            "method": "sft", "model": str(folder), "data": str(tmp_path / "pairs.safetensors"),
+            "prediction_type": prediction_type, "eval_prompts": ["a green circle"], "eval_images_per_prompt": 1,
+            "eval_steps": 1, "trainer": {"max_steps": 1, "batch_size": 2, "log_every": 1, "progress": False,
+                                         "plots": False, "cpu": True}})
+        run_train(cfg, tmp_path / f"run{prediction_type}")
+    assert seen and seen[0] == ("DDIMScheduler", "v_prediction", pipe.scheduler.config.beta_end)
+    assert seen[-1] == ("DDIMScheduler", "epsilon", pipe.scheduler.config.beta_end)  # no override: the folder's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,64 @@ def test_keeps_only_the_newest_checkpoints(tmp_path: Path) -> None:
     for step in (1, 2, 3, 4):
         _save(tmp_path, step, model, opt, sched, keep=2)
     assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000003", "step-00000004"]
+
+
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path: Path) -> None:
+    """Folders of later steps (an earlier run in this folder) are kept and reported; rotation works below the step."""
+    model, opt, sched = _setup()
+    for step in (900, 1000):  # stale, higher-numbered
+        _save(tmp_path, step, model, opt, sched)
+    for step in (50, 60):
+        with pytest.warns(UserWarning, match=r"later steps .*'step-00000900', 'step-00001000'.* kept"):
+            _save(tmp_path, step, model, opt, sched)
+    with pytest.warns(UserWarning, match="later steps"):
+        written = _save(tmp_path, 100, model, opt, sched, keep=2)
+    assert latest_checkpoint(tmp_path) == written and written.is_dir()
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == [
+        "step-00000060", "step-00000100", "step-00000900", "step-00001000"]
+    with pytest.warns(UserWarning, match="later steps"):
+        _save(tmp_path, 101, model, opt, sched, keep=1)
+    assert sorted(p.name for p in tmp_path.glob("step-*")) == ["step-00000101", "step-00000900", "step-00001000"]
+    load_checkpoint(latest_checkpoint(tmp_path), model=model, optimizer=opt, scheduler=sched)
+
+
+@pytest.mark.parametrize("crash", ["before_new_in_place", "before_latest", "before_old_deleted"])
+def test_replacing_a_step_never_leaves_latest_without_a_checkpoint(tmp_path: Path, monkeypatch, crash: str) -> None:
+    """Saving a step that already exists, killed at each point of the swap, leaves a loadable latest checkpoint."""
+    model, opt, sched = _setup()
+    _save(tmp_path, 100, model, opt, sched)
+    _save(tmp_path, 200, model, opt, sched)
+    real_replace = os.replace
+
+    def replace(src, dst) -> None:
+        src, dst = Path(src), Path(dst)
+        if crash == "before_new_in_place" and src.name == "step-00000200.tmp":
+            raise KeyboardInterrupt  # killed just before the new folder is renamed in
+        real_replace(src, dst)
+        if (crash == "before_latest" and src.name == "step-00000200.tmp") or (
+                crash == "before_old_deleted" and dst.name == "latest"):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(KeyboardInterrupt):
+        _save(tmp_path, 200, model, opt, sched)
+    monkeypatch.setattr(os, "replace", real_replace)
+    found = latest_checkpoint(tmp_path)
+    assert found is not None and found.name.startswith("step-00000200")
+    assert load_checkpoint(found, model=model, optimizer=opt, scheduler=sched)["step"] == 200
+    # the next save finishes (or rolls back) the interrupted replacement and rotates as usual
+    newer = _save(tmp_path, 300, model, opt, sched)
+    assert latest_checkpoint(tmp_path) == newer
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".tmp")) == [
+        "latest", "step-00000200", "step-00000300"]
+
+
+def test_cuda_rng_states_are_restored_in_device_order() -> None:
+    from mmalign.train.checkpoint import _cuda_rng_states
+
+    tensors = {f"torch_cuda_{i}": torch.tensor([i]) for i in (3, 11, 0, 10, 2, 1, 9, 4, 5, 6, 7, 8)}
+    tensors["torch_cpu"] = torch.tensor([-1])
+    assert [int(t) for t in _cuda_rng_states(tensors)] == list(range(12))
 
 
 def test_checkpoints_hold_no_pickle(tmp_path: Path) -> None:

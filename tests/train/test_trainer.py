@@ -221,3 +221,107 @@ def test_auto_precision_on_a_gpu_trains_in_bf16_and_resumes_exactly(tmp_path: Pa
     assert all(t.dtype == torch.float32 for t in a.values())  # autocast computes in bf16, weights stay fp32
     for key in a:
         assert torch.equal(a[key], b[key]), f"{key} differs after resume on {info['device_name']}"
+
+
+class _Augmented(torch.utils.data.Dataset):
+    """Each item drawn with torch, numpy and python random augmentation (as image pipelines do)."""
+
+    def __len__(self) -> int:
+        return 12
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        import random
+
+        import numpy as np
+
+        jitter = torch.rand(3) + float(np.random.rand()) + random.random()
+        return torch.full((3,), float(i)) + jitter
+
+
+def _tiny(run_dir: Path, resume: bool = False, dataset=None, **overrides) -> "Trainer":  # noqa: F821
+    from mmalign.train.config import TrainerConfig
+    from mmalign.train.trainer import Trainer
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.2), torch.nn.Linear(4, 1))
+    cfg = TrainerConfig.from_dict({"batch_size": 2, "lr": 0.05, "progress": False, "plots": False, "log_every": 1,
+                                   "cpu": True, **overrides})
+    data = dataset if dataset is not None else [torch.randn(3, generator=torch.Generator().manual_seed(i))
+                                                for i in range(12)]
+    trainer = Trainer(cfg, model, data, lambda m, b: ((m(b) ** 2).mean(), {}), run_dir)
+    trainer.train(resume=resume)
+    return trainer
+
+
+def _same_weights(a: "Trainer", b: "Trainer") -> bool:  # noqa: F821
+    pa, pb = a.unwrapped_model().state_dict(), b.unwrapped_model().state_dict()
+    return pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa)
+
+
+def test_stop_and_resume_with_dataloader_workers_is_exact(tmp_path: Path) -> None:
+    """Random augmentation in worker processes continues its streams after a resume instead of restarting them."""
+    common = {"num_workers": 1, "grad_accum_steps": 2}
+    full = _tiny(tmp_path / "full", dataset=_Augmented(), max_steps=4, **common)
+    _tiny(tmp_path / "stop", dataset=_Augmented(), max_steps=2, **common)
+    resumed = _tiny(tmp_path / "stop", resume=True, dataset=_Augmented(), max_steps=4, **common)
+    assert _same_weights(full, resumed)
+
+
+def test_worker_batches_are_seeded_by_their_position_in_the_run() -> None:
+    from mmalign.train.trainer import _SeededBatches, _StepBatches
+
+    plain = _StepBatches(12, 2, 2, 1, 0, seed=0, start=1, stop=3)
+    keyed = _StepBatches(12, 2, 2, 1, 0, seed=0, start=1, stop=3, keyed=True)
+    # the same micro-batches, keyed by (step, micro) for the workers; num_workers=0 loads plain lists, as before
+    assert list(keyed) == [(s, m, i) for (s, m), i in zip([(1, 0), (1, 1), (2, 0), (2, 1)], plain, strict=True)]
+    assert all(type(i) is list for i in plain)
+    data = _SeededBatches(_Augmented(), seed=0, rank=0)
+    first = data.__getitems__((5, 1, [0, 1]))
+    torch.rand(7)  # whatever ran in the worker before
+    assert all(torch.equal(a, b) for a, b in zip(first, data.__getitems__((5, 1, [0, 1]))))
+    assert not torch.equal(first[0], data.__getitems__((6, 1, [0, 1]))[0])
+    assert not torch.equal(first[0], _SeededBatches(_Augmented(), seed=0, rank=1).__getitems__((5, 1, [0, 1]))[0])
+
+
+def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    import mmalign.train.trainer as trainer_mod
+
+    _tiny(tmp_path / "r", max_steps=3, save_every=2)
+    saved: list[int] = []
+    real = trainer_mod.save_checkpoint
+    monkeypatch.setattr(trainer_mod, "save_checkpoint", lambda root, step, **kw: saved.append(step) or real(
+        root, step, **kw))
+    again = _tiny(tmp_path / "r", resume=True, max_steps=3, save_every=2)
+    assert again.step == 3 and saved == []
+    assert latest_checkpoint(tmp_path / "r" / "checkpoints").name == "step-00000003"
+    assert (tmp_path / "r" / "model.safetensors").is_file()
+    _tiny(tmp_path / "r", resume=True, max_steps=5, save_every=2)  # continuing still saves (step 4 and the end)
+    assert saved == [4, 5]
+
+
+def test_resume_refuses_a_max_steps_that_changes_the_lr_schedule(tmp_path: Path) -> None:
+    from mmalign.train.checkpoint import CheckpointError
+
+    _tiny(tmp_path / "cos", max_steps=3, lr_schedule="cosine")
+    with pytest.raises(CheckpointError, match=r"max_steps=3; resuming with max_steps=6 would change the learning "
+                                              r"rate the 'cosine' schedule gave step 1"):
+        _tiny(tmp_path / "cos", resume=True, max_steps=6, lr_schedule="cosine")
+    assert _tiny(tmp_path / "cos", resume=True, max_steps=3, lr_schedule="cosine").step == 3
+    # while every step taken was in warmup, max_steps did not matter yet: extending equals an uninterrupted run
+    warm = {"lr_schedule": "linear", "warmup_steps": 4}
+    _tiny(tmp_path / "warm", max_steps=3, **warm)
+    resumed = _tiny(tmp_path / "warm", resume=True, max_steps=6, **warm)
+    assert _same_weights(resumed, _tiny(tmp_path / "full", max_steps=6, **warm))
+    # a constant schedule never depends on it (with or without warmup)
+    _tiny(tmp_path / "const", max_steps=3, lr_schedule="constant", warmup_steps=2)
+    assert _tiny(tmp_path / "const", resume=True, max_steps=6, lr_schedule="constant", warmup_steps=2).step == 6
+
+
+@pytest.mark.parametrize("dropout", [1.0, 1.5, -0.1])
+def test_lora_dropout_must_be_below_one(dropout: float) -> None:
+    """1.5 failed later inside peft and 1.0 silently trained nothing; the error names the nested field once."""
+    from mmalign.train.config import LoraOptions
+
+    with pytest.raises(ValueError, match=rf"^trainer\.lora\.dropout must be in \[0.0, 1.0\), got {dropout}$"):
+        load_config(DemoConfig, None, [f"trainer.lora.dropout={dropout}"])
+    assert LoraOptions(dropout=0.99).dropout == 0.99

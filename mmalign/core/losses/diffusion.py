@@ -51,7 +51,9 @@ def diffusion_dpo_loss(
 
     Shapes: four ``[B]`` per-sample errors (policy and frozen reference, same noise/timestep per pair).
     Metrics: ``rewards/chosen`` = mean −(β/2)(l_w − l^ref_w), ``rewards/rejected`` likewise, ``rewards/margin``
-    (the sigmoid's argument), ``train/pref_accuracy`` (official ``implicit_acc``, argument > 0),
+    (the sigmoid's argument), ``train/pref_accuracy`` (fraction with argument > 0, ties earning ½ as in every
+    mmalign loss; the official ``implicit_acc`` counts a tie as 0, so at initialisation — policy = reference, every
+    argument 0 — official logs read 0 where mmalign reads 0.5),
     ``diffusion/model_err_chosen``, ``diffusion/model_err_rejected``, ``diffusion/ref_err_chosen``,
     ``diffusion/ref_err_rejected``.
 
@@ -117,7 +119,8 @@ def mapo_loss(
     Shapes: ``[B]`` per-sample errors of the trained model (no reference model).
     Metrics: ``mapo/win_score`` = mean s(l_w), ``mapo/lose_score`` (official "Win/Lose Score"), ``mapo/or_loss`` =
     −mean log σ(T m) (official "OR loss"), ``mapo/chosen_err`` = mean l_w, ``rewards/chosen``/``rewards/rejected``
-    = T·s(l_w), T·s(l_l), ``rewards/margin`` = mean T m, ``train/pref_accuracy`` = fraction with m > 0.
+    = T·s(l_w), T·s(l_l), ``rewards/margin`` = mean T m, ``train/pref_accuracy`` = fraction with m > 0, ties
+    earning ½ (the suite-wide convention).
 
     Limit cases: w = 0 gives plain denoising (SFT) on the chosen image; l_w = l_l gives ``mean(l_w) + w log 2``; for
     small c·l, T m ≈ (T c / 2)(l_l − l_w), i.e. a reference-free Diffusion-DPO with β_eff = T·c.
