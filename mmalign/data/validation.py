@@ -3,7 +3,11 @@
 Three kinds of data share one mechanism:
 
 - ``text``: prompt/response pairs in the TRL preference format (``prompt``, ``chosen``, ``rejected``, optional
-  ``images`` — a list of paths, arrays or PIL images — and optional ``label`` = P(chosen ≻ rejected), default 1).
+  ``images`` — a list of paths, arrays or PIL images —, optional ``videos`` — a list of videos, each a non-empty
+  list of frames given like images or a ``(T, H, W[, C])`` array — and optional ``label`` = P(chosen ≻ rejected),
+  a number, default 1). Prompt and responses are strings or conversations (lists of ``{"role", "content"}``
+  messages whose content is a string or a list of parts such as ``{"type": "text", "text": ...}`` and
+  ``{"type": "image"}``); a response without any text or media part is empty.
 - ``image``: diffusion pairs (``caption``, ``chosen_image``, ``rejected_image``, optional ``label``).
 - ``segment``: trajectory segment pairs (``obs_first``, ``act_first``, ``obs_second``, ``act_second``, optional
   ``rewards_first``/``rewards_second``, ``frames_first``/``frames_second`` and ``label`` = P(first ≻ second)).
@@ -15,6 +19,7 @@ with ``skip_invalid=True`` drops the bad rows and reports how many (nothing is d
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -66,11 +71,13 @@ def _check_label(row: Mapping[str, Any], out: list[str]) -> None:
     if "label" not in row or row["label"] is None:
         return
     label = row["label"]
-    try:
-        value = float(label)
-    except (TypeError, ValueError):
-        out.append(f"label {label!r} is not a number")
+    # a string ("0.7") or a bool (True) is not a probability, though float() would turn either into one
+    if isinstance(label, (bool, np.bool_)) or not isinstance(label, numbers.Real):
+        kind = ("a bool, not a probability: use 1.0 or 0.0" if isinstance(label, (bool, np.bool_))
+                else type(label).__name__)
+        out.append(f"label must be a number in [0, 1], got {label!r} ({kind})")
         return
+    value = float(label)
     if math.isnan(value):
         out.append("label is NaN")
     elif not 0.0 <= value <= 1.0:
@@ -135,6 +142,59 @@ def _check_image(name: str, value: Any, base_dir: Path | None, out: list[str]) -
         out.append(f"image {name!r} contains NaN or inf")
 
 
+def _check_video(name: str, value: Any, base_dir: Path | None, out: list[str]) -> None:
+    """A video: a non-empty list of frames, each checked as an image, or a ``(T, H, W[, C])``/``(T, C, H, W)`` array."""
+    if _is_missing(value):
+        out.append(f"missing field {name!r}")
+        return
+    if isinstance(value, (list, tuple)):
+        if not value:
+            out.append(f"video {name!r} has no frames")
+        for k, frame in enumerate(value):
+            _check_image(f"{name}[{k}]", frame, base_dir, out)
+        return
+    if not hasattr(value, "shape"):  # a path, an HF Image or a PIL image is one picture, not a video
+        out.append(f"video {name!r} must be a list of frames or a (T, H, W[, C]) array, got {type(value).__name__}")
+        return
+    try:
+        arr = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        out.append(f"unreadable video {name!r}: not a list of frames or a numeric array")
+        return
+    if arr.ndim not in (3, 4):
+        out.append(f"video {name!r} has shape {arr.shape}, expected (T, H, W) or (T, H, W, C)/(T, C, H, W)")
+    elif arr.shape[0] == 0:
+        out.append(f"video {name!r} has no frames")
+    elif arr.size == 0:
+        out.append(f"video {name!r} has shape {arr.shape}, expected non-empty frames")
+    elif not np.isfinite(arr).all():
+        out.append(f"video {name!r} contains NaN or inf")
+
+
+def _conversation_content(messages: list[Any]) -> tuple[str, bool]:
+    """The text of a conversation and whether any message holds a non-text part (``{"type": "image"}`` ...).
+
+    A message's ``content`` is a string, None, or a list of parts: strings and ``{"type": "text", "text": ...}``
+    give text, any other typed part (image, video, audio) counts as media.
+    """
+    texts: list[str] = []
+    media = False
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else message
+        parts = content if isinstance(content, (list, tuple)) else [content]
+        for part in parts:
+            if isinstance(part, Mapping):
+                kind = part.get("type")
+                if kind == "text" or (kind is None and "text" in part):
+                    part = part.get("text")
+                else:
+                    media = media or kind is not None
+                    continue
+            if not _is_missing(part):
+                texts.append(str(part))
+    return " ".join(texts), media
+
+
 def _as_array(name: str, value: Any, out: list[str]) -> np.ndarray | None:
     if _is_missing(value):
         out.append(f"missing field {name!r}")
@@ -165,19 +225,27 @@ def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None
     if kind == "text":
         for name in ("prompt", "chosen", "rejected"):
             value = row[name]
-            text = value if isinstance(value, str) else None
-            if isinstance(value, list):  # conversational format: list of {"role", "content"} messages
-                text = " ".join(str(m.get("content", "")) if isinstance(m, Mapping) else str(m) for m in value)
-            if text is None:
+            if isinstance(value, str):
+                text, media = value, False
+            elif isinstance(value, list):  # conversational format: list of {"role", "content"} messages
+                text, media = _conversation_content(value)
+            else:
                 out.append(f"field {name!r} must be a string or a list of messages, got {type(value).__name__}")
-            elif name != "prompt" and not text.strip():
+                continue
+            if name != "prompt" and not text.strip() and not media:
                 out.append(f"empty response in {name!r}")
         images = row.get("images")
-        if images is not None and not (isinstance(images, float) and math.isnan(images)):
+        if not _is_missing(images):
             if not isinstance(images, (list, tuple)):
                 images = [images]
             for j, image in enumerate(images):
                 _check_image(f"images[{j}]", image, base_dir, out)
+        videos = row.get("videos")
+        if not _is_missing(videos):
+            if not isinstance(videos, (list, tuple)):
+                videos = [videos]
+            for j, video in enumerate(videos):
+                _check_video(f"videos[{j}]", video, base_dir, out)
     elif kind == "image":
         if not isinstance(row["caption"], str):
             out.append(f"field 'caption' must be a string, got {type(row['caption']).__name__}")

@@ -204,3 +204,92 @@ def test_truncated_json_array_names_the_file_and_position(tmp_path: Path) -> Non
         load_preference_data(tmp_path / "d.json", "text")
     (tmp_path / "ok.json").write_text(json.dumps([{"prompt": "p", "chosen": "c", "rejected": "r"}], indent=1))
     assert len(load_preference_data(tmp_path / "ok.json", "text")) == 1
+
+
+@pytest.mark.parametrize("content", [None, "", "  \n", [], [{"type": "text", "text": "  "}],
+                                     [{"type": "text", "text": None}, {"type": "text", "text": ""}]],
+                         ids=["none", "empty", "blank", "no-parts", "blank-part", "empty-parts"])
+def test_conversational_response_without_content_is_empty(content) -> None:
+    """Content None once read as the text "None"; content parts as the non-empty repr of the list."""
+    good = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [{"role": "assistant", "content": "hello"}],
+            "rejected": [{"role": "assistant", "content": "go away"}]}
+    rows = [good, {**good, "rejected": [{"role": "assistant", "content": content}]},
+            {**good, "chosen": [{"role": "assistant"}]}]
+    with pytest.raises(DataValidationError) as err:
+        validate_rows("text", rows)
+    assert err.value.problems == [(1, "empty response in 'rejected'"), (2, "empty response in 'chosen'")]
+
+
+def test_conversational_response_with_text_or_an_image_part_is_not_empty() -> None:
+    prompt = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
+    rows = [{"prompt": prompt, "chosen": [{"role": "assistant", "content": [{"type": "text", "text": " A cat."}]}],
+             "rejected": [{"role": "assistant", "content": [{"type": "text", "text": ""}, {"type": "image"}]}]},
+            {"prompt": prompt, "chosen": [{"role": "assistant", "content": [{"text": "A dog."}]}],
+             "rejected": [{"role": "assistant", "content": None}, {"role": "assistant", "content": "No."}]}]
+    assert validate_rows("text", rows)[1].kept == 2
+
+
+@pytest.mark.parametrize(("label", "shown"), [("0.7", "'0.7' (str)"), (True, "True (a bool, not a probability"),
+                                              (False, "False (a bool"), (np.bool_(True), "np.True_ (a bool"),
+                                              ([0.5], "[0.5] (list)")])
+def test_label_must_be_a_number(label, shown: str) -> None:
+    """float() accepted "0.7" and True as labels; neither is a probability."""
+    good = {"prompt": "p", "chosen": "c", "rejected": "r"}
+    rows = [{**good, "label": 0.7}, {**good, "label": 1}, {**good, "label": np.float32(0.25)},
+            {**good, "label": label}]
+    with pytest.raises(DataValidationError) as err:
+        validate_rows("text", rows)
+    assert len(err.value.problems) == 1 and err.value.problems[0][0] == 3
+    assert err.value.problems[0][1].startswith(f"label must be a number in [0, 1], got {shown}")
+    kept, report = validate_rows("text", rows, skip_invalid=True)
+    assert report.kept == 3 and "dropped 1 invalid rows" in report.summary()
+
+
+def test_video_frames_are_checked_like_images(tmp_path: Path) -> None:
+    frame = _png(tmp_path / "f.png").name
+    good = {"prompt": "What happens?", "chosen": "It rolls.", "rejected": "Nothing."}
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG not really")
+    rows = [
+        {**good, "videos": [[frame, frame], np.zeros((4, 8, 8, 3))]},
+        {**good, "videos": [[frame, "missing.png"]]},
+        {**good, "videos": [[]]},
+        {**good, "videos": [[frame, str(broken)], np.zeros((0, 8, 8, 3))]},
+        {**good, "videos": [[frame, np.full((8, 8), np.nan)]]},
+        {**good, "videos": [np.zeros((8, 8))]},
+        {**good, "videos": [frame]},
+        {**good, "videos": [[frame, None]]},
+        {**good, "videos": np.ones((2, 8, 8)), "images": None},
+        {**good, "videos": []},  # no videos, like images=[]
+    ]
+    with pytest.raises(DataValidationError) as err:
+        validate_rows("text", rows, base_dir=tmp_path)
+    reasons: dict[int, list[str]] = {}
+    for i, why in err.value.problems:
+        reasons.setdefault(i, []).append(why)
+    assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 7]
+    assert reasons[1] == [f"unreadable image 'videos[0][1]' at {tmp_path / 'missing.png'} (FileNotFoundError)"]
+    assert reasons[2] == ["video 'videos[0]' has no frames"]
+    assert reasons[3][0].startswith(f"unreadable image 'videos[0][1]' at {broken}")
+    assert reasons[3][1] == "video 'videos[1]' has no frames"
+    assert reasons[4] == ["image 'videos[0][1]' contains NaN or inf"]
+    assert reasons[5] == ["video 'videos[0]' has shape (8, 8), expected (T, H, W) or (T, H, W, C)/(T, C, H, W)"]
+    assert reasons[6] == ["video 'videos[0]' must be a list of frames or a (T, H, W[, C]) array, got str"]
+    assert reasons[7] == ["missing field 'videos[0][1]'"]
+    assert "row 1:" in str(err.value) and "7 of 10 rows" in str(err.value)
+    kept, report = validate_rows("text", rows, base_dir=tmp_path, skip_invalid=True)
+    assert report.kept == 3 and "dropped 7 invalid rows" in report.summary()
+
+
+def test_videos_load_from_jsonl_and_parquet(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = _png(tmp_path / "f.png").name
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r", "videos": [[frame, frame]]},
+            {"prompt": "p", "chosen": "c", "rejected": "r", "videos": [[frame, "gone.png"]]}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.parquet"):
+        ds = load_preference_data(tmp_path / name, "text", skip_invalid=True)
+        assert len(ds) == 1 and [i for i, _ in ds.report.dropped] == [1]
