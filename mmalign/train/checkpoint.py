@@ -7,6 +7,7 @@ Layout of ``<run_dir>/checkpoints/``::
         optimizer.safetensors   optimizer tensors, keyed ``state.<param index>.<name>``
         optimizer.json          optimizer param groups, non-tensor state and parameter names by index
         scheduler.json          LR scheduler state
+        scaler.json             fp16 loss-scaler state (scale, growth tracker, growth/backoff settings), if any
         rng-<rank>.safetensors  torch CPU/CUDA RNG states of each process
         rng-<rank>.json         python and numpy RNG states of each process
         trainer_state.json      step, data position, config fingerprint
@@ -56,6 +57,10 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+SCALER = "scaler.json"
+_SCALER_KEYS = {"scale": float, "growth_factor": float, "backoff_factor": float, "growth_interval": int,
+                "_growth_tracker": int}
+_KIND_NAMES = {float: "a number", int: "an integer"}
 _REPLACED = ".replaced"  # suffix of a complete checkpoint folder moved aside while its step is written anew
 _STEP_DIR = re.compile(r"step-(\d+)")
 
@@ -215,6 +220,7 @@ def save_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     optimizer_state: dict[str, Any] | None = None,
     param_names: list[str] | None = None,
+    scaler: Any | None = None,
 ) -> Path:
     """Write checkpoint ``step`` atomically under ``root`` and return its final folder.
 
@@ -223,7 +229,8 @@ def save_checkpoint(
     synchronises processes in a distributed run. ``generators`` are extra random streams (e.g. a loss's noise
     generator) saved with each process's RNG states. ``optimizer_state`` is an index-keyed optimizer state dict
     used instead of ``optimizer.state_dict()`` (a sharded run passes the state gathered in full);
-    ``param_names`` names the optimizer's parameters by index, so loading can check they still match.
+    ``param_names`` names the optimizer's parameters by index, so loading can check they still match. ``scaler`` is
+    the fp16 loss scaler (``torch.amp.GradScaler``, e.g. ``accelerator.scaler``); a disabled one writes nothing.
     """
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
@@ -251,6 +258,9 @@ def save_checkpoint(
             _write_json(tmp / "optimizer.json", opt_meta)
         if scheduler is not None:
             _write_json(tmp / "scheduler.json", scheduler.state_dict())
+        scaler_state = scaler.state_dict() if scaler is not None else {}
+        if scaler_state:  # {} when the scaler is disabled
+            _write_json(tmp / SCALER, scaler_state)
         _write_json(tmp / "trainer_state.json", {**trainer_state, "step": step, "world_size": world_size})
     if barrier is not None:
         barrier()
@@ -357,13 +367,17 @@ class CheckpointContents:
     optimizer_state: dict[str, Any] | None = None
     param_names: list[str] | None = None
     scheduler_state: dict[str, Any] | None = None
+    scaler_state: dict[str, Any] | None = None
     rng_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
     rng_meta: dict[str, Any] = field(default_factory=dict)
 
 
 def read_checkpoint(path: Path, *, model: bool = True, optimizer: bool = True, scheduler: bool = True,
-                    rank: int = 0) -> CheckpointContents:
-    """Verify the manifest and read the requested parts and this process's RNG files; errors name the file."""
+                    rank: int = 0, scaler: bool = True) -> CheckpointContents:
+    """Verify the manifest and read the requested parts and this process's RNG files; errors name the file.
+
+    The loss-scaler state is read when the checkpoint holds one (only runs with an fp16 loss scaler write it).
+    """
     path = Path(path)
     _verify_manifest(path)
     out = CheckpointContents(path=path, state=_read_json(path / "trainer_state.json"))
@@ -378,12 +392,26 @@ def read_checkpoint(path: Path, *, model: bool = True, optimizer: bool = True, s
         out.param_names = meta.get("param_names")
     if scheduler:
         out.scheduler_state = _read_json(path / "scheduler.json")
+    if scaler and (path / SCALER).is_file():
+        out.scaler_state = _read_scaler(path / SCALER)
     rank_file = path / f"rng-{rank}.safetensors"
     if not rank_file.is_file():
         rank_file = path / "rng-0.safetensors"  # resumed on more processes than saved: reuse rank 0's stream
     out.rng_tensors = _load_tensors(rank_file)
     out.rng_meta = _read_json(rank_file.with_suffix(".json"))
     return out
+
+
+def _read_scaler(path: Path) -> dict[str, Any]:
+    state = _read_json(path)
+    if not isinstance(state, dict):
+        raise CheckpointError(f"checkpoint file {path} is malformed: expected the loss-scaler settings, got {state!r}")
+    for key, kind in _SCALER_KEYS.items():
+        value = state.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, kind)):
+            raise CheckpointError(f"checkpoint file {path} is malformed: {key!r} must be {_KIND_NAMES[kind]}, "
+                                  f"got {value!r}")
+    return state
 
 
 def check_matches(contents: CheckpointContents, model: torch.nn.Module | None,
@@ -424,8 +452,10 @@ def apply_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     scheduler: Any | None,
     generators: dict[str, torch.Generator] | None = None,
+    scaler: Any | None = None,
 ) -> dict[str, Any]:
-    """Load what ``read_checkpoint`` read into model, optimizer, scheduler and the RNGs; return the trainer state.
+    """Load what ``read_checkpoint`` read into model, optimizer, scheduler, loss scaler and the RNGs; return the
+    trainer state.
 
     A model sharded with FSDP2 receives the consolidated state through a collective scatter, so every process
     must call this together.
@@ -449,6 +479,8 @@ def apply_checkpoint(
                 raise CheckpointError(f"{path / 'optimizer.json'} does not match the optimizer: {err}") from None
     if scheduler is not None and contents.scheduler_state is not None:
         scheduler.load_state_dict(contents.scheduler_state)
+    if scaler is not None and contents.scaler_state is not None:
+        scaler.load_state_dict(contents.scaler_state)  # a disabled scaler ignores it
     _set_rng_state(contents.rng_tensors, contents.rng_meta, generators)
     return contents.state
 
@@ -462,8 +494,10 @@ def load_checkpoint(
     rank: int = 0,
     generators: dict[str, torch.Generator] | None = None,
     agree: Callable[[bool], bool] | None = None,
+    scaler: Any | None = None,
 ) -> dict[str, Any]:
-    """Restore model, optimizer, scheduler and this process's RNG states (and ``generators``); return the state.
+    """Restore model, optimizer, scheduler, loss scaler (when the checkpoint holds its state) and this process's RNG
+    states (and ``generators``); return the state.
 
     Everything is read and checked before anything is applied. In a distributed run pass ``agree`` (a collective
     that is True only if every process passes True, e.g. :func:`mmalign.train.fsdp.all_ranks_ok`): a process whose
@@ -473,7 +507,7 @@ def load_checkpoint(
     contents: CheckpointContents | None = None
     try:
         contents = read_checkpoint(path, model=model is not None, optimizer=optimizer is not None,
-                                   scheduler=scheduler is not None, rank=rank)
+                                   scheduler=scheduler is not None, rank=rank, scaler=scaler is not None)
         check_matches(contents, model, optimizer)
         if generators:
             missing = [n for n in generators if f"generator.{n}" not in contents.rng_tensors]
@@ -486,4 +520,5 @@ def load_checkpoint(
     if error is not None:
         raise error
     assert contents is not None
-    return apply_checkpoint(contents, model=model, optimizer=optimizer, scheduler=scheduler, generators=generators)
+    return apply_checkpoint(contents, model=model, optimizer=optimizer, scheduler=scheduler, generators=generators,
+                            scaler=scaler)

@@ -94,8 +94,11 @@ class TrainerConfig(Config):
             raise ValueError(f"zero_offload_optimizer is only used with distributed 'deepspeed', got distributed "
                              f"{self.distributed!r}")
         if self.distributed in ("fsdp", "deepspeed") and self.mixed_precision == "fp16":
-            raise ValueError(f"mixed_precision 'fp16' is not supported with distributed {self.distributed!r} (its "
-                             "loss-scaler state is not part of the checkpoints); use 'bf16', 'auto' or 'no'")
+            # with ddp the loss scaler is accelerate's, checkpointed by the trainer
+            why = ("accelerate's loss scaler does not handle the sharded gradients" if self.distributed == "fsdp"
+                   else "the engine's loss-scaler state is not part of the checkpoints")
+            raise ValueError(f"mixed_precision 'fp16' is not supported with distributed {self.distributed!r} ({why}); "
+                             "use 'bf16', 'auto' or 'no'")
         if self.fsdp_wrap and self.distributed != "fsdp":
             raise ValueError(f"fsdp_wrap {self.fsdp_wrap!r} is only used with distributed 'fsdp', got distributed "
                              f"{self.distributed!r}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -22,8 +23,17 @@ def _scalar(value: Any) -> float | None:
     return None
 
 
+def _same(a: Any, b: float) -> bool:
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
 class MetricsLogger:
-    """Appends ``{"step": s, name: value, ...}`` rows to ``metrics.jsonl`` and mirrors them to TensorBoard."""
+    """Appends ``{"step": s, name: value, ...}`` rows to ``metrics.jsonl`` and mirrors them to TensorBoard.
+
+    A row is logged once per (step, metric names): logging the same names at a step the file already holds (e.g. the
+    final evaluation again when a finished run is resumed) appends nothing; should the values differ, a warning
+    says so and the first row stays.
+    """
 
     def __init__(self, run_dir: Path, enabled: bool = True, tensorboard: bool = True) -> None:
         self.run_dir = Path(run_dir)
@@ -37,6 +47,17 @@ class MetricsLogger:
                 self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"))
             except ImportError:  # tensorboard is a declared dependency; keep logging to JSONL if it is absent
                 self._tb = None
+        self._logged: set[tuple[int, frozenset[str]]] = set()
+        self._names: dict[frozenset[str], frozenset[str]] = {}  # one shared key set per kind of row
+        if enabled:
+            self._remember(read_metrics(self.path))
+
+    def _key(self, step: int, names: Any) -> tuple[int, frozenset[str]]:
+        names = frozenset(n for n in names if n != "step")
+        return step, self._names.setdefault(names, names)
+
+    def _remember(self, rows: list[dict[str, Any]]) -> None:
+        self._logged = {self._key(row.get("step", 0), row) for row in rows}
 
     def truncate_after(self, step: int) -> None:
         """Drop rows logged after ``step`` (used when resuming from a checkpoint at ``step``)."""
@@ -44,11 +65,20 @@ class MetricsLogger:
             return
         keep = [row for row in read_metrics(self.path) if row.get("step", 0) <= step]
         self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self._remember(keep)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         row = {k: v for k, v in ((k, _scalar(v)) for k, v in metrics.items()) if v is not None}
         if not self.enabled:
             return row
+        key = self._key(step, row)
+        if key in self._logged:
+            earlier = next((r for r in reversed(read_metrics(self.path)) if self._key(r.get("step", 0), r) == key), {})
+            if any(not _same(earlier.get(k), v) for k, v in row.items()):
+                warnings.warn(f"{self.path} already holds step {step}'s {sorted(row)} with other values; the first "
+                              f"row is kept: {earlier} (now {row})", stacklevel=2)
+            return row
+        self._logged.add(key)
         with open(self.path, "a") as fh:
             fh.write(json.dumps({"step": step, **row}) + "\n")
         if self._tb is not None:

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from mmalign.train.checkpoint import (
+    SCALER,
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
@@ -58,6 +59,18 @@ def resolve_mixed_precision(setting: str, cpu: bool = False) -> str:
     if not cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
         return "bf16"
     return "no"
+
+
+def _cuda_rng_devices() -> list[int]:
+    """The CUDA devices whose RNGs evaluation forks: every one once CUDA is in use, none before (nor without CUDA).
+
+    An ``eval_fn`` drawing from a CUDA generator would otherwise shift the training draws after it (dropout, noise)
+    and an uninterrupted run would no longer equal a resumed one. Forking a device's RNG copies a small host-side
+    state; asking ``is_initialized`` (not for the RNG states) keeps a CPU run on a GPU machine from initialising CUDA.
+    """
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return []
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -378,6 +391,7 @@ class Trainer:
                            **({"zero_stage": self.cfg.zero_stage} if self.zero else {})},
             rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
             keep=self.cfg.keep_checkpoints, generators=self.generators,
+            scaler=acc.scaler if self.is_main else None,  # fp16: scale and growth tracker, the same on every process
         )
         self._checkpointed_step = self.step
         return path
@@ -391,7 +405,7 @@ class Trainer:
             raise CheckpointError(f"--resume given but {self._ckpt_root()} holds no complete checkpoint")
         state = load_checkpoint(path, model=self._raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
                                 rank=acc.process_index, generators=self.generators,
-                                agree=lambda ok: all_ranks_ok(ok, acc.device))
+                                agree=lambda ok: all_ranks_ok(ok, acc.device), scaler=acc.scaler)
         if state.get("config_fingerprint") not in {_fingerprint(self.cfg, acc.num_processes),
                                                    _legacy_fingerprint(self.cfg)}:
             raise CheckpointError(f"{path} was written with different training settings; refusing to resume")
@@ -401,6 +415,14 @@ class Trainer:
                   f"that the {self.cfg.lr_schedule!r} LR schedule is unchanged; resume with the run's max_steps")
         _check_max_steps(self.cfg, state.get("max_steps"), self.step, path)
         self._checkpointed_step = self.step
+        scaling = acc.scaler is not None and acc.scaler.is_enabled()
+        if self.is_main and scaling and not (path / SCALER).is_file():
+            print(f"[mmalign] {path} holds no fp16 loss-scaler state (written by an earlier version or without a "
+                  f"loss scaler): the loss scale restarts from its default, so the run may differ from an "
+                  f"uninterrupted one")
+        elif self.is_main and not scaling and (path / SCALER).is_file():
+            print(f"[mmalign] {path} holds an fp16 loss-scaler state, but this run has no loss scaler (mixed "
+                  f"precision {acc.mixed_precision!r} on {acc.device}): it is not used")
 
     def _write_run_info(self) -> None:
         """Append this start to ``run_info.json``: what the run resolved (device, precision, processes, strategy).
@@ -443,12 +465,24 @@ class Trainer:
         model.eval()
         # DeepSpeed casts the module itself under bf16, so its inputs need autocast as in training
         cast = self.accelerator.autocast() if self.zero else contextlib.nullcontext()
-        with torch.random.fork_rng(devices=[]), torch.no_grad(), cast:
+        with torch.random.fork_rng(devices=_cuda_rng_devices()), torch.no_grad(), cast:
             out = self.eval_fn(model)
         model.train(was_training)
         np.random.set_state(np_state)
         random.setstate(py_state)
         return out if self.is_main else {}
+
+    def _optimizer_step(self) -> None:
+        """Apply the accumulated gradients and advance the LR schedule, unless the fp16 loss scaler skipped the step.
+
+        With fp16 the scaler skips an update whose gradients overflowed (and lowers the scale); the schedule then
+        stays where it is as well, so every applied update gets the LR of its own position in the schedule.
+        """
+        if not self.zero:  # DeepSpeed stepped inside engine.step (no fp16 there: the config refuses it)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        if not self.accelerator.optimizer_step_was_skipped:
+            self.scheduler.step()
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         """Run until ``max_steps`` optimizer steps; with ``resume``, continue from the latest checkpoint."""
@@ -521,10 +555,7 @@ class Trainer:
                 else:
                     norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
                 sums["train/grad_norm"] = torch.as_tensor(norm, device=acc.device).float().reshape(-1)[:1]
-            if not self.zero:
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
+            self._optimizer_step()
             self.step += 1
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:

@@ -195,3 +195,66 @@ def test_shape_mismatch_names_the_tensor(tmp_path: Path) -> None:
     path = _save(tmp_path, 1, model, opt, sched)
     with pytest.raises(CheckpointError, match=r"shape mismatch \['weight: \(3, 4\) vs model \(3, 5\)'"):
         load_checkpoint(path, model=torch.nn.Linear(5, 3), optimizer=None, scheduler=None)
+
+
+def _stepped_scaler() -> torch.amp.GradScaler:
+    """A real loss scaler away from its defaults: one overflow (scale halved), then one good step (tracker 1)."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_factor=4.0, backoff_factor=0.25,
+                                  growth_interval=3)
+    weight = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.SGD([weight], lr=0.1)
+    for factor in (1e37, 1.0):
+        opt.zero_grad()
+        scaler.scale(weight.sum() * factor).backward()
+        scaler.step(opt)
+        scaler.update()
+    return scaler
+
+
+def test_loss_scaler_state_round_trips(tmp_path: Path) -> None:
+    model, opt, sched = _setup()
+    scaler = _stepped_scaler()
+    assert scaler.state_dict() == {"scale": 2.0**8, "growth_factor": 4.0, "backoff_factor": 0.25,
+                                   "growth_interval": 3, "_growth_tracker": 1}
+    path = save_checkpoint(tmp_path, 1, model_tensors=model.state_dict(), optimizer=opt, scheduler=sched,
+                           trainer_state={}, scaler=scaler)
+    assert {p.suffix for p in path.iterdir()} <= {".safetensors", ".json"}
+    fresh = torch.amp.GradScaler("cpu")
+    load_checkpoint(path, model=None, optimizer=None, scheduler=None, scaler=fresh)
+    assert fresh.state_dict() == scaler.state_dict()
+    # the restored scaler goes on as the saved one does: two more good steps grow the scale (interval 3)
+    weight = torch.nn.Parameter(torch.ones(2))
+    for s in (scaler, fresh):
+        for _ in range(2):
+            s.scale(weight.sum()).backward()
+            s.unscale_(torch.optim.SGD([weight], lr=0.0))
+            s.update()
+    assert fresh.state_dict() == scaler.state_dict() and fresh.get_scale() == 2.0**10
+    # without a scaler (CPU, bf16, fp32) nothing is written, and a scaler given on load keeps its defaults
+    plain = _save(tmp_path / "plain", 1, model, opt, sched)
+    assert not (plain / "scaler.json").exists()
+    default = torch.amp.GradScaler("cpu")
+    load_checkpoint(plain, model=None, optimizer=None, scheduler=None, scaler=default)
+    assert default.state_dict() == torch.amp.GradScaler("cpu").state_dict()
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    assert not (_save(tmp_path / "off", 1, model, opt, sched) / "scaler.json").exists()
+    load_checkpoint(path, model=None, optimizer=None, scheduler=None, scaler=disabled)  # ignored, no error
+
+
+def test_malformed_scaler_state_names_the_file_and_applies_nothing(tmp_path: Path) -> None:
+    import json
+
+    model, opt, sched = _setup()
+    path = save_checkpoint(tmp_path, 1, model_tensors=model.state_dict(), optimizer=opt, scheduler=sched,
+                           trainer_state={}, scaler=_stepped_scaler())
+    target = path / "scaler.json"
+    state = json.loads(target.read_text())
+    target.write_text(json.dumps({**state, "scale": str(state["scale"])}))
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps({**manifest, "scaler.json": target.stat().st_size}))
+    fresh_model, fresh = torch.nn.Linear(4, 3), torch.amp.GradScaler("cpu")
+    before = {k: v.clone() for k, v in fresh_model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"scaler.json is malformed: 'scale' must be a number, got '256.0'"):
+        load_checkpoint(path, model=fresh_model, optimizer=None, scheduler=None, scaler=fresh)
+    assert all(torch.equal(before[k], v) for k, v in fresh_model.state_dict().items())
+    assert fresh.state_dict() == torch.amp.GradScaler("cpu").state_dict()

@@ -223,6 +223,33 @@ def test_auto_precision_on_a_gpu_trains_in_bf16_and_resumes_exactly(tmp_path: Pa
         assert torch.equal(a[key], b[key]), f"{key} differs after resume on {info['device_name']}"
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_on_a_gpu_resumes_exactly_with_its_loss_scaler(tmp_path: Path) -> None:
+    """fp16 with accelerate's loss scaler (one GPU): stop + resume equals an uninterrupted run, scaler included."""
+    env = {**ENV, "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    common = ["trainer.mixed_precision=fp16", "trainer.save_every=4", "trainer.progress=false", "trainer.plots=false",
+              "dropout=0.1", "n_pairs=512", "hidden=64"]
+    script = ("import sys; from pathlib import Path; from mmalign.config import load_config; "
+              "from mmalign.train.demo import DemoConfig, run; "
+              "run(load_config(DemoConfig, None, sys.argv[3:]), Path(sys.argv[1]), resume=sys.argv[2] == 'resume')")
+    for name, mode, steps in [("full", "new", 8), ("stop", "new", 4), ("stop", "resume", 8)]:
+        out = subprocess.run([sys.executable, "-c", script, str(tmp_path / name), mode, f"trainer.max_steps={steps}",
+                              *common], env=env, capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-3000:]
+        assert "loss-scaler state" not in out.stdout
+    info = json.loads((tmp_path / "full" / "run_info.json").read_text())["starts"][0]
+    assert info["device"].startswith("cuda") and info["mixed_precision"] == "fp16"
+    ckpts = {name: tmp_path / name / "checkpoints" for name in ("full", "stop")}
+    assert (ckpts["stop"] / "step-00000004" / "scaler.json").is_file()  # the state the resume starts from
+    for file in ("scaler.json", "scheduler.json"):
+        assert (json.loads((ckpts["full"] / "step-00000008" / file).read_text())
+                == json.loads((ckpts["stop"] / "step-00000008" / file).read_text())), file
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "stop")
+    for key in a:
+        assert torch.equal(a[key], b[key]), f"{key} differs after resume on {info['device_name']}"
+
+
 class _Augmented(torch.utils.data.Dataset):
     """Each item drawn with torch, numpy and python random augmentation (as image pipelines do)."""
 
@@ -238,7 +265,10 @@ class _Augmented(torch.utils.data.Dataset):
         return torch.full((3,), float(i)) + jitter
 
 
-def _tiny(run_dir: Path, resume: bool = False, dataset=None, **overrides) -> "Trainer":  # noqa: F821
+def _tiny(run_dir: Path, resume: bool = False, dataset=None, eval_fn=None, scaler=None, overflow_at=(),
+          **overrides) -> "Trainer":  # noqa: F821
+    """A small CPU run. ``scaler`` stands in for accelerate's fp16 loss scaler (CPU runs have none); at the steps in
+    ``overflow_at`` the loss is scaled to 1e37, finite itself but overflowing float32 once the scaler multiplies it."""
     from mmalign.train.config import TrainerConfig
     from mmalign.train.trainer import Trainer
 
@@ -248,7 +278,14 @@ def _tiny(run_dir: Path, resume: bool = False, dataset=None, **overrides) -> "Tr
                                    "cpu": True, **overrides})
     data = dataset if dataset is not None else [torch.randn(3, generator=torch.Generator().manual_seed(i))
                                                 for i in range(12)]
-    trainer = Trainer(cfg, model, data, lambda m, b: ((m(b) ** 2).mean(), {}), run_dir)
+
+    def loss_fn(m: torch.nn.Module, b: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        loss = (m(b) ** 2).mean()
+        return (loss / loss.detach() * 1e37 if trainer.step in overflow_at else loss), {}
+
+    trainer = Trainer(cfg, model, data, loss_fn, run_dir, eval_fn=eval_fn)
+    if scaler is not None:
+        trainer.accelerator.scaler = scaler  # before train(): a resume restores it, prepare hands it to the optimizer
     trainer.train(resume=resume)
     return trainer
 
@@ -283,20 +320,141 @@ def test_worker_batches_are_seeded_by_their_position_in_the_run() -> None:
     assert not torch.equal(first[0], _SeededBatches(_Augmented(), seed=0, rank=1).__getitems__((5, 1, [0, 1]))[0])
 
 
+def _weight_sum(m: torch.nn.Module) -> dict[str, float]:
+    return {"eval/weight_sum": float(sum(p.detach().sum() for p in m.parameters()))}
+
+
 def test_resuming_a_finished_run_does_not_rewrite_its_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    """Nor its metrics: the final evaluation, run again, is not logged a second time for the same step."""
     import mmalign.train.trainer as trainer_mod
 
-    _tiny(tmp_path / "r", max_steps=3, save_every=2)
+    first = _tiny(tmp_path / "r", max_steps=3, save_every=2, eval_fn=_weight_sum)
+    metrics = (tmp_path / "r" / "metrics.jsonl").read_text()
+    assert [json.loads(x)["step"] for x in metrics.splitlines() if "eval/weight_sum" in x] == [3]
     saved: list[int] = []
     real = trainer_mod.save_checkpoint
     monkeypatch.setattr(trainer_mod, "save_checkpoint", lambda root, step, **kw: saved.append(step) or real(
         root, step, **kw))
-    again = _tiny(tmp_path / "r", resume=True, max_steps=3, save_every=2)
+    again = _tiny(tmp_path / "r", resume=True, max_steps=3, save_every=2, eval_fn=_weight_sum)
     assert again.step == 3 and saved == []
     assert latest_checkpoint(tmp_path / "r" / "checkpoints").name == "step-00000003"
     assert (tmp_path / "r" / "model.safetensors").is_file()
-    _tiny(tmp_path / "r", resume=True, max_steps=5, save_every=2)  # continuing still saves (step 4 and the end)
+    assert (tmp_path / "r" / "metrics.jsonl").read_text() == metrics
+    assert _weight_sum(again.unwrapped_model()) == _weight_sum(first.unwrapped_model())
+    _tiny(tmp_path / "r", resume=True, max_steps=5, save_every=2, eval_fn=_weight_sum)  # continuing saves and logs
     assert saved == [4, 5]
+    rows = [json.loads(x) for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/weight_sum" in r] == [3, 5]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5]
+
+
+def test_metrics_are_logged_once_per_step_and_names(tmp_path: Path) -> None:
+    from mmalign.train.logging import MetricsLogger, read_metrics
+
+    log = MetricsLogger(tmp_path, tensorboard=False)
+    log.log(1, {"train/loss": 0.5})
+    log.log(1, {"eval/acc": float("nan")})
+    log.log(1, {"train/loss": 0.5})
+    again = MetricsLogger(tmp_path, tensorboard=False)  # a later start of the run reads what the file holds
+    again.log(1, {"eval/acc": float("nan")})
+    with pytest.warns(UserWarning, match=r"already holds step 1's \['train/loss'\] with other values; the first row "
+                                         r"is kept: \{'step': 1, 'train/loss': 0.5\} \(now \{'train/loss': 0.7\}\)"):
+        assert again.log(1, {"train/loss": 0.7}) == {"train/loss": 0.7}
+    again.log(2, {"train/loss": 0.5})
+    again.truncate_after(1)
+    again.log(2, {"train/loss": 0.25})  # dropped by the truncation, so logged anew
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], sorted(r)) for r in rows] == [(1, ["step", "train/loss"]), (1, ["eval/acc", "step"]),
+                                                      (2, ["step", "train/loss"])]
+    assert rows[2]["train/loss"] == 0.25
+
+
+def test_an_eval_fn_drawing_random_numbers_does_not_change_training(tmp_path: Path) -> None:
+    """Evaluation runs under forked torch RNGs and restored numpy/python states (dropout and loading draw from them)."""
+    import random
+
+    import numpy as np
+
+    def noisy_eval(m: torch.nn.Module) -> dict[str, float]:
+        return {"eval/noise": float(torch.rand(()) + torch.nn.functional.dropout(torch.ones(3), 0.5).sum())
+                + float(np.random.rand()) + random.random()}
+
+    from mmalign.train.trainer import seed_everything
+
+    seed_everything(0)  # _Augmented loads from the global numpy and python RNGs, which _tiny leaves as they are
+    plain = _tiny(tmp_path / "plain", dataset=_Augmented(), max_steps=4)
+    seed_everything(0)
+    evaluated = _tiny(tmp_path / "eval", dataset=_Augmented(), max_steps=4, eval_every=1, eval_fn=noisy_eval)
+    assert _same_weights(plain, evaluated)
+    rows = (tmp_path / "eval" / "metrics.jsonl").read_text().splitlines()
+    assert len([r for r in rows if "eval/noise" in r]) == 4
+
+
+def test_evaluation_forks_the_cuda_rngs_once_cuda_is_in_use(tmp_path: Path, monkeypatch) -> None:
+    """A GPU is simulated: evaluation forks every CUDA device's RNG when CUDA is initialised, and none before."""
+    trainer = _tiny(tmp_path / "r", max_steps=1, eval_fn=_weight_sum)
+    forked: list[list[int]] = []
+    real = torch.random.fork_rng
+
+    def spy(devices=None, enabled=True, **kw):
+        forked.append(list(devices))
+        return real(devices=[], enabled=enabled)  # the simulated devices have no RNG to fork
+
+    monkeypatch.setattr(torch.random, "fork_rng", spy)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    for initialised in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_initialized", lambda: initialised)
+        assert trainer._evaluate() == _weight_sum(trainer.unwrapped_model())
+    assert forked == [[0, 1], []]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_an_eval_fn_drawing_from_the_cuda_rng_does_not_change_training_on_a_gpu(tmp_path: Path) -> None:
+    def cuda_eval(m: torch.nn.Module) -> dict[str, float]:
+        return {"eval/noise": float(torch.rand((), device="cuda") + torch.randn(3, device="cuda").sum())}
+
+    plain = _tiny(tmp_path / "plain", max_steps=4, cpu=False)
+    evaluated = _tiny(tmp_path / "eval", max_steps=4, cpu=False, eval_every=1, eval_fn=cuda_eval)
+    assert next(evaluated.unwrapped_model().parameters()).device.type == "cuda"
+    assert _same_weights(plain, evaluated)
+
+
+def _cpu_scaler(growth_interval: int = 2) -> torch.amp.GradScaler:
+    return torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=growth_interval)
+
+
+def test_a_step_the_loss_scaler_skips_leaves_the_lr_schedule_alone(tmp_path: Path) -> None:
+    """fp16: an update skipped for overflowing gradients must not advance the schedule either."""
+    scaler = _cpu_scaler(growth_interval=100)
+    trainer = _tiny(tmp_path / "r", scaler=scaler, overflow_at={1}, max_steps=4, max_grad_norm=0.0,
+                    lr_schedule="linear", warmup_steps=8)
+    assert scaler.get_scale() == 2.0**15  # the overflow at step 1 halved the scale, two good steps since
+    assert trainer.scheduler.last_epoch == 3  # three updates applied
+    lrs = [json.loads(x)["train/lr"] for x in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()
+           if "train/lr" in x]
+    assert lrs == pytest.approx([0.05 * k / 8 for k in (2, 2, 3, 4)])
+
+
+def test_stop_and_resume_restores_the_loss_scaler(tmp_path: Path, capsys) -> None:
+    """The scale and growth tracker continue from the checkpoint instead of restarting at the defaults."""
+    common = {"overflow_at": {1}, "max_grad_norm": 0.0, "lr_schedule": "linear", "warmup_steps": 8}
+    full_scaler, resumed_scaler = _cpu_scaler(), _cpu_scaler()
+    full = _tiny(tmp_path / "full", scaler=full_scaler, max_steps=5, **common)
+    _tiny(tmp_path / "stop", scaler=_cpu_scaler(), max_steps=3, **common)
+    saved = json.loads((latest_checkpoint(tmp_path / "stop" / "checkpoints") / "scaler.json").read_text())
+    assert (saved["scale"], saved["_growth_tracker"]) == (2.0**15, 1)
+    resumed = _tiny(tmp_path / "stop", resume=True, scaler=resumed_scaler, max_steps=5, **common)
+    assert resumed_scaler.state_dict() == full_scaler.state_dict() == {
+        "scale": 2.0**16, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2, "_growth_tracker": 1}
+    assert _same_weights(full, resumed)
+    assert resumed.scheduler.state_dict() == full.scheduler.state_dict()
+    # a checkpoint written without a loss scaler: the scale restarts from its default, and the run says so
+    common = {k: v for k, v in common.items() if k != "overflow_at"}
+    _tiny(tmp_path / "plain", max_steps=2, **common)
+    _tiny(tmp_path / "plain", resume=True, scaler=_cpu_scaler(), max_steps=3, **common)
+    assert "holds no fp16 loss-scaler state" in capsys.readouterr().out
 
 
 def test_resume_refuses_a_max_steps_that_changes_the_lr_schedule(tmp_path: Path) -> None:
