@@ -27,7 +27,8 @@ step() {  # step NAME SECONDS COMMAND...
 { nvidia-smi; python3 -c "import torch, sys; print(sys.version); print('torch', torch.__version__, torch.version.cuda, \
 torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported())"; python3 -m pip list 2>/dev/null \
 | grep -i -E '^(torch|transformers|diffusers|accelerate|peft|deepspeed|safetensors) '; } > "$OUT/env.txt" 2>&1
-# 1. every gpu-marked test (trainer auto->bf16 + exact resume, ZeRO round trip on CUDA/NCCL, losses and reward
+# 1. every gpu-marked test (trainer auto->bf16 + exact resume, fp16 + loss-scaler resume, eval drawing from the CUDA
+#    RNG leaves training alone, ZeRO round trip on CUDA/NCCL, losses and reward
 #    models on CUDA, diffusion SDXL bf16 smoke, VLM 2B bf16 tokens/s); only the files that hold them are collected
 step "pytest -m gpu" 240 env MMALIGN_PERF_OUT="$OUT/vlm_perf.json" python3 -m pytest -m gpu -rA -p no:cacheprovider \
   tests/train/test_trainer.py tests/train/test_zero.py tests/core/test_loss_metrics.py \
