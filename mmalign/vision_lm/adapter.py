@@ -6,7 +6,9 @@ SmolVLM ...). What TRL's collator cannot express and this one can:
 
 * a different image per branch (Re-Align's visual term): every branch is encoded with its own images;
 * image tokens hidden from attention with keep-fraction ``1 - rho`` (BDHS): the 2-D attention mask is zeroed at a
-  random subset of image-token positions, so no later token can read them (the image is still encoded);
+  random subset of image-token positions, so no later token can read them (the image is still encoded). Positions
+  are not changed: models with multimodal rotary positions (M-RoPE: Qwen2-VL/2.5-VL), which lay out positions from
+  the attention mask, get position ids computed from the unhidden mask, passed explicitly;
 * several frames per example (video as a list of images, or ``videos=`` for processors that take them);
 * reference log-probs from the same model with LoRA disabled, or precomputed once (see ``refcache.py``).
 
@@ -110,6 +112,22 @@ def concat_batches(batches: Sequence[EncodedBatch]) -> EncodedBatch:
     )
 
 
+def _append_slot(batch: EncodedBatch, token: int) -> EncodedBatch:
+    """``batch`` with one more response token (``token``) after each row's last real token."""
+    lengths = batch.attention_mask.sum(1)
+    rows = torch.arange(len(batch))
+
+    def grow(t: Tensor, value: int) -> Tensor:
+        out = t.new_zeros(t.shape[0], t.shape[1] + 1)
+        out[:, :-1] = t
+        out[rows, lengths] = value
+        return out
+
+    return EncodedBatch(grow(batch.input_ids, token), grow(batch.attention_mask, 1),
+                        grow(batch.response_mask, 1), dict(batch.vision),
+                        {k: grow(v, 0) for k, v in batch.extra_tokens.items()}, list(batch.index))
+
+
 def hide_image_tokens(
     input_ids: Tensor, attention_mask: Tensor, image_token_ids: Sequence[int], rho: float | Tensor,
     generator: torch.Generator | None = None,
@@ -183,6 +201,19 @@ def image_token_ids_of(model: Any) -> list[int]:
     return sorted(int(i) for i in ids)
 
 
+def _is_replicating_wrapper(model: Any) -> bool:
+    """DDP / DataParallel: a wrapper whose gradient bookkeeping is tied to its own ``forward``."""
+    return isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
+
+
+def unwrap_model(model: Any) -> Any:
+    """The module inside training wrappers (DDP, DataParallel, a DeepSpeed engine: anything exposing ``.module``);
+    a peft model stays a peft model. Config and helper methods are read from it, never from the wrapper."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 class VLMAdapter:
     """Scores responses of a VLM: encode examples, run (concatenated) forwards, return per-token log-probs."""
 
@@ -197,10 +228,57 @@ class VLMAdapter:
         self.skip_invalid = skip_invalid
         self.share_images = share_images
         self.num_skipped = 0
-        self.image_token_ids = image_token_ids_of(model)
+        self.image_token_ids = image_token_ids_of(unwrap_model(model))
         forward = getattr(model, "forward", None)
         params = inspect.signature(forward).parameters if forward is not None else {}
         self._accepts_logits_to_keep = "logits_to_keep" in params or "kwargs" in params
+
+    @property
+    def base_model(self) -> Any:
+        """``self.model`` without training wrappers (see :func:`unwrap_model`)."""
+        return unwrap_model(self.model)
+
+    def _pad_id(self) -> int:
+        """Filler id of padded (attention-masked) positions: the pad token, else EOS, else 0."""
+        for tid in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if tid is not None:
+                return int(tid)
+        return 0
+
+    def _rope_index_fn(self) -> Any:
+        """The model's ``get_rope_index`` (M-RoPE families: Qwen2-VL, Qwen2.5-VL ...), or ``None``."""
+        m = self.base_model
+        if hasattr(m, "get_base_model"):  # peft
+            m = m.get_base_model()
+        for cand in (m, getattr(m, "model", None)):
+            fn = getattr(cand, "get_rope_index", None)
+            if callable(fn):
+                return fn
+        return None
+
+    def mrope_position_ids(self, input_ids: Tensor, attention_mask: Tensor, vision: dict[str, Tensor],
+                           extra_tokens: dict[str, Tensor]) -> Tensor | None:
+        """Multimodal rotary position ids ``(3, B, T)`` laid out by the model from ``attention_mask``.
+
+        ``None`` for models without M-RoPE, for text-only batches (plain positions are right then) and when the
+        model's ``get_rope_index`` needs an input the processor did not return (the model then raises its own
+        error). Computed from the UNHIDDEN mask: BDHS hides tokens from attention but keeps every position.
+        """
+        fn = self._rope_index_fn()
+        if fn is None or not any(k in vision for k in ("image_grid_thw", "video_grid_thw")):
+            return None
+        params = inspect.signature(fn).parameters
+        available = {**vision, **extra_tokens}
+        kwargs: dict[str, Any] = {k: v for k, v in available.items() if k in params and k != "input_ids"}
+        required = [n for n, p in params.items() if p.default is inspect.Parameter.empty
+                    and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL) and n not in ("input_ids", "self")]
+        if any(n not in kwargs for n in required):
+            return None
+        if "attention_mask" in params:
+            kwargs["attention_mask"] = attention_mask
+        with torch.no_grad():
+            out = fn(input_ids, **kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
     # ----------------------------------------------------------------------------------------- encoding
     def encode(self, examples: Sequence[VLExample]) -> EncodedBatch:
@@ -217,10 +295,19 @@ class VLMAdapter:
             kwargs["videos"] = [ex.videos for ex in examples]
         old_side = getattr(self.tokenizer, "padding_side", "right")
         self.tokenizer.padding_side = "right"
+        no_pad = self.tokenizer.pad_token is None
+        if no_pad:  # the processor refuses to pad without a pad token; padded prompt positions are dropped below
+            filler = self.tokenizer.eos_token or self.tokenizer.unk_token
+            if filler is None:
+                raise ValueError("the tokenizer has no pad, EOS or unk token to pad prompts with; "
+                                 "set tokenizer.pad_token")
+            self.tokenizer.pad_token = filler
         try:
             proc = self.processor(**kwargs)
         finally:
             self.tokenizer.padding_side = old_side
+            if no_pad:
+                self.tokenizer.pad_token = None
         eos = self.tokenizer.eos_token_id
         rows, resp_rows, extra_rows, index = [], [], {k: [] for k in _PER_TOKEN_KEYS if k in proc}, []
         keep_vision = []
@@ -248,7 +335,7 @@ class VLMAdapter:
             keep_vision.append(i)
         if not rows:
             raise ValueError(f"all {len(examples)} examples were longer than max_length={self.max_length}")
-        ids = _pad_cat(rows, int(self.tokenizer.pad_token_id or 0))
+        ids = _pad_cat(rows, self._pad_id())
         attn = _pad_cat([torch.ones_like(r) for r in rows], 0)
         vision = {k: v for k, v in proc.items() if k not in ("input_ids", "attention_mask", *_PER_TOKEN_KEYS)
                   and isinstance(v, Tensor)}
@@ -300,21 +387,27 @@ class VLMAdapter:
 
         Column ``j`` of row ``i`` is the ``j``-th response token of example ``i`` (``L`` = longest response in the
         batch, EOS included); ``mask`` marks real tokens; ``logits`` (B, L, V) float32 when ``return_logits``.
-        ``rho > 0`` hides image tokens from attention (see :func:`hide_image_tokens`). Log-probs are computed in
+        ``rho > 0`` hides image tokens from attention (see :func:`hide_image_tokens`); positions stay those of the
+        unhidden sequence (M-RoPE models get them explicitly, see :meth:`mrope_position_ids`). Log-probs are computed in
         float32 from the logits of the response positions only (``logits_to_keep``), so long image prompts never
         materialise (T, V) logits. ``image_features`` (LLaVA-style models only): precomputed projected features of
         every image placeholder, in order, spliced into the input embeddings instead of re-encoding pixels.
         """
         attn = batch.attention_mask
+        position_ids = None
         if isinstance(rho, Tensor) or rho > 0:
+            # M-RoPE models lay out positions from the attention mask: give them the unhidden layout explicitly
+            position_ids = self.mrope_position_ids(batch.input_ids, attn, batch.vision, batch.extra_tokens)
             attn = hide_image_tokens(batch.input_ids, attn, self.image_token_ids, rho, generator)
         resp = batch.response_mask
         starts = resp.float().argmax(dim=1)  # first response token of each row
         first = int(starts.min())
         keep = batch.input_ids.shape[1] - first + 1
         inputs = self.model_inputs(batch, attn)
+        if position_ids is not None:
+            inputs["position_ids"] = position_ids
         if image_features is not None:
-            embeds = self.model.get_input_embeddings()(batch.input_ids)
+            embeds = self.base_model.get_input_embeddings()(batch.input_ids)
             is_image = torch.zeros_like(batch.input_ids, dtype=torch.bool)
             for tid in self.image_token_ids:
                 is_image |= batch.input_ids == tid
@@ -374,11 +467,13 @@ class VLMAdapter:
         Mathematically identical to encoding them per branch (the gradient reaches the vision tower once, summed
         over branches) but runs the vision tower on half (or a third) of the images. Only for families whose
         forward merely splices image features into placeholder embeddings (``_SPLICE_FAMILIES``); others (e.g.
-        Qwen2-VL, whose 3-D rotary positions need the image grid) take the plain path.
+        Qwen2-VL, whose 3-D rotary positions need the image grid) take the plain path. Off when the model is wrapped
+        in DDP / DataParallel: the vision tower would run outside the wrapper's ``forward``, where its gradient
+        bookkeeping cannot see it, so every branch encodes its images inside the wrapped forward instead.
         """
-        if not self.share_images or len(branches) < 2:
+        if not self.share_images or len(branches) < 2 or _is_replicating_wrapper(self.model):
             return None
-        model = self.model
+        model = self.base_model
         if getattr(model.config, "model_type", None) not in _SPLICE_FAMILIES:
             return None
         first = branches[0].vision
@@ -394,10 +489,29 @@ class VLMAdapter:
             else feats.reshape(-1, feats.shape[-1])
         return torch.cat([feats] * len(branches), dim=0)
 
+    @contextlib.contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """Context in which the model is in eval mode (no dropout); the previous mode is restored afterwards."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+
+    @torch.no_grad()
     def next_token_logits(self, examples: Sequence[VLExample]) -> Tensor:
-        """``(B, V)`` logits of the token that follows ``prompt + response`` of each example."""
-        batch = self.encode(examples).to(next(self.model.parameters()).device)
-        _, mask, logits = self.token_logps(batch, return_logits=True)
+        """``(B, V)`` logits of the token that follows ``prompt + response`` of each example (eval mode, no grad).
+
+        They are the logits at the EOS slot ``encode`` appends; a tokenizer without EOS gets a padding slot there
+        instead (its logits depend only on the tokens before it).
+        """
+        batch = self.encode(examples)
+        if self.tokenizer.eos_token_id is None:
+            batch = _append_slot(batch, self._pad_id())
+        batch = batch.to(next(self.model.parameters()).device)
+        with self.eval_mode():
+            _, mask, logits = self.token_logps(batch, return_logits=True)
         last = mask.sum(dim=1) - 1  # the EOS slot encode() appended: its logits predict the next token
         return logits[torch.arange(len(batch)), last]
 
@@ -426,31 +540,46 @@ class VLMAdapter:
         the generated continuation text only. Uses the model's KV cache; the hidden-token mask is carried along.
         """
         batch = self.encode(examples)
-        dev = next(self.model.parameters()).device
+        # DDP / DataParallel: generate with the module itself (no gradients; the wrapper's forward would run a
+        # collective buffer broadcast per token, and processes generate different numbers of tokens)
+        model = self.model.module if _is_replicating_wrapper(self.model) else self.model
+        dev = next(model.parameters()).device
         batch = batch.to(dev)
-        # Drop the EOS encode() appended, left-pad so every row continues at the last column.
-        lengths = batch.attention_mask.sum(1) - 1
+        eos = self.tokenizer.eos_token_id
+        # Drop the EOS encode() appended (only where it did: a tokenizer without EOS gets none), left-pad so every
+        # row continues at the last column.
+        lengths = batch.attention_mask.sum(1)
+        if eos is not None:
+            last_tok = batch.input_ids[torch.arange(len(batch), device=dev), lengths - 1]
+            lengths = lengths - (last_tok == eos).long()
         width = int(lengths.max())
-        pad = int(self.tokenizer.pad_token_id or 0)
+        pad = self._pad_id()
         ids = torch.full((len(batch), width), pad, dtype=torch.long, device=dev)
         attn = torch.zeros_like(ids)
+        extra = {k: torch.zeros((len(batch), width), dtype=v.dtype, device=dev) for k, v in batch.extra_tokens.items()}
         for i, n in enumerate(lengths.tolist()):
             ids[i, width - n:] = batch.input_ids[i, :n]
             attn[i, width - n:] = 1
+            for k, v in batch.extra_tokens.items():
+                extra[k][i, width - n:] = v[i, :n]
         # Positions follow the real (unpadded) tokens, as in training; hidden image tokens keep their positions.
-        # Only needed (and only passed) when rows are left-padded to different lengths.
-        position_ids = (attn.cumsum(1) - 1).clamp(min=0) if bool((attn == 0).any()) else None
+        # M-RoPE models (Qwen2-VL ...): the model's own 3-D layout of the unhidden sequence, then +1 per new token
+        # on all three axes (what the model itself does with its rope deltas). Others: the 2-D cumsum, only
+        # needed (and only passed) when rows are left-padded to different lengths.
+        position_ids = self.mrope_position_ids(ids, attn, batch.vision, extra)
+        mrope = position_ids is not None
+        if not mrope and bool((attn == 0).any()):
+            position_ids = (attn.cumsum(1) - 1).clamp(min=0)
         attn = hide_image_tokens(ids, attn, self.image_token_ids, rho, generator) if rho > 0 else attn
-        eos = self.tokenizer.eos_token_id
         stop_ids = {self.tokenizer.convert_tokens_to_ids(w) for w in stop_words}
         # sharded parameters (FSDP2, ZeRO-3) are gathered collectively in every forward: all processes keep stepping
         # until every one of them is done (finished rows only append padding), as HF's synced_gpus does
         from mmalign.train.fsdp import all_ranks_ok, runs_in_lockstep
 
-        lockstep = runs_in_lockstep(self.model)
+        lockstep = runs_in_lockstep(model)
         was_training = self.model.training
-        self.model.eval()
-        out = torch.full((len(batch), max_new_tokens), pad, dtype=torch.long, device=dev)
+        model.eval()
+        out = torch.full((len(batch), max_new_tokens), -1, dtype=torch.long, device=dev)  # -1: nothing generated
         done = torch.zeros(len(batch), dtype=torch.bool, device=dev)
         past, step_ids = None, ids
         try:
@@ -458,11 +587,12 @@ class VLMAdapter:
                 inputs: dict[str, Any] = {"input_ids": step_ids, "attention_mask": attn, "use_cache": True}
                 if past is None:
                     inputs.update(batch.vision)
+                    inputs.update(extra)
                 else:
                     inputs["past_key_values"] = past
                 if position_ids is not None:
                     inputs["position_ids"] = position_ids
-                res = self.model(**inputs)
+                res = model(**inputs)
                 past = res.past_key_values
                 logits = res.logits[:, -1].float()
                 if temperature > 0:
@@ -470,9 +600,10 @@ class VLMAdapter:
                     nxt = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(dev)
                 else:
                     nxt = logits.argmax(-1)
-                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
-                out[:, t] = nxt
-                done |= nxt == eos
+                out[:, t] = torch.where(done, torch.full_like(nxt, -1), nxt)
+                nxt = torch.where(done, torch.full_like(nxt, pad), nxt)  # finished rows only append padding
+                if eos is not None:
+                    done |= nxt == eos
                 for s in stop_ids:
                     done |= nxt == s
                 finished = bool(done.all())
@@ -483,14 +614,19 @@ class VLMAdapter:
                 step_ids = nxt.unsqueeze(1)
                 attn = torch.cat([attn, torch.ones_like(step_ids)], dim=1)
                 if position_ids is not None:
-                    position_ids = position_ids[:, -1:] + 1
+                    if mrope:  # next position = the largest one so far + 1, on every axis
+                        nxt_pos = position_ids.amax(dim=(0, 2), keepdim=True) + 1  # (1, B, 1)
+                        position_ids = nxt_pos.expand(position_ids.shape[0], -1, -1)
+                    else:
+                        position_ids = position_ids[:, -1:] + 1
         finally:
             self.model.train(was_training)
+        stop_at = {eos, self.tokenizer.pad_token_id} - {None}
         texts = []
         for row in out.tolist():
             toks = []
             for tok in row:
-                if tok in (pad, eos):
+                if tok < 0 or tok in stop_at:
                     break
                 toks.append(tok)
                 if tok in stop_ids:

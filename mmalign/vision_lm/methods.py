@@ -107,11 +107,18 @@ def vision_embeddings(adapter: VLMAdapter, images: Sequence[Any], batch_size: in
     """Mean-pooled, L2-normalised image features of the VLM's own vision tower + projector, ``(N, D)``.
 
     Pooled over every placeholder feature of an image: all patches (LLaVA), base view + AnyRes tiles + row newlines
-    (LLaVA-NeXT), all split tiles + the global view (Idefics3 / SmolVLM).
+    (LLaVA-NeXT), all split tiles + the global view (Idefics3 / SmolVLM). Runs in eval mode (no dropout), restoring
+    the model's previous mode afterwards.
     """
-    model = adapter.model
+    model = adapter.base_model
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     dev = next(base.parameters()).device
+    with adapter.eval_mode():
+        return _vision_embeddings(adapter, base, images, batch_size, dev)
+
+
+def _vision_embeddings(adapter: VLMAdapter, base: Any, images: Sequence[Any], batch_size: int,
+                       dev: torch.device) -> Tensor:
     out = []
     for start in range(0, len(images), batch_size):
         chunk = list(images[start:start + batch_size])

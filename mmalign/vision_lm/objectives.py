@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmalign.vision_lm.adapter import EncodedBatch, VLExample, VLMAdapter
+from mmalign.vision_lm.adapter import EncodedBatch, VLExample, VLMAdapter, unwrap_model
 
 __all__ = ["PrefPair", "PairCollator", "PreferenceObjective", "METHODS", "segments_for"]
 
@@ -112,7 +112,7 @@ class _Raw:
 
 
 def _unwrap(model: Any) -> Any:
-    return getattr(model, "module", model)
+    return unwrap_model(model)
 
 
 class PreferenceObjective:
@@ -146,11 +146,20 @@ class PreferenceObjective:
         updated = list(pairs)
         for i, text in zip(rows, new):
             p = updated[i]
+            # the supplied phrase ids (if any) described the old rejected answer: the new pair has none, so RRPO's
+            # segments below come from a token diff of chosen vs the regenerated answer
             updated[i] = PrefPair(p.prompt, p.chosen, text, p.images, p.rejected_images, p.retrieved_images)
         rejected = self.adapter.encode([VLExample(p.prompt, p.rejected, p.rejected_images if p.rejected_images
                                                   is not None else p.images) for p in updated])
         dev = batch["chosen"].input_ids.device
-        return {**batch, "rejected": rejected.to(dev)}
+        out = {**batch, "rejected": rejected.to(dev), "raw": _Raw(updated)}
+        if "chosen_segments" in batch or "rejected_segments" in batch:  # RRPO: phrase ids of the new pairs
+            segs = [segments_for(self.adapter.tokenizer, p) for p in updated]
+            out["chosen_segments"] = _pad_rows([c for c, _ in segs], int(batch["chosen"].response_mask.sum(1).max()),
+                                               torch.long).to(dev)
+            out["rejected_segments"] = _pad_rows([r for _, r in segs], int(rejected.response_mask.sum(1).max()),
+                                                 torch.long).to(dev)
+        return out
 
     def _generate_in_step(self, todo: list[PrefPair]) -> list[str]:
         """Regenerate the rejected answers of ``todo`` (possibly none) with ``self.online``.
@@ -181,6 +190,8 @@ class PreferenceObjective:
     def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
         from mmalign.core.losses import dpo as dpo_mod, realign as realign_mod, rrpo as rrpo_mod
 
+        # the adapter calls the (possibly DDP-wrapped) model's forward and reads config / helpers from the module
+        # inside it; with a DDP wrapper it encodes images inside the wrapped forward (no shared-feature shortcut)
         self.adapter.model = model
         if self.online is not None:
             batch = self._regenerate(batch)

@@ -209,3 +209,193 @@ def test_qwen2vl_skip_invalid_with_two_images_per_example(qwen2vl):
     with torch.no_grad():
         alone = torch.cat([qwen2vl.sequence_logps(qwen2vl.encode([e])) for e in (exs[0], exs[2])])
         assert torch.allclose(ad.sequence_logps(batch), alone, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- Qwen2-VL: M-RoPE with BDHS, generate
+QWEN_PROMPT = "<|vision_start|> <|image_pad|> <|vision_end|> describe :"
+
+
+def _qwen_images(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.random((32, 32, 3)) * 255).astype(np.uint8) for _ in range(n)]
+
+
+def test_qwen2vl_hiding_image_tokens_keeps_mrope_positions(qwen2vl):
+    """BDHS only hides image tokens from attention: Qwen2-VL's 3-D positions (laid out by the model from the
+    attention mask) are those of the unhidden sequence for every rho; 0 < rho < 1 runs (it crashed with a shape
+    mismatch) and rho = 1 no longer shifts every later token's position."""
+    ad = qwen2vl
+    imgs = _qwen_images(2)
+    batch = ad.encode([VLExample(QWEN_PROMPT, "a red circle", [imgs[0]]), VLExample(QWEN_PROMPT, "a", [imgs[1]])])
+    seen = []
+    hook = ad.model.model.language_model.register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(kwargs["position_ids"].clone()), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            scores = {rho: ad.sequence_logps(batch, rho=rho, generator=torch.Generator().manual_seed(0))
+                      for rho in (0.0, 0.5, 1.0)}
+            (c, _, _), (r, _, _) = ad.branch_logps([batch, batch], rhos=[0.0, 0.5],
+                                                   generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert len(seen) == 4 and seen[0].shape == (3, 2, batch.input_ids.shape[1])
+    assert torch.equal(seen[0], seen[1]) and torch.equal(seen[0], seen[2])
+    assert torch.equal(seen[3], torch.cat([seen[0], seen[0]], dim=1))  # concatenated branches, per-branch rho
+    assert (scores[0.5] - scores[0.0]).abs().max() > 1e-6 and (scores[1.0] - scores[0.0]).abs().min() > 1e-6
+    assert torch.allclose(c.sum(1), scores[0.0], atol=1e-5)
+
+
+def test_qwen2vl_generate_batched_equals_alone_and_a_full_recompute(qwen2vl):
+    """generate() runs on Qwen2-VL (mm_token_type_ids are passed, left-padded with the ids), and left padding keeps
+    the M-RoPE image layout: batched rows equal each row alone, which equals greedy decoding by full forwards where
+    the model lays out its positions itself; with the image hidden too (rho = 1 hides every image token)."""
+    ad = qwen2vl
+    imgs = _qwen_images(3, seed=2)
+    exs = [VLExample(QWEN_PROMPT, "", [imgs[0]]), VLExample(QWEN_PROMPT, "a red circle", [imgs[1]]),
+           VLExample(QWEN_PROMPT, "a", [imgs[2]])]
+    alone = {}
+    for rho in (0.0, 1.0):
+        batched = ad.generate(exs, max_new_tokens=4, rho=rho)
+        alone[rho] = [ad.generate([e], max_new_tokens=4, rho=rho)[0] for e in exs]
+        assert batched == alone[rho] and any(t for t in batched)
+    tok, pad, eos = ad.tokenizer, ad.tokenizer.pad_token_id, ad.tokenizer.eos_token_id
+    for ex, got in zip(exs, alone[0.0]):  # transformers' own generate lays out the positions itself
+        b = ad.encode([ex])
+        with torch.no_grad():
+            ids = ad.model.generate(input_ids=b.input_ids[:, :-1], attention_mask=b.attention_mask[:, :-1],
+                                    mm_token_type_ids=b.extra_tokens["mm_token_type_ids"][:, :-1], **b.vision,
+                                    max_new_tokens=4, do_sample=False, eos_token_id=eos, pad_token_id=pad)
+        new = ids[0, b.input_ids.shape[1] - 1:].tolist()
+        out = new[: next((i for i, t in enumerate(new) if t in (pad, eos)), len(new))]
+        assert got == tok.decode(out, skip_special_tokens=True).strip()
+
+
+# ------------------------------------------------------------------------------- eval mode, tokenizers without EOS/pad
+def _dropout_llava(p=0.5):
+    from transformers import AutoModelForImageTextToText
+
+    from mmalign.vision_lm.adapter import VLMAdapter
+    from mmalign.vision_lm.tiny import build_processor, build_tokenizer, tiny_llava_config
+
+    tok = build_tokenizer(S.vocabulary())
+    cfg = tiny_llava_config(len(tok), vision_dim=32, text_dim=32)
+    cfg.text_config.attention_dropout = p
+    cfg.vision_config.attention_dropout = p
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg)
+    return VLMAdapter(model, build_processor(tok, image_size=cfg.vision_config.image_size,
+                                             patch_size=cfg.vision_config.patch_size))
+
+
+def test_scoring_helpers_run_in_eval_mode_and_restore_the_mode(images):
+    """next_token_logits (Re-Align filling, POPE) and vision_embeddings (retrieval) are deterministic under dropout
+    even when the model is in training mode, equal the eval-mode values, and leave the mode as it was."""
+    from mmalign.vision_lm import methods as M
+
+    scenes, imgs = images
+    ad = _dropout_llava()
+    exs = [VLExample("<image> is there a circle ?", "", [imgs[0]]), VLExample(PROMPT, "a big", [imgs[1]])]
+    ad.model.eval()
+    want_logits, want_emb = ad.next_token_logits(exs), M.vision_embeddings(ad, imgs[:3])
+    assert not ad.model.training
+    ad.model.train()
+    torch.manual_seed(1)
+    a, ea = ad.next_token_logits(exs), M.vision_embeddings(ad, imgs[:3])
+    b, eb = ad.next_token_logits(exs), M.vision_embeddings(ad, imgs[:3])
+    assert ad.model.training and all(m.training for m in ad.model.modules())
+    assert torch.equal(a, b) and torch.equal(a, want_logits)
+    assert torch.equal(ea, eb) and torch.equal(ea, want_emb)
+
+
+def test_generate_and_next_token_logits_without_eos_or_pad_token(images):
+    """A tokenizer without EOS: generate() must not drop the last real context token (it stripped one assuming
+    encode() had appended EOS) and next_token_logits must predict the token after the response. Without a pad
+    token, a generated id 0 is a real token, not the end of the text."""
+    from mmalign.vision_lm.adapter import VLMAdapter
+    from mmalign.vision_lm.tiny import build_tiny_llava
+
+    _, imgs = images
+    model, proc = build_tiny_llava(S.vocabulary(), seed=0, vision_dim=32, text_dim=32)
+    model.eval()
+    with_eos = VLMAdapter(model, proc)
+    ex = VLExample(PROMPT, "a big", [imgs[0]])
+    want_logits = with_eos.next_token_logits([ex])
+    _, proc2 = build_tiny_llava(S.vocabulary(), seed=0, vision_dim=32, text_dim=32)
+    proc2.tokenizer.eos_token = None
+    ad = VLMAdapter(model, proc2)
+    assert ad.tokenizer.eos_token_id is None
+    first_ids = []
+    hook = model.register_forward_pre_hook(
+        lambda mod, args, kwargs: first_ids.append(kwargs["input_ids"].clone()) if not first_ids else None,
+        with_kwargs=True)
+    try:
+        ad.generate([ex], max_new_tokens=2)
+    finally:
+        hook.remove()
+    context = ad.tokenizer("a big", add_special_tokens=False)["input_ids"]
+    assert first_ids[0][0, -2:].tolist() == context
+    assert torch.allclose(ad.next_token_logits([ex]), want_logits, atol=1e-5)
+
+    proc2.tokenizer.eos_token, proc2.tokenizer.pad_token = "<eos>", None
+    ad = VLMAdapter(model, proc2)
+    assert ad.tokenizer.pad_token_id is None
+    red, eos = ad.tokenizer.convert_tokens_to_ids("red"), ad.tokenizer.eos_token_id
+    script = iter([0, red, eos])
+
+    def force(mod, args, kwargs, out):  # the model "generates" id 0, then "red", then EOS
+        tok = next(script)
+        out.logits[:, -1] = -1e4
+        out.logits[:, -1, tok] = 1e4
+        return out
+
+    hook = model.register_forward_hook(force, with_kwargs=True)
+    try:
+        got = ad.generate([ex], max_new_tokens=5)
+    finally:
+        hook.remove()
+    assert got == [ad.tokenizer.decode([0, red], skip_special_tokens=True).strip()] and "red" in got[0]
+
+
+# ------------------------------------------------------------------------------- RRPO with online BDHS
+def test_rrpo_online_regeneration_recomputes_phrase_segments(images):
+    """Online BDHS replaces the rejected answer: RRPO must align the phrases of the NEW pair (it used the old
+    pair's segments), and the loss equals the offline loss of the regenerated pair; supplied (tagged) segment ids of
+    the old rejected answer are dropped for regenerated rows."""
+    import mmalign.core.losses.rrpo as R
+    from peft import LoraConfig, get_peft_model
+
+    from mmalign.vision_lm.adapter import VLMAdapter
+    from mmalign.vision_lm.objectives import PreferenceObjective, segments_for
+    from mmalign.vision_lm.tiny import build_tiny_llava
+
+    _, imgs = images
+    model, proc = build_tiny_llava(S.vocabulary(), seed=0, vision_dim=32, text_dim=32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                             init_lora_weights=False)).eval()  # policy != reference
+    ad = VLMAdapter(model, proc)
+    new = "a small red circle ."
+    pairs = [PrefPair(PROMPT, "a big red circle .", "a big blue circle .", [imgs[0]]),
+             PrefPair(PROMPT, "a big red circle .", "a big red bar .", [imgs[1]],
+                      chosen_segments=[0, 0, 0, 1, 0], rejected_segments=[0, 0, 0, 1, 0])]
+    batch = PairCollator(ad, with_segments=True, keep_raw=True)(list(enumerate(pairs)))
+    seen = []
+    orig = R.rrpo_loss
+
+    def spy(*args, **kwargs):
+        seen.append((args[4].tolist(), args[5].tolist()))
+        return orig(*args, **kwargs)
+
+    R.rrpo_loss = spy
+    try:
+        online = PreferenceObjective(ad, "rrpo", online=lambda a, ps: [new for _ in ps], online_prob=1.0)
+        with torch.no_grad():
+            loss, _ = online(model, batch)
+            regenerated = [PrefPair(p.prompt, p.chosen, new, p.images) for p in pairs]
+            want, _ = PreferenceObjective(ad, "rrpo")(
+                model, PairCollator(ad, with_segments=True)(list(enumerate(regenerated))))
+    finally:
+        R.rrpo_loss = orig
+    seg_c, seg_r = segments_for(ad.tokenizer, regenerated[0])
+    assert seg_r == [0, 1, 0, 0, 0] != [0, 0, 1, 0, 0]  # the old pair's phrase sits on "blue", the new on "small"
+    assert seen[0] == ([seg_c + [0]] * 2, [seg_r + [0]] * 2)  # + the EOS slot, for both rows
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
