@@ -3,7 +3,9 @@
 ``gymnasium.make("mmalign/LearnedReward-v0", env_id="Reacher-v5", reward_checkpoint="run/reward_model.safetensors")``
 wraps ``env_id`` and returns, at each step, the ensemble-mean reward ``r̂(o_t, a_t)`` of the observation *before*
 the action (standardised with the checkpoint's stored mean/std) and the (clipped) action — the same input the reward was trained on in
-:mod:`mmalign.robotics.pebble`. The env's own reward is kept in ``info["true_reward"]`` for evaluation.
+:mod:`mmalign.robotics.pebble`. Each member's reward is standardised with its stored reward statistics
+(``PebbleConfig(reward_norm=True)``; mean 0 / std 1, i.e. unchanged, when they were never fitted), so the env hands
+out the reward the agent was trained on. The env's own reward is kept in ``info["true_reward"]`` for evaluation.
 
 Checkpoints are written by :func:`mmalign.robotics.reward_io.save_reward_model`; one trained for a different
 observation or action size is refused at construction with a ``ValueError``. Without a checkpoint the reward model
@@ -84,7 +86,8 @@ class LearnedRewardEnv(gym.Env):
             o = torch.as_tensor(self._obs.reshape(1, 1, -1))
             o = (o - self.reward_meta["obs_mean"]) / self.reward_meta["obs_std"]
             a = torch.as_tensor(act.reshape(1, 1, -1))
-            reward = float(self.ensemble.step_rewards(o, a).mean())
+            # each member's stored reward standardisation (PebbleConfig.reward_norm; identity when never fitted)
+            reward = float(self.ensemble.step_rewards(o, a, normalize=True).mean())
         obs, true_reward, terminated, truncated, info = self.env.step(action)
         info = dict(info)
         info["true_reward"] = float(true_reward)

@@ -12,6 +12,12 @@ hand-written reward misses. The true reward is reported only in ``info["true_rew
 evaluation). Observations: ``obs_mode="state"`` (float32 vector, for fast policy learning) or ``"pixels"``
 (``(size, size, 3)`` uint8 top-down frames); ``render()`` always returns the pixel frame. Rendering uses
 ``mujoco.Renderer`` with shadows, reflections and skybox off (set ``MUJOCO_GL=egl`` for headless use).
+
+Change without a version bump (pre-1.0): ``step`` now recomputes kinematics after ``mj_step``, so the effector
+position and velocity in the observation, the forbidden-zone test of ``true_reward`` and the rendered frame all
+belong to the current state; before, they were one physics substep old while the puck was current (up to ~1 cm of
+effector lag). The dynamics are unchanged; observations, ``info["in_forbidden"]``/``true_reward`` and frames
+recorded before the change can differ slightly.
 """
 
 from __future__ import annotations
@@ -211,6 +217,9 @@ class PushAvoidEnv(gym.Env):
         action = np.asarray(action, dtype=np.float64).reshape(2)
         self.data.ctrl[:] = np.clip(action, -1.0, 1.0) * self._max_ctrl
         mujoco.mj_step(self.model, self.data, nstep=self.frame_skip)
+        # mj_step leaves positions/Jacobians of the last substep's start: recompute them from the new qpos/qvel so
+        # the observation, the forbidden-zone check and the rendered frame all see the current state
+        mujoco.mj_forward(self.model, self.data)
         self._step += 1
         info = self._reward_terms()
         truncated = self._step >= self.episode_steps

@@ -288,12 +288,23 @@ class FeedbackState:
         self.ensemble.fit_normalization(o[:, None], a[:, None])
 
     def _candidates(self, segs: Any, num: int) -> tuple[np.ndarray, np.ndarray]:
+        """``candidate_factor * num`` random candidate pairs, less those showing one window twice.
+
+        Segments are drawn with replacement, so a pair can show one window twice: a guaranteed tie whose logit is 0
+        for every member, i.e. maximal entropy, which the entropy selector and the router would pick first. Such
+        pairs are dropped (unless fewer than ``num`` candidates would remain).
+        """
         from mmalign.robotics.segments import random_pairs
 
-        return random_pairs(len(segs), num * self.cfg.candidate_factor, self.rng)
+        first, second = random_pairs(len(segs), num * self.cfg.candidate_factor, self.rng)
+        same = ((segs.obs[first] == segs.obs[second]).all(axis=(1, 2))
+                & (segs.act[first] == segs.act[second]).all(axis=(1, 2)))
+        if (~same).sum() >= num:
+            first, second = first[~same], second[~same]
+        return first, second
 
     def select(self, segs: Any, num: int) -> tuple[np.ndarray, np.ndarray]:
-        """Choose ``num`` query pairs among ``candidate_factor * num`` random candidate pairs."""
+        """Choose ``num`` query pairs among the random candidate pairs of :meth:`_candidates`."""
         from mmalign.robotics.reward_io import select_pairs
 
         first, second = self._candidates(segs, num)
@@ -402,11 +413,21 @@ class FeedbackState:
         return out
 
 
-def knn_entropy_bonus(states: torch.Tensor, reference: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """State-entropy bonus ``log(1 + ||s − s_kNN||)`` against a reference sample (APT / PEBBLE pre-training)."""
+def knn_entropy_bonus(states: torch.Tensor, reference: torch.Tensor, k: int = 5,
+                      self_in_reference: bool = False) -> torch.Tensor:
+    """State-entropy bonus ``log(1 + ||s − s_kNN||)`` against a reference sample (APT / PEBBLE pre-training).
+
+    ``s_kNN`` is the ``k``-th nearest reference point (fewer when the reference is smaller).
+    ``self_in_reference``: ``reference`` holds ``states`` themselves (at distance 0), so the ``k+1``-th nearest is
+    taken.
+    """
     d = torch.cdist(states, reference)
-    kk = min(k, reference.shape[0] - 1) if reference.shape[0] > 1 else 0
-    return torch.log1p(d.kthvalue(kk + 1, dim=1).values)
+    n = reference.shape[0]
+    if self_in_reference:
+        kth = min(k, n - 1) + 1 if n > 1 else 1
+    else:
+        kth = min(k, n)
+    return torch.log1p(d.kthvalue(kth, dim=1).values)
 
 
 def _make_callback(cfg: PebbleConfig, state: FeedbackState | None, eval_fn: Callable[[Any], tuple[float, float]],
@@ -423,6 +444,7 @@ def _make_callback(cfg: PebbleConfig, state: FeedbackState | None, eval_fn: Call
             self.next_feedback = cfg.first_feedback
             self.next_eval = 0
             self.relabel_s = 0.0  # process CPU seconds (robust on a shared machine)
+            self.pending_row: int | None = None  # SAC: buffer row of the transition in flight at a feedback round
             self.record_s = 0.0
             self.t_start = time.perf_counter()
 
@@ -459,11 +481,17 @@ def _make_callback(cfg: PebbleConfig, state: FeedbackState | None, eval_fn: Call
             self.record_s += time.process_time() - t0
             if state is not None and cfg.algo == "sac" and self.num_timesteps >= self.next_feedback:
                 self._feedback()
+                # SB3 stores this step's transition after on_step, with the reward computed before the refit (or
+                # the entropy bonus): its row is relabelled once stored, at _on_rollout_end (before any update)
+                self.pending_row = pos
             if self.num_timesteps >= self.next_eval:
                 self._evaluate()
             return True
 
         def _on_rollout_end(self) -> None:
+            if self.pending_row is not None:
+                self._relabel_rows(self.pending_row, self.pending_row + 1)
+                self.pending_row = None
             if state is not None and cfg.algo == "ppo" and self.num_timesteps >= self.next_feedback:
                 self._feedback()
 
@@ -500,17 +528,26 @@ def _make_callback(cfg: PebbleConfig, state: FeedbackState | None, eval_fn: Call
                          f"{metrics.get('train/pref_accuracy', float('nan')):.3f}")
 
         def relabel(self) -> int:
-            """Overwrite the replay buffer's rewards with the current ensemble mean, in batches; rows relabelled."""
+            """Overwrite the replay buffer's rewards with the current ensemble mean, in batches; rows relabelled.
+
+            The transition of the step that triggered the round is not stored yet; :meth:`_on_rollout_end`
+            relabels its row once SB3 has stored it.
+            """
+            buf = self._buffer()
+            size = buf.buffer_size if buf.full else buf.pos
+            self._relabel_rows(0, size)
+            return size
+
+        def _relabel_rows(self, start: int, stop: int) -> None:
+            """Relabel replay-buffer rows ``start:stop`` (all envs) with the current ensemble mean, in batches."""
             assert state is not None
             t0 = time.process_time()
             buf = self._buffer()
-            size = buf.buffer_size if buf.full else buf.pos
-            for a in range(0, size, cfg.relabel_batch):
-                b = min(size, a + cfg.relabel_batch)
+            for a in range(start, stop, cfg.relabel_batch):
+                b = min(stop, a + cfg.relabel_batch)
                 act = self.model.policy.unscale_action(buf.actions[a:b])
                 buf.rewards[a:b] = state.reward_fn(buf.observations[a:b], act)
             self.relabel_s += time.process_time() - t0
-            return size
 
     return PreferenceCallback()
 
@@ -596,7 +633,7 @@ def _entropy_reward_fn(cfg: PebbleConfig, device: torch.device) -> Callable[[np.
     def fn(obs: np.ndarray, act: np.ndarray) -> np.ndarray:
         s = torch.as_tensor(obs, dtype=torch.float32, device=device).reshape(len(obs), -1)
         ref = torch.cat(seen[-cfg.unsup_steps:]) if seen else s
-        bonus = knn_entropy_bonus(s, ref)
+        bonus = knn_entropy_bonus(s, ref, self_in_reference=not seen)
         seen.append(s)
         return bonus.cpu().numpy()
 

@@ -44,13 +44,8 @@ def route_round(state: Any, segs: Any, num: int) -> tuple[np.ndarray, np.ndarray
     if state.router is None:
         state.router = build_router(state)
     router = state.router
+    # pairs showing one window twice (maximal entropy: the router would spend a costly query on them) are dropped
     first, second = state._candidates(segs, num)
-    # Segments are drawn with replacement, so a pair can show one window twice: its logit is 0 for every member,
-    # i.e. maximal entropy, and the router would spend a costly query on it. Such pairs are dropped.
-    same = ((segs.obs[first] == segs.obs[second]).all(axis=(1, 2))
-            & (segs.act[first] == segs.act[second]).all(axis=(1, 2)))
-    if (~same).sum() >= num:
-        first, second = first[~same], second[~same]
     router.max_costly_per_call = num
     spent = router.spent
     out = router(

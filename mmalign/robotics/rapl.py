@@ -326,8 +326,9 @@ def train_policy(cfg: RaplConfig, encoder: Any, demo_frames: np.ndarray, timeste
 
     import mmalign.envs  # noqa: F401
 
-    env = OTRewardWrapper(gym.make(cfg.env_id, episode_steps=cfg.steps, render_mode="rgb_array"), encoder,
-                          demo_frames, reg=cfg.reg, num_iters=cfg.sinkhorn_iters)
+    env = OTRewardWrapper(gym.make(cfg.env_id, episode_steps=cfg.steps, image_size=cfg.image_size,
+                                   render_mode="rgb_array"),  # frames as the demos' (cfg.image_size)
+                          encoder, demo_frames, reg=cfg.reg, num_iters=cfg.sinkhorn_iters)
     model = PPO("MlpPolicy", env, n_steps=max(cfg.steps * 4, 64), batch_size=64, seed=cfg.seed, verbose=0, device="cpu")
     model.learn(total_timesteps=timesteps)
     eval_env = gym.make(cfg.env_id, episode_steps=cfg.steps)

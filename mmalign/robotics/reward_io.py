@@ -49,14 +49,19 @@ def ensemble_member_rewards(ensemble: Any, obs: Tensor, act: Tensor) -> Tensor:
 
 def fit_ensemble(
     ensemble: Any, obs1: Tensor, act1: Tensor, obs2: Tensor, act2: Tensor, labels: Tensor, *,
-    epochs: int, batch_size: int, lr: float, seed: int,
+    epochs: int, batch_size: int, lr: float, seed: int, val_fraction: float = 0.0,
 ) -> dict[str, float]:
-    """Refit the ensemble (warm start) with the BT loss on every labelled pair so far; returns final metrics."""
+    """Refit the ensemble (warm start) with the BT loss on the labelled pairs so far; returns final metrics.
+
+    By default it trains on every pair (as PEBBLE); ``val_fraction > 0`` holds out that fraction (of at least 10
+    pairs) for ``eval/*`` metrics. ``train/num_pairs`` / ``train/num_val_pairs`` count the pairs on each side.
+    """
     from mmalign.core.reward_models import RewardFitConfig, SegmentPairs, fit_reward_model
 
     device = next(ensemble.parameters()).device
     pairs = SegmentPairs(obs1, obs2, labels, act1, act2)
-    cfg = RewardFitConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=str(device))
+    cfg = RewardFitConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=str(device),
+                          val_fraction=val_fraction)
     result = fit_reward_model(ensemble, pairs, config=cfg)
     return {k: float(v) for k, v in result.metrics.items()}
 

@@ -51,6 +51,25 @@ def test_round_trip_keeps_input_normalisation_and_action_squares(tmp_path):
     env.close()
 
 
+def test_reward_applies_the_stored_reward_normalisation(tmp_path):
+    """PebbleConfig(reward_norm=True) trains the agent on standardised member rewards; the env must hand out those."""
+    ens = build_ensemble(10, 2, size=3, hidden=16, seed=0)
+    g = torch.Generator().manual_seed(0)
+    ens.fit_normalization(torch.randn(500, 1, 10, generator=g), 0.1 * torch.randn(500, 1, 2, generator=g))
+    assert any(float(m.reward_std) != 1.0 for m in ens.members)
+    path = save_reward_model(ens, tmp_path / "rm.safetensors", "Reacher-v5", 10, 2)
+    env = gym.make("mmalign/LearnedReward-v0", env_id="Reacher-v5", reward_checkpoint=str(path))
+    obs, _ = env.reset(seed=0)
+    action = np.array([0.05, -0.05], np.float32)
+    _, reward, _, _, _ = env.step(action)
+    x, u = torch.as_tensor(obs, dtype=torch.float32)[None, None], torch.as_tensor(action)[None, None]
+    with torch.no_grad():
+        want = float(ens.step_rewards(x, u, normalize=True).mean())
+        raw = float(ens.step_rewards(x, u).mean())
+    assert reward == pytest.approx(want, abs=1e-5) and abs(want - raw) > 1e-3
+    env.close()
+
+
 def test_checkpoint_for_other_observation_space_is_refused(checkpoint):
     path, _ = checkpoint
     with pytest.raises(ValueError, match="obs_dim=10"):

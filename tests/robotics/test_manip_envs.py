@@ -71,6 +71,30 @@ def test_effector_follows_commanded_velocity_and_pushes_puck(embodiment: str) ->
     assert env.puck_pos[1] > start_puck[1] + 0.1  # pushed up, toward the goal
 
 
+@pytest.mark.parametrize("embodiment", ["point", "arm"])
+def test_step_reports_the_state_after_the_step(embodiment: str) -> None:
+    """Observation, forbidden-zone flag and render data come from the current qpos/qvel, not one substep before."""
+    import mujoco
+
+    env = PushAvoidEnv(embodiment=embodiment)
+    env.reset(seed=0)
+    fresh = mujoco.MjData(env.model)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        obs, _, _, _, info = env.step(rng.uniform(-1, 1, size=2))
+        fresh.qpos[:], fresh.qvel[:] = env.data.qpos, env.data.qvel
+        mujoco.mj_forward(env.model, fresh)
+        effector = fresh.geom_xpos[env._effector_geom, :2]
+        jac = np.zeros((3, env.model.nv))
+        mujoco.mj_jacGeom(env.model, fresh, jac, None, env._effector_geom)
+        np.testing.assert_allclose(obs[:2], effector, atol=1e-6)
+        np.testing.assert_allclose(obs[2:4], jac[:2, :2] @ fresh.qvel[:2], atol=1e-5)
+        np.testing.assert_allclose(obs[4:6], env.puck_pos, atol=1e-6)
+        np.testing.assert_allclose(env.data.geom_xpos, fresh.geom_xpos, atol=1e-9)  # what render() draws
+        inside = np.linalg.norm(effector - np.asarray(env.layout.forbidden)) < env.layout.forbidden_radius
+        assert info["in_forbidden"] == float(inside)
+
+
 def test_forbidden_zone_penalised_only_in_true_reward() -> None:
     env = PushAvoidEnv(embodiment="point", episode_steps=40)
     env.reset(seed=0)

@@ -1,11 +1,15 @@
 """Online PbRL: bad input fails before training, budgets are exact, relabelling rewrites the replay buffer."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
 
-from mmalign.robotics.pebble import PebbleConfig, check_setup, knn_entropy_bonus, train_agent
-from mmalign.robotics.reward_io import build_ensemble
+from mmalign.robotics.pebble import (FeedbackState, PebbleConfig, _entropy_reward_fn, check_setup, knn_entropy_bonus,
+                                     train_agent)
+from mmalign.robotics.reward_io import build_ensemble, fit_ensemble
+from mmalign.robotics.segments import Segments
 
 TINY = dict(env_id="Reacher-v5", total_steps=260, learning_starts=60, first_feedback=100, feedback_every=50,
             label_budget=17, initial_labels=8, labels_per_round=6, rm_batch_size=8, rm_epochs=2, eval_every=130,
@@ -66,6 +70,55 @@ def test_relabelling_rewrites_replay_buffer(sac_run):
     assert np.abs(stored - before).max() > 1e-3  # ... so the stored rewards did change
 
 
+def test_every_stored_reward_is_the_final_models(sac_run):
+    """The transition in flight at a feedback round (stored by SB3 after on_step) is relabelled too."""
+    cfg, res = sac_run
+    model, state = res["model"], res["state"]
+    assert state.rounds >= 2
+    buf = model.replay_buffer
+    size = buf.pos
+    act = model.policy.unscale_action(buf.actions[:size, 0]).astype(np.float32)
+    current = state.reward_fn(buf.observations[:size, 0].astype(np.float32), act)
+    np.testing.assert_allclose(buf.rewards[:size, 0], current, rtol=1e-5, atol=1e-6)
+
+
+def test_refits_train_on_every_answered_label(sac_run):
+    _, res = sac_run
+    for row in res["feedback_history"]:
+        assert row["train/num_pairs"] == row["feedback/labels_train"]  # nothing held out (PEBBLE)
+        assert row["train/num_val_pairs"] == 0.0 and "eval/pref_accuracy" not in row
+
+
+def test_fit_ensemble_holds_out_only_when_asked():
+    g = torch.Generator().manual_seed(0)
+    o1, o2 = torch.randn(100, 5, 4, generator=g), torch.randn(100, 5, 4, generator=g)
+    a1, a2 = torch.randn(100, 5, 2, generator=g), torch.randn(100, 5, 2, generator=g)
+    y = (torch.rand(100, generator=g) > 0.5).float()
+    every = fit_ensemble(build_ensemble(4, 2, 3, 16, seed=0), o1, a1, o2, a2, y, epochs=1, batch_size=16, lr=1e-3,
+                         seed=0)
+    assert every["train/num_pairs"] == 100.0 and every["train/num_val_pairs"] == 0.0
+    assert "eval/pref_accuracy" not in every
+    held = fit_ensemble(build_ensemble(4, 2, 3, 16, seed=0), o1, a1, o2, a2, y, epochs=1, batch_size=16, lr=1e-3,
+                        seed=0, val_fraction=0.1)
+    assert held["train/num_pairs"] == 90.0 and held["train/num_val_pairs"] == 10.0
+    assert "eval/pref_accuracy" in held
+
+
+@pytest.mark.parametrize("selector", ["entropy", "uniform"])
+def test_selectors_never_ask_about_one_window_twice(selector):
+    """Segments are drawn with replacement; a pair showing one window twice is a guaranteed tie."""
+    rng = np.random.default_rng(0)
+    windows = rng.integers(0, 10, 40)  # 40 segments cut from 10 distinct windows
+    obs, act = rng.normal(size=(10, 5, 4)).astype(np.float32), rng.uniform(-1, 1, (10, 5, 2)).astype(np.float32)
+    segs = Segments(obs[windows], act[windows], rng.normal(size=(40, 5)).astype(np.float32))
+    cfg = PebbleConfig(env_id="Reacher-v5", selector=selector, label_budget=64, initial_labels=10, rm_batch_size=8,
+                       segment_length=5, device="cpu")
+    state = FeedbackState(cfg, 4, 2, torch.device("cpu"))
+    for _ in range(10):
+        i, j = state.select(segs, 10)
+        assert len(i) == 10 and (windows[i] != windows[j]).all()
+
+
 def test_ppo_and_unsupervised_pretraining_run():
     torch.set_num_threads(1)
     cfg = PebbleConfig(**{**TINY, "total_steps": 192, "first_feedback": 64, "label_budget": 14, "initial_labels": 8,
@@ -81,3 +134,22 @@ def test_knn_entropy_bonus_grows_with_distance():
     ref = torch.zeros(10, 2)
     near, far = torch.tensor([[0.1, 0.0]]), torch.tensor([[3.0, 0.0]])
     assert knn_entropy_bonus(far, ref) > knn_entropy_bonus(near, ref) > 0
+
+
+def test_knn_entropy_bonus_is_the_kth_neighbour():
+    ref = torch.arange(1.0, 11.0)[:, None]  # distances 1..10 from the origin
+    origin = torch.zeros(1, 1)
+    assert float(knn_entropy_bonus(origin, ref)) == pytest.approx(math.log1p(5.0))  # k = 5: the 5th neighbour
+    with_self = torch.cat([origin, ref])  # the state itself at distance 0 does not count as a neighbour
+    assert float(knn_entropy_bonus(origin, with_self, self_in_reference=True)) == pytest.approx(math.log1p(5.0))
+    assert float(knn_entropy_bonus(origin, ref[:3])) == pytest.approx(math.log1p(3.0))  # fewer than k: the farthest
+
+
+def test_pretraining_reward_is_the_kth_neighbour_among_earlier_states():
+    cfg = PebbleConfig(**{**TINY, "unsup_steps": 80})
+    fn = _entropy_reward_fn(cfg, torch.device("cpu"))
+    line = torch.arange(1.0, 11.0)[:, None].numpy()
+    first = fn(line, np.zeros((10, 2)))  # nothing seen yet: the batch itself is the reference, self excluded
+    assert first[0] == pytest.approx(math.log1p(5.0))  # from 1: others at 1..9, the 5th is 5
+    second = fn(np.zeros((1, 1), np.float32), np.zeros((1, 2)))  # reference = the 10 earlier states
+    assert second[0] == pytest.approx(math.log1p(5.0))

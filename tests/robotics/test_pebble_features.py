@@ -74,10 +74,13 @@ def _action_dependence(state: FeedbackState, test: Segments) -> tuple[float, flo
 def test_squared_actions_let_the_first_round_learn_the_control_cost():
     torch.manual_seed(0)
     train, test = _control_cost_segments(400, 0), _control_cost_segments(600, 1)
-    plain, feat = _state(), _state(normalize_act=True, rm_action_squares=True)
-    plain.feedback_round(train)
-    feat.feedback_round(train)
-    corr_plain, acc_plain = _action_dependence(plain, test)
-    corr_feat, acc_feat = _action_dependence(feat, test)
-    assert corr_feat > 0.7 and acc_feat > 0.75
-    assert acc_feat > acc_plain + 0.05
+    gaps = []
+    for seed in range(3):  # the accuracy gap of one ensemble seed is noisy (0.00-0.16), its mean is not
+        plain, feat = _state(seed=seed), _state(seed=seed, normalize_act=True, rm_action_squares=True)
+        plain.feedback_round(train)
+        feat.feedback_round(train)
+        corr_plain, acc_plain = _action_dependence(plain, test)
+        corr_feat, acc_feat = _action_dependence(feat, test)
+        assert corr_feat > 0.7 and acc_feat > 0.75
+        gaps.append(acc_feat - acc_plain)
+    assert np.mean(gaps) > 0.05

@@ -147,6 +147,36 @@ def test_ot_reward_prefers_demo_like_rollouts_and_wrapper_serves_it() -> None:
         OTRewardWrapper(gym.make("mmalign/PushAvoidPoint-v0"), enc, tr.frames[:1])
 
 
+def test_policy_env_renders_at_the_config_image_size(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The policy's OT reward compares its frames with demos rendered at cfg.image_size: same size on both sides."""
+    import stable_baselines3
+
+    from mmalign.robotics.rapl import train_policy
+
+    frames: list[np.ndarray] = []
+
+    class _NoLearning:  # stands in for PPO: records the training env's frames, acts with zeros
+        def __init__(self, policy: str, env, **kwargs) -> None:  # type: ignore[no-untyped-def]
+            self.env = env
+
+        def learn(self, total_timesteps: int) -> None:
+            self.env.reset(seed=0)
+            _, reward, _, _, _ = self.env.step(np.zeros(2, np.float32))
+            assert np.isfinite(reward)
+            frames.append(self.env.render())
+
+        def predict(self, obs, deterministic: bool = True):  # type: ignore[no-untyped-def]
+            return np.zeros(2, np.float32), None
+
+    monkeypatch.setattr(stable_baselines3, "PPO", _NoLearning)
+    cfg = RaplConfig(steps=3, image_size=32)
+    torch.manual_seed(0)
+    enc = build_encoder("tiny_cnn", embed_dim=8, image_size=32)
+    demos = collect_trajectories("mmalign/PushAvoidPoint-v0", 1, seed=1, steps=3, image_size=32).frames
+    train_policy(cfg, enc, demos, timesteps=1)
+    assert frames[0].shape == demos.shape[2:] == (32, 32, 3)
+
+
 def test_config_validation() -> None:
     with pytest.raises(ValueError, match="encoder"):
         RaplConfig(encoder="vgg")

@@ -150,5 +150,6 @@ def fit_reward_model(
             row.update(evaluate(model, val))
         history.append(row)
     final = dict(history[-1])
-    final["train/num_pairs"] = float(n)
+    final["train/num_pairs"] = float(n)  # pairs trained on (after any val_fraction hold-out)
+    final["train/num_val_pairs"] = float(len(val)) if val is not None else 0.0
     return FitResult(final, history)
