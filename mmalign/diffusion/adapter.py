@@ -143,17 +143,13 @@ def pair_denoising_errors(model: torch.nn.Module, scheduler: Any, batch: PairBat
     return err.chunk(2)
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    # DDP / accelerate wrappers hide peft's disable_adapter (cf. diffusers #6351): toggle on the inner module.
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):
-        model = model.module
-    return model
-
-
 @contextlib.contextmanager
 def reference_context(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     """Yield the reference network of a LoRA-wrapped ``model``: the same weights with adapters disabled."""
-    inner = _unwrap(model)
+    from mmalign.train.fsdp import unwrap_model
+
+    # DDP / accelerate wrappers hide peft's disable_adapter: toggle on the inner module
+    inner = unwrap_model(model)
     if hasattr(inner, "disable_adapter"):  # peft.PeftModel
         with inner.disable_adapter():
             yield inner

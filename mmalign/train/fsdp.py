@@ -33,6 +33,15 @@ __all__ = [
 FORWARD_METHODS = ("get_image_features", "get_video_features")
 
 
+def unwrap_model(model: Any) -> Any:
+    """The module inside training wrappers (DDP, DataParallel, a DeepSpeed engine: anything exposing ``.module``);
+    a peft model stays a peft model. Config, helper methods and peft's ``disable_adapter`` are read from it, never
+    from the wrapper (cf. diffusers #6351)."""
+    while isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model
+
+
 def is_sharded(model: torch.nn.Module | None) -> bool:
     """True when ``model`` holds FSDP2-sharded (DTensor) parameters."""
     if model is None or not torch.distributed.is_available():

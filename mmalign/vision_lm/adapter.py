@@ -30,6 +30,8 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import Tensor
 
+from mmalign.train.fsdp import unwrap_model
+
 __all__ = ["VLExample", "EncodedBatch", "VLMAdapter", "load_vlm", "apply_lora", "hide_image_tokens"]
 
 # Processor outputs that are laid out per token of the prompt (padded / extended with the text).
@@ -204,14 +206,6 @@ def image_token_ids_of(model: Any) -> list[int]:
 def _is_replicating_wrapper(model: Any) -> bool:
     """DDP / DataParallel: a wrapper whose gradient bookkeeping is tied to its own ``forward``."""
     return isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel))
-
-
-def unwrap_model(model: Any) -> Any:
-    """The module inside training wrappers (DDP, DataParallel, a DeepSpeed engine: anything exposing ``.module``);
-    a peft model stays a peft model. Config and helper methods are read from it, never from the wrapper."""
-    while isinstance(getattr(model, "module", None), torch.nn.Module):
-        model = model.module
-    return model
 
 
 class VLMAdapter:
@@ -520,13 +514,8 @@ class VLMAdapter:
         """Context in which the model acts as the reference policy: LoRA disabled, no grad, eval mode."""
         if not hasattr(self.model, "disable_adapter"):
             raise ValueError("reference() needs a peft model (LoRA); without LoRA use precomputed reference log-probs")
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with self.model.disable_adapter(), torch.no_grad():
-                yield
-        finally:
-            self.model.train(was_training)
+        with self.eval_mode(), self.model.disable_adapter(), torch.no_grad():
+            yield
 
     # ----------------------------------------------------------------------------------------- generation
     @torch.no_grad()
@@ -577,12 +566,10 @@ class VLMAdapter:
         from mmalign.train.fsdp import all_ranks_ok, runs_in_lockstep
 
         lockstep = runs_in_lockstep(model)
-        was_training = self.model.training
-        model.eval()
         out = torch.full((len(batch), max_new_tokens), -1, dtype=torch.long, device=dev)  # -1: nothing generated
         done = torch.zeros(len(batch), dtype=torch.bool, device=dev)
         past, step_ids = None, ids
-        try:
+        with self.eval_mode():
             for t in range(max_new_tokens):
                 inputs: dict[str, Any] = {"input_ids": step_ids, "attention_mask": attn, "use_cache": True}
                 if past is None:
@@ -619,8 +606,6 @@ class VLMAdapter:
                         position_ids = nxt_pos.expand(position_ids.shape[0], -1, -1)
                     else:
                         position_ids = position_ids[:, -1:] + 1
-        finally:
-            self.model.train(was_training)
         stop_at = {eos, self.tokenizer.pad_token_id} - {None}
         texts = []
         for row in out.tolist():

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mmalign.vision_lm.adapter import EncodedBatch, VLExample, VLMAdapter, unwrap_model
+from mmalign.train.fsdp import unwrap_model
+from mmalign.vision_lm.adapter import EncodedBatch, VLExample, VLMAdapter
 
 __all__ = ["PrefPair", "PairCollator", "PreferenceObjective", "METHODS", "segments_for"]
 
@@ -111,10 +112,6 @@ class _Raw:
         return self
 
 
-def _unwrap(model: Any) -> Any:
-    return unwrap_model(model)
-
-
 class PreferenceObjective:
     """``loss_fn(model, batch) -> (loss, metrics)`` for DPO / IPO / cDPO / robust DPO / Re-Align / RRPO.
 
@@ -204,7 +201,7 @@ class PreferenceObjective:
             ref_tokens = [batch[f"ref/{n}/tokens"] for n in names]
             ref_chosen_lp = batch.get("ref/chosen/logprobs")
         else:
-            self.adapter.model = _unwrap(model)
+            self.adapter.model = unwrap_model(model)
             with self.adapter.reference():
                 ref = self._scores(branches, kl)
             self.adapter.model = model
