@@ -15,6 +15,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
+from mmalign.core.rng import seeded_global_rng
+
 __all__ = [
     "PairBatch",
     "check_pair_batch",
@@ -182,13 +184,7 @@ def add_lora(model: torch.nn.Module, r: int = 8, alpha: float | None = None,
         raise ValueError(f"r must be a positive integer, got {r}")
     cfg = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout,
                      init_lora_weights="gaussian", target_modules=list(target_modules))
-    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
-    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
-        if cuda:
-            torch.manual_seed(seed)  # seeds CUDA too; fork_rng restores every device afterwards
-        else:
-            # CPU only: torch.manual_seed would also queue a seed for a CUDA RNG initialised later
-            torch.random.default_generator.manual_seed(seed)
+    with seeded_global_rng(seed):
         return get_peft_model(model, cfg)
 
 

@@ -130,14 +130,14 @@ def family_processor(family: str, tokenizer: Any, config: Any) -> Any:
 
 def build_tiny_vlm(family: str, words: Sequence[str], seed: int = 0, **config_kwargs: Any) -> tuple[Any, Any]:
     """``(model, processor)``: a seeded random-init tiny VLM of ``family`` and its offline-built processor."""
-    import torch
     from transformers import AutoModelForImageTextToText
+
+    from mmalign.core.rng import seeded_global_rng
 
     tokenizer = family_tokenizer(family, words)
     cfg = tiny_family_config(family, len(tokenizer), **config_kwargs)
     processor = family_processor(family, tokenizer, cfg)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_global_rng(seed):
         model = AutoModelForImageTextToText.from_config(cfg)
     return model, processor
 

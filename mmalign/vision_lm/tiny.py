@@ -82,16 +82,16 @@ def tiny_llava_config(
 
 def build_tiny_llava(words: Sequence[str], seed: int = 0, **config_kwargs: Any) -> tuple[Any, Any]:
     """``(model, processor)``: a randomly initialised tiny LLaVA (seeded) and its processor."""
-    import torch
     from transformers import AutoModelForImageTextToText
+
+    from mmalign.core.rng import seeded_global_rng
 
     tokenizer = build_tokenizer(words)
     cfg = tiny_llava_config(len(tokenizer), **config_kwargs)
     processor = build_processor(
         tokenizer, image_size=cfg.vision_config.image_size, patch_size=cfg.vision_config.patch_size
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_global_rng(seed):
         model = AutoModelForImageTextToText.from_config(cfg)
     return model, processor
 
@@ -109,6 +109,7 @@ def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[An
     import numpy as np
     import torch
 
+    from mmalign.core.rng import seeded_global_rng
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.families import whole_image_patch_features
 
@@ -120,8 +121,7 @@ def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[An
     n_out = (len(S.SHAPES) + 1) + len(S.COLORS) + len(S.SIZES)
     # Seeded: torch's global generator starts from a different seed in every process, which made the whole
     # benchmark (vision tower -> SFT -> every method) differ from run to run.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded_global_rng(seed):
         head = torch.nn.Linear(cfg.hidden_size, n_out)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr)

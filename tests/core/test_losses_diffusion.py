@@ -148,3 +148,30 @@ def test_mapo_exact_zero_error_takes_guarded_path() -> None:
     ll2 = torch.tensor([0.1, 1e-300], dtype=D64, requires_grad=True)
     mapo_loss(lw2, ll2, temperature=10.0)[0].backward()
     torch.testing.assert_close(lw.grad, lw2.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D64])
+def test_mapo_large_error_has_finite_gradient(dtype: torch.dtype) -> None:
+    """Regression: x / expm1(x) overflowed for large c·l (inf/inf), giving NaN gradients with a finite loss."""
+    lw = torch.tensor([0.3, 200.0], dtype=dtype, requires_grad=True)
+    ll = torch.tensor([0.5, 1500.0], dtype=dtype, requires_grad=True)
+    loss, m = mapo_loss(lw, ll)
+    loss.backward()
+
+    def s(v: float) -> float:
+        return 0.5 * v / math.expm1(0.5 * v)
+
+    # second pair: s(100) ≈ 3.7e-42 and s(750) ≈ 0, so its margin term is log σ(0) = −log 2
+    expected = (0.3 + 200.0) / 2 - 0.1 * (-math.log1p(math.exp(-1000 * (s(0.3) - s(0.5)))) - math.log(2.0)) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    assert m["mapo/lose_score"] == pytest.approx(s(0.5) / 2, rel=1e-6)
+    assert bool(torch.isfinite(lw.grad).all()) and bool(torch.isfinite(ll.grad).all())
+    # saturated pair: only the SFT term moves l_w (d mean / d l_w = 1/2); s'(≥100) ≈ 0 for the margin
+    assert lw.grad[1].item() == pytest.approx(0.5, abs=1e-12)
+    assert ll.grad[1].item() == pytest.approx(0.0, abs=1e-12)
+    # the guarded score agrees with the plain quotient where that is finite, for both signs of x
+    x = torch.tensor([-800.0, -30.0, -1.0, 1e-3, 0.7, 30.0, 700.0], dtype=D64)
+    torch.testing.assert_close(mapo_score(x, c=1.0), x / torch.expm1(x))
+    big = torch.tensor([1e4], dtype=dtype, requires_grad=True)
+    (g,) = torch.autograd.grad(mapo_score(big).sum(), big)
+    assert mapo_score(big.detach()).item() == 0.0 and g.item() == 0.0

@@ -24,6 +24,9 @@ from mmalign.core.validation import (
 __all__ = ["diffusion_dpo_loss", "mapo_loss", "mapo_score"]
 
 _SMALL = 1e-4  # below this |c·l|, s(l) uses its Taylor series 1 − x/2 + x²/12 (error < 1e-17)
+# Above this c·l the plain quotient x / expm1(x) is not used: expm1 overflows (at ~11 in fp16, ~88 in fp32/bf16) and
+# inf/inf makes the gradient NaN although the loss is finite (s → 0 there).
+_LARGE = 10.0
 
 
 def _diffusion_dpo_metrics(beta: float, lw: Tensor, ll: Tensor, ref_w: Tensor, ref_l: Tensor, inside: Tensor
@@ -77,13 +80,18 @@ def diffusion_dpo_loss(
 def mapo_score(err: Tensor, c: float = 0.5) -> Tensor:
     r"""MaPO's bounded score ``s(l) = c·l / (exp(c·l) − 1)``: 1 at l = 0, in (0, 1] and decreasing for l ≥ 0.
 
-    Evaluated as ``x / expm1(x)`` with its Taylor series ``1 − x/2 + x²/12`` near 0 (where the quotient is 0/0),
-    computed so that the unused branch never produces NaN gradients.
+    Evaluated with its Taylor series ``1 − x/2 + x²/12`` near 0 (where ``x / expm1(x)`` is 0/0) and elsewhere as
+    ``a e^{−a} / (1 − e^{−a}) + max(−x, 0)`` with ``a = |x|`` (equal to ``x / expm1(x)``, but free of the overflow of
+    ``expm1`` for large x that turns the gradient into NaN), computed so that the unused branch never produces NaN
+    gradients.
     """
     x = c * err
     small = x.abs() < _SMALL
     safe_x = torch.where(small, torch.ones_like(x), x)
-    return torch.where(small, 1.0 - x / 2.0 + x.square() / 12.0, safe_x / torch.expm1(safe_x))
+    a = safe_x.abs()
+    # s(−a) = a + s(a), and s(a) = a·e^{−a} / (−expm1(−a)) never overflows for a > 0.
+    stable = a * torch.exp(-a) / -torch.expm1(-a) + (-safe_x).clamp_min(0.0)
+    return torch.where(small, 1.0 - x / 2.0 + x.square() / 12.0, stable)
 
 
 def _mapo_metrics(temperature: float, margin: Tensor, ratio: Tensor, err_chosen: Tensor, scores: Tensor
@@ -133,12 +141,13 @@ def mapo_loss(
     check_reduction(reduction)
     # Fast path: the plain quotient on both errors at once. It loses accuracy (and its gradient cancels) for
     # |c·l| < 1e-4 and is 0/0 at 0, so the guarded :func:`mapo_score` takes over when the range of c·l reaches that
-    # band (practically never: denoising errors are ~1e-3 to 1). The min/max read is also the NaN/inf check.
+    # band (practically never: denoising errors are ~1e-3 to 1), and also above c·l = 10, where expm1 would overflow
+    # and give NaN gradients (a diverged or fp16 step). The min/max read is also the NaN/inf check.
     x = c * torch.stack([model_err_chosen, model_err_rejected])
     lo, hi = torch.stack(torch.aminmax(x.detach())).tolist() if x.numel() else (1.0, 1.0)
     if not (math.isfinite(lo) and math.isfinite(hi)):
         check_all_finite(inputs)
-    if lo < _SMALL and hi > -_SMALL:
+    if (lo < _SMALL and hi > -_SMALL) or hi > _LARGE:
         scores = mapo_score(torch.stack([model_err_chosen, model_err_rejected]), c)
     else:
         scores = x / torch.expm1(x)

@@ -167,10 +167,10 @@ def robust_dpo_loss(
                     {1-2\varepsilon}
 
     ε ∈ [0, 0.5) is the known (or estimated, :func:`~mmalign.core.losses.estimate_flip_rate`) probability that a
-    label was flipped. Unbiased: averaging the loss of the observed pair (weight 1 − ε) and of the swapped pair
-    (weight ε) gives the clean DPO loss exactly. The loss is unbounded below as Δ → ∞ and its variance grows as
-    ε → 0.5. Limit case: ε = 0 gives :func:`dpo_loss`. (Re-Align's "rDPO" is a different method:
-    :func:`~mmalign.core.losses.realign_loss`.)
+    label was flipped. Unbiased: its expectation over the flip (this loss of the observed order with probability
+    1 − ε, of the swapped order with probability ε) is the clean DPO loss exactly. The loss is unbounded below as
+    Δ → ∞ and its variance grows as ε → 0.5. Limit case: ε = 0 gives :func:`dpo_loss`. (Re-Align's "rDPO" is a
+    different method: :func:`~mmalign.core.losses.realign_loss`.)
     """
     check_eps(eps)
     delta, metrics = _margins(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,

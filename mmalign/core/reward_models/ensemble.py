@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from mmalign.core.reward_models.nets import RewardModel
+from mmalign.core.rng import seeded_global_rng
 
 __all__ = ["RewardEnsemble", "aggregate", "AGGREGATIONS"]
 
@@ -50,8 +51,7 @@ class RewardEnsemble(nn.Module):
             raise ValueError(f"size must be >= 1, got {size}")
         members = []
         for k in range(int(size)):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(seed) + k)
+            with seeded_global_rng(int(seed) + k):
                 members.append(factory())
         return cls(members)
 
