@@ -110,13 +110,21 @@ def rankdata(x: Tensor) -> Tensor:
     return ranks
 
 
+def _xy(x: Any, y: Any, mask: Any) -> tuple[Tensor, Tensor]:
+    # Select before validating, so that NaN at masked-out items (e.g. skipped pairs) is allowed.
+    a_raw = x if isinstance(x, Tensor) else torch.as_tensor(np.asarray(x))
+    b_raw = y if isinstance(y, Tensor) else torch.as_tensor(np.asarray(y))
+    if tuple(a_raw.shape) != tuple(b_raw.shape):
+        raise ValueError(f"x and y must have equal shape, got {tuple(a_raw.shape)} and {tuple(b_raw.shape)}")
+    a_raw, b_raw = _select(mask, a_raw.detach().cpu(), b_raw.detach().cpu())
+    return _vec("x", a_raw), _vec("y", b_raw)
+
+
 def pearson(x: Any, y: Any, mask: Any = None) -> float:
     """Pearson correlation between e.g. learned and true returns ``[N]``; NaN if either side is constant."""
-    a, b = _vec("x", x), _vec("y", y)
-    if a.shape != b.shape:
-        raise ValueError(f"x and y must have equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a, b = _select(mask, a, b)
-    if a.numel() < 2:
+    a, b = _xy(x, y, mask)
+    if a.numel() < 2 or bool(a.min() == a.max()) or bool(b.min() == b.max()):
+        # constant side: tested exactly, since rounding in ``a - a.mean()`` leaves ~1e-17 residues, not zeros
         return math.nan
     a, b = a - a.mean(), b - b.mean()
     denom = float(a.norm() * b.norm())
@@ -125,8 +133,5 @@ def pearson(x: Any, y: Any, mask: Any = None) -> float:
 
 def spearman(x: Any, y: Any, mask: Any = None) -> float:
     """Spearman rank correlation (Pearson on average-tie ranks); NaN if either side is constant."""
-    a, b = _vec("x", x), _vec("y", y)
-    if a.shape != b.shape:
-        raise ValueError(f"x and y must have equal shape, got {tuple(a.shape)} and {tuple(b.shape)}")
-    a, b = _select(mask, a, b)
+    a, b = _xy(x, y, mask)
     return pearson(rankdata(a), rankdata(b))

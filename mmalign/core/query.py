@@ -68,8 +68,11 @@ def uniform_selection(member_logits: Tensor, num_queries: int, rng: torch.Genera
 
 
 def disagreement_selection(member_logits: Tensor, num_queries: int, rng: Any = None) -> Tensor:
-    """The ``num_queries`` candidates with the largest ensemble std of ``P(first ≻ second)``."""
+    """The ``num_queries`` candidates with the largest ensemble std of ``P(first ≻ second)`` (needs K >= 2 members)."""
     _check(member_logits, num_queries)
+    if member_logits.shape[0] < 2 and num_queries > 0:
+        # one member has zero std everywhere: top-k would return an arbitrary order, not a selection
+        raise ValueError(f"disagreement selection needs an ensemble of K >= 2 members, got K={member_logits.shape[0]}")
     return torch.topk(pair_uncertainty(member_logits, "disagreement"), num_queries).indices
 
 

@@ -86,7 +86,9 @@ def parse_reply(text: str, n_items: int) -> tuple[int, list[int]]:
     recommend = n_items if head.group(1) is None else OPTION_NAMES.index(head.group(1))
     found = _BODY.findall(text[head.end() :])
     inverse = {v: k for k, v in _CLAIM_TEXT.items()}
-    if [OPTION_NAMES.index(o) for o, _ in found] != list(range(n_items)) or recommend > n_items:
+    if head.group(1) is not None and recommend >= n_items:  # an option letter past the last item is not "none"
+        raise ValueError(f"text must recommend one of options a..{OPTION_NAMES[n_items - 1]} or none, got {text!r}")
+    if [OPTION_NAMES.index(o) for o, _ in found] != list(range(n_items)):
         raise ValueError(f"text must state one claim per option a..{OPTION_NAMES[n_items - 1]} in order, got {text!r}")
     return recommend, [inverse[c] for _, c in found]
 

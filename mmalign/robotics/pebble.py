@@ -112,6 +112,9 @@ class PebbleConfig(Config):
         check_choice("reward", self.reward, ("learned", "true"))
         check_choice("teacher", self.teacher, ("oracle", "stochastic", "mistake", "skip", "myopic", "equal"))
         check_choice("selector", self.selector, ("uniform", "disagreement", "entropy", "routing"))
+        if self.selector == "disagreement" and self.candidate_factor > 1 and self.ensemble_size < 2:
+            raise ValueError(f"ensemble_size must be >= 2 for selector='disagreement' (the std over members), got "
+                             f"{self.ensemble_size}")
         check_range("rm_label_smoothing", self.rm_label_smoothing, 0.0, 1.0, high_open=True)
         check_range("routing_confidence", self.routing_confidence, 0.5, 1.0, low_open=True)
         if self.recent_window and self.recent_window < self.segment_length:

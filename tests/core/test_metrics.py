@@ -43,3 +43,20 @@ def test_correlations_match_hand_values() -> None:
     assert math.isnan(pearson([1.0, 1.0], [1.0, 2.0]))
     with pytest.raises(ValueError, match="x"):
         pearson([float("inf"), 1.0], [1.0, 2.0])
+
+
+def test_correlations_of_a_constant_side_are_nan_despite_rounding() -> None:
+    # mean([0.1]*3) = 0.10000000000000002, so centring leaves ~1e-17 residues instead of zeros
+    assert math.isnan(pearson([0.1] * 3, [1.0, 2.0, 3.0]))
+    assert math.isnan(pearson([1.0, 2.0, 4.0, 8.0, 9.0, 10.0, 12.0], [0.1] * 7))
+
+
+def test_correlation_mask_allows_nan_at_masked_out_items() -> None:
+    # like preference_accuracy: NaN at skipped items is fine when the mask removes them
+    x, y = [1.0, 2.0, 3.0, float("nan")], [2.0, 4.0, 5.0, 0.0]
+    mask = np.array([True, True, True, False])
+    # kept points (1,2), (2,4), (3,5): Pearson = 3 / (sqrt(2)·sqrt(14/3)) by hand
+    assert pearson(x, y, mask=mask) == pytest.approx(3 / (math.sqrt(2) * math.sqrt(14 / 3)))
+    assert spearman(x, y, mask=mask) == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="x must be finite"):
+        pearson(x, y)

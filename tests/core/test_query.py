@@ -137,3 +137,11 @@ def test_bench_routing_script_smoke(tmp_path, monkeypatch) -> None:  # type: ign
         torch.set_num_threads(before)
     text = out.read_text()
     assert "| 20 | uncertainty (entropy) |" in text and "| 20 | random |" in text
+
+
+def test_disagreement_needs_two_members() -> None:
+    # one member's std is 0 for every pair: a top-k over it is an arbitrary order, so it is refused
+    with pytest.raises(ValueError, match="K >= 2 members, got K=1"):
+        disagreement_selection(torch.randn(1, 6), 2)
+    assert disagreement_selection(torch.randn(1, 6), 0).numel() == 0
+    assert disagreement_selection(torch.tensor([[0.0, 2.0, 0.0], [0.0, -2.0, 0.5]]), 1).tolist() == [1]

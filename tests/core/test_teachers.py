@@ -126,6 +126,17 @@ def test_regret_teacher_uses_advantages_not_rewards() -> None:
     assert out.labels[0].item() == pytest.approx(1 / (1 + math.exp(-2)))
 
 
+def test_regret_teacher_accepts_segments_of_unequal_length() -> None:
+    # H = 2 vs H = 3 (allowed by the teacher interface): the second side's advantages are checked against its own
+    # shape. Advantage = obs: first sums 2·1.0 = 2.0, second 3·0.5 = 1.5, so the first is preferred.
+    obs1, obs2 = torch.ones(1, 2, 1), torch.full((1, 3, 1), 0.5)
+    out = RegretTeacher(lambda o, a: o[..., 0])(
+        np.zeros((1, 2)), np.zeros((1, 3)), obs_first=obs1, act_first=torch.zeros(1, 2, 1),
+        obs_second=obs2, act_second=torch.zeros(1, 3, 1),
+    )
+    assert out.labels.tolist() == [1.0]
+
+
 def test_label_flip_teacher_flips_known_rate_and_keeps_skips() -> None:
     r1, r2 = _pairs()
     base = SimulatedHuman.preset("skip", return_scale=3.0)

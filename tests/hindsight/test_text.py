@@ -37,6 +37,14 @@ def test_parse_rejects_malformed() -> None:
         parse_reply("i recommend option a . option a has the feature .", 3)
 
 
+def test_parse_rejects_an_option_letter_past_the_last_item() -> None:
+    # "option d" with 3 items is malformed, not "recommend none" (index 3 = M is the code of "none")
+    claims = " option a no comment . option b no comment . option c no comment ."
+    assert parse_reply("i recommend none of them ." + claims, 3) == (3, [2, 2, 2])
+    with pytest.raises(ValueError, match="recommend one of options a..c"):
+        parse_reply("i recommend option d ." + claims, 3)
+
+
 def test_prompt_holds_private_notes_and_tokenizer_covers_vocabulary() -> None:
     tok = build_tokenizer(PARAMS)
     sc = mk.sample_scenarios(np.random.default_rng(0), 200, PARAMS)

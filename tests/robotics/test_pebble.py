@@ -26,6 +26,9 @@ def test_config_errors_name_the_field():
         PebbleConfig(teacher="clairvoyant")
     with pytest.raises(ValueError, match="unsup_steps"):
         PebbleConfig(unsup_steps=5000, first_feedback=1000)
+    with pytest.raises(ValueError, match="ensemble_size must be >= 2 for selector='disagreement'"):
+        PebbleConfig(selector="disagreement", ensemble_size=1)
+    PebbleConfig(selector="entropy", ensemble_size=1)  # a single member's entropy is still a ranking
 
 
 def test_setup_errors_before_training():

@@ -4,7 +4,8 @@ Label process for a pair with per-step utilities ``u¹, u²`` (true rewards for 
 B-Pref's ``get_label`` order (rll-research/BPref @ f3ece2e, ``reward_model.py``):
 
 1. returns ``R^i = Σ_t u^i_t`` over valid steps;
-2. **skip**: the pair is skipped iff ``max(R¹, R²) ≤ δ_skip`` (B-Pref keeps only pairs with ``max > δ_skip``);
+2. **skip**: the pair is skipped iff ``max(R¹, R²) ≤ δ_skip`` (B-Pref keeps only pairs with ``max > δ_skip``; its
+   code applies the test only when ``δ_skip > 0``, here it is applied whenever ``eps_skip > 0``, see below);
 3. **equal**: the pair is a tie (label 0.5) iff ``|R¹ − R²| < δ_equal``;
 4. **myopic** score ``S^i = Σ_t γ^{k_t} u^i_t`` with ``k_t`` = number of valid steps after ``t`` (later steps weigh
    more; ``γ = 1`` gives ``R^i``);
@@ -17,9 +18,11 @@ mean return of a segment, set explicitly with :meth:`SimulatedHuman.set_return_s
 :meth:`SimulatedHuman.calibrate`. (B-Pref's training script multiplies ``eps`` in twice after its first feedback
 round, giving ``eps²``; we do not.)
 
-**Return reference** ``b`` (default 0 = B-Pref exactly). B-Pref's thresholds assume non-negative rewards (DMC and
-MetaWorld rewards lie in [0, 1]); with all-negative rewards (MuJoCo control costs) ``m < 0`` and the skip teacher
-skips every pair while the equal teacher never ties. With a reference, returns are measured from ``b``: a pair is
+**Return reference** ``b`` (default 0 = B-Pref's thresholds). B-Pref's thresholds assume non-negative rewards (DMC
+and MetaWorld rewards lie in [0, 1]); with all-negative rewards (MuJoCo control costs) ``m < 0``, the equal teacher
+never ties (as in B-Pref) and the skip teacher here skips every pair with ``max(R¹, R²) ≤ eps_skip · m`` — nearly
+all of them — whereas B-Pref's code, which tests only a positive ``δ_skip``, then skips none. Neither is a useful skip
+teacher; use a reference. With a reference, returns are measured from ``b``: a pair is
 skipped iff ``max(R¹, R²) − b ≤ eps_skip · (m − b)`` and tied iff ``|R¹ − R²| < eps_equal · (m − b)``.
 ``calibrate(..., reference="min")`` sets ``b`` to the poorest calibration segment's return, which makes both
 decisions invariant to adding any constant to every step reward (segments of equal length). Oracle, stochastic,
@@ -138,7 +141,7 @@ class SimulatedHuman(Teacher):
         if mean_segment_return is not None:
             check_range("mean_segment_return", mean_segment_return, -math.inf, math.inf, low_open=True,
                         high_open=True)
-            # b = 0 is B-Pref's own rule, kept even where it degenerates (m < 0); an explicit b must lie below m
+            # b = 0 is B-Pref's threshold rule, kept even where it degenerates (m < 0); an explicit b must lie below m
             if reference != 0.0 and reference > mean_segment_return:
                 raise ValueError(
                     f"reference must be <= mean_segment_return={mean_segment_return} (returns are measured from it), "

@@ -52,7 +52,7 @@ class RegretTeacher(SimulatedHuman):
                 raise ValueError(f"obs_{side} and act_{side} are required by RegretTeacher, got None")
             with torch.no_grad():
                 adv = self.advantage_fn(obs, act)
-            ref = batch.rewards_first
+            ref = getattr(batch, f"rewards_{side}")  # the sides may differ in length H
             if not isinstance(adv, Tensor) or tuple(adv.shape) != tuple(ref.shape):
                 shape = tuple(adv.shape) if isinstance(adv, Tensor) else type(adv).__name__
                 raise ValueError(f"advantage_fn must return a tensor of shape {tuple(ref.shape)}, got {shape}")
