@@ -40,8 +40,11 @@ class HindsightMarketMultiTurnEnv(gym.Env):
         num_turns: int = 3,
         hindsight_horizon: int = 1,
         reveal_prob: float = 0.5,
+        render_mode: str | None = None,
         **market: Any,
     ) -> None:
+        if render_mode is not None:
+            raise ValueError(f"render_mode must be None (this env does not render), got {render_mode!r}")
         if feedback not in mk.CHANNELS:
             raise ValueError(f"feedback must be one of {list(mk.CHANNELS)}, got {feedback!r}")
         if not isinstance(num_turns, int) or num_turns < 1:
@@ -57,6 +60,7 @@ class HindsightMarketMultiTurnEnv(gym.Env):
         self.num_turns = num_turns
         self.hindsight_horizon = hindsight_horizon
         self.reveal_prob = reveal_prob
+        self.render_mode = render_mode
         m, k = self.params.n_items, self.params.n_features
         dim = k + 2 * m + m + 1 + 3 * m
         high = np.ones(dim, dtype=np.float32)

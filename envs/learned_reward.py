@@ -46,6 +46,8 @@ class LearnedRewardEnv(gym.Env):
             raise ValueError(f"env_id {env_id!r} is not a registered gymnasium id")
         if env_id.startswith("mmalign/LearnedReward"):
             raise ValueError(f"env_id must be a base task, not another learned-reward env, got {env_id!r}")
+        if render_mode not in (None, "rgb_array"):
+            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         env = gym.make(env_id, render_mode=render_mode, **env_kwargs)
         if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
             raise ValueError(f"env_id must have Box observation and action spaces, got {env.observation_space}, "
@@ -54,8 +56,6 @@ class LearnedRewardEnv(gym.Env):
         self.observation_space = env.observation_space
         self.action_space = env.action_space
         self.metadata = {"render_modes": ["rgb_array"], "render_fps": env.metadata.get("render_fps")}
-        if render_mode not in (None, "rgb_array"):
-            raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
         self.render_mode = render_mode
         self.spec_env_id = env_id
         obs_dim = int(np.prod(env.observation_space.shape))

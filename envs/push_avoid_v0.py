@@ -126,8 +126,13 @@ class PushAvoidEnv(gym.Env):
         if embodiment == "arm":
             m.body_pos[mujoco.mj_name2id(m, mujoco.mjtObj.mjOBJ_BODY, "arm_base"), :2] = self.layout.arm_base
         self._max_ctrl = float(m.actuator_ctrlrange[0, 1])
+        # the XML's offscreen framebuffer is 256 px; mujoco.Renderer refuses larger frames
+        m.vis.global_.offwidth = max(int(m.vis.global_.offwidth), image_size)
+        m.vis.global_.offheight = max(int(m.vis.global_.offheight), image_size)
         self._renderer: Any = None
         self._step = 0
+        # one env step lasts frame_skip physics steps: frames (videos, human rendering) play at that rate
+        self.metadata = {**self.metadata, "render_fps": int(round(1.0 / (m.opt.timestep * frame_skip)))}
 
         self.action_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
         if obs_mode == "pixels":

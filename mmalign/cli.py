@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -83,13 +84,17 @@ def run_job(
 
     entry = JOBS.entry(name)
     cfg_cls = resolve(entry.extra["config"])  # type: ignore[index]
-    cfg = load_config(cfg_cls, config_path, overrides)
+    cfg = load_config(cfg_cls, config_path, overrides, job=name)
     run_dir = Path(output_dir) if output_dir else _default_run_dir(name)
     # Under torchrun / accelerate launch every process runs this; only the main one checks and writes the folder.
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         _prepare_run_dir(name, cfg, run_dir, resume)
-    summary = entry.load()(cfg, run_dir, **({"resume": True} if resume else {})) or {}
+    try:
+        summary = entry.load()(cfg, run_dir, **({"resume": True} if resume else {})) or {}
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+        err.mmalign_in_job = True  # type: ignore[attr-defined]  # main() then says where it was raised
+        raise
     if main_process:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     close_process_group()
@@ -190,7 +195,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = run_job(name, args.config, args.overrides, args.output_dir, args.resume)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        print(f"mmalign: error: {err}", file=sys.stderr)
+        if os.environ.get("MMALIGN_DEBUG", "") not in ("", "0"):
+            raise
+        # a one-line message for bad input; for an error from inside the running job also where it was raised,
+        # so that a bug there is not hidden behind a bare message
+        tb = traceback.extract_tb(err.__traceback__) if getattr(err, "mmalign_in_job", False) else []
+        where = f" (raised at {tb[-1].filename}:{tb[-1].lineno}; MMALIGN_DEBUG=1 shows the traceback)" if tb else ""
+        print(f"mmalign: error: {err}{where}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2, default=str))

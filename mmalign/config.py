@@ -106,9 +106,9 @@ class Config:
         data = dict(data or {})
         hints = typing.get_type_hints(cls)
         names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - names)
+        unknown = sorted(set(data) - names, key=str)  # key=str: a YAML file may hold non-string keys
         if unknown:
-            raise ValueError(f"unknown field(s) {unknown} for {cls.__name__}; allowed: {sorted(names)}")
+            raise _UnknownFieldsError(unknown, cls.__name__, sorted(names))
         kwargs: dict[str, Any] = {}
         fields = {f.name: f for f in dataclasses.fields(cls)}
         for key, value in data.items():
@@ -120,13 +120,16 @@ class Config:
                     value = _merge(f.default_factory().to_dict(), value)  # type: ignore[misc]
                 elif isinstance(f.default, Config):
                     value = _merge(f.default.to_dict(), value)
-            try:
-                kwargs[key] = _coerce(f"{cls.__name__}.{key}", value, tp)
-            except ValueError as err:
-                if not _is_config_type(tp):
-                    raise
-                raise ValueError(f"{key}.{err}") from None  # name the nested field: trainer.lr must be ...
+            kwargs[key] = _coerce(key, value, tp)
         return cls(**kwargs)
+
+
+class _UnknownFieldsError(ValueError):
+    """Unknown config keys; a nesting config re-raises it with dotted names (``trainer.foo``)."""
+
+    def __init__(self, names: list[Any], owner: str, allowed: list[str]) -> None:
+        self.names, self.owner, self.allowed = names, owner, allowed
+        super().__init__(f"unknown field(s) {names} for {owner}; allowed: {allowed}")
 
 
 def _is_config_type(tp: Any) -> bool:
@@ -160,7 +163,13 @@ def _coerce(name: str, value: Any, tp: Any) -> Any:
             return value
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping for {tp.__name__}, got {value!r}")
-        return tp.from_dict(value)
+        # name the nested field in every error: trainer.lr must be ..., unknown field(s) ['trainer.foo']
+        try:
+            return tp.from_dict(value)
+        except _UnknownFieldsError as err:
+            raise _UnknownFieldsError([f"{name}.{n}" for n in err.names], err.owner, err.allowed) from None
+        except ValueError as err:
+            raise ValueError(f"{name}.{err}") from None
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
         if isinstance(value, str):
             value = [v for v in value.split(",") if v != ""]
@@ -230,19 +239,46 @@ def _yaml12_loader() -> Any:
     class Yaml12Loader(yaml.SafeLoader):
         pass
 
-    replaced = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float"}
+    replaced = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:float", "tag:yaml.org,2002:int"}
     Yaml12Loader.yaml_implicit_resolvers = {
         key: [(tag, rx) for tag, rx in value if tag not in replaced]
         for key, value in yaml.SafeLoader.yaml_implicit_resolvers.items()
     }
     Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|false)$", re.IGNORECASE),
                                        list("tTfF"))
+    # YAML 1.2 integers (registered before floats: the first matching resolver wins): 010 is ten (YAML 1.1: octal
+    # 8), 1:30 a string (YAML 1.1: sexagesimal 90); 0o17 and 0x1F kept
+    Yaml12Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"), list("-+0123456789"))
     # YAML 1.2 floats: 1e-3 is a float (YAML 1.1 needs a dot, 1.0e-3, and reads 1e-3 as a string)
     Yaml12Loader.add_implicit_resolver(
         "tag:yaml.org,2002:float",
         re.compile(r"^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?"
                    r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
         list("-+0123456789."))
+
+    def construct_int(loader: Any, node: Any) -> int:
+        text = str(loader.construct_scalar(node)).replace("_", "")
+        if text[:2] in ("0o", "0x"):
+            return int(text[2:], 8 if text[1] == "o" else 16)
+        return int(text, 10)
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> Any:
+        # a key given twice is refused (PyYAML keeps the last one silently)
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                continue  # unhashable keys are refused by PyYAML itself
+            if duplicate:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
+
+    Yaml12Loader.add_constructor("tag:yaml.org,2002:int", construct_int)
+    Yaml12Loader.construct_mapping = construct_mapping  # type: ignore[method-assign]
     return Yaml12Loader
 
 
@@ -256,7 +292,11 @@ def _parse_scalar(text: str) -> Any:
 
 
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
-    """Turn ``["a=1", "trainer.lr=3e-4"]`` into a nested dict; values are parsed as YAML scalars."""
+    """Turn ``["a=1", "trainer.lr=3e-4"]`` into a nested dict; values are parsed as YAML scalars.
+
+    An empty value (``cache_dir=``, what a shell leaves of ``cache_dir=''``) is the empty string; ``null`` or ``~``
+    give ``None``.
+    """
     out: dict[str, Any] = {}
     for item in overrides:
         if "=" not in item:
@@ -270,7 +310,7 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {part!r}")
-        node[parts[-1]] = _parse_scalar(text)
+        node[parts[-1]] = _parse_scalar(text) if text.strip() else ""
     return out
 
 
@@ -284,8 +324,14 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
-    """Build ``cls`` from an optional YAML file plus ``key=value`` overrides (validated on construction)."""
+def load_config(
+    cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = (), *, job: str | None = None
+) -> C:
+    """Build ``cls`` from an optional YAML file plus ``key=value`` overrides (validated on construction).
+
+    With ``job``, the file may carry a top-level ``job:`` naming that job (as the ``config.yaml`` a run folder
+    holds does); it must match and is not a field.
+    """
     import yaml
 
     data: dict[str, Any] = {}
@@ -293,9 +339,16 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file not found: {path}")
-        loaded = _yaml_load(path.read_text()) or {}
+        try:
+            loaded = _yaml_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ValueError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise ValueError(f"config file {path} must hold a mapping at top level, got {type(loaded).__name__}")
+        if job is not None and "job" in loaded and "job" not in {f.name for f in dataclasses.fields(cls)}:
+            if loaded["job"] != job:
+                raise ValueError(f"config file {path} is for job {loaded['job']!r}, not {job!r}")
+            loaded = {k: v for k, v in loaded.items() if k != "job"}
         data = loaded
     data = _merge(data, parse_overrides(overrides))
     return cls.from_dict(data)
@@ -316,6 +369,7 @@ def config_help(cls: type[Config], prefix: str = "") -> list[str]:
             default = repr(f.default_factory())  # type: ignore[misc]
         else:
             default = "required"
-        tname = getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+        # generics in full (list[str], Literal['sac', 'ppo']): their __name__ drops the item type and the choices
+        tname = str(tp).replace("typing.", "") if typing.get_args(tp) else getattr(tp, "__name__", str(tp))
         lines.append(f"  {prefix}{f.name} ({tname}, default {default}): {f.metadata.get('help', '')}")
     return lines

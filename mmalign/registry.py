@@ -143,6 +143,6 @@ def load_all() -> None:
     global _loaded
     if _loaded:
         return
-    _loaded = True
     for module in _PLUGIN_MODULES:
         importlib.import_module(module)
+    _loaded = True  # only once every import succeeded: a failed one is retried (and raises again) next time

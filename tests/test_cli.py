@@ -75,3 +75,36 @@ def test_resume_compares_configs_through_the_config_class(tmp_path: Path, capsys
     assert main([*args, "--resume", "trainer.lr=0.5"]) == 2
     err = capsys.readouterr().err
     assert "differs from the one saved" in err and "trainer.lr:" in err and "-> 0.5" in err
+
+
+def test_config_file_of_another_job_or_broken_yaml_fails_before_work(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """A run folder's config.yaml (with its ``job:`` line) is a valid --config for that job only."""
+    out_dir = tmp_path / "run"
+    other = tmp_path / "config.yaml"
+    other.write_text("job: robotics.main\nbeta: 0.3\n")
+    assert main(["train", "demo", "--config", str(other), "--output-dir", str(out_dir)]) == 2
+    assert "is for job 'robotics.main', not 'train.demo'" in capsys.readouterr().err
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("beta: [0.3\n")
+    assert main(["train", "demo", "--config", str(broken), "--output-dir", str(out_dir)]) == 2
+    assert "broken.yaml is not valid YAML" in capsys.readouterr().err
+    assert not out_dir.exists()
+
+
+def test_error_inside_a_job_says_where_it_was_raised(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # a ValueError from inside the running job (not from config validation) keeps a pointer to its origin
+    def broken(cfg, run_dir, **kw):  # type: ignore[no-untyped-def]
+        raise ValueError("shape mismatch deep inside")
+
+    monkeypatch.setattr(JOBS.entry("train.demo"), "target", broken)
+    assert main(["train", "demo", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "shape mismatch deep inside (raised at " in err and "test_cli.py:" in err and "MMALIGN_DEBUG=1" in err
+    # a config error keeps the plain one-line message
+    assert main(["train", "demo", "--output-dir", str(tmp_path / "run2"), "eps=0.7"]) == 2
+    assert "raised at" not in capsys.readouterr().err
+    monkeypatch.setenv("MMALIGN_DEBUG", "1")
+    with pytest.raises(ValueError, match="shape mismatch"):
+        main(["train", "demo", "--output-dir", str(tmp_path / "run3")])

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
-from mmalign.config import Config, config_help, load_config, parse_overrides
+from mmalign.config import Config, config_help, load_config, option, parse_overrides
 from mmalign.registry import JOBS, resolve
 from mmalign.train.config import TrainerConfig
 from mmalign.train.demo import DemoConfig
@@ -130,3 +131,66 @@ def test_every_shipped_yaml_loads_with_a_job_config_of_its_folder() -> None:
                 errors.append(f"{cls.__name__}: {exc}")
         else:
             raise AssertionError(f"{path} loads with none of its folder's job configs: {errors}")
+
+
+def test_nested_errors_name_the_dotted_field() -> None:
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['trainer.foo'\] for TrainerConfig"):
+        load_config(DemoConfig, None, ["trainer.foo=1"])
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['trainer.lora.bogus'\]"):
+        load_config(DemoConfig, None, ["trainer.lora.bogus=1"])
+    with pytest.raises(ValueError, match=r"^trainer.lr must be a number, got 'abc'$"):
+        load_config(DemoConfig, None, ["trainer.lr=abc"])
+    with pytest.raises(ValueError, match=r"^trainer must be a mapping for TrainerConfig, got 3$"):
+        load_config(DemoConfig, None, ["trainer=3"])
+
+
+@dataclasses.dataclass
+class _Fields(Config):
+    cache_dir: str = option("", "a folder ('' = none)")
+    seeds: list[int] = option([0], "seeds")
+    algo: Literal["sac", "ppo"] = option("sac", "learner")
+
+
+def test_empty_override_is_the_empty_string() -> None:
+    """``cache_dir=''`` reaches the program as ``cache_dir=``: the documented '' value, not None."""
+    assert parse_overrides(["a=", "b= ", "c=~"]) == {"a": "", "b": "", "c": None}
+    cfg = load_config(_Fields, None, ["cache_dir=", "seeds="])
+    assert (cfg.cache_dir, cfg.seeds) == ("", [])
+
+
+def test_config_file_errors_are_value_errors_naming_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("beta: [0.3\n")
+    with pytest.raises(ValueError, match="c.yaml is not valid YAML"):
+        load_config(DemoConfig, path)
+    path.write_text("1: a\nbeta: 0.3\n")  # a non-string key next to string keys
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \[1\]"):
+        load_config(DemoConfig, path)
+
+
+def test_a_run_folders_config_yaml_loads_back_for_its_own_job(tmp_path: Path) -> None:
+    path = tmp_path / "config.yaml"
+    path.write_text("job: train.demo\nbeta: 0.3\n")
+    assert load_config(DemoConfig, path, job="train.demo").beta == 0.3
+    with pytest.raises(ValueError, match="is for job 'train.demo', not 'robotics.main'"):
+        load_config(DemoConfig, path, job="robotics.main")
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['job'\]"):
+        load_config(DemoConfig, path)  # without a job to check against, job stays an unknown field
+
+
+def test_help_shows_item_types_and_choices() -> None:
+    text = "\n".join(config_help(_Fields))
+    assert "seeds (list[int], default [0])" in text and "algo (Literal['sac', 'ppo'], default 'sac')" in text
+
+
+def test_yaml_12_integers_and_duplicate_keys(tmp_path: Path) -> None:
+    """010 is ten and 1:30 a string (YAML 1.1: octal 8, sexagesimal 90); a key given twice is an error."""
+    assert parse_overrides(["a=010", "b=1:30", "c=0o17", "d=0x1F", "e=-7", "f=1_000", "g=07.5"]) == {
+        "a": 10, "b": "1:30", "c": 15, "d": 31, "e": -7, "f": 1000, "g": 7.5}
+    path = tmp_path / "dup.yaml"
+    path.write_text("eps: 0.1\nloss: dpo\neps: 0.2\n")
+    with pytest.raises(ValueError, match="duplicate key 'eps'"):
+        load_config(DemoConfig, path)
+    path.write_text("trainer:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ValueError, match="duplicate key 'lr'"):
+        load_config(DemoConfig, path)

@@ -48,3 +48,15 @@ def test_every_registered_entry_resolves() -> None:
     for reg in REGISTRIES.values():
         for entry in reg.entries():
             assert callable(entry.load()), f"{reg.kind} {entry.name}"
+
+
+def test_load_all_retries_after_a_failed_import(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # a failed plugin import must not leave the registries marked complete (later calls would be silently partial)
+    import mmalign.registry as reg
+
+    monkeypatch.setattr(reg, "_loaded", False)
+    monkeypatch.setattr(reg, "_PLUGIN_MODULES", (*reg._PLUGIN_MODULES, "mmalign._no_such_plugin"))
+    for _ in range(2):
+        with pytest.raises(ModuleNotFoundError, match="_no_such_plugin"):
+            reg.load_all()
+    assert reg._loaded is False

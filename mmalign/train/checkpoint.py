@@ -42,6 +42,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from mmalign.reporting import atomic_write_text
+
 __all__ = [
     "CheckpointError",
     "CheckpointContents",
@@ -67,16 +69,6 @@ _STEP_DIR = re.compile(r"step-(\d+)")
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete, truncated or corrupt; the message names the file."""
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and ``os.replace``."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 def _fsync_dir(path: Path) -> None:

@@ -106,3 +106,12 @@ def test_multiturn_claims_update_beliefs() -> None:
     assert not term and reward == 0.0
     assert env.customer_view()["claims"][first] == mk.CLAIM_HAS
     assert "status" not in env.customer_view()
+
+
+def test_multiturn_takes_render_mode_like_every_env() -> None:
+    """gymnasium passes render_mode to the constructor; it must not fall into the market parameters."""
+    from mmalign.envs.hindsight_market_multiturn import HindsightMarketMultiTurnEnv
+
+    assert HindsightMarketMultiTurnEnv(render_mode=None).render_mode is None
+    with pytest.raises(ValueError, match="render_mode must be None"), pytest.warns(UserWarning, match="render_mode"):
+        gym.make("mmalign/HindsightMarketMultiTurn-v0", render_mode="ansi")

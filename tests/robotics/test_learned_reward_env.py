@@ -84,3 +84,14 @@ def test_bad_inputs(tmp_path):
         load_reward_model(tmp_path / "x.safetensors")
     with pytest.raises(FileNotFoundError):
         load_reward_model(tmp_path / "missing.safetensors")
+
+
+def test_bad_render_mode_is_refused_before_the_base_env_is_made(monkeypatch):
+    from mmalign.envs.learned_reward import LearnedRewardEnv
+
+    def made(*args, **kwargs):
+        raise AssertionError("the base env was built before render_mode was checked")
+
+    monkeypatch.setattr(gym, "make", made)
+    with pytest.raises(ValueError, match="render_mode must be None or 'rgb_array', got 'human'"):
+        LearnedRewardEnv(env_id="Reacher-v5", render_mode="human")

@@ -128,3 +128,16 @@ def test_bad_arguments_raise() -> None:
         PushAvoidEnv(obs_mode="rgbd")
     with pytest.raises(ValueError, match="image_size"):
         PushAvoidEnv(image_size=0)
+
+
+def test_pixel_frames_larger_than_the_xml_framebuffer() -> None:
+    """The assets declare a 256 px offscreen buffer; a larger image_size raises it instead of failing in reset."""
+    env = PushAvoidEnv(obs_mode="pixels", image_size=320, render_mode="rgb_array")
+    obs, _ = env.reset(seed=0)
+    assert obs.shape == (320, 320, 3) and env.render().shape == (320, 320, 3)
+    env.close()
+
+
+def test_render_fps_follows_frame_skip() -> None:
+    assert PushAvoidEnv().metadata["render_fps"] == 20 == PushAvoidEnv.metadata["render_fps"]  # 5 x 0.01 s
+    assert PushAvoidEnv(frame_skip=10).metadata["render_fps"] == 10
