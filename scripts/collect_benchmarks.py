@@ -31,6 +31,9 @@ def main() -> None:
     # sections link their images relative to docs/benchmarks/; the combined page lives one folder up
     body = "\n\n".join(re.sub(r"\]\((?!https?:|/|benchmarks/)([^)]+\.(?:png|gif|svg))\)", r"](benchmarks/\1)",
                                 p.read_text().strip()) for p in parts)
+    # the section markers belong to the per-area pages the scripts write; here they would only repeat (two areas
+    # both have a "perf" section) and invite edits to a generated page
+    body = re.sub(r"^<!-- [\w.-]+:(?:start|end) -->(?:\n|$)", "", body, flags=re.MULTILINE)
     (ROOT / "docs" / "benchmarks.md").write_text(HEADER + body + "\n")
     print(f"wrote docs/benchmarks.md from {len(parts)} sections: {', '.join(p.stem for p in parts)}")
 
