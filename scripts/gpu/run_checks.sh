@@ -31,7 +31,7 @@ torch.cuda.get_device_name(0), 'bf16', torch.cuda.is_bf16_supported())"; python3
 #    RNG leaves training alone, ZeRO round trip on CUDA/NCCL, losses and reward
 #    models on CUDA, diffusion SDXL bf16 smoke, VLM 2B bf16 tokens/s); only the files that hold them are collected
 step "pytest -m gpu" 240 env MMALIGN_PERF_OUT="$OUT/vlm_perf.json" python3 -m pytest -m gpu -rA -p no:cacheprovider \
-  tests/train/test_trainer.py tests/train/test_zero.py tests/core/test_loss_metrics.py \
+  tests/train/test_trainer.py tests/train/test_zero.py tests/core/test_loss_metrics.py tests/core/test_rng.py \
   tests/core/test_reward_models.py tests/vision_lm/test_perf.py tests/diffusion/test_jobs.py \
   > "$OUT/pytest_gpu.log" 2>&1
 tail -5 "$OUT/pytest_gpu.log"

@@ -1,5 +1,6 @@
 """seeded_global_rng: seeded draws from torch's global RNG that leave the caller's generators alone."""
 
+import pytest
 import torch
 
 from mmalign.core.reward_models import RewardEnsemble
@@ -29,3 +30,16 @@ def test_no_cuda_seed_is_set_or_queued_before_cuda_is_initialised(monkeypatch):
     assert calls == []
     ens = RewardEnsemble.build(lambda: MLPRewardModel(3, 1, hidden=(4,)), size=2, seed=5)
     assert len(ens) == 2 and calls == []
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_generators_are_seeded_inside_and_restored_after():
+    torch.cuda.init()
+    torch.cuda.manual_seed_all(11)
+    before = torch.cuda.get_rng_state()
+    with seeded_global_rng(4):
+        inside = torch.randn(3, device="cuda")
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    torch.cuda.manual_seed(4)
+    assert torch.equal(inside, torch.randn(3, device="cuda"))
