@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmalign.config import Config, check_choice, check_positive, check_range, option
+from mmalign.config import Config, check_choice, check_nonnegative, check_positive, check_range, option
 
 __all__ = ["CPLConfig", "run", "build_dataset", "train_policy", "oracle_advantage_fn", "evaluate_policy"]
 
@@ -67,6 +67,8 @@ class CPLConfig(Config):
         for name in ("oracle_steps", "episodes_per_level", "segment_length", "pairs_per_segment", "value_samples",
                      "hidden", "bc_steps", "batch_size", "eval_episodes"):
             check_positive(name, getattr(self, name))
+        for name in ("random_episodes", "cpl_steps"):  # 0 = none; negative ones used to pass silently
+            check_nonnegative(name, getattr(self, name))
         check_positive("lr", self.lr)
         check_positive("alpha", self.alpha)
         check_range("bias", self.bias, 0.0, 1.0, low_open=True)
@@ -214,10 +216,11 @@ def train_policy(
 ) -> tuple[DeterministicActor, list[dict[str, float]]]:
     """Train ``cpl`` (BC pre-training + CPL), ``bc`` (all segments) or ``pbc`` (top-X% episodes)."""
     from mmalign.core.losses import cpl_loss
+    from mmalign.core.rng import seeded_global_rng
 
-    torch.manual_seed(cfg.seed)
+    with seeded_global_rng(cfg.seed):  # seeded init without reseeding the caller's global RNG
+        actor = DeterministicActor(obs_dim, act_dim, cfg.hidden, low, high)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
-    actor = DeterministicActor(obs_dim, act_dim, cfg.hidden, low, high)
     segs = data["segments"]
     if method == "pbc":
         obs_all, act_all = torch.as_tensor(data["pbc_obs"]), torch.as_tensor(data["pbc_act"])

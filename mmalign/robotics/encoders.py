@@ -161,7 +161,14 @@ def build_encoder(
         model = open_clip.create_model(open_clip_model, pretrained=str(weights_path))
         visual = model.visual
         size = visual.image_size[0] if isinstance(visual.image_size, tuple) else int(visual.image_size)
-        return FrameEncoder(visual, int(visual.output_dim), embed_dim, size, imagenet_norm=True, embed_norm=embed_norm)
+        enc = FrameEncoder(visual, int(visual.output_dim), embed_dim, size, imagenet_norm=True, embed_norm=embed_norm)
+        # A CLIP tower expects the pixel statistics it was trained with (OpenAI CLIP's, or the checkpoint's own
+        # preprocess config, e.g. 0.5/0.5 for SigLIP), not ImageNet's; open_clip records them on the tower.
+        mean, std = getattr(visual, "image_mean", None), getattr(visual, "image_std", None)
+        if mean is not None and std is not None:
+            enc.mean = torch.tensor(tuple(mean), dtype=torch.float32).view(1, 3, 1, 1)
+            enc.std = torch.tensor(tuple(std), dtype=torch.float32).view(1, 3, 1, 1)
+        return enc
     from open_clip.model import CLIPVisionCfg, _build_vision_tower
 
     cfg = CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=16, image_size=image_size)

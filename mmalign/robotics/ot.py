@@ -13,6 +13,8 @@ gradient up to the truncation error of the last iterations). ``backend="pot"`` r
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 from torch import Tensor
 
@@ -20,7 +22,7 @@ __all__ = ["cosine_cost", "sinkhorn_log", "ot_plan", "ot_similarity", "ot_dense_
 
 
 def _check_reg(reg: float) -> None:
-    if not isinstance(reg, (int, float)) or not reg > 0:
+    if not isinstance(reg, numbers.Real) or not reg > 0:  # numbers.Real: NumPy scalars (np.float32) are numbers too
         raise ValueError(f"reg must be a number > 0, got {reg!r}")
 
 

@@ -184,9 +184,10 @@ def train_reward(
 
     from mmalign.core.losses.gaussian import gaussian_bt_loss
     from mmalign.core.losses.preference import bradley_terry_loss
+    from mmalign.core.rng import seeded_global_rng
 
-    torch.manual_seed(seed)
-    net = GaussianRewardNet(feats.shape[-1])
+    with seeded_global_rng(seed):  # seeded init without reseeding the caller's global RNG
+        net = GaussianRewardNet(feats.shape[-1])
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     x = torch.as_tensor(feats, dtype=torch.float32)
@@ -314,11 +315,12 @@ def awr_policy(
     """
     import torch
 
+    from mmalign.core.rng import seeded_global_rng
+
     n, t_len, _ = observations.shape
     for name, arr in (("actions", actions), ("rewards", rewards)):
         if arr is not None and arr.shape[:2] != (n, t_len):
             raise ValueError(f"{name} must have leading shape {(n, t_len)}, got {arr.shape}")
-    torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     obs = torch.as_tensor(observations.reshape(n * t_len, -1), dtype=torch.float32)
     mean, std = obs.mean(0), obs.std(0).clamp_min(1e-3)  # constant entries (goal, zone) are left near zero
@@ -326,7 +328,12 @@ def awr_policy(
     act = torch.as_tensor(actions.reshape(n * t_len, -1), dtype=torch.float32)
     batch = min(256, len(x))
     weights = torch.ones(len(x))
-    if rewards is not None:
+    # Seeded inits without reseeding the caller's global RNG; same draws, in the same order (value net first), as
+    # seeding it: nothing between the two constructions draws from the global RNG.
+    with seeded_global_rng(seed):
+        value = _mlp(x.shape[1] + 1, 1, hidden) if rewards is not None else None
+        policy = _mlp(x.shape[1], act.shape[1], hidden)
+    if rewards is not None and value is not None:
         ret = np.zeros_like(rewards, dtype=np.float64)
         acc = np.zeros(n)
         for t in reversed(range(t_len)):  # returns-to-go, vectorised over rollouts
@@ -335,7 +342,6 @@ def awr_policy(
         g = torch.as_tensor(ret.reshape(-1), dtype=torch.float32)
         time_in = torch.as_tensor(np.tile(np.arange(t_len) / t_len, n)[:, None], dtype=torch.float32)
         xv = torch.cat([x, time_in], dim=1)  # finite horizon: the value depends on the time left
-        value = _mlp(xv.shape[1], 1, hidden)
         opt = torch.optim.Adam(value.parameters(), lr=1e-3)
         for _ in range(steps):
             idx = torch.randint(len(x), (batch,), generator=gen)
@@ -346,7 +352,6 @@ def awr_policy(
         with torch.no_grad():
             adv = g - value(xv).squeeze(-1)
         weights = torch.exp(adv / (beta * adv.std().clamp_min(1e-6))).clamp(max=20.0)
-    policy = _mlp(x.shape[1], act.shape[1], hidden)
     opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
     for _ in range(steps):
         idx = torch.randint(len(x), (batch,), generator=gen)

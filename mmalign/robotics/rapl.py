@@ -193,9 +193,10 @@ def train_bt_pixels(
 
     from mmalign.core.losses.preference import bradley_terry_loss
     from mmalign.core.reward_models.nets import CNNRewardModel
+    from mmalign.core.rng import seeded_global_rng
 
-    torch.manual_seed(cfg.seed)
-    model = CNNRewardModel(image_size=cfg.image_size, channels=(16, 32, 32), hidden=(64,), output_activation=None)
+    with seeded_global_rng(cfg.seed):  # seeded init without reseeding the caller's global RNG
+        model = CNNRewardModel(image_size=cfg.image_size, channels=(16, 32, 32), hidden=(64,), output_activation=None)
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     pairs, lab = torch.from_numpy(triplets[:, 1:]), torch.from_numpy(labels).float()

@@ -124,6 +124,13 @@ def sample_segments(
     ``recent`` keeps only segments lying entirely within the last ``recent`` stored rows (per env); the newest
     row is ``size − 1``, or ``pos − 1`` for a full circular buffer.
     """
+    for name, a, ndim in (("obs", obs, 3), ("act", act, 3), ("rewards", rewards, 2), ("qpos", qpos, 3),
+                          ("qvel", qvel, 3)):
+        # [T, n_envs] leading axes like ``ends``: a flattened or squeezed array would be cut along the wrong axes
+        # without any error (e.g. act [T, act_dim] gives [num, H] of the first action component).
+        if a is not None and (a.ndim < ndim or tuple(a.shape[:2]) != tuple(ends.shape[:2])):
+            raise ValueError(f"{name} must be time-major [T, n_envs{', ...' if ndim == 3 else ''}] with "
+                             f"[T, n_envs]={tuple(ends.shape[:2])} as ends, got {tuple(a.shape)}")
     starts = valid_starts(ends, size, length, pos)
     if recent is not None:
         if recent < length:
@@ -167,11 +174,12 @@ def segments_from_buffer(
     """
     full = bool(getattr(buffer, "full", False))
     size = buffer.buffer_size if full else int(buffer.pos)
-    obs = buffer.observations
+    obs, act = buffer.observations, buffer.actions
     if obs.ndim == 2:  # RolloutBuffer of a single env may be flattened; SB3 keeps [T, n_envs, ...]
         obs = obs[:, None]
+        act = act[:, None] if act.ndim == 2 else act
     segs = sample_segments(
-        obs, buffer.actions, true_rewards, ends, size, length, num, rng,
+        obs, act, true_rewards, ends, size, length, num, rng,
         pos=int(buffer.pos) if full else None, qpos=qpos, qvel=qvel, recent=recent,
     )
     if unscale_action is not None:

@@ -26,6 +26,10 @@ def oracle():
 def test_config_errors():
     with pytest.raises(ValueError, match="bias"):
         CPLConfig(bias=0.0)
+    with pytest.raises(ValueError, match="random_episodes.*-5"):
+        CPLConfig(random_episodes=-5)
+    with pytest.raises(ValueError, match="cpl_steps.*-1"):
+        CPLConfig(cpl_steps=-1)
     with pytest.raises(ValueError, match="methods"):
         CPLConfig(methods=("cpl", "dpo"))
     with pytest.raises(ValueError, match="density"):
@@ -93,3 +97,21 @@ def test_actor_log_prob_peaks_at_mean():
     mu = actor(obs).detach()
     assert torch.allclose(actor.log_prob(obs, mu), torch.zeros(4), atol=1e-6)
     assert torch.all(actor.log_prob(obs, mu + 0.1) < 0)
+
+
+def test_train_policy_leaves_the_callers_global_rng_alone():
+    """The actor's seeded init must not reseed torch's global RNG (it did: torch.manual_seed in train_policy)."""
+    from mmalign.robotics.segments import Segments
+
+    rng = np.random.default_rng(0)
+    segs = Segments(rng.normal(size=(6, 4, 3)).astype(np.float32), rng.uniform(-1, 1, (6, 4, 2)).astype(np.float32),
+                    np.zeros((6, 4), np.float32))
+    cfg = CPLConfig(**dict(TINY, bc_steps=1, lr=1e-12))  # one Adam step of 1e-12: the init, up to 1e-12
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    actor, _ = train_policy("bc", cfg, {"segments": segs}, 3, 2, -np.ones(2), np.ones(2))
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(cfg.seed)  # the init is still the one a global seed gives
+    ref = DeterministicActor(3, 2, cfg.hidden, -np.ones(2), np.ones(2))
+    for p, q in zip(actor.parameters(), ref.parameters()):
+        assert torch.allclose(p, q, atol=1e-9)

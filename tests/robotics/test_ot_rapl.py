@@ -83,6 +83,11 @@ def test_sinkhorn_gradcheck_float64() -> None:
     assert torch.autograd.gradcheck(lambda c: (sinkhorn_log(c, 0.5, num_iters=20) * c).sum(), (cost,))
 
 
+def test_numpy_scalar_reg_is_accepted() -> None:
+    cost = torch.rand(1, 3, 4, dtype=torch.float64)
+    assert torch.equal(sinkhorn_log(cost, reg=np.float32(0.5)), sinkhorn_log(cost, reg=float(np.float32(0.5))))
+
+
 def test_bad_inputs_raise() -> None:
     with pytest.raises(ValueError, match="reg"):
         sinkhorn_log(torch.rand(1, 3, 3), reg=0.0)

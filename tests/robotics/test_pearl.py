@@ -124,3 +124,26 @@ def test_pearl_pipeline_with_policies_smoke(tmp_path) -> None:
     out = _smoke(tmp_path, policy_timesteps=128, solver="exact")
     for name in ("pearl", "true_labels", "no_transfer", "true_reward"):
         assert np.isfinite(out[f"policy/true_return_{name}"])
+
+
+def test_reward_and_awr_training_leave_the_callers_global_rng_alone() -> None:
+    """Seeded inits must not reseed torch's global RNG (they did: torch.manual_seed inside the functions), and the
+    initial networks are the ones a global seed gives (value net drawn first, then the policy)."""
+    from mmalign.robotics.pearl import _mlp, train_reward
+
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(4, 3, 2)).astype(np.float32)
+    actions = rng.uniform(-0.5, 0.5, size=(4, 3, 2)).astype(np.float32)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    train_reward(obs, np.array([[0, 1], [2, 3]]), np.array([1.0, 0.0]),
+                 PearlConfig(reward_steps=2, batch_size=2), gaussian=True, seed=0)
+    act = awr_policy(obs, actions, np.ones((4, 3), np.float32), steps=0, beta=1.0, seed=5, hidden=8)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(5)
+    _mlp(3, 1, 8)  # the value net (2 obs dims + time)
+    policy = _mlp(2, 2, 8)
+    o = obs.reshape(-1, 2)
+    x = (torch.as_tensor(o) - torch.as_tensor(o).mean(0)) / torch.as_tensor(o).std(0).clamp_min(1e-3)
+    with torch.no_grad():
+        np.testing.assert_allclose(act(o), torch.tanh(policy(x)).numpy(), atol=1e-6)

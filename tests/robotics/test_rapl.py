@@ -82,27 +82,45 @@ def test_resnet18_loads_local_weights(tmp_path) -> None:
         build_encoder("vit_h")
 
 
-def test_open_clip_loads_local_weights(tmp_path) -> None:
-    """A local open_clip checkpoint (safetensors) of a registered architecture is loaded into the image tower."""
+def _tiny_clip_checkpoint(tmp_path, name: str):  # type: ignore[no-untyped-def]
+    """A registered tiny open_clip architecture ``name``, its seeded model, saved to tmp_path/clip.safetensors."""
     open_clip = pytest.importorskip("open_clip")
-    import json
-
     from safetensors.torch import save_file
 
     cfg = {"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16,
                                            "patch_size": 16},
            "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
-    (tmp_path / "mmalign-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "mmalign-tiny-clip.json")
+    (tmp_path / f"{name}.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / f"{name}.json")
     torch.manual_seed(3)
-    model = open_clip.create_model("mmalign-tiny-clip")
+    model = open_clip.create_model(name)
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp_path / "clip.safetensors"))
+    return model
+
+
+def test_open_clip_loads_local_weights(tmp_path) -> None:
+    """A local open_clip checkpoint (safetensors) of a registered architecture is loaded into the image tower."""
+    model = _tiny_clip_checkpoint(tmp_path, "mmalign-tiny-clip")
     torch.manual_seed(4)  # a different random init: equality below can only come from the file
     enc = build_encoder("open_clip", embed_dim=8, weights_path=str(tmp_path / "clip.safetensors"),
                         open_clip_model="mmalign-tiny-clip")
     assert enc.input_size == 32
     assert torch.equal(enc.backbone.conv1.weight, model.visual.conv1.weight)
     assert enc(torch.zeros(1, 2, 64, 64, 3, dtype=torch.uint8)).shape == (1, 2, 8)
+
+
+def test_open_clip_normalises_pixels_with_the_checkpoints_own_statistics(tmp_path) -> None:
+    """A pretrained CLIP tower sees pixels standardised with CLIP's mean/std (OpenAI's), not ImageNet's."""
+    model = _tiny_clip_checkpoint(tmp_path, "mmalign-tiny-clip2")
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    enc = build_encoder("open_clip", embed_dim=8, weights_path=str(tmp_path / "clip.safetensors"),
+                        open_clip_model="mmalign-tiny-clip2").eval()
+    frames = torch.randint(0, 256, (3, 32, 32, 3), dtype=torch.uint8)
+    x = frames.permute(0, 3, 1, 2).float() / 255.0
+    x = (x - torch.tensor(OPENAI_DATASET_MEAN).view(1, 3, 1, 1)) / torch.tensor(OPENAI_DATASET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        expected = enc.head(model.visual.eval()(x))
+        assert torch.allclose(enc.project(frames), expected, atol=1e-5)
 
 
 def test_simulated_human_triplets() -> None:
@@ -257,3 +275,15 @@ def test_bt_only_run_skips_rapl(tmp_path) -> None:
 @pytest.mark.slow
 def test_rapl_pipeline_with_ppo_policy_smoke(tmp_path) -> None:
     assert np.isfinite(_smoke(tmp_path, policy_timesteps=64)["policy/true_return"])
+
+
+def test_bt_pixel_training_leaves_the_callers_global_rng_alone() -> None:
+    """The BT baseline's seeded init must not reseed torch's global RNG (it did: torch.manual_seed inside)."""
+    from mmalign.robotics.rapl import train_bt_pixels
+
+    frames = np.random.default_rng(0).integers(0, 256, (4, 2, 16, 16, 3), dtype=np.uint8)
+    cfg = RaplConfig(image_size=16, frame_stride=1, train_length="steps", train_steps=1, batch_size=2)
+    torch.manual_seed(1234)
+    before = torch.get_rng_state()
+    train_bt_pixels(frames, np.array([[0, 1, 2], [0, 3, 1]]), np.array([1.0, 0.0], np.float32), cfg)
+    assert torch.equal(torch.get_rng_state(), before)

@@ -89,3 +89,30 @@ def test_segments_shape_check_and_take():
         Segments(np.zeros((2, 3, 1)), np.zeros((2, 4, 1)), np.zeros((2, 3)))
     s = Segments(np.zeros((3, 2, 1)), np.zeros((3, 2, 1)), np.arange(6, dtype=np.float32).reshape(3, 2))
     assert len(s.take(np.array([2]))) == 1 and s.take(np.array([2])).true_rewards[0, 0] == 4
+
+
+def test_segments_from_flattened_single_env_buffer_keep_every_action_dimension():
+    """A flattened single-env RolloutBuffer ([T, dim] arrays): actions are cut like observations, not [N, H]."""
+    from types import SimpleNamespace
+
+    from mmalign.robotics.segments import segments_from_buffer
+
+    t = np.arange(12, dtype=np.float32)
+    buf = SimpleNamespace(full=True, buffer_size=12, pos=12, observations=np.stack([t, t + 100], -1),
+                          actions=np.stack([t + 0.5, -t], -1))
+    ends = np.zeros((12, 1), bool)
+    segs = segments_from_buffer(buf, t[:, None] * 10, ends, 4, 20, np.random.default_rng(0))
+    assert segs.act.shape == (20, 4, 2)
+    steps = segs.obs[..., 0]
+    np.testing.assert_array_equal(segs.act[..., 0], steps + 0.5)
+    np.testing.assert_array_equal(segs.act[..., 1], -steps)
+    np.testing.assert_array_equal(segs.true_rewards, steps * 10)
+
+
+def test_sample_segments_refuses_arrays_that_are_not_time_major():
+    obs, act, rew = _buffer(T=20, E=1)
+    ends = np.zeros((20, 1), bool)
+    with pytest.raises(ValueError, match=r"act must be time-major.*got \(20, 1\)"):
+        sample_segments(obs, act[..., 0], rew, ends, 20, 4, 3, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="obs must be time-major"):
+        sample_segments(obs.reshape(10, 2, 3), act, rew, ends, 20, 4, 3, np.random.default_rng(0))
