@@ -290,7 +290,9 @@ def OTRewardWrapper(env: Any, encoder: Any, demo_frames: np.ndarray, **kwargs: A
     RAPL scores a finished rollout; a step-wise env must answer at step ``t``, so the wrapper solves OT between the
     rollout prefix ``o_{1:t}`` and each demo's prefix of the same length (all demos in one batch), picks the
     closest demo and returns the newest frame's reward ``-sum_t' plan[t, t'] C[t, t']`` times ``t`` (so the scale
-    does not shrink with the prefix length). The env's own reward goes to ``info["env_reward"]``.
+    does not shrink with the prefix length). Once the rollout is longer than the demos (``t > T_demo``), the last
+    ``T_demo`` frames are matched against the whole demos (a sliding window, not the prefix). The env's own reward
+    goes to ``info["env_reward"]``.
     """
     return _make_wrapper_base()(env, encoder, demo_frames, **kwargs)
 
