@@ -50,6 +50,11 @@ class MainConfig(PebbleConfig):
     teacher: str = option("mistake", "B-Pref teacher preset: oracle, stochastic, mistake, skip, myopic, equal")
     label_budget: int = option(400, "total number of queries asked (skipped ones count), at most this many")
     rm_epochs: int = option(30, "passes over all labels per feedback round")
+    normalize_act: bool = option(
+        True, "reward model sees standardised actions balanced against the observations (the reward-input fix of "
+              "docs/methods/pebble.md; normalised score 0.96 with it vs 0.78 without over 3 seeds)")
+    rm_action_squares: bool = option(True, "append the squared standardised actions to the reward model's input "
+                                           "(so a quadratic control cost is learnable; part of the reward-input fix)")
     eval_episodes: int = option(10, "episodes per evaluation (deterministic policy, true reward)")
     smoke: bool = option(False, "tiny budgets for a seconds-long check of the whole pipeline (CI tests)")
     random_episodes: int = option(10, "episodes per evaluation point of the random policy")

@@ -32,3 +32,14 @@ def test_main_config_defaults_are_the_main_job_and_validate():
     assert MainConfig(smoke=True).effective_agent().total_steps < 1000
     with pytest.raises(ValueError, match="reward"):
         MainConfig(reward="true")
+    # the main job runs with the reward-input fix (standardised + squared actions), as configs/robotics/main.yaml says
+    assert cfg.normalize_act and cfg.rm_action_squares and cfg.effective_agent().normalize_act
+
+
+def test_main_yaml_writes_out_the_embedded_defaults():
+    from pathlib import Path
+
+    from mmalign.config import load_config
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "robotics" / "main.yaml"
+    assert load_config(MainConfig, path, job="robotics.main") == MainConfig()
