@@ -52,6 +52,6 @@ def test_a_failed_write_leaves_the_page_as_it_was(tmp_path: Path) -> None:
         write_marked_section(path, "a", "bad \ud800 text")  # not encodable: fails while writing
     assert path.read_text() == before
     assert [p.name for p in tmp_path.iterdir()] == ["bench.md"]  # no temporary file left behind
-    path.chmod(0o644)
+    path.chmod(0o640)  # neither mkstemp's 0o600 nor a new file's default 0o666 & ~umask (0o644 under umask 022)
     write_marked_section(path, "a", "second A")  # replaced through a temporary file: the page keeps its mode
-    assert "second A" in path.read_text() and path.stat().st_mode & 0o777 == 0o644
+    assert "second A" in path.read_text() and path.stat().st_mode & 0o777 == 0o640

@@ -123,9 +123,12 @@ def load_reward_model(path: str | Path, *, obs_dim: int | None = None, act_dim: 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"reward checkpoint not found: {path}")
-    with safe_open(str(path), framework="pt") as fh:
-        raw = (fh.metadata() or {}).get("mmalign")
-    meta = json.loads(raw) if raw else {}
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            raw = (fh.metadata() or {}).get("mmalign")
+        meta = json.loads(raw) if raw else {}
+    except Exception as err:  # SafetensorError (empty/corrupt header), JSONDecodeError: never a deep traceback
+        raise ValueError(f"reward checkpoint {path} is not a readable safetensors reward checkpoint: {err}") from err
     if meta.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"reward checkpoint {path} must have format {CHECKPOINT_FORMAT!r}, got {meta.get('format')!r}")
     for name, want in (("obs_dim", obs_dim), ("act_dim", act_dim)):
@@ -138,7 +141,10 @@ def load_reward_model(path: str | Path, *, obs_dim: int | None = None, act_dim: 
     ens = build_ensemble(meta["obs_dim"], meta["act_dim"], meta["size"], meta["hidden"], seed=0, layers=meta["layers"],
                          input_norm=bool(meta.get("input_norm", False)),
                          action_squares=bool(meta.get("action_squares", False)))
-    state = load_file(str(path))
+    try:
+        state = load_file(str(path))
+    except Exception as err:  # a truncated file can have an intact header
+        raise ValueError(f"reward checkpoint {path} is truncated or corrupt: {err}") from err
     meta["obs_mean"] = state.pop("input.obs_mean")
     meta["obs_std"] = state.pop("input.obs_std")
     ens.load_state_dict(state)

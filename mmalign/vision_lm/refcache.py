@@ -2,8 +2,9 @@
 
 With full fine-tuning there is no LoRA to disable, and keeping a second model copy doubles memory; so the frozen
 reference is run once over the dataset before training and its per-token log-probs are stored. The file name
-carries the SHA-256 of the model identity and of every encoded branch (token ids, response masks, pixel values), so
-a changed dataset, processor or image never reuses stale numbers: it simply misses the cache.
+carries the SHA-256 of the model identity, of a fingerprint of its weights and of every encoded branch (token ids,
+response masks, pixel values), so a changed dataset, processor, image or reference weights never reuses stale
+numbers: it simply misses the cache.
 """
 
 from __future__ import annotations
@@ -17,13 +18,29 @@ from torch import Tensor
 
 from mmalign.vision_lm.objectives import PairCollator, PrefPair
 
-__all__ = ["data_hash", "reference_cache"]
+__all__ = ["data_hash", "reference_cache", "weights_fingerprint"]
 
 
 def _update(h: Any, t: Tensor) -> None:
     h.update(str(tuple(t.shape)).encode())
     h.update(str(t.dtype).encode())
     h.update(t.detach().contiguous().cpu().numpy().tobytes())
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """SHA-256 over every parameter's and buffer's name, shape, dtype and float64 sum and absolute sum.
+
+    Cheap (one reduction per tensor, on the tensor's device) and sensitive to any change of the weights a
+    reference cache could have been computed with — a model re-trained or re-initialised under the same ``model_id``
+    misses the cache instead of reusing stale log-probs.
+    """
+    h = hashlib.sha256()
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}|{tuple(t.shape)}|{t.dtype}".encode())
+        if t.numel() and t.dtype != torch.bool:
+            x = t.detach().to(torch.float64)
+            h.update(torch.stack([x.sum(), x.abs().sum()]).cpu().numpy().tobytes())
+    return h.hexdigest()
 
 
 def data_hash(collator: PairCollator, pairs: Sequence[PrefPair], model_id: str, batch_size: int = 64) -> str:
@@ -55,7 +72,8 @@ def reference_cache(
 
     if collator.ref_cache is not None:
         raise ValueError("the collator used to build a reference cache must not itself carry a ref_cache")
-    key = data_hash(collator, pairs, model_id + f"|logprobs={with_logprobs}")
+    weights = weights_fingerprint(collator.adapter.base_model)
+    key = data_hash(collator, pairs, model_id + f"|weights={weights}|logprobs={with_logprobs}")
     path = Path(cache_dir) / f"ref_logps-{key[:32]}.safetensors"
     if path.is_file():
         return load_file(str(path)), path, True

@@ -39,10 +39,13 @@ def test_dpo_hand_computed() -> None:
 
 def test_ipo_cdpo_rdpo_hand_computed() -> None:
     pc, pr, rc, rr = (torch.tensor([v], dtype=D64) for v in (-4.0, -9.0, -5.0, -7.0))
-    lw, ll = torch.tensor([2.0], dtype=D64), torch.tensor([4.0], dtype=D64)
-    # per-token: 1/2 - (-2/4) = 1; beta = 0.25 -> target 2 -> (1 - 2)^2 = 1
-    loss, _ = ipo_loss(pc, pr, rc, rr, beta=0.25, chosen_lengths=lw, rejected_lengths=ll)
-    assert loss.item() == pytest.approx(1.0)
+    lw, ll = torch.tensor([2.0], dtype=D64), torch.tensor([1.0], dtype=D64)
+    # per-token: 1/2 - (-2/1) = 2.5; beta = 0.25 -> target 2 -> (2.5 - 2)^2 = 0.25 (lengths ignored would give
+    # the summed value 1, swapped lengths (1/1 - (-2/2) - 2)^2 = 0): float lengths take the inline path, integer
+    # lengths the general one
+    for n_w, n_l in ((lw, ll), (lw.long(), ll.long())):
+        loss, _ = ipo_loss(pc, pr, rc, rr, beta=0.25, chosen_lengths=n_w, rejected_lengths=n_l)
+        assert loss.item() == pytest.approx(0.25, abs=1e-12)
     loss, _ = ipo_loss(pc, pr, rc, rr, beta=0.25)  # summed: (3 - 2)^2
     assert loss.item() == pytest.approx(1.0)
     z = 0.5 * 3.0

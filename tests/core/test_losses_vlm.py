@@ -122,6 +122,11 @@ def test_realign_sum_and_limits() -> None:
     assert "train/visual_pref_accuracy" in m and "rewards/chosen_retrieved" in m
     no_visual, _ = realign_loss(pc, pr, pcv, rc, rr, rcv, beta=0.2, visual_weight=0.0)
     torch.testing.assert_close(no_visual, dpo_loss(pc, pr, rc, rr, beta=0.2)[0])
+    # by hand: textual ρ_w = 1, ρ_l = -2 -> -log σ(0.1·3); visual ρ(y_w|v) = 1, ρ(y_w|v_l) = -1 -> -log σ(0.1·2)
+    one = [torch.tensor([v], dtype=D64) for v in (-10.0, -14.0, -13.0, -11.0, -12.0, -12.0)]
+    loss, m = realign_loss(*one, visual_weight=0.5)
+    assert loss.item() == pytest.approx(math.log1p(math.exp(-0.3)) + 0.5 * math.log1p(math.exp(-0.2)), abs=1e-12)
+    assert m["rewards/visual_margin"] == pytest.approx(0.2)
 
 
 def test_realign_gradcheck_and_direction() -> None:

@@ -22,7 +22,7 @@ def test_no_cuda_seed_is_set_or_queued_before_cuda_is_initialised(monkeypatch):
     # torch.manual_seed inside fork_rng(devices=[]) calls torch.cuda.manual_seed_all, which (before CUDA starts)
     # queues the seed for later: the caller's CUDA RNG would be reseeded when CUDA initialises
     if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return  # covered by the CUDA branch (fork_rng then restores every device)
+        pytest.skip("CUDA is initialised: covered by the CUDA test (fork_rng then restores every device)")
     calls = []
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(seed))
     with seeded_global_rng(3):

@@ -76,9 +76,10 @@ def test_myopic_reverses_early_vs_late_preference() -> None:
 
 
 def test_myopic_weights_count_valid_steps_after_t_with_padding() -> None:
-    # The second segment is padded at the end: its last *valid* step must get weight 1.
+    # The second segment is padded at the end: its last *valid* step must get weight 1 (2.1 > 2). The pad value is
+    # negative so that neither an unmasked pad (2.1/2 - 99) nor weights counted over all steps (2.1/2) give label 0.
     r1 = np.array([[0.0, 0.0, 2.0]])
-    r2 = np.array([[0.0, 2.1, 99.0]])
+    r2 = np.array([[0.0, 2.1, -99.0]])
     mask2 = np.array([[True, True, False]])
     out = SimulatedHuman(gamma=0.5)(r1, r2, mask_second=mask2)
     assert out.labels.item() == 0.0

@@ -275,4 +275,8 @@ def test_clip_scorer_reads_the_model_preprocess_config(tmp_path):
 
 
 def test_class_embeddings_are_fixed():
-    torch.testing.assert_close(class_embeddings(4, 2, 8, seed=3), class_embeddings(4, 2, 8, seed=3))
+    state = torch.get_rng_state()
+    emb = class_embeddings(4, 2, 8, seed=3)
+    assert emb.shape == (4, 2, 8) and torch.equal(torch.get_rng_state(), state)  # own generator, global RNG untouched
+    torch.testing.assert_close(emb, class_embeddings(4, 2, 8, seed=3))
+    assert not torch.allclose(emb, class_embeddings(4, 2, 8, seed=4))  # the seed is used

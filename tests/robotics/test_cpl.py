@@ -88,7 +88,15 @@ def test_cpl_bc_pbc_train_and_cpl_moves_policy(oracle):
     with torch.no_grad():
         diff = (actors["cpl"][0](obs) - actors["bc"][0](obs)).abs().max()
     assert diff > 1e-4  # same seed and BC pre-training; CPL steps changed the actor
-    assert any("train/pref_accuracy" in row for row in actors["cpl"][1]) or cfg.cpl_steps < 500
+    # ... which without CPL steps is exactly the BC actor (so the difference above is CPL's doing)
+    no_cpl, _ = train_policy("cpl", CPLConfig(**{**TINY, "cpl_steps": 0}), data, 10, 2, low, high)
+    bc = actors["bc"][0].state_dict()
+    assert all(torch.equal(v, bc[k]) for k, v in no_cpl.state_dict().items())
+    # the CPL phase is logged every 500 steps: 20 steps log nothing, 500 log one row with the preference accuracy
+    assert actors["cpl"][1] == []
+    _, log = train_policy("cpl", CPLConfig(**{**TINY, "cpl_steps": 500}), data, 10, 2, low, high)
+    assert [row["step"] for row in log] == [TINY["bc_steps"] + 500.0]
+    assert 0.0 <= log[0]["train/pref_accuracy"] <= 1.0 and np.isfinite(log[0]["train/loss"])
 
 
 def test_actor_log_prob_peaks_at_mean():

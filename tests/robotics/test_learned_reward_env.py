@@ -79,9 +79,14 @@ def test_checkpoint_for_other_observation_space_is_refused(checkpoint):
 def test_bad_inputs(tmp_path):
     with pytest.raises(ValueError, match="not a registered gymnasium id"):
         gym.make("mmalign/LearnedReward-v0", env_id="NoSuchEnv-v9")
+    from safetensors.torch import save_file
+
     (tmp_path / "x.safetensors").write_bytes(b"")
-    with pytest.raises(Exception):
-        load_reward_model(tmp_path / "x.safetensors")
+    with pytest.raises(ValueError, match="x.safetensors is not a readable safetensors reward checkpoint"):
+        load_reward_model(tmp_path / "x.safetensors")  # not a safetensors file at all
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "other.safetensors"))  # a safetensors file, not a reward model
+    with pytest.raises(ValueError, match="must have format 'mmalign.robotics.reward_ensemble.v1', got None"):
+        load_reward_model(tmp_path / "other.safetensors")
     with pytest.raises(FileNotFoundError):
         load_reward_model(tmp_path / "missing.safetensors")
 
@@ -95,3 +100,12 @@ def test_bad_render_mode_is_refused_before_the_base_env_is_made(monkeypatch):
     monkeypatch.setattr(gym, "make", made)
     with pytest.raises(ValueError, match="render_mode must be None or 'rgb_array', got 'human'"):
         LearnedRewardEnv(env_id="Reacher-v5", render_mode="human")
+
+
+def test_truncated_checkpoint_names_the_file(checkpoint, tmp_path):
+    path, _ = checkpoint
+    data = path.read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(data[: len(data) - 16])  # header intact, tensor bytes missing
+    with pytest.raises(ValueError, match="cut.safetensors"):
+        load_reward_model(cut)

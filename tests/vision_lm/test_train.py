@@ -40,7 +40,7 @@ def test_method_smoke_runs(kw, tmp_path):
         assert list((tmp_path / "ref_cache").glob("ref_logps-*.safetensors"))
 
 
-def test_objectives_at_init_equal_reference(llava, images):
+def test_objectives_at_init_equal_reference(llava, images, tmp_path):
     """With LoRA at its zero init the policy is the reference: DPO gives log 2, RRPO's KL is 0, cached == live."""
     from peft import LoraConfig, get_peft_model
 
@@ -62,8 +62,9 @@ def test_objectives_at_init_equal_reference(llava, images):
                 assert abs(float(m["rrpo/token_kl"])) < 1e-6 and float(m["rrpo/num_phrases"]) >= 1
         base = model.get_base_model()
         llava.model = base
-        cache, _, _ = reference_cache(PairCollator(llava), [p for _, p in items], "/tmp/mmalign-test-refcache",
-                                      "tiny-test")
+        # a fresh folder: a cache left in a shared /tmp by an earlier run (other model, same key) would be a hit
+        cache, _, hit = reference_cache(PairCollator(llava), [p for _, p in items], tmp_path, "tiny-test")
+        assert not hit
         loss, _ = PreferenceObjective(llava, "dpo")(base, PairCollator(llava, ref_cache=cache)(items))
         assert loss.item() == pytest.approx(live["dpo"], abs=1e-5)
     finally:

@@ -139,6 +139,16 @@ def test_reference_cache_roundtrip_and_key(llava, images, tmp_path):
     assert not hit3 and path3 != path  # a different image is a different key
     batch = PairCollator(llava, ref_cache=cache)([(1, pairs[1]), (3, pairs[3])])
     assert torch.equal(batch["ref/chosen/tokens"].sum(1), cache["chosen/tokens"][[1, 3]].sum(1))
+    # the same model id with other weights (re-trained or re-initialised reference) is a different key too
+    w = next(p for p in llava.base_model.parameters() if p.dim() == 2)
+    with torch.no_grad():
+        w[0, 0] += 1e-3
+    try:
+        _, path4, hit4 = reference_cache(col, pairs, tmp_path, "tiny")
+    finally:
+        with torch.no_grad():
+            w[0, 0] -= 1e-3
+    assert not hit4 and path4 != path
 
 
 def test_qwen2vl_family_scores_and_hides_images(qwen2vl):
@@ -396,6 +406,7 @@ def test_rrpo_online_regeneration_recomputes_phrase_segments(images):
     finally:
         R.rrpo_loss = orig
     seg_c, seg_r = segments_for(ad.tokenizer, regenerated[0])
-    assert seg_r == [0, 1, 0, 0, 0] != [0, 0, 1, 0, 0]  # the old pair's phrase sits on "blue", the new on "small"
+    _, old_r = segments_for(ad.tokenizer, pairs[0])
+    assert seg_r == [0, 1, 0, 0, 0] and old_r == [0, 0, 1, 0, 0]  # old pair's phrase on "blue", the new on "small"
     assert seen[0] == ([seg_c + [0]] * 2, [seg_r + [0]] * 2)  # + the EOS slot, for both rows
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)
