@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import time
 from pathlib import Path
@@ -95,10 +96,33 @@ def run_sweep(args: argparse.Namespace) -> None:
     summarize(out, args.doc, args.key)
 
 
+def unique_rows(path: Path) -> list[dict]:
+    """Rows of results.jsonl, the first one per (task, seed, teacher): the sweep skips a key once it has a row, so a
+    second row (two processes on one folder, or concatenated files) is a duplicate, reported and not counted."""
+    seen: set[tuple] = set()
+    rows = []
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        r = json.loads(line)
+        k = (r["task"], r["seed"], r["teacher"])
+        if k in seen:
+            print(f"warning: duplicate row {k} in {path} ignored (the first one is used)", flush=True)
+            continue
+        seen.add(k)
+        rows.append(r)
+    return rows
+
+
+def _teacher_key(name: str) -> tuple[int, str]:
+    base = name.split(" ")[0]
+    return (TEACHER_ORDER.index(base) if base in TEACHER_ORDER else len(TEACHER_ORDER), name)
+
+
 def summarize(out: Path, doc: str | None, key: str = "bench_pbrl") -> str:
     from mmalign.robotics.report import markdown_table, plot_curves
 
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    rows = unique_rows(out / "results.jsonl")
     lines = []
     for task in sorted({r["task"] for r in rows}):
         rand = random_return(task)
@@ -106,12 +130,16 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl") -> str:
         true_final = {r["seed"]: r["final_true_return"] for r in task_rows if r["teacher"] == "true"}
         table = []
         curves = {}
-        names = sorted({r["teacher"] for r in task_rows}, key=lambda t: (TEACHER_ORDER.index(t.split(" ")[0]), t))
+        names = sorted({r["teacher"] for r in task_rows}, key=_teacher_key)
         for teacher in names:
             sel = sorted([r for r in task_rows if r["teacher"] == teacher], key=lambda r: r["seed"])
             finals = np.array([r["final_true_return"] for r in sel])
             paired = [r for r in sel if r["seed"] in true_final and abs(true_final[r["seed"]] - rand) > 1e-8]
             norm = [(r["final_true_return"] - rand) / (true_final[r["seed"]] - rand) for r in paired]
+            # per seed in the order of the "seeds" column; "–" where the seed has no true-reward run to pair with
+            by_seed = dict(zip((r["seed"] for r in paired), norm))
+            per_seed = ", ".join(f"{by_seed[r['seed']]:.2f}" if r["seed"] in by_seed else "–" for r in sel)
+            n_note = f" (n={len(norm)})" if len(norm) != len(sel) else ""
             # Stricter: relative to the untrained deterministic policy of the same seed (step-0 evaluation), which
             # on Reacher/Pusher already scores far above the uniformly random policy (it outputs near-zero actions).
             # Undefined where true-reward SAC itself did not clearly beat that policy (gain < 10% of true − rand).
@@ -122,14 +150,14 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl") -> str:
             cpu = [r["cpu_s"] for r in sel if r.get("cpu_s") is not None and np.isfinite(r["cpu_s"])]
             table.append({"teacher": teacher, "seeds": ",".join(str(r["seed"]) for r in sel),
                           "final true return": f"{finals.mean():.2f} ± {finals.std():.2f}",
-                          "(learned−rand)/(true−rand)": (f"{np.mean(norm):.3f} ± {np.std(norm):.3f}"
+                          "(learned−rand)/(true−rand)": (f"{np.mean(norm):.3f} ± {np.std(norm):.3f}{n_note}"
                                                          if norm else "-"),
-                          "per seed": ", ".join(f"{v:.2f}" for v in norm) if teacher != "true" else "-",
+                          "per seed": per_seed if teacher != "true" else "-",
                           "(learned−init)/(true−init)": (
                               f"{np.mean(init):.2f} ± {np.std(init):.2f} (n={len(init)})" if init else "-"),
-                          "queries": int(np.mean([r["labels"].get("labels/queries", 0) for r in sel])),
-                          "answered": int(np.mean([r["labels"].get("labels/answered", 0) for r in sel])),
-                          "ties": int(np.mean([r["labels"].get("labels/ties", 0) for r in sel])),
+                          "queries": int(round(float(np.mean([r["labels"].get("labels/queries", 0) for r in sel])))),
+                          "answered": int(round(float(np.mean([r["labels"].get("labels/answered", 0) for r in sel])))),
+                          "ties": int(round(float(np.mean([r["labels"].get("labels/ties", 0) for r in sel])))),
                           "label agreement": f"{np.nanmean(agree):.3f}" if teacher != "true" else "-",
                           "CPU s/run": f"{np.mean(cpu):.0f}" if cpu else "-"})
             pseudo = [r["labels"]["labels/pseudo_total"] for r in sel if "labels/pseudo_total" in r["labels"]]
@@ -154,8 +182,11 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl") -> str:
     (out / "summary.md").write_text(text)
     if doc:
         header = (f"Tables written by `scripts/bench_pbrl.py --summarize {out}`. Machine: {platform.platform()}, "
-                  f"{platform.processor() or 'cpu'}; shared 2-core CPU with other jobs running (wall times are "
-                  f"inflated; CPU s is process time). Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n")
+                  f"{platform.processor() or 'cpu'}; shared {os.cpu_count()}-core CPU with other jobs running (wall "
+                  f"times are inflated; CPU s is process time). Date: "
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ± = population std over seeds (ddof 0); "
+                  "a normalised score pairs each seed with the same seed's true-reward run (n= where fewer seeds than "
+                  "the row's have one).\n\n")
         from mmalign.reporting import write_marked_section
 
         write_marked_section(doc, key, header + text)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import warnings
 from pathlib import Path
 
@@ -82,7 +83,8 @@ def main() -> None:
         f"Command: `MUJOCO_GL=egl python scripts/bench_pearl.py --seeds {' '.join(map(str, args.seeds))} "
         f"--offline-steps {args.offline_steps} --policy-timesteps {args.policy_timesteps}`{args.note}; "
         f"seeds {args.seeds}; {now()}; "
-        f"{machine()}; shared 2-core CPU with other jobs running (load average 8-28 during the runs); n = seeds per cell.",
+        f"{machine()}; shared {os.cpu_count()}-core CPU with other jobs running (1-min load average "
+        f"{os.getloadavg()[0]:.1f} when this section was written); n = seeds per cell; ± = population std (ddof 0).",
         "",
         f"Source: PushAvoidPoint-v0 ({cfg.n_source} scripted rollouts, {cfg.num_source_prefs} pairs labelled by a "
         f"noiseless simulated human). Target: PushAvoidPointRight-v0 (scene rotated by -90 degrees, larger zones; "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -125,8 +126,9 @@ def main_section(res: dict[Key, dict], args: argparse.Namespace, tag: str) -> st
         f"## RAPL vs BT-on-pixels at matched preference budgets, RAPL {norm} (`scripts/bench_rapl.py`)",
         "",
         f"Command: `MUJOCO_GL=egl python scripts/bench_rapl.py {args.cmdline}`; seeds {args.seeds}; {now()}; "
-        f"{machine()}; shared 2-core CPU ({args.load}; each run single-threaded, the plan split over 2-3 background "
-        f"processes); every (seed, method, budget) is one run with its own metrics.json under `{args.out}/{tag}/`.",
+        f"{machine()}; shared {os.cpu_count()}-core CPU ({args.load}; each run single-threaded, the plan split over "
+        f"2-3 background processes); every (seed, method, budget) is one run with its own metrics.json under "
+        f"`{args.out}/{tag}/`.",
         "",
         f"Setup: {args.n_train} scripted PushAvoidPoint-v0 rollouts (30 frames, 64x64) for triplets, {args.n_eval} "
         f"held-out rollouts per embodiment; tiny random-init CNN encoder (32-d head) {norm}, OT with cosine cost, "
@@ -137,8 +139,9 @@ def main_section(res: dict[Key, dict], args: argparse.Namespace, tag: str) -> st
         "validation split carved out of the same preference budget (5 of 25 triplets at the smallest budget, too "
         "few to pick a stopping step reliably), and equal passes per triplet is the reference code's rule (100 "
         "epochs); the sensitivity section below checks that the verdict does not hinge on the epoch count. "
-        "ρ = Spearman correlation of predicted vs true return, mean ± std over seeds; must-show met when the mean "
-        "RAPL@N/2 ρ ≥ the mean BT@N ρ. Train acc. = mean batch preference accuracy of the last 20 steps.",
+        "ρ = Spearman correlation of predicted vs true return, mean ± population std (ddof 0) over the seeds that "
+        "have both runs (n); must-show met when the mean RAPL@N/2 ρ ≥ the mean BT@N ρ. Train acc. = mean batch "
+        "preference accuracy of the last 20 steps.",
         "",
         "### Held-out rollouts, same embodiment (point pusher)",
         "",

@@ -123,7 +123,8 @@ def main() -> None:
         "## Uncertainty routing vs random routing (equal costly-label budget)",
         "",
         f"Command: `python scripts/bench_routing.py --seeds {args.seeds} --budgets {' '.join(map(str, args.budgets))} "
-        f"--pool {args.pool} --seed-labels {args.seed_labels}`; seeds 0..{args.seeds - 1}; mean ± std over seeds.",
+        f"--pool {args.pool} --seed-labels {args.seed_labels}`; seeds 0..{args.seeds - 1}; mean ± sample std (ddof 1) "
+        "over seeds.",
         f"Machine: {platform.machine()}, {os.cpu_count()} shared CPU cores, torch {torch.__version__}, "
         f"{args.threads} thread(s). Date: {now}.",
         "",

@@ -132,7 +132,7 @@ def worker(args: argparse.Namespace) -> None:
                             else platform.processor() or platform.machine())}))
 
 
-def main() -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--width", type=int, default=1024, help="hidden width of the MLP")
     ap.add_argument("--layers", type=int, default=8, help="number of Linear layers")
@@ -145,6 +145,21 @@ def main() -> None:
     ap.add_argument("--section", default="sharding", help="marked section of docs/benchmarks/training.md to write")
     ap.add_argument("--worker", choices=list(STRATEGIES), help=argparse.SUPPRESS)
     ap.add_argument("--out", help=argparse.SUPPRESS)
+    return ap
+
+
+def command_line(args: argparse.Namespace, ap: argparse.ArgumentParser) -> str:
+    """The command printed into the docs: every option that differs from its default."""
+    parts = []
+    for k in ("width", "layers", "batch", "steps", "warmup", "threads", "strategies", "section"):
+        v = getattr(args, k)
+        if v != ap.get_default(k):
+            parts.append(f" --{k} " + (" ".join(v) if isinstance(v, list) else str(v)))
+    return "python scripts/bench_sharding.py" + "".join(parts)
+
+
+def main() -> None:
+    ap = parser()
     args = ap.parse_args()
     if args.worker:
         args.strategy = args.worker
@@ -188,9 +203,7 @@ def main() -> None:
     print(table)
     if args.no_doc:
         return
-    cmd = "python scripts/bench_sharding.py" + "".join(
-        f" --{k} {getattr(args, k)}" for k in ("width", "layers", "batch", "steps", "threads", "section")
-        if getattr(args, k) != ap.get_default(k))
+    cmd = command_line(args, ap)
     load = os.getloadavg()
     text = "\n".join([
         f"## What each process holds: DDP, FSDP2 and DeepSpeed ZeRO-1/2/3 ({n / 1e6:.1f}M parameters)", "",

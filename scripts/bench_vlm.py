@@ -121,7 +121,8 @@ def write_family_comparison(run_dirs: dict[str, Path], methods: list[str]) -> No
         for key, _ in cols:
             for res in loaded.values():
                 seeds = [s for s in res if m in res[s]]
-                cells.append(fmt([res[s][m][key] - res[s]["sft"][key] for s in seeds]) if seeds else "-")
+                n_note = f" (n={len(seeds)})" if len(seeds) < len(res) else ""  # not every seed ran the method
+                cells.append(fmt([res[s][m][key] - res[s]["sft"][key] for s in seeds]) + n_note if seeds else "-")
         lines.append(f"| {ROW_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
     write_marked_section(DOC, "results_families", "\n".join(lines), "# Vision-language benchmarks")
 

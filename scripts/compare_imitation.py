@@ -179,19 +179,24 @@ def summarize(out: Path) -> str:
                      f"{r['std']:.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
     lines += ["", "| implementation | seeds | true return (mean ± std over seeds) | wall s (mean ± std) | "
               "CPU s (mean ± std) |", "|---|---|---|---|---|"]
-    for impl in sorted({r["impl"] for r in rows}):
-        group = [r for r in rows if r["impl"] == impl]
+    # one row per (implementation, steps, labels): runs with another budget in the same folder are not averaged in
+    budgets = {impl: sorted({(r["steps"], r["labels"]) for r in rows if r["impl"] == impl})
+               for impl in {r["impl"] for r in rows}}
+    for impl, steps, labels in sorted({(r["impl"], r["steps"], r["labels"]) for r in rows}):
+        group = [r for r in rows if (r["impl"], r["steps"], r["labels"]) == (impl, steps, labels)]
+        name = impl if len(budgets[impl]) == 1 else f"{impl} ({steps} steps, {labels} labels)"
         ret, wall, cpu = (np.array([r[k] for r in group]) for k in ("true_return", "wall_s", "cpu_s"))
-        lines.append(f"| {impl} | {', '.join(str(r['seed']) for r in group)} | {ret.mean():.2f} ± {ret.std():.2f} | "
+        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in group)} | {ret.mean():.2f} ± {ret.std():.2f} | "
                      f"{wall.mean():.0f} ± {wall.std():.0f} | {cpu.mean():.0f} ± {cpu.std():.0f} |")
     split = [r for r in rows if all(k in r for k in BREAKDOWN)]
     if split:
         lines += ["", "| implementation | seeds | PPO update | reward fit | other feedback | reward inference | "
                   "rollout (rest) | total CPU s |", "|---|---|---|---|---|---|---|---|"]
-        for impl in sorted({r["impl"] for r in split}):
-            group = [r for r in split if r["impl"] == impl]
+        for impl, steps, labels in sorted({(r["impl"], r["steps"], r["labels"]) for r in split}):
+            group = [r for r in split if (r["impl"], r["steps"], r["labels"]) == (impl, steps, labels)]
+            name = impl if len(budgets[impl]) == 1 else f"{impl} ({steps} steps, {labels} labels)"
             cells = " | ".join(f"{np.mean([r[k] for r in group]):.1f}" for k in BREAKDOWN)
-            lines.append(f"| {impl} | {', '.join(str(r['seed']) for r in group)} | {cells} | "
+            lines.append(f"| {name} | {', '.join(str(r['seed']) for r in group)} | {cells} | "
                          f"{np.mean([r['cpu_s'] for r in group]):.1f} |")
     text = "\n".join(lines) + "\n"
     (out / "summary.md").write_text(text)

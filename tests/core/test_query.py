@@ -137,6 +137,7 @@ def test_bench_routing_script_smoke(tmp_path, monkeypatch) -> None:  # type: ign
         torch.set_num_threads(before)
     text = out.read_text()
     assert "| 20 | uncertainty (entropy) |" in text and "| 20 | random |" in text
+    assert "mean ± sample std (ddof 1) over seeds" in text  # the std is statistics.stdev: say so
 
 
 def test_disagreement_needs_two_members() -> None:

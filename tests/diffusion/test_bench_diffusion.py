@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -151,3 +152,26 @@ def test_table_compares_mapo_and_dpo_within_each_adapter_kind(bench):
     assert "Circular W1" in text
     old = [{k: v for k, v in r.items() if k not in ("pref_shape", "w1_chosen")} for r in rows]
     assert "Circular W1" not in bench.table(old + rows[:1], cfg)
+
+
+def test_ci_uses_the_t_quantile_beyond_the_table(bench):
+    """Regression: above 15 values the half-width used a flat t = 2.0 (t(24) = 2.064: 25-cell paired CIs were 3%
+    too narrow). The quantile now follows Student's t at every n."""
+    assert bench._t975(4) == 2.78 and bench._t975(14) == 2.14
+    for df, exact in ((15, 2.1314), (24, 2.0639), (29, 2.0452), (100, 1.9840)):
+        assert bench._t975(df) == pytest.approx(exact, abs=2e-4)
+    values = [0.0, 1.0] * 12 + [0.5]  # 25 values: mean 0.5, sample std 0.5
+    half = 2.0639 * statistics.stdev(values) / 5
+    assert bench._ci(values) == f"0.50 ± {half:.2f}" and f"{half:.2f}" != f"{2.0 * statistics.stdev(values) / 5:.2f}"
+
+
+def test_best_lr_table_says_when_the_lr_was_picked_on_the_reported_cells(bench):
+    from mmalign.diffusion.benchmark import BenchmarkConfig
+
+    cfg = BenchmarkConfig(settings=["style_0", "style_90"], methods=["mapo@1e-3", "mapo@1e-4"])
+    one = bench.best_lr_table(_rows("mapo@1e-3"), cfg)
+    assert "these same cells" not in one  # one lr per method: picked elsewhere (e.g. a sweep), nothing to flag
+    rows = _rows("mapo@1e-3", pref=0.5) + [r for r in _rows("mapo@1e-4", pref=0.9) if r["method"] != "reference"]
+    two = bench.best_lr_table(rows, cfg)
+    assert "picked by mean pref × shape over these same cells and seeds: optimistic" in two
+    assert "| mapo (0.0001) | 0.90 / 0.80 / 1.00 | 0.90 / 0.80 / 1.00 | 0.90 |" in two

@@ -76,3 +76,16 @@ def test_summarize_tables(cmp, tmp_path):
     assert "| imitation | 0, 1 | -25.00 ± 5.00 | 100 ± 0 | 55 ± 5 |" in text
     assert "| mmalign (fast) | 0 | 5.0 | 4.0 | 1.0 | 2.0 | 8.0 | 20.0 |" in text
     assert (tmp_path / "summary.md").read_text() == text
+
+
+def test_summarize_does_not_average_runs_of_different_budgets(cmp, tmp_path):
+    """Regression: the mean ± std row grouped by implementation only, so a run at another step/label budget left in
+    the same folder was averaged in; now each (implementation, steps, labels) has its own row."""
+    common = {"impl": "imitation", "std": 1.0, "wall_s": 100.0, "cpu_s": 50.0, "labels": 400}
+    runs = [{"seed": 0, "steps": 20000, "true_return": -30.0}, {"seed": 1, "steps": 20000, "true_return": -20.0},
+            {"seed": 2, "steps": 5000, "true_return": -40.0}]
+    for k, r in enumerate(runs):
+        (tmp_path / f"result_{k}.json").write_text(json.dumps({**common, **r}))
+    text = cmp.summarize(tmp_path)
+    assert "| imitation (20000 steps, 400 labels) | 0, 1 | -25.00 ± 5.00 |" in text
+    assert "| imitation (5000 steps, 400 labels) | 2 | -40.00 ± 0.00 |" in text

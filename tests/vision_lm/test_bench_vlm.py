@@ -88,3 +88,17 @@ def test_family_comparison_reads_each_run_dir(bench, tmp_path, monkeypatch):
     assert "idefics3" in text and "seeds [0, 1, 2]" in text and "seeds [0, 1]" in text
     with pytest.raises(ValueError, match="FAMILY=DIR"):
         bench.main(["--compare-families", "qwen=x"])
+
+
+def test_family_comparison_counts_seeds_that_lack_a_method(bench, tmp_path, monkeypatch):
+    """Regression: a method missing from some seed files (an unfinished seed's partial file) was averaged over the
+    other seeds under a header naming all of them; the cell now says n=."""
+    doc = tmp_path / "vision_lm.md"
+    monkeypatch.setattr(bench, "DOC", doc)
+    (tmp_path / "llava").mkdir()
+    for s in range(3):
+        res = _fake_results(bench, s, ["sft", "dpo"] if s < 2 else ["sft"])
+        (tmp_path / "llava" / f"results-seed{s}.json").write_text(json.dumps(res))
+    bench.main(["methods=[dpo]", "--compare-families", f"llava={tmp_path / 'llava'}"])
+    row = next(line for line in doc.read_text().splitlines() if line.startswith("| DPO"))
+    assert all(c.endswith("(n=2)") for c in row.strip(" |").split(" | ")[1:])
