@@ -191,11 +191,13 @@ def conditions(cfg: HindsightMarketConfig) -> list[tuple[str, str, float, float 
     return list(dict.fromkeys(out))
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
+def _mean_std(values: list[float]) -> tuple[float, ...]:
+    """``(mean, std)`` over the finite values; ``(mean, std, n)`` when NaNs were left out (tables then say n=)."""
     finite = [v for v in values if v == v]  # NaN (e.g. a constant rating has no correlation) is left out
     if not finite:
         return float("nan"), float("nan")
-    return float(np.mean(finite)), float(np.std(finite))
+    stat = (float(np.mean(finite)), float(np.std(finite)))
+    return stat if len(finite) == len(values) else (*stat, float(len(finite)))
 
 
 def _aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[float, float]]]:
@@ -209,8 +211,8 @@ def _aggregate(rows: list[dict[str, Any]]) -> dict[tuple, dict[str, tuple[float,
     return out
 
 
-def _fmt(stat: tuple[float, float]) -> str:
-    return f"{stat[0]:+.2f} ± {stat[1]:.2f}"
+def _fmt(stat: tuple[float, ...]) -> str:
+    return f"{stat[0]:+.2f} ± {stat[1]:.2f}" + (f" (n={int(stat[2])})" if len(stat) > 2 else "")
 
 
 def tables(cfg: HindsightMarketConfig, rows: list[dict[str, Any]]) -> str:

@@ -71,3 +71,11 @@ def test_two_workers_give_identical_results(tmp_path: Path) -> None:
     for key in one:
         if key.startswith("eval/"):
             assert one[key] == two[key]
+
+
+def test_table_cells_say_when_nan_seeds_were_left_out():
+    from mmalign.hindsight.experiment import _fmt, _mean_std
+
+    assert _fmt(_mean_std([1.0, 3.0])) == "+2.00 ± 1.00"
+    assert _fmt(_mean_std([1.0, float("nan"), 3.0])) == "+2.00 ± 1.00 (n=2)"  # not silently a 3-seed mean
+    assert _fmt(_mean_std([float("nan")])) == "+nan ± nan"
