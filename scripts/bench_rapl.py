@@ -126,8 +126,8 @@ def main_section(res: dict[Key, dict], args: argparse.Namespace, tag: str) -> st
         f"## RAPL vs BT-on-pixels at matched preference budgets, RAPL {norm} (`scripts/bench_rapl.py`)",
         "",
         f"Command: `MUJOCO_GL=egl python scripts/bench_rapl.py {args.cmdline}`; seeds {args.seeds}; {now()}; "
-        f"{machine()}; shared {os.cpu_count()}-core CPU ({args.load}; each run single-threaded, the plan split over "
-        f"2-3 background processes); every (seed, method, budget) is one run with its own metrics.json under "
+        f"{machine()}; shared {os.cpu_count()}-core CPU ({args.load}; each run single-threaded); every (seed, method, "
+        f"budget) is one run with its own metrics.json under "
         f"`{args.out}/{tag}/`.",
         "",
         f"Setup: {args.n_train} scripted PushAvoidPoint-v0 rollouts (30 frames, 64x64) for triplets, {args.n_eval} "
