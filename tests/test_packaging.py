@@ -46,3 +46,27 @@ def test_import_mmalign_is_fast_and_light() -> None:
         assert heavy.strip() == "[]", f"import mmalign pulled in heavy libraries: {heavy}"
         times.append(float(seconds))
     assert min(times) < 1.5, f"import mmalign took {min(times):.2f} s"
+
+
+def test_each_domain_extra_provides_the_optional_libraries_its_code_imports() -> None:
+    """``pip install mmalign[diffusion]`` must be enough for mmalign/diffusion (its benchmark imports POT)."""
+    import ast
+    import re
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    dist = {"ot": "pot", "diffusers": "diffusers", "transformers": "transformers", "peft": "peft",
+            "datasets": "datasets", "gymnasium": "gymnasium", "mujoco": "mujoco",
+            "stable_baselines3": "stable-baselines3", "open_clip": "open-clip-torch", "imageio": "imageio"}
+    base = {re.split(r"[<>=\[ ]", r)[0].lower() for r in project["dependencies"]}
+    for folder, extra in (("vision_lm", "vlm"), ("diffusion", "diffusion"), ("robotics", "robotics")):
+        provided = base | {re.split(r"[<>=\[ ]", r)[0].lower() for r in project["optional-dependencies"][extra]}
+        for path in (ROOT / "mmalign" / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                         else [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level
+                         else [])
+                for name in names:
+                    top = name.split(".")[0]
+                    if top in dist:
+                        where = path.relative_to(ROOT)
+                        assert dist[top] in provided, f"{where} imports {top}: add {dist[top]} to [{extra}]"
