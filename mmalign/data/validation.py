@@ -113,6 +113,15 @@ def _open_image(source: Path | bytes) -> Any:
     return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
 
 
+def _as_float_array(value: Any, error: str, out: list[str]) -> np.ndarray | None:
+    """``value`` as a float64 array, or ``None`` after appending ``error`` when it is not numeric."""
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError):
+        out.append(error)
+        return None
+
+
 def _check_image(name: str, value: Any, base_dir: Path | None, out: list[str]) -> None:
     if _is_missing(value):
         out.append(f"missing field {name!r}")
@@ -131,10 +140,8 @@ def _check_image(name: str, value: Any, base_dir: Path | None, out: list[str]) -
         return
     if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image
         return
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        out.append(f"unreadable image {name!r}: not a path, PIL image or array")
+    arr = _as_float_array(value, f"unreadable image {name!r}: not a path, PIL image or array", out)
+    if arr is None:
         return
     if arr.ndim not in (2, 3) or arr.size == 0:
         out.append(f"image {name!r} has shape {arr.shape}, expected (H, W) or (H, W, C)/(C, H, W)")
@@ -156,10 +163,8 @@ def _check_video(name: str, value: Any, base_dir: Path | None, out: list[str]) -
     if not hasattr(value, "shape"):  # a path, an HF Image or a PIL image is one picture, not a video
         out.append(f"video {name!r} must be a list of frames or a (T, H, W[, C]) array, got {type(value).__name__}")
         return
-    try:
-        arr = np.asarray(value, dtype=np.float64)
-    except (TypeError, ValueError):
-        out.append(f"unreadable video {name!r}: not a list of frames or a numeric array")
+    arr = _as_float_array(value, f"unreadable video {name!r}: not a list of frames or a numeric array", out)
+    if arr is None:
         return
     if arr.ndim not in (3, 4):
         out.append(f"video {name!r} has shape {arr.shape}, expected (T, H, W) or (T, H, W, C)/(T, C, H, W)")
@@ -234,18 +239,11 @@ def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None
                 continue
             if name != "prompt" and not text.strip() and not media:
                 out.append(f"empty response in {name!r}")
-        images = row.get("images")
-        if not _is_missing(images):
-            if not isinstance(images, (list, tuple)):
-                images = [images]
-            for j, image in enumerate(images):
-                _check_image(f"images[{j}]", image, base_dir, out)
-        videos = row.get("videos")
-        if not _is_missing(videos):
-            if not isinstance(videos, (list, tuple)):
-                videos = [videos]
-            for j, video in enumerate(videos):
-                _check_video(f"videos[{j}]", video, base_dir, out)
+        for column, check in (("images", _check_image), ("videos", _check_video)):
+            items = row.get(column)
+            if not _is_missing(items):
+                for j, item in enumerate(items if isinstance(items, (list, tuple)) else [items]):
+                    check(f"{column}[{j}]", item, base_dir, out)
     elif kind == "image":
         if not isinstance(row["caption"], str):
             out.append(f"field 'caption' must be a string, got {type(row['caption']).__name__}")

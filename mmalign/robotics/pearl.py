@@ -333,7 +333,7 @@ def awr_policy(
     with seeded_global_rng(seed):
         value = _mlp(x.shape[1] + 1, 1, hidden) if rewards is not None else None
         policy = _mlp(x.shape[1], act.shape[1], hidden)
-    if rewards is not None and value is not None:
+    if value is not None:  # built exactly when rewards are given
         ret = np.zeros_like(rewards, dtype=np.float64)
         acc = np.zeros(n)
         for t in reversed(range(t_len)):  # returns-to-go, vectorised over rollouts
