@@ -77,7 +77,7 @@ def test_mapo_hand_computed_official_formula() -> None:
     loss, m = mapo_loss(lw, ll)
     assert loss.item() == pytest.approx(expected, rel=1e-12)
     assert m["mapo/win_score"] == pytest.approx((s(0.2) + s(0.4)) / 2)
-    assert m["mapo/or_loss"] == pytest.approx(-sum(ratios) / 2)
+    assert m["mapo/or_loss"] == pytest.approx(-0.1 * sum(ratios) / 2)  # official "OR loss" includes beta_mapo
     assert m["train/pref_accuracy"] == 0.5
 
 

@@ -94,13 +94,13 @@ def mapo_score(err: Tensor, c: float = 0.5) -> Tensor:
     return torch.where(small, 1.0 - x / 2.0 + x.square() / 12.0, stable)
 
 
-def _mapo_metrics(temperature: float, margin: Tensor, ratio: Tensor, err_chosen: Tensor, scores: Tensor
-                  ) -> dict[str, float]:
+def _mapo_metrics(temperature: float, margin_weight: float, margin: Tensor, ratio: Tensor, err_chosen: Tensor,
+                  scores: Tensor) -> dict[str, float]:
     stats = fused_means([scores[0], scores[1], margin.sign(), ratio, err_chosen])
     return {
         "rewards/chosen": temperature * stats[0], "rewards/rejected": temperature * stats[1],
         "rewards/margin": temperature * (stats[0] - stats[1]), "train/pref_accuracy": 0.5 + 0.5 * stats[2],
-        "mapo/win_score": stats[0], "mapo/lose_score": stats[1], "mapo/or_loss": -stats[3],
+        "mapo/win_score": stats[0], "mapo/lose_score": stats[1], "mapo/or_loss": -margin_weight * stats[3],
         "mapo/chosen_err": stats[4],
     }
 
@@ -126,9 +126,10 @@ def mapo_loss(
 
     Shapes: ``[B]`` per-sample errors of the trained model (no reference model).
     Metrics: ``mapo/win_score`` = mean s(l_w), ``mapo/lose_score`` (official "Win/Lose Score"), ``mapo/or_loss`` =
-    −mean log σ(T m) (official "OR loss"), ``mapo/chosen_err`` = mean l_w, ``rewards/chosen``/``rewards/rejected``
-    = T·s(l_w), T·s(l_l), ``rewards/margin`` = mean T m, ``train/pref_accuracy`` = fraction with m > 0, ties
-    earning ½ (the suite-wide convention).
+    −mean(w · log σ(T m)) (official "OR loss" = ``-ratio_losses.mean()``, ``ratio_losses = beta_mapo · ratio``),
+    ``mapo/chosen_err`` = mean l_w, ``rewards/chosen``/``rewards/rejected`` = T·s(l_w), T·s(l_l),
+    ``rewards/margin`` = mean T m, ``train/pref_accuracy`` = fraction with m > 0, ties earning ½ (the suite-wide
+    convention).
 
     Limit cases: w = 0 gives plain denoising (SFT) on the chosen image; l_w = l_l gives ``mean(l_w) + w log 2``; for
     small c·l, T m ≈ (T c / 2)(l_l − l_w), i.e. a reference-free Diffusion-DPO with β_eff = T·c.
@@ -154,5 +155,5 @@ def mapo_loss(
     margin = scores[0] - scores[1]
     ratio = F.logsigmoid(temperature * margin)
     loss = reduce_loss(model_err_chosen - margin_weight * ratio, reduction)
-    metrics = LossMetrics(partial(_mapo_metrics, temperature), margin, ratio, model_err_chosen, scores)
+    metrics = LossMetrics(partial(_mapo_metrics, temperature, margin_weight), margin, ratio, model_err_chosen, scores)
     return loss, metrics
