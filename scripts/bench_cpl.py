@@ -32,21 +32,22 @@ def main() -> None:
     p.add_argument("--oracle-steps", type=int, default=15000)
     p.add_argument("--noise-levels", nargs="+", type=float, default=None, help="override CPLConfig.noise_levels")
     p.add_argument("--action-bias", nargs="+", type=float, default=None, help="override CPLConfig.action_bias")
-    p.add_argument("--oracle", default=None, help="reuse this oracle SAC .zip instead of training one in --out")
+    p.add_argument("--oracle", default=None, help="reuse this oracle SAC (.safetensors, or an SB3 .zip) instead of training one in --out")
     p.add_argument("--out", default="runs/bench_cpl")
     p.add_argument("--doc", default=None)
     args = p.parse_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    oracle = Path(args.oracle) if args.oracle else out / "oracle_sac.zip"
+    oracle = Path(args.oracle) if args.oracle else out / "oracle_sac.safetensors"
     overrides = {k: tuple(v) for k, v in (("noise_levels", args.noise_levels), ("action_bias", args.action_bias))
                  if v is not None}
     base = CPLConfig(env_id=args.task, oracle_steps=args.oracle_steps, **overrides)
     if not oracle.exists():
         from mmalign.robotics.cpl import train_oracle
+        from mmalign.robotics.sb3_io import save_sb3_policy
 
-        train_oracle(base, print).save(oracle)
+        save_sb3_policy(train_oracle(base, print), oracle, base.env_id)
     results = {}
     for density in args.densities:
         for seed in args.seeds:

@@ -31,7 +31,7 @@ from torch import nn
 
 from mmalign.config import Config, check_choice, check_nonnegative, check_positive, check_range, option
 
-__all__ = ["CPLConfig", "run", "build_dataset", "train_policy", "oracle_advantage_fn", "evaluate_policy"]
+__all__ = ["CPLConfig", "run", "validate", "build_dataset", "train_policy", "oracle_advantage_fn", "evaluate_policy"]
 
 
 @dataclasses.dataclass
@@ -41,7 +41,11 @@ class CPLConfig(Config):
     env_id: str = option("Reacher-v5", "gymnasium MuJoCo task")
     seed: int = option(0, "seed of the oracle, data, labels and policies")
     oracle_steps: int = option(15000, "SAC steps on the true reward for the oracle")
-    oracle_path: str = option("", "load the oracle SAC from this .zip instead of training one ('' = train)")
+    oracle_path: str = option("", "load the oracle SAC from this file instead of training one ('' = train): an "
+                              "oracle_sac.safetensors written by an earlier run, or an SB3 .zip (read without "
+                              "unpickling unless allow_pickle)")
+    allow_pickle: bool = option(False, "read an SB3 .zip oracle_path with SB3's own loader, which unpickles it and "
+                                "can run code in it: only for a file you trust")
     episodes_per_level: int = option(40, "episodes per data-quality level")
     noise_levels: tuple[float, ...] = option((0.0, 0.3, 0.6, 1.0), "oracle action-noise stds (units of half range)")
     action_bias: tuple[float, ...] = option((), "constant action offset per noise level (units of half range, added "
@@ -279,31 +283,48 @@ def evaluate_policy(actor: nn.Module, env_id: str, episodes: int, seed: int) -> 
     return float(np.mean(returns)), float(np.std(returns))
 
 
+def validate(cfg: CPLConfig, resume: bool = False) -> None:
+    """Everything checkable before work: resume support, the env (a Box-action task) and a given oracle file."""
+    from mmalign.robotics.pebble import PebbleConfig, check_setup
+    from mmalign.robotics.sb3_io import check_policy_file
+
+    if resume:
+        raise ValueError("--resume is not supported by robotics.cpl (its phases are not checkpointed); start a new "
+                         "run in a new --output-dir")
+    check_setup(PebbleConfig(env_id=cfg.env_id, segment_length=cfg.segment_length, reward="true"))
+    if cfg.oracle_path:
+        path = Path(cfg.oracle_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"oracle_path {cfg.oracle_path!r} does not exist (or is not a file)")
+        if path.suffix == ".safetensors":
+            check_policy_file(path, env_id=cfg.env_id, algo="SAC")
+        elif path.suffix != ".zip":
+            raise ValueError(f"oracle_path {cfg.oracle_path!r} must be a .safetensors policy written by "
+                             f"robotics.cpl (oracle_sac.safetensors) or an SB3 .zip")
+
+
 def run(cfg: CPLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """``mmalign robotics cpl``: oracle, dataset, CPL/BC/%BC, evaluation; writes ``results.json`` and a table."""
     import gymnasium
 
     from mmalign.robotics.report import markdown_table
+    from mmalign.robotics.sb3_io import load_sb3_any, save_sb3_policy
 
-    if resume:
-        raise ValueError("resume=True is not supported by robotics.cpl; start a new run")
+    validate(cfg, resume)
     torch.set_num_threads(1)
     run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
     def say(msg: str) -> None:
         print(f"[{time.perf_counter() - t0:6.1f}s] {msg}", flush=True)
 
     if cfg.oracle_path:
-        from stable_baselines3 import SAC
-
-        if not Path(cfg.oracle_path).is_file():
-            raise FileNotFoundError(f"oracle_path {cfg.oracle_path!r} does not exist")
-        oracle = SAC.load(cfg.oracle_path, device="cpu")
+        oracle = load_sb3_any(cfg.oracle_path, env_id=cfg.env_id, algo="SAC", allow_pickle=cfg.allow_pickle)
         say(f"oracle loaded from {cfg.oracle_path}")
     else:
         oracle = train_oracle(cfg, say)
-        oracle.save(run_dir / "oracle_sac.zip")
+        save_sb3_policy(oracle, run_dir / "oracle_sac.safetensors", cfg.env_id)
     oracle_ret = evaluate_policy(_SB3Actor(oracle), cfg.env_id, cfg.eval_episodes, 77_000)
     say(f"oracle true return {oracle_ret[0]:.2f} ± {oracle_ret[1]:.2f}")
     data = build_dataset(cfg, oracle, say)
