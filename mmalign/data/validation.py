@@ -7,13 +7,18 @@ Three kinds of data share one mechanism:
   list of frames given like images or a ``(T, H, W[, C])`` array — and optional ``label`` = P(chosen ≻ rejected),
   a number, default 1). Prompt and responses are strings or conversations (lists of ``{"role", "content"}``
   messages whose content is a string or a list of parts such as ``{"type": "text", "text": ...}`` and
-  ``{"type": "image"}``); a response without any text or media part is empty.
+  ``{"type": "image"}``); a response without any text or media part is empty. Messages need a role among
+  ``system``/``user``/``assistant``; a conversational prompt needs one ``{"type": "image"}`` part per image, a string
+  prompt that holds the model's image token (``image_token=``) one token per image. Per-branch images
+  (``rejected_images``, ``retrieved_images``) hold as many images as ``images``.
 - ``image``: diffusion pairs (``caption``, ``chosen_image``, ``rejected_image``, optional ``label``).
 - ``segment``: trajectory segment pairs (``obs_first``, ``act_first``, ``obs_second``, ``act_second``, optional
   ``rewards_first``/``rewards_second``, ``frames_first``/``frames_second`` and ``label`` = P(first ≻ second)).
 
 :func:`validate_rows` checks every row and either raises :class:`DataValidationError` listing all problems, or
-with ``skip_invalid=True`` drops the bad rows and reports how many (nothing is dropped silently).
+with ``skip_invalid=True`` drops the bad rows and reports how many (nothing is dropped silently). Image paths are
+resolved against ``base_dir`` (the data file's folder) and may not leave it unless ``allow_outside=True``
+(see :mod:`mmalign.data.media`).
 """
 
 from __future__ import annotations
@@ -26,7 +31,10 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["KINDS", "REQUIRED", "DataValidationError", "ValidationReport", "validate_rows", "row_problems"]
+from mmalign.data.media import PathEscapeError, image_source, is_hf_image, open_image
+
+__all__ = ["KINDS", "REQUIRED", "ROLES", "DataValidationError", "ValidationReport", "validate_rows", "row_problems",
+           "count_image_parts"]
 
 KINDS = ("text", "image", "segment")
 REQUIRED: dict[str, tuple[str, ...]] = {
@@ -58,6 +66,7 @@ class ValidationReport:
     total: int
     kept: int
     dropped: list[tuple[int, str]] = field(default_factory=list)
+    kept_index: list[int] = field(default_factory=list)
 
     def summary(self) -> str:
         return f"kept {self.kept} of {self.total} rows, dropped {self.total - self.kept} invalid rows"
@@ -84,35 +93,6 @@ def _check_label(row: Mapping[str, Any], out: list[str]) -> None:
         out.append(f"label {value} outside [0, 1]")
 
 
-def _is_hf_image(value: Any) -> bool:
-    """An HF ``datasets`` Image feature value: ``{"bytes": ..., "path": ...}`` (either may be None)."""
-    return isinstance(value, Mapping) and ("bytes" in value or "path" in value)
-
-
-def _image_file(value: Any, base_dir: Path | None) -> Path | bytes | None:
-    """Where a path or HF Image value's image lies: encoded bytes, or a path (relative ones under ``base_dir``).
-
-    An HF Image with ``bytes`` None is stored by path (``datasets`` writes path-backed images so to Parquet).
-    None when the value holds neither.
-    """
-    if _is_hf_image(value):
-        if value.get("bytes") is not None:
-            return bytes(value["bytes"])
-        value = value.get("path")
-        if _is_missing(value):
-            return None
-    path = Path(value)
-    return base_dir / path if base_dir is not None and not path.is_absolute() else path
-
-
-def _open_image(source: Path | bytes) -> Any:
-    import io
-
-    from PIL import Image
-
-    return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-
-
 def _as_float_array(value: Any, error: str, out: list[str]) -> np.ndarray | None:
     """``value`` as a float64 array, or ``None`` after appending ``error`` when it is not numeric."""
     try:
@@ -122,17 +102,21 @@ def _as_float_array(value: Any, error: str, out: list[str]) -> np.ndarray | None
         return None
 
 
-def _check_image(name: str, value: Any, base_dir: Path | None, out: list[str]) -> None:
+def _check_image(name: str, value: Any, base_dir: Path | None, out: list[str], allow_outside: bool = False) -> None:
     if _is_missing(value):
         out.append(f"missing field {name!r}")
         return
-    if isinstance(value, (str, Path)) or _is_hf_image(value):
-        source = _image_file(value, base_dir)
+    if isinstance(value, (str, Path)) or is_hf_image(value):
+        try:
+            source = image_source(value, base_dir, allow_outside=allow_outside)
+        except PathEscapeError as err:
+            out.append(f"{name!r}: {err}")
+            return
         if source is None:
             out.append(f"image {name!r} holds neither bytes nor a path")
             return
         try:
-            with _open_image(source) as im:
+            with open_image(source) as im:
                 im.verify()
         except Exception as err:  # PIL raises many types for unreadable files
             where = "" if isinstance(source, bytes) else f" at {source}"
@@ -149,7 +133,7 @@ def _check_image(name: str, value: Any, base_dir: Path | None, out: list[str]) -
         out.append(f"image {name!r} contains NaN or inf")
 
 
-def _check_video(name: str, value: Any, base_dir: Path | None, out: list[str]) -> None:
+def _check_video(name: str, value: Any, base_dir: Path | None, out: list[str], allow_outside: bool = False) -> None:
     """A video: a non-empty list of frames, each checked as an image, or a ``(T, H, W[, C])``/``(T, C, H, W)`` array."""
     if _is_missing(value):
         out.append(f"missing field {name!r}")
@@ -158,7 +142,7 @@ def _check_video(name: str, value: Any, base_dir: Path | None, out: list[str]) -
         if not value:
             out.append(f"video {name!r} has no frames")
         for k, frame in enumerate(value):
-            _check_image(f"{name}[{k}]", frame, base_dir, out)
+            _check_image(f"{name}[{k}]", frame, base_dir, out, allow_outside)
         return
     if not hasattr(value, "shape"):  # a path, an HF Image or a PIL image is one picture, not a video
         out.append(f"video {name!r} must be a list of frames or a (T, H, W[, C]) array, got {type(value).__name__}")
@@ -217,8 +201,41 @@ def _as_array(name: str, value: Any, out: list[str]) -> np.ndarray | None:
     return arr
 
 
-def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None) -> list[str]:
-    """Every problem of one row (empty list when the row is valid)."""
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(name: str, messages: list[Any], out: list[str]) -> None:
+    """Every message of a conversation is a mapping with a known ``role`` (no content = empty, reported later)."""
+    for k, message in enumerate(messages):
+        if not isinstance(message, Mapping):
+            out.append(f"{name}[{k}] must be a message {{'role', 'content'}}, got {type(message).__name__}")
+        elif message.get("role") not in ROLES:
+            out.append(f"{name}[{k}] has unknown role {message.get('role')!r} (expected one of {', '.join(ROLES)})")
+
+
+def count_image_parts(messages: list[Any]) -> int:
+    """Number of ``{"type": "image"}`` parts in a conversation (the images it expects, in order)."""
+    n = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, Mapping) else None
+        if isinstance(content, (list, tuple)):
+            n += sum(1 for part in content if isinstance(part, Mapping) and part.get("type") == "image")
+    return n
+
+
+def _n_items(value: Any) -> int:
+    if _is_missing(value):
+        return 0
+    return len(value) if isinstance(value, (list, tuple)) else 1
+
+
+def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None, *, allow_outside: bool = False,
+                 image_token: str | None = None) -> list[str]:
+    """Every problem of one row (empty list when the row is valid).
+
+    ``allow_outside``: media paths may leave ``base_dir``. ``image_token``: the model's image placeholder in plain
+    string prompts (e.g. ``"<image>"``); a prompt that contains it must contain it once per image.
+    """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     out: list[str] = []
@@ -233,22 +250,37 @@ def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None
             if isinstance(value, str):
                 text, media = value, False
             elif isinstance(value, list):  # conversational format: list of {"role", "content"} messages
+                _check_messages(name, value, out)
                 text, media = _conversation_content(value)
             else:
                 out.append(f"field {name!r} must be a string or a list of messages, got {type(value).__name__}")
                 continue
             if name != "prompt" and not text.strip() and not media:
                 out.append(f"empty response in {name!r}")
-        for column, check in (("images", _check_image), ("videos", _check_video)):
+        for column in ("images", "rejected_images", "retrieved_images", "videos"):
             items = row.get(column)
             if not _is_missing(items):
+                check = _check_video if column == "videos" else _check_image
                 for j, item in enumerate(items if isinstance(items, (list, tuple)) else [items]):
-                    check(f"{column}[{j}]", item, base_dir, out)
+                    check(f"{column}[{j}]", item, base_dir, out, allow_outside)
+        prompt, n_images = row["prompt"], _n_items(row.get("images"))
+        placeholders = None
+        if isinstance(prompt, list):
+            placeholders = count_image_parts(prompt)
+        elif image_token and isinstance(prompt, str) and image_token in prompt:
+            placeholders = prompt.count(image_token)
+        if placeholders is not None and placeholders != n_images:
+            what = '{"type": "image"} parts' if isinstance(prompt, list) else f"{image_token!r} placeholders"
+            out.append(f"the prompt has {placeholders} {what} but 'images' holds {n_images} image(s)")
+        for column in ("rejected_images", "retrieved_images"):
+            if not _is_missing(row.get(column)) and _n_items(row[column]) != n_images:
+                out.append(f"{column!r} holds {_n_items(row[column])} image(s), 'images' holds {n_images}: each "
+                           "branch needs one image per placeholder")
     elif kind == "image":
         if not isinstance(row["caption"], str):
             out.append(f"field 'caption' must be a string, got {type(row['caption']).__name__}")
-        _check_image("chosen_image", row["chosen_image"], base_dir, out)
-        _check_image("rejected_image", row["rejected_image"], base_dir, out)
+        _check_image("chosen_image", row["chosen_image"], base_dir, out, allow_outside)
+        _check_image("rejected_image", row["rejected_image"], base_dir, out, allow_outside)
         if not out:
             first, second = (_image_sizes(row[n], base_dir) for n in ("chosen_image", "rejected_image"))
             if not first & second:  # no reading of the two array layouts gives both images the same size
@@ -282,10 +314,10 @@ def _image_sizes(value: Any, base_dir: Path | None) -> set[tuple[int, int]]:
     channels (1-4 long) and (C, H, W) when its first axis could; both readings are kept when both could (e.g.
     (3, 4, 3)) or neither does, so an ambiguous layout never makes two images of the same size differ.
     """
-    if isinstance(value, (str, Path)) or _is_hf_image(value):
-        source = _image_file(value, base_dir)
+    if isinstance(value, (str, Path)) or is_hf_image(value):
+        source = image_source(value, base_dir, allow_outside=True)  # already checked (and confined) by _check_image
         assert source is not None
-        with _open_image(source) as im:
+        with open_image(source) as im:
             return {(im.size[1], im.size[0])}
     if hasattr(value, "size") and hasattr(value, "mode"):  # a PIL image: size is (width, height)
         return {(value.size[1], value.size[0])}
@@ -308,20 +340,28 @@ def validate_rows(
     skip_invalid: bool = False,
     base_dir: Path | None = None,
     source: str = "",
+    allow_outside: bool = False,
+    image_token: str | None = None,
 ) -> tuple[list[Mapping[str, Any]], ValidationReport]:
-    """Validate every row; raise listing all problems, or drop bad rows when ``skip_invalid`` (and report them)."""
+    """Validate every row; raise listing all problems, or drop bad rows when ``skip_invalid`` (and report them).
+
+    ``allow_outside`` and ``image_token``: see :func:`row_problems`. The report's ``kept_index`` gives the original
+    row number of every kept row (so later errors can name the row in the user's file).
+    """
     rows = list(rows)
     problems: list[tuple[int, str]] = []
     keep: list[Mapping[str, Any]] = []
+    kept_index: list[int] = []
     for i, row in enumerate(rows):
         if not isinstance(row, Mapping):
             problems.append((i, f"row is a {type(row).__name__}, expected a mapping of fields"))
             continue
-        found = row_problems(kind, row, base_dir)
+        found = row_problems(kind, row, base_dir, allow_outside=allow_outside, image_token=image_token)
         if found:
             problems.extend((i, why) for why in found)
         else:
             keep.append(row)
+            kept_index.append(i)
     if problems and not skip_invalid:
         raise DataValidationError(problems, len(rows), source)
-    return keep, ValidationReport(total=len(rows), kept=len(keep), dropped=problems)
+    return keep, ValidationReport(total=len(rows), kept=len(keep), dropped=problems, kept_index=kept_index)

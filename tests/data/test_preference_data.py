@@ -226,6 +226,8 @@ def test_conversational_response_with_text_or_an_image_part_is_not_empty() -> No
              "rejected": [{"role": "assistant", "content": [{"type": "text", "text": ""}, {"type": "image"}]}]},
             {"prompt": prompt, "chosen": [{"role": "assistant", "content": [{"text": "A dog."}]}],
              "rejected": [{"role": "assistant", "content": None}, {"role": "assistant", "content": "No."}]}]
+    for row in rows:  # one image per {"type": "image"} part of the prompt
+        row["images"] = [np.zeros((4, 4, 3))]
     assert validate_rows("text", rows)[1].kept == 2
 
 

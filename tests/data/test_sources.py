@@ -1,0 +1,186 @@
+"""Sources (JSONL, Parquet with paths or bytes, datasets folders, Hub layout), column mapping, path confinement."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mmalign.data import (DataValidationError, LazyImage, PathEscapeError, decode_image, is_hub_id,
+                          load_preference_data, map_columns, parse_columns, resolve_media_path)
+
+
+def _png_bytes(color: tuple[int, int, int]) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (6, 4), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+COLORS = [(200, 10, 10), (10, 200, 10)]
+CONV_PROMPT = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+
+
+def _rows(fmt: str, images: list) -> list[dict]:
+    rows = []
+    for k, (img, ans) in enumerate(zip(images, ["red", "green"])):
+        if fmt == "standard":
+            rows.append({"prompt": "What colour?", "chosen": ans, "rejected": "blue", "images": [img],
+                         "label": [1.0, 0.3][k]})
+        else:
+            rows.append({"prompt": CONV_PROMPT, "chosen": [{"role": "assistant", "content": ans}],
+                         "rejected": [{"role": "assistant", "content": [{"type": "text", "text": "blue"}]}],
+                         "images": [img], "label": [1.0, 0.3][k]})
+    return rows
+
+
+def _write(source: str, fmt: str, folder: Path) -> Path:
+    """The same two pairs written as ``source``; returns what to pass to load_preference_data."""
+    folder.mkdir(parents=True)
+    for k, c in enumerate(COLORS):
+        (folder / f"img{k}.png").write_bytes(_png_bytes(c))
+    by_path = _rows(fmt, [f"img{k}.png" for k in range(2)])
+    by_bytes = _rows(fmt, [{"bytes": _png_bytes(c), "path": None} for c in COLORS])
+    if source == "jsonl":
+        path = folder / "pairs.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in by_path))
+        return path
+    if source in ("parquet_paths", "parquet_bytes"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        path = folder / "pairs.parquet"
+        pq.write_table(pa.Table.from_pylist(by_path if source == "parquet_paths" else by_bytes), path)
+        return path
+    from datasets import Dataset, Features, Image, List, Value
+
+    msg = List({"role": Value("string"), "content": Value("string")})
+    if fmt == "conversational":  # Arrow needs one type per column: content parts as structs throughout
+        part = List({"type": Value("string"), "text": Value("string")})
+        msg = List({"role": Value("string"), "content": part})
+        for r in by_bytes:
+            r["chosen"] = [{"role": "assistant", "content": [{"type": "text", "text": r["chosen"][0]["content"]}]}]
+    feats = Features({"prompt": Value("string") if fmt == "standard" else msg,
+                      "chosen": Value("string") if fmt == "standard" else msg,
+                      "rejected": Value("string") if fmt == "standard" else msg,
+                      "images": List(Image()), "label": Value("float64")})
+    ds = Dataset.from_list(by_bytes, features=feats)
+    if source == "datasets_folder":
+        ds.save_to_disk(str(folder / "ds"))
+        return folder / "ds"
+    (folder / "hub" / "data").mkdir(parents=True)  # a local copy of a Hub data set repository
+    ds.to_parquet(str(folder / "hub" / "data" / "train-00000-of-00001.parquet"))
+    return folder / "hub"
+
+
+def _text(value) -> str:
+    if isinstance(value, str):
+        return value
+    return " ".join(p["text"] if isinstance(p, dict) else p for m in value
+                    for p in (m["content"] if isinstance(m["content"], list) else [m["content"]])
+                    if not isinstance(p, dict) or p.get("type") == "text")
+
+
+SOURCES = ["jsonl", "parquet_paths", "parquet_bytes", "datasets_folder", "hub_layout"]
+
+
+@pytest.mark.parametrize("fmt", ["standard", "conversational"])
+@pytest.mark.parametrize("source", SOURCES)
+def test_every_format_and_source_loads_the_same_pairs(tmp_path: Path, source: str, fmt: str) -> None:
+    data = load_preference_data(_write(source, fmt, tmp_path / "d"), "text")
+    assert len(data) == 2 and data.labels() == [1.0, 0.3]
+    for row, color, ans in zip(data.rows, COLORS, ["red", "green"]):
+        assert _text(row["chosen"]) == ans and _text(row["rejected"]) == "blue"
+        assert "What colour?" in _text(row["prompt"])
+        img = row["images"][0]
+        assert not hasattr(img, "mode")  # still encoded (bytes or a path), never a decoded PIL image
+        pixels = np.asarray(LazyImage(img, data.base_dir).load())
+        assert pixels.shape == (4, 6, 3) and tuple(pixels[0, 0]) == color
+
+
+def test_column_mapping_rlaif_v_style(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_png_bytes(COLORS[0]))
+    rows = [{"image": "a.png", "question": "Colour?", "chosen": "red", "rejected": "blue", "ds_name": "x"}]
+    (tmp_path / "rlaif.jsonl").write_text(json.dumps(rows[0]))
+    data = load_preference_data(tmp_path / "rlaif.jsonl", "text", columns="prompt=question,images=image")
+    assert data.rows[0]["prompt"] == "Colour?" and data.rows[0]["images"] == ["a.png"]
+    assert "question" not in data.rows[0] and data.rows[0]["ds_name"] == "x"
+    assert parse_columns({"prompt": "question"}) == {"prompt": "question"}
+    with pytest.raises(ValueError, match=r"'query' \(columns.prompt\) not found.*columns \['chosen'"):
+        map_columns([{"chosen": "c"}], {"prompt": "query"})
+    with pytest.raises(ValueError, match="expected=column"):
+        parse_columns("prompt")
+    with pytest.raises(DataValidationError, match="row 0: missing field 'prompt'"):
+        load_preference_data(tmp_path / "rlaif.jsonl", "text")  # unmapped: the column is 'question'
+
+
+def test_paths_may_not_escape_the_data_folder(tmp_path: Path) -> None:
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(_png_bytes(COLORS[0]))
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    (data_dir / "ok.png").write_bytes(_png_bytes(COLORS[1]))
+    (data_dir / "link.png").symlink_to(outside)
+    for bad, how in (("../secret.png", "'..' path"), (str(outside), "absolute path"), ("link.png", "a link")):
+        with pytest.raises(PathEscapeError, match=how):
+            resolve_media_path(bad, data_dir)
+        rows = [{"prompt": "p", "chosen": "c", "rejected": "r", "images": [bad]}]
+        (data_dir / "pairs.jsonl").write_text(json.dumps(rows[0]))
+        with pytest.raises(DataValidationError, match="row 0: 'images\\[0\\]': image path .* outside the data folder"):
+            load_preference_data(data_dir / "pairs.jsonl", "text")
+        allowed = load_preference_data(data_dir / "pairs.jsonl", "text", allow_outside=True)
+        assert tuple(np.asarray(LazyImage(bad, data_dir, allow_outside=True).load())[0, 0]) == COLORS[0]
+        assert len(allowed) == 1
+    assert resolve_media_path(str(data_dir / "ok.png"), data_dir) == data_dir / "ok.png"  # absolute, but inside
+    with pytest.raises(PathEscapeError):
+        LazyImage("../secret.png", data_dir).load()  # decoding confines too, not only validation
+
+
+@pytest.mark.parametrize(("row", "reason"), [
+    ({"prompt": [{"role": "bot", "content": "hi"}], "chosen": "c", "rejected": "r"},
+     "prompt[0] has unknown role 'bot' (expected one of system, user, assistant)"),
+    ({"prompt": CONV_PROMPT, "chosen": "c", "rejected": "r"},
+     "the prompt has 1 {\"type\": \"image\"} parts but 'images' holds 0 image(s)"),
+    ({"prompt": "<image> <image> what?", "chosen": "c", "rejected": "r", "images": ["a.png"]},
+     "the prompt has 2 '<image>' placeholders but 'images' holds 1 image(s)"),
+    ({"prompt": "what?", "chosen": "c", "rejected": "\t ", "images": ["a.png"]}, "empty response in 'rejected'"),
+    ({"prompt": "what?", "chosen": "c", "rejected": "r", "images": ["a.png"], "rejected_images": ["a.png"] * 2},
+     "'rejected_images' holds 2 image(s), 'images' holds 1"),
+    ({"prompt": "what?", "chosen": "c", "rejected": "r", "images": ["corrupt.png"]},
+     "unreadable image 'images[0]'"),
+])
+def test_bad_rows_name_the_row_and_the_reason(tmp_path: Path, row: dict, reason: str) -> None:
+    (tmp_path / "a.png").write_bytes(_png_bytes(COLORS[0]))
+    (tmp_path / "corrupt.png").write_bytes(_png_bytes(COLORS[0])[:30])
+    good = {"prompt": "what?", "chosen": "c", "rejected": "r", "images": ["a.png"]}
+    (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in (good, row)))
+    with pytest.raises(DataValidationError) as err:
+        load_preference_data(tmp_path / "pairs.jsonl", "text", image_token="<image>")
+    assert err.value.problems[0][0] == 1 and reason in err.value.problems[0][1], err.value.problems
+    kept = load_preference_data(tmp_path / "pairs.jsonl", "text", image_token="<image>", skip_invalid=True)
+    assert len(kept) == 1 and kept.report.dropped[0][0] == 1 and kept.row_number(0) == 0
+
+
+def test_hub_ids_and_local_paths_are_told_apart(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert is_hub_id("openbmb/RLAIF-V-Dataset") and is_hub_id("pairs")
+    assert not is_hub_id("pairs.jsonl") and not is_hub_id("./x") and not is_hub_id(str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "home"))
+    with pytest.raises(FileNotFoundError, match="neither a local file or folder nor a loadable Hub data set "
+                                                "\\(HF_HUB_OFFLINE is set"):
+        load_preference_data("nobody-xyz/not-a-dataset", "text")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_preference_data(tmp_path / "missing.jsonl", "text")
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_decode_image_passes_decoded_values_through() -> None:
+    arr = np.zeros((3, 3, 3), dtype=np.uint8)
+    assert decode_image(arr) is arr
+    assert decode_image({"bytes": _png_bytes(COLORS[0]), "path": None}).mode == "RGB"
