@@ -301,18 +301,13 @@ class Trainer:
         self._checkpointed_step: int | None = None  # the step the latest checkpoint (loaded or written) holds
 
     def _apply_lora(self, model: torch.nn.Module) -> torch.nn.Module:
-        from peft import LoraConfig, PeftModel, get_peft_model
+        from mmalign.train.lora import add_lora
 
-        if isinstance(model, PeftModel):
-            return model
         lo = self.cfg.lora
-        # peft draws the adapters' initial weights from the global RNGs, which nothing has seeded yet (and which
-        # torch seeds differently in every process): seed them from cfg.seed, leaving the caller's streams as they were
-        devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(self.cfg.seed)
-            return get_peft_model(model, LoraConfig(r=lo.r, lora_alpha=lo.alpha, lora_dropout=lo.dropout,
-                                                    target_modules=list(lo.target_modules)))
+        # seeded from cfg.seed inside a forked RNG: nothing has seeded the global RNGs yet (torch seeds them
+        # differently in every process), and the caller's streams stay as they were
+        return add_lora(model, r=lo.r, alpha=lo.alpha, dropout=lo.dropout, target_modules=list(lo.target_modules),
+                        seed=self.cfg.seed)
 
     @property
     def strategy(self) -> str:
