@@ -11,7 +11,7 @@ Layout of ``<run_dir>/checkpoints/``::
         rng-<rank>.safetensors  torch CPU/CUDA RNG states of each process
         rng-<rank>.json         python and numpy RNG states of each process
         trainer_state.json      step, data position, config fingerprint
-        manifest.json           byte size of every file above (written last)
+        manifest.json           byte size and SHA-256 of every file above (written last, checked on load)
     latest                  name of the newest complete checkpoint
 
 A checkpoint is written into ``step-<8-digit step>.tmp`` and renamed into place only when every file is flushed;
@@ -29,9 +29,7 @@ and checks every file first and applies nothing until all of them are good.
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import re
 import shutil
 import warnings
@@ -39,10 +37,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from mmalign.reporting import atomic_write_text
+from mmalign.train.checkpoint_files import (
+    MANIFEST,  # noqa: F401  (re-exported)
+    CheckpointError,
+    _cuda_rng_states,  # noqa: F401  (re-exported for tests)
+    _fsync_dir,
+    _load_tensors,
+    _optimizer_from_files,
+    _optimizer_to_files,
+    _read_json,
+    _rng_state,
+    _save_tensors,
+    _set_rng_state,
+    _write_json,
+    verify_manifest,
+    write_manifest,
+)
 
 __all__ = [
     "CheckpointError",
@@ -58,65 +71,12 @@ __all__ = [
     "unshare_tensors",
 ]
 
-MANIFEST = "manifest.json"
 SCALER = "scaler.json"
 _SCALER_KEYS = {"scale": float, "growth_factor": float, "backoff_factor": float, "growth_interval": int,
                 "_growth_tracker": int}
 _KIND_NAMES = {float: "a number", int: "an integer"}
 _REPLACED = ".replaced"  # suffix of a complete checkpoint folder moved aside while its step is written anew
 _STEP_DIR = re.compile(r"step-(\d+)")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, truncated or corrupt; the message names the file."""
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "w") as fh:
-        json.dump(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
-def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
-
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
-    with open(path, "rb+") as fh:
-        os.fsync(fh.fileno())
-
-
-def _load_tensors(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    try:
-        return load_file(str(path))
-    except Exception as err:  # safetensors raises several error types for truncated/corrupt files
-        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({type(err).__name__}: {err})") from None
-
-
-def _read_json(path: Path) -> Any:
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file missing: {path}")
-    try:
-        return json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"checkpoint file {path} is corrupt or truncated ({err})") from None
 
 
 def model_state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -133,68 +93,6 @@ def unshare_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out[name] = tensor.clone() if (ptr in seen and ptr != -1) else tensor
         seen.setdefault(ptr, name)
     return out
-
-
-def _optimizer_to_files(sd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for idx, state in sd["state"].items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"state.{idx}.{key}"] = value
-            else:
-                scalars.setdefault(str(idx), {})[key] = value
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _optimizer_from_files(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for name, value in tensors.items():
-        _, idx, key = name.split(".", 2)
-        state.setdefault(int(idx), {})[key] = value
-    for idx, values in meta.get("scalars", {}).items():
-        state.setdefault(int(idx), {}).update(values)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_state(generators: dict[str, torch.Generator] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    tensors = {"torch_cpu": torch.get_rng_state()}
-    for name, gen in (generators or {}).items():
-        tensors[f"generator.{name}"] = gen.get_state()
-    if torch.cuda.is_available():
-        for i, s in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"torch_cuda_{i}"] = s
-    np_state = np.random.get_state()
-    py_state = random.getstate()
-    meta = {
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "python": [py_state[0], list(py_state[1]), py_state[2]],
-    }
-    return tensors, meta
-
-
-def _cuda_rng_states(tensors: dict[str, torch.Tensor]) -> list[torch.Tensor]:
-    """The ``torch_cuda_<i>`` states in device order (numeric: 2 before 10)."""
-    keys = [k for k in tensors if k.startswith("torch_cuda_")]
-    return [tensors[k] for k in sorted(keys, key=lambda k: int(k[len("torch_cuda_"):]))]
-
-
-def _set_rng_state(
-    tensors: dict[str, torch.Tensor], meta: dict[str, Any], generators: dict[str, torch.Generator] | None = None
-) -> None:
-    torch.set_rng_state(tensors["torch_cpu"])
-    for name, gen in (generators or {}).items():
-        key = f"generator.{name}"
-        if key not in tensors:
-            raise CheckpointError(f"checkpoint holds no state for the random generator {name!r}")
-        gen.set_state(tensors[key])
-    cuda = _cuda_rng_states(tensors)
-    if cuda and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
-    n = meta["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    p = meta["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
 
 
 def save_checkpoint(
@@ -257,8 +155,7 @@ def save_checkpoint(
     if barrier is not None:
         barrier()
     if rank == 0:
-        sizes = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-        _write_json(tmp / MANIFEST, sizes)
+        write_manifest(tmp)
         _fsync_dir(tmp)
         _finish_replacements(root)
         aside = final.with_name(final.name + _REPLACED)
@@ -337,18 +234,6 @@ def latest_checkpoint(root: Path) -> Path | None:
     return path
 
 
-def _verify_manifest(path: Path) -> None:
-    manifest = _read_json(path / MANIFEST)
-    for name, size in manifest.items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"checkpoint file missing: {f}")
-        if f.stat().st_size != size:
-            raise CheckpointError(
-                f"checkpoint file {f} is truncated or was modified: {f.stat().st_size} bytes, manifest says {size}"
-            )
-
-
 @dataclass
 class CheckpointContents:
     """Everything read (and checked) from one checkpoint folder, before anything is applied."""
@@ -371,7 +256,13 @@ def read_checkpoint(path: Path, *, model: bool = True, optimizer: bool = True, s
     The loss-scaler state is read when the checkpoint holds one (only runs with an fp16 loss scaler write it).
     """
     path = Path(path)
-    _verify_manifest(path)
+    rank_file = path / f"rng-{rank}.safetensors"
+    if not rank_file.is_file():
+        rank_file = path / "rng-0.safetensors"  # resumed on more processes than saved: reuse rank 0's stream
+    reads = ["trainer_state.json", rank_file.name, rank_file.with_suffix(".json").name]
+    reads += ["model.safetensors"] * model + ["optimizer.safetensors", "optimizer.json"] * optimizer
+    reads += ["scheduler.json"] * scheduler + [SCALER] * scaler
+    verify_manifest(path, hashed=reads)
     out = CheckpointContents(path=path, state=_read_json(path / "trainer_state.json"))
     if model:
         out.model_tensors = _load_tensors(path / "model.safetensors")
@@ -386,9 +277,6 @@ def read_checkpoint(path: Path, *, model: bool = True, optimizer: bool = True, s
         out.scheduler_state = _read_json(path / "scheduler.json")
     if scaler and (path / SCALER).is_file():
         out.scaler_state = _read_scaler(path / SCALER)
-    rank_file = path / f"rng-{rank}.safetensors"
-    if not rank_file.is_file():
-        rank_file = path / "rng-0.safetensors"  # resumed on more processes than saved: reuse rank 0's stream
     out.rng_tensors = _load_tensors(rank_file)
     out.rng_meta = _read_json(rank_file.with_suffix(".json"))
     return out

@@ -17,17 +17,16 @@ different number of processes or with another strategy as long as the global bat
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import math
 import random
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
+from mmalign.train.batches import _batch_seeds, _default_collate, _SeededBatches, _StepBatches  # noqa: F401
 from mmalign.train.checkpoint import (
     SCALER,
     CheckpointError,
@@ -36,6 +35,13 @@ from mmalign.train.checkpoint import (
     model_state_tensors,
     save_checkpoint,
     unshare_tensors,
+)
+from mmalign.train.compat import (  # noqa: F401  (check_launch, _legacy_fingerprint: re-exported)
+    _check_max_steps,
+    _fingerprint,
+    _legacy_fingerprint,
+    _lr_lambda,
+    check_launch,
 )
 from mmalign.train.config import TrainerConfig
 from mmalign.train.logging import MetricsLogger, plot_metrics
@@ -71,148 +77,6 @@ def _cuda_rng_devices() -> list[int]:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return list(range(torch.cuda.device_count()))
     return []
-
-
-def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    def fn(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        if schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-    return fn
-
-
-class _StepBatches:
-    """Micro-batch index lists for one process, from ``start_step`` on; a pure function of (seed, step).
-
-    With ``keyed`` each micro-batch comes as ``(step, micro, indices)``, for :class:`_SeededBatches` in the workers.
-    """
-
-    def __init__(self, n: int, batch_size: int, accum: int, world: int, rank: int, seed: int, start: int, stop: int,
-                 keyed: bool = False):
-        self.n, self.bs, self.accum, self.world, self.rank = n, batch_size, accum, world, rank
-        self.seed, self.start, self.stop, self.keyed = seed, start, stop, keyed
-        self.global_batch = batch_size * accum * world
-        self.steps_per_epoch = n // self.global_batch
-
-    def order(self, epoch: int) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        return torch.randperm(self.n, generator=gen)
-
-    def __iter__(self) -> Iterator[Any]:
-        perm, perm_epoch = None, -1
-        for step in range(self.start, self.stop):
-            epoch, k = divmod(step, self.steps_per_epoch)
-            if epoch != perm_epoch:
-                perm, perm_epoch = self.order(epoch), epoch
-            assert perm is not None
-            chunk = perm[k * self.global_batch : (k + 1) * self.global_batch]
-            for micro in range(self.accum):
-                first = (micro * self.world + self.rank) * self.bs
-                indices = chunk[first : first + self.bs].tolist()
-                yield (step, micro, indices) if self.keyed else indices
-
-    def __len__(self) -> int:
-        return (self.stop - self.start) * self.accum
-
-
-def _batch_seeds(seed: int, step: int, micro: int, rank: int) -> tuple[int, int, int]:
-    """Seeds (torch, numpy, python) of one micro-batch's loading: a pure function of its position in the run."""
-    digest = hashlib.sha256(f"mmalign-data:{seed}:{step}:{micro}:{rank}".encode()).digest()
-    return (int.from_bytes(digest[:8], "little") >> 1, int.from_bytes(digest[8:12], "little"),
-            int.from_bytes(digest[12:28], "little"))
-
-
-class _SeededBatches:
-    """Wraps the dataset in DataLoader workers: reseeds the worker's RNGs before loading each keyed micro-batch.
-
-    A worker's RNG streams would otherwise start from the DataLoader's base seed at every (re)start of the run, so
-    random augmentation after a resume would repeat the first steps' draws instead of continuing. The reseeding also
-    covers ``collate_fn``, which runs right after in the same worker.
-    """
-
-    def __init__(self, dataset: Any, seed: int, rank: int) -> None:
-        self.dataset, self.seed, self.rank = dataset, seed, rank
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitems__(self, key: tuple[int, int, list[int]]) -> list[Any]:
-        step, micro, indices = key
-        torch_seed, np_seed, py_seed = _batch_seeds(self.seed, step, micro, self.rank)
-        torch.manual_seed(torch_seed)
-        np.random.seed(np_seed)
-        random.seed(py_seed)
-        getitems = getattr(self.dataset, "__getitems__", None)
-        return list(getitems(indices)) if getitems else [self.dataset[i] for i in indices]
-
-
-def _default_collate(items: Sequence[Any]) -> Any:
-    from torch.utils.data import default_collate
-
-    return default_collate(list(items))
-
-
-# settings that do not change the trajectory, so a run may be resumed with other values (max_steps: unless the LR
-# schedule depends on it, which _check_max_steps refuses on resume)
-_FREE = {"max_steps", "progress", "plots", "save_every", "eval_every", "log_every", "keep_checkpoints"}
-_SHARDING = {"distributed", "fsdp_wrap", "zero_stage", "zero_offload_optimizer"}
-
-
-def _fingerprint(cfg: TrainerConfig, world_size: int) -> str:
-    """Hash of the settings a resume must keep; the data order depends on the global batch, not on how it is split."""
-    keep = {k: v for k, v in cfg.to_dict().items()
-            if k not in _FREE | _SHARDING | {"batch_size", "grad_accum_steps"}}
-    keep["global_batch"] = cfg.batch_size * cfg.grad_accum_steps * world_size
-    return "g-" + hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _legacy_fingerprint(cfg: TrainerConfig) -> str:
-    """The fingerprint of checkpoints written before the global-batch form (per-process batch settings)."""
-    keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE | _SHARDING}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def check_launch(cfg: TrainerConfig, distributed_type: str) -> None:
-    """Refuse accelerate launch modes whose sharded state these checkpoints cannot hold, before any work starts.
-
-    accelerate's FSDP and DeepSpeed plugins would wrap the model and optimizer themselves and save their state only
-    through ``accelerator.save_state``, as pickled files (against the project's no-pickle rule). The trainer applies
-    both itself instead (``trainer.distributed=fsdp`` / ``deepspeed``), with consolidated safetensors checkpoints.
-    """
-    if distributed_type in {"FSDP", "DEEPSPEED", "MEGATRON_LM"}:
-        raise ValueError(
-            f"accelerate launch configured {distributed_type}, whose plugin saves its sharded model/optimizer state "
-            f"only as pickle files; launch without the FSDP/DeepSpeed plugin (torchrun or plain accelerate launch) "
-            f"and set trainer.distributed=fsdp (torch FSDP2) or trainer.distributed=deepspeed (ZeRO, "
-            f"trainer.zero_stage) instead (got distributed={cfg.distributed!r})"
-        )
-
-
-def _check_max_steps(cfg: TrainerConfig, saved: Any, step: int, path: Path) -> None:
-    """Refuse a resume whose ``max_steps`` changes a learning rate the checkpointed steps already used.
-
-    The LR of each step ``s <= step`` (the checkpoint's optimizer holds the one for ``step``) must be the same under
-    the saved and the new ``max_steps``; only then does the resumed run follow an uninterrupted run with the new value.
-    A constant schedule (with or without warmup) never depends on it; linear and cosine decay do once past warmup.
-    """
-    if saved is None or int(saved) == cfg.max_steps or cfg.lr_schedule == "constant":
-        return
-    old = _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, int(saved))
-    new = _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
-    changed = next((s for s in range(step + 1) if old(s) != new(s)), None)
-    if changed is not None:
-        raise CheckpointError(
-            f"{path} was written by a run with max_steps={int(saved)}; resuming with max_steps={cfg.max_steps} "
-            f"would change the learning rate the {cfg.lr_schedule!r} schedule gave step {changed} "
-            f"({old(changed):.6g} vs {new(changed):.6g} x lr), so the run would follow neither trajectory; resume "
-            f"with max_steps={int(saved)}, or start a new run"
-        )
 
 
 class Trainer:
@@ -396,8 +260,11 @@ class Trainer:
 
         acc = self.accelerator
         path = latest_checkpoint(self._ckpt_root())
-        if path is None:
-            raise CheckpointError(f"--resume given but {self._ckpt_root()} holds no complete checkpoint")
+        if path is None:  # stopped before its first save: an uninterrupted run starts at step 0 too
+            if self.is_main:
+                print(f"[mmalign] --resume: {self._ckpt_root()} holds no complete checkpoint yet (the run stopped "
+                      f"before its first save); training starts at step 0")
+            return
         state = load_checkpoint(path, model=self._raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
                                 rank=acc.process_index, generators=self.generators,
                                 agree=lambda ok: all_ranks_ok(ok, acc.device), scaler=acc.scaler)

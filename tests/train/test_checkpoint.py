@@ -258,3 +258,35 @@ def test_malformed_scaler_state_names_the_file_and_applies_nothing(tmp_path: Pat
         load_checkpoint(path, model=fresh_model, optimizer=None, scheduler=None, scaler=fresh)
     assert all(torch.equal(before[k], v) for k, v in fresh_model.state_dict().items())
     assert fresh.state_dict() == torch.amp.GradScaler("cpu").state_dict()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.safetensors", "rng-0.safetensors"])
+def test_bytes_flipped_inside_a_tensor_file_are_refused_naming_the_file(tmp_path: Path, name: str) -> None:
+    """Same size, valid safetensors header, different numbers: only the SHA-256 in the manifest can tell."""
+    model, opt, sched = _setup()
+    path = save_checkpoint(tmp_path, 1, model_tensors=model.state_dict(), optimizer=opt, scheduler=sched,
+                           trainer_state={})
+    target = path / name
+    data = bytearray(target.read_bytes())
+    data[-3] ^= 0xFF  # inside the last tensor's bytes
+    target.write_bytes(bytes(data))
+    fresh = torch.nn.Linear(4, 3)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(CheckpointError, match=rf"{name} is corrupt or truncated: its SHA-256 .* differs"):
+        load_checkpoint(path, model=fresh, optimizer=torch.optim.AdamW(fresh.parameters()),
+                        scheduler=torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0))
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_manifest_records_size_and_sha256_of_every_file(tmp_path: Path) -> None:
+    import hashlib
+    import json
+
+    model, opt, sched = _setup()
+    path = save_checkpoint(tmp_path, 1, model_tensors=model.state_dict(), optimizer=opt, scheduler=sched,
+                           trainer_state={})
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest) == {p.name for p in path.iterdir()} - {"manifest.json"}
+    for name, entry in manifest.items():
+        data = (path / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
