@@ -294,6 +294,9 @@ def _parse_scalar(text: str) -> Any:
 def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
     """Turn ``["a=1", "trainer.lr=3e-4"]`` into a nested dict; values are parsed as YAML scalars.
 
+    A named part with fields (``teacher=mistake teacher.eps_mistake=0.2``, in any order) becomes
+    ``{"teacher": {"name": "mistake", "eps_mistake": 0.2}}``.
+
     An empty value (``cache_dir=``, what a shell leaves of ``cache_dir=''``) is the empty string; ``null`` or ``~``
     give ``None``.
     """
@@ -307,17 +310,25 @@ def parse_overrides(overrides: Sequence[str]) -> dict[str, Any]:
         node = out
         parts = key.split(".")
         for part in parts[:-1]:
+            if isinstance(node.get(part), str):  # `teacher=mistake teacher.eps_mistake=0.2`: a named part + fields
+                node[part] = {"name": node[part]}
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ValueError(f"override {item!r} conflicts with an earlier override of {part!r}")
-        node[parts[-1]] = _parse_scalar(text) if text.strip() else ""
+        value = _parse_scalar(text) if text.strip() else ""
+        if isinstance(value, str) and isinstance(node.get(parts[-1]), dict) and value:
+            node[parts[-1]] = {**node[parts[-1]], "name": value}  # fields given first, then the part's name
+        else:
+            node[parts[-1]] = value
     return out
 
 
 def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(value, dict) and isinstance(out.get(key), str) and "name" not in value:
+            out[key] = {"name": out[key], **value}  # a named part (`teacher: mistake`) given fields by overrides
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = _merge(out[key], value)
         else:
             out[key] = value
