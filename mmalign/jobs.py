@@ -100,3 +100,21 @@ job(
     "PEARL: Gromov-Wasserstein cross-task label transfer + Gaussian robust reward, zero target labels",
     default_config="configs/robotics/pearl.yaml",
 )
+job(
+    "label.serve",
+    "mmalign.label.jobs:serve",
+    "mmalign.label.jobs:ServeConfig",
+    "the labelling web app: people answer clip, image and answer pairs (SQLite or PostgreSQL; admin at /admin)",
+)
+job(
+    "label.push",
+    "mmalign.label.jobs:push",
+    "mmalign.label.jobs:PushConfig",
+    "enqueue the pairs of a preference data file (text, image or segment kind) for people to label",
+)
+job(
+    "label.export",
+    "mmalign.label.jobs:export",
+    "mmalign.label.jobs:ExportConfig",
+    "write a labelling project's answers as a preference data file that vlm/diffusion/robotics jobs read",
+)
