@@ -153,7 +153,7 @@ def render_clips(env_id: str, segments: Sequence[np.ndarray], *, size: int = 160
 
 
 def _words(text: str) -> list[str]:
-    return re.findall(r"\s+|[^\s]+", text)
+    return re.findall(r"\S+\s*|\s+", text)  # a word with the space after it: "red square" is one change
 
 
 def highlight(first: str, second: str) -> tuple[list[list[Any]], list[list[Any]]]:

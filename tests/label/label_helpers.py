@@ -1,0 +1,95 @@
+"""Small builders shared by the labelling tests: images, projects of each kind, a live server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
+
+
+def png_b64(color: tuple[int, int, int], size: int = 24) -> dict[str, str]:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((size, size, 3), color, dtype=np.uint8)).save(buf, format="PNG")
+    return {"png_base64": base64.b64encode(buf.getvalue()).decode()}
+
+
+def clip_frames(seed: int, t: int = 8, size: int = 32) -> list:
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, size=(t, size, size, 3), dtype=np.uint8).tolist()
+
+
+def query_items(kind: str, n: int = 1, payload_text: str = "") -> list[dict[str, Any]]:
+    items = []
+    for i in range(n):
+        if kind == "text":
+            content = {"prompt": f"Describe the picture {i}. {payload_text}", "images": [png_b64((200, 30, 30))],
+                       "chosen": f"A red square on a plain background {payload_text}",
+                       "rejected": f"A blue circle on a plain background {payload_text}"}
+        elif kind == "image":
+            content = {"caption": f"a red square {i} {payload_text}", "chosen_image": png_b64((220, 20, 20)),
+                       "rejected_image": png_b64((20, 20, 220))}
+        else:
+            content = {"frames_first": clip_frames(2 * i), "frames_second": clip_frames(2 * i + 1)}
+        items.append({"external_id": f"{kind}-{i}", "content": content})
+    return items
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LiveServer:
+    """The app on uvicorn in a thread of this process (for the browser tests)."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> "LiveServer":
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start within 30 s")
+            time.sleep(0.05)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def make_app(folder: Path, db_url: str, **settings: Any) -> tuple[Any, Any, str, str]:
+    """``(app, store, admin_token, labeller_token)`` over a fresh database."""
+    from mmalign.label.app import AppSettings, create_app, ensure_admin
+    from mmalign.label.store import Store
+
+    store = Store(db_url)
+    admin = "admin-token-" + "x" * 20
+    ensure_admin(store, admin, folder)
+    labeller = store.add_labeller("alice")
+    return create_app(store, AppSettings(folder=folder, **settings)), store, admin, labeller
+
+
+def auth(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def iter_kinds() -> Iterator[str]:
+    yield from ("clip", "image", "text")
