@@ -26,8 +26,15 @@ job(
     "diffusion.train",
     "mmalign.diffusion.train:run",
     "mmalign.diffusion.train:DiffusionTrainConfig",
-    "MaPO / Diffusion-DPO / SFT preference fine-tuning of a diffusers UNet (tiny shapes model or a local checkpoint)",
+    "MaPO / Diffusion-DPO / SFT preference fine-tuning of a diffusers pipeline's UNet (LoRA or full) on image pairs",
     default_config="configs/diffusion/train_mapo.yaml",
+)
+job(
+    "diffusion.sample",
+    "mmalign.diffusion.sample:run",
+    "mmalign.diffusion.sample:SampleConfig",
+    "images from a diffusers pipeline (+ a trained LoRA/UNet artifact) for prompts x seeds, a PNG grid; compare=true "
+    "puts the base model beside",
 )
 job(
     "diffusion.benchmark",
