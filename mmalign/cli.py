@@ -72,6 +72,14 @@ def _default_run_dir(name: str) -> Path:
     return Path("runs") / f"{name.replace('.', '-')}-{stamp}"
 
 
+# Errors caused by a user's input (config, files, folders): one line on stderr and exit code 2, no traceback.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from mmalign.train.errors import CheckpointError, RunLockedError
+
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError,
+            CheckpointError, RunLockedError)
+
+
 def run_job(
     name: str,
     config_path: str | None,
@@ -79,8 +87,14 @@ def run_job(
     output_dir: str | None = None,
     resume: bool = False,
 ) -> dict[str, Any]:
-    """Resolve the job's config (validated before any work), prepare the run folder, run it."""
+    """Validate the config and the job's inputs, then make and lock the run folder and run the job.
+
+    A job's module may define ``validate(cfg, resume)``: checks of its data, model paths and env ids (and whether it
+    supports ``--resume``) that raise before anything is created. A new run that fails before it saved progress
+    leaves no folder behind (see :mod:`mmalign.train.run_folder`).
+    """
     from mmalign.config import load_config
+    from mmalign.train.run_folder import RunFolder, has_progress
 
     entry = JOBS.entry(name)
     cfg_cls = resolve(entry.extra["config"])  # type: ignore[index]
@@ -88,15 +102,27 @@ def run_job(
     run_dir = Path(output_dir) if output_dir else _default_run_dir(name)
     # Under torchrun / accelerate launch every process runs this; only the main one checks and writes the folder.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    if main_process:
-        _prepare_run_dir(name, cfg, run_dir, resume)
+    folder = RunFolder(run_dir, name, resume, main=main_process)
+    folder.check(cfg)
+    job = entry.load()
+    module = sys.modules.get(job.__module__)
+    validate = getattr(module, "validate", None)
+    if validate is not None:
+        validate(cfg, resume)
+    folder.open(cfg)
+    failed = True
     try:
-        summary = entry.load()(cfg, run_dir, **({"resume": True} if resume else {})) or {}
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
-        err.mmalign_in_job = True  # type: ignore[attr-defined]  # main() then says where it was raised
-        raise
-    if main_process:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        try:
+            summary = job(cfg, run_dir, **({"resume": True} if resume else {})) or {}
+        except _user_errors() as err:
+            err.mmalign_in_job = True  # type: ignore[attr-defined]  # main() then says where it was raised
+            raise
+        if main_process:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+        failed = False
+    finally:
+        if folder.close(failed, getattr(module, "has_progress", has_progress)):
+            print(f"[mmalign] the run failed before saving any progress: removed {run_dir}", file=sys.stderr)
     close_process_group()
     return summary
 
@@ -108,39 +134,6 @@ def close_process_group() -> None:
     if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-
-
-def _prepare_run_dir(name: str, cfg: Any, run_dir: Path, resume: bool) -> None:
-    """Refuse to overwrite a non-empty folder (unless resuming with the same config); write config.yaml."""
-    import yaml
-
-    if run_dir.exists() and any(run_dir.iterdir()) and not resume:
-        raise FileExistsError(
-            f"run folder {run_dir} already holds files; pass --resume to continue it or choose another --output-dir"
-        )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    resolved = run_dir / "config.yaml"
-    if resume and resolved.exists():
-        saved = {k: v for k, v in (yaml.safe_load(resolved.read_text()) or {}).items() if k != "job"}
-        # Through the config class, so that fields added since the run started compare at their defaults.
-        previous = _flatten(yaml.safe_load(yaml.safe_dump(type(cfg).from_dict(saved).to_dict())))
-        current = _flatten(yaml.safe_load(yaml.safe_dump(cfg.to_dict())))
-        changed = sorted(k for k in previous.keys() | current.keys() if previous.get(k) != current.get(k))
-        if changed:
-            diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in changed[:5])
-            raise ValueError(f"--resume with a config that differs from the one saved in {resolved} ({diffs})")
-    else:
-        resolved.write_text(yaml.safe_dump({"job": name, **cfg.to_dict()}, sort_keys=False))
-
-
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def build_parser(argv: Sequence[str] = ()) -> argparse.ArgumentParser:
@@ -194,14 +187,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     name = f"{args.command}.{args.job}"
     try:
         summary = run_job(name, args.config, args.overrides, args.output_dir, args.resume)
-    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as err:
+    except _user_errors() as err:
         if os.environ.get("MMALIGN_DEBUG", "") not in ("", "0"):
             raise
         # a one-line message for bad input; for an error from inside the running job also where it was raised,
         # so that a bug there is not hidden behind a bare message
         tb = traceback.extract_tb(err.__traceback__) if getattr(err, "mmalign_in_job", False) else []
         where = f" (raised at {tb[-1].filename}:{tb[-1].lineno}; MMALIGN_DEBUG=1 shows the traceback)" if tb else ""
-        print(f"mmalign: error: {err}{where}", file=sys.stderr)
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() adds quotes
+        print(f"mmalign: error: {message}{where}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2, default=str))

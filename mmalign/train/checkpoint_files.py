@@ -18,12 +18,10 @@ from typing import Any, Iterable
 import numpy as np
 import torch
 
+from mmalign.train.errors import CheckpointError
+
 MANIFEST = "manifest.json"
 _HASH_CHUNK = 1 << 20
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete, truncated or corrupt; the message names the file."""
 
 
 def _fsync_dir(path: Path) -> None:
