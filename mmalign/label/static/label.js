@@ -43,8 +43,10 @@ function syncVideos() {  // the right clip follows the left one: same time, same
   a.addEventListener("timeupdate", () => { if (Math.abs(b.currentTime - a.currentTime) > 0.15) b.currentTime = a.currentTime; });
   a.addEventListener("play", () => b.play().catch(() => {}));
   a.addEventListener("pause", () => b.pause());
-  let ready = 0;
-  for (const v of [a, b]) v.addEventListener("canplay", () => { if (++ready === 2) play(); }, { once: true });
+  let started = false;  // start both from 0 once both can play (either may be ready before we listen)
+  const tryStart = () => { if (!started && a.readyState >= 3 && b.readyState >= 3) { started = true; play(); } };
+  for (const v of [a, b]) v.addEventListener("canplay", tryStart);
+  tryStart();
 }
 
 function togglePlay() {
