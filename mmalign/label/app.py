@@ -180,19 +180,16 @@ def create_app(store: Store, settings: AppSettings) -> Starlette:
         def run() -> list[int]:
             kind = store.project(project).kind
             folder = media_dir(project)
+            rendered = _render_states(kind, items)
             queries = []
             for n, item in enumerate(items):
                 content = dict(item.get("content") or {})
-                clips = None
                 if kind == "text":
                     content["images"] = [decode_upload(im, f"queries[{n}].images") for im in content.get("images") or []]
                 elif kind == "image":
                     for col in ("chosen_image", "rejected_image"):
                         content[col] = decode_upload(content.get(col), f"queries[{n}].{col}")
-                elif kind == "clip" and item.get("env_id"):
-                    from mmalign.label.media import render_clips
-
-                    clips = tuple(render_clips(str(item["env_id"]), [content["obs_first"], content["obs_second"]]))
+                clips = rendered.get(n)
                 payload = build_payload(kind, content, folder, None, clips=clips, fps=int(item.get("fps", 20)))
                 queries.append({"external_id": item["external_id"], "payload": payload,
                                 "row": item.get("row") or {}, "reference_label": item.get("reference_label")})
@@ -292,6 +289,25 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, send_with_headers)
+
+
+def _render_states(kind: str, items: list[Any]) -> dict[int, tuple[Any, Any]]:
+    """Clips of the clip queries sent as observations (``env_id`` + ``obs_first``/``obs_second``), rendered in one
+    child process per env id (starting the renderer costs more than drawing a query)."""
+    by_env: dict[str, list[int]] = {}
+    for n, item in enumerate(items):
+        if kind == "clip" and item.get("env_id"):
+            by_env.setdefault(str(item["env_id"]), []).append(n)
+    out: dict[int, tuple[Any, Any]] = {}
+    if by_env:
+        from mmalign.label.media import render_clips
+
+        for env_id, ns in by_env.items():
+            segs = [items[n]["content"][f"obs_{side}"] for n in ns for side in ("first", "second")]
+            frames = render_clips(env_id, segs)
+            for k, n in enumerate(ns):
+                out[n] = (frames[2 * k], frames[2 * k + 1])
+    return out
 
 
 def ensure_admin(store: Store, token: str | None, folder: Path) -> str | None:
