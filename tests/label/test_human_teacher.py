@@ -1,0 +1,107 @@
+"""The ``human`` teacher against a live app: a scripted labeller answers over HTTP; timeout and budget skip."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("starlette")
+gymnasium = pytest.importorskip("gymnasium")
+
+from label_helpers import LiveServer, make_app  # noqa: E402
+from mmalign.label.store import choice_label, sqlite_url, swapped  # noqa: E402
+from mmalign.registry import TEACHERS  # noqa: E402
+
+
+def _reacher_segments(n: int, h: int = 6, seed: int = 0) -> np.ndarray:
+    env = gymnasium.make("Reacher-v5")
+    obs, _ = env.reset(seed=seed)
+    env.action_space.seed(seed)
+    out = []
+    for _ in range(n * h):
+        out.append(obs)
+        obs, *_ = env.step(env.action_space.sample())
+    env.close()
+    return np.asarray(out, dtype=np.float32).reshape(n, h, -1)
+
+
+def _labeller(store: Any, token: str, project: str, stop: threading.Event, choices: list[str]) -> None:
+    lid = store.authenticate(token)[0]
+    k = 0
+    while not stop.is_set():
+        try:
+            q = store.lease(project, lid)
+        except Exception:  # noqa: BLE001  (the project appears when the teacher first posts)
+            q = None
+        if q is None:
+            time.sleep(0.05)
+            continue
+        store.submit(lid, f"scripted-{q.query_id:06d}", q.query_id, choices[k % len(choices)])
+        k += 1
+
+
+@pytest.fixture()
+def app_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    app, store, admin, labeller = make_app(tmp_path, sqlite_url(tmp_path))
+    monkeypatch.setenv("MMALIGN_LABEL_ADMIN_TOKEN", admin)
+    with LiveServer(app) as live:
+        yield live, store, labeller
+    store.close()
+
+
+def test_human_teacher_returns_the_labellers_answers(app_env) -> None:  # type: ignore[no-untyped-def]
+    live, store, labeller = app_env
+    teacher = TEACHERS.get("human")(url=live.url, project="run", env_id="Reacher-v5", poll_seconds=0.1, timeout=120)
+    assert not teacher.needs_true_reward
+    obs = _reacher_segments(6)
+    rewards = np.zeros((3, 6), dtype=np.float32)
+    stop = threading.Event()
+    worker = threading.Thread(target=_labeller, args=(store, labeller, "run", stop, ["left", "right", "equal"]))
+    worker.start()
+    try:
+        out = teacher(rewards, rewards, obs_first=obs[:3], obs_second=obs[3:])
+    finally:
+        stop.set()
+        worker.join()
+    stored = store.answers("run")
+    assert len(stored) == 3 and out.answered.all()
+    expected = {a["query_id"]: choice_label(a["choice"], swapped(a["query_id"], a["labeller_id"])) for a in stored}
+    assert out.labels.tolist() == [expected[q] for q in sorted(expected)]
+    assert out.metrics["teacher/timed_out"] == 0 and out.metrics["teacher/num_answered"] == 3
+    # each posted pair became a playable clip pair
+    (_, _, payload, row, _, _) = next(store.queries("run"))
+    assert payload["left"]["video"].endswith(".webm") and len(row["obs_first"]) == 6
+
+
+def test_unanswered_queries_time_out_as_skipped_and_leave_the_queue(app_env) -> None:  # type: ignore[no-untyped-def]
+    live, store, labeller = app_env
+    teacher = TEACHERS.get("human")(url=live.url, project="run", env_id="Reacher-v5", poll_seconds=0.1,
+                                    timeout=0.3, max_queries=2)
+    obs = _reacher_segments(6, seed=1)
+    rewards = np.zeros((3, 6), dtype=np.float32)
+    out = teacher(rewards, rewards, obs_first=obs[:3], obs_second=obs[3:])
+    assert not out.answered.any() and np.isnan(out.labels.numpy()).all()
+    assert out.metrics["teacher/timed_out"] == 2 and out.metrics["teacher/over_budget"] == 1
+    assert store.counts("run")["cancelled"] == 2
+    assert store.lease("run", store.authenticate(labeller)[0]) is None  # withdrawn: nobody is asked any more
+    again = teacher(rewards, rewards, obs_first=obs[:3], obs_second=obs[3:])
+    assert again.metrics["teacher/over_budget"] == 3  # the budget is spent
+
+
+def test_human_teacher_checks_its_fields_and_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    human = TEACHERS.get("human")
+    with pytest.raises(ValueError, match="env_id"):
+        human(url="http://x")
+    with pytest.raises(ValueError, match="url"):
+        human(url="ftp://x", env_id="Reacher-v5")
+    with pytest.raises(ValueError, match="timeout"):
+        human(env_id="Reacher-v5", timeout=-1)
+    monkeypatch.delenv("MMALIGN_LABEL_ADMIN_TOKEN", raising=False)
+    r = np.zeros((1, 2), dtype=np.float32)
+    with pytest.raises(RuntimeError, match="MMALIGN_LABEL_ADMIN_TOKEN"):
+        human(env_id="Reacher-v5")(r, r, obs_first=np.zeros((1, 2, 11)), obs_second=np.zeros((1, 2, 11)))
