@@ -18,8 +18,10 @@ import numpy as np
 
 from mmalign.config import Config, check_choice, check_positive, check_probability, option
 from mmalign.vision_lm.families import FAMILIES
+from mmalign.vision_lm.testbed import (DESCRIBE, corrupt_pairs, question_chosen, sft_examples, sft_trainer_config,
+                                       train_sft)
 
-__all__ = ["BenchmarkConfig", "run", "METHOD_ROWS"]
+__all__ = ["BenchmarkConfig", "run", "METHOD_ROWS", "DESCRIBE", "corrupt_pairs", "question_chosen"]
 
 # Row name -> (loss method, pair source, online probability, flipped labels)
 METHOD_ROWS: dict[str, tuple[str, str, float, bool]] = {
@@ -32,7 +34,6 @@ METHOD_ROWS: dict[str, tuple[str, str, float, bool]] = {
     "bdhs_mixed": ("dpo", "bdhs", 0.5, False),
     "rrpo": ("rrpo", "corrupt", 0.0, False),
 }
-DESCRIBE = "<image> describe :"
 
 
 @dataclass
@@ -79,59 +80,6 @@ class BenchmarkConfig(Config):
             raise ValueError("seeds must name at least one seed, got []")
 
 
-# ---------------------------------------------------------------------------------------------- data
-def sft_examples(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np.random.Generator) -> list[Any]:
-    """One caption and up to two yes / two no questions per scene."""
-    from mmalign.vision_lm import scenes as S
-    from mmalign.vision_lm.adapter import VLExample
-
-    out = []
-    for scene, img in zip(scenes, images):
-        out.append(VLExample(DESCRIBE, S.caption(scene), [img]))
-        present = sorted(scene.shapes)
-        absent = [s for s in S.SHAPES if s not in scene.shapes]
-        for s in rng.permutation(present)[:2]:
-            out.append(VLExample(f"<image> {S.question(str(s))}", "yes", [img]))
-        for s in rng.permutation(absent)[:2]:
-            out.append(VLExample(f"<image> {S.question(str(s))}", "no", [img]))
-    return out
-
-
-def corrupt_pairs(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np.random.Generator) -> list[Any]:
-    """Rule-based pairs (the plain DPO baseline): caption with one shape or colour replaced; flipped yes/no answer."""
-    from mmalign.vision_lm import scenes as S
-    from mmalign.vision_lm.objectives import PrefPair
-
-    pairs = []
-    for scene, img in zip(scenes, images):
-        words = S.caption(scene).split()
-        slots = [i for i, w in enumerate(words) if w in S.SHAPES or w in S.COLORS]
-        i = int(rng.choice(slots))
-        pool = [w for w in (S.SHAPES if words[i] in S.SHAPES else S.COLORS) if w != words[i]]
-        if words[i] in S.SHAPES:
-            pool = [w for w in pool if w not in scene.shapes] or pool
-        bad = list(words)
-        bad[i] = str(rng.choice(pool))
-        pairs.append(PrefPair(DESCRIBE, " ".join(words), " ".join(bad), [img]))
-        shape = str(rng.choice(S.SHAPES))
-        truth = "yes" if shape in scene.shapes else "no"
-        pairs.append(PrefPair(f"<image> {S.question(shape)}", truth, "no" if truth == "yes" else "yes", [img]))
-    return pairs
-
-
-def question_chosen(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np.random.Generator) -> list[Any]:
-    """(prompt, ground-truth answer, image) examples, captions and one yes/no question per scene."""
-    from mmalign.vision_lm import scenes as S
-    from mmalign.vision_lm.adapter import VLExample
-
-    out = []
-    for scene, img in zip(scenes, images):
-        out.append(VLExample(DESCRIBE, S.caption(scene), [img]))
-        shape = str(rng.choice(S.SHAPES))
-        out.append(VLExample(f"<image> {S.question(shape)}", "yes" if shape in scene.shapes else "no", [img]))
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- evaluation
 def evaluate(adapter: Any, test_scenes: Sequence[Any], test_images: Sequence[np.ndarray],
              train_scenes: Sequence[Any], seed: int) -> dict[str, float]:
@@ -164,68 +112,6 @@ def evaluate(adapter: Any, test_scenes: Sequence[Any], test_images: Sequence[np.
 
 
 # ---------------------------------------------------------------------------------------------- training
-def _trainer_cfg(seed: int, steps: int, batch: int, lr: float, lora_r: int = 0) -> Any:
-    from mmalign.train import TrainerConfig
-
-    lora = {"enabled": lora_r > 0, "r": max(lora_r, 1), "alpha": 2.0 * max(lora_r, 1),
-            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}
-    return TrainerConfig.from_dict({
-        "seed": seed, "max_steps": steps, "batch_size": batch, "lr": lr, "lr_schedule": "cosine",
-        "warmup_steps": min(20, steps // 10), "log_every": max(1, steps // 10), "cpu": True, "progress": False,
-        "plots": False, "keep_checkpoints": 1, "lora": lora, "mixed_precision": "no",
-    })
-
-
-def train_sft(adapter: Any, examples: list[Any], cfg: BenchmarkConfig, seed: int, run_dir: Path) -> dict[str, Any]:
-    """Next-token cross-entropy on the response tokens (mean over tokens) with the generic trainer."""
-    from mmalign.train import Trainer
-
-    def loss_fn(model: Any, batch: Any) -> tuple[Any, dict[str, Any]]:
-        adapter.model = model
-        logps, mask, _ = adapter.token_logps(batch)
-        return -logps.sum() / mask.sum(), {}
-
-    trainer = Trainer(_trainer_cfg(seed, cfg.sft_steps, cfg.batch_size, cfg.sft_lr), adapter.model, examples,
-                      loss_fn, run_dir, collate_fn=adapter.encode)
-    out = trainer.train()
-    adapter.model = trainer.unwrapped_model()
-    return out
-
-
-def build_pairs(source: str, adapter: Any, scenes: list[Any], images: list[np.ndarray], cfg: BenchmarkConfig,
-                seed: int) -> tuple[list[Any], dict[str, float]]:
-    """The method's preference pairs from ``scenes`` using the SFT model in ``adapter``."""
-    import torch
-
-    from mmalign.vision_lm import methods as M
-    from mmalign.vision_lm import scenes as S
-    from mmalign.vision_lm.objectives import PrefPair
-
-    rng = np.random.default_rng(seed + 777)
-    if source == "corrupt":
-        return corrupt_pairs(scenes, images, rng), {}
-    chosen = question_chosen(scenes, images, rng)
-    if source == "bdhs":
-        gen = torch.Generator().manual_seed(seed + 99)
-        rejected, stats = M.bdhs_rejected(adapter, chosen, rho=cfg.bdhs_rho, rng=rng, generator=gen)
-        return [PrefPair(ex.prompt, ex.response, r, ex.images) for ex, r in zip(chosen, rejected)], stats
-    # Re-Align: image index from the SFT model's own vision tower; captions and answers are maskable.
-    index = M.ImageIndex(M.vision_embeddings(adapter, images))
-    maskable = {**{w: "shape" for w in S.SHAPES}, **{w: "color" for w in S.COLORS}, "yes": "answer", "no": "answer"}
-    builder = M.RealignBuilder(adapter, index, maskable, top_k=cfg.realign_top_k)
-    img_of = [i // 2 for i in range(len(chosen))]  # question_chosen emits two examples per scene
-    pairs, tries = [], []
-    for k, ex in enumerate(chosen):
-        words = ex.response.split()
-        for t, j in enumerate(index.topk(img_of[k], cfg.realign_top_k), start=1):
-            filled = builder.fill(ex.prompt, words, images[j])
-            if M.bow_cosine(ex.response, filled) < builder.threshold:
-                pairs.append(PrefPair(ex.prompt, ex.response, filled, ex.images, retrieved_images=[images[j]]))
-                tries.append(t)
-                break
-    return pairs, {"realign/accepted_fraction": len(pairs) / len(chosen), "realign/mean_tries": float(np.mean(tries))}
-
-
 def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig, seed: int,
                  run_dir: Path) -> dict[str, Any]:
     """LoRA preference training of the SFT model for one table row; the adapter ends up holding the merged model."""
@@ -260,7 +146,7 @@ def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig,
                             keep_raw=online is not None)
     dataset = list(enumerate(pairs))
     base = adapter.model
-    trainer = Trainer(_trainer_cfg(seed, cfg.pref_steps, cfg.pref_batch_size, cfg.pref_lr, cfg.lora_r), base,
+    trainer = Trainer(sft_trainer_config(seed, cfg.pref_steps, cfg.pref_batch_size, cfg.pref_lr, cfg.lora_r), base,
                       dataset, objective, run_dir, collate_fn=collator)
     t0 = time.perf_counter()
     out = trainer.train()
@@ -281,7 +167,8 @@ def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path,
 
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.adapter import VLMAdapter
-    from mmalign.vision_lm.tiny import build_tiny_llava, pretrain_vision_tower
+    from mmalign.vision_lm.testbed import build_pairs, build_tiny
+    from mmalign.vision_lm.testbed import pretrain_vision_tower
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(seed)
@@ -292,19 +179,13 @@ def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path,
     render = lambda scs: [S.render(s, rng=rng) for s in scs]  # noqa: E731
     sft_images, pref_images, test_images = render(sft_scenes), render(pref_scenes), render(test_scenes)
 
-    if cfg.family == "llava":
-        model, processor = build_tiny_llava(S.vocabulary(), seed=seed, patch_size=cfg.patch_size)
-    else:  # the tiny LLaVA's widths and depths in the family's own architecture and image layout
-        from mmalign.vision_lm.families import build_tiny_vlm
-
-        model, processor = build_tiny_vlm(cfg.family, S.vocabulary(), seed=seed, patch_size=cfg.patch_size,
-                                          vision_dim=64, text_dim=96, vision_layers=2, text_layers=2, heads=4,
-                                          max_positions=256)
+    model, processor = build_tiny(cfg.family, seed, patch_size=cfg.patch_size)
     adapter = VLMAdapter(model, processor, max_length=64)
     results: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
     vision_acc = pretrain_vision_tower(model, sft_scenes, sft_images, processor, steps=cfg.vision_steps, seed=seed)
-    train_sft(adapter, sft_examples(sft_scenes, sft_images, rng), cfg, seed, run_dir / f"seed{seed}" / "sft")
+    train_sft(adapter, sft_examples(sft_scenes, sft_images, rng), steps=cfg.sft_steps, batch_size=cfg.batch_size,
+              lr=cfg.sft_lr, seed=seed, run_dir=run_dir / f"seed{seed}" / "sft")
     sft_model = adapter.model
     results["sft"] = {**evaluate(adapter, test_scenes, test_images, sft_scenes, seed),
                       "time/train_s": time.perf_counter() - t0, "vision/pretrain_shape_acc": vision_acc}
@@ -315,7 +196,8 @@ def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path,
         source = METHOD_ROWS[row][1]
         adapter.model = sft_model
         if source not in pair_cache:
-            pair_cache[source] = build_pairs(source, adapter, pref_scenes, pref_images, cfg, seed)
+            pair_cache[source] = build_pairs(source, adapter, pref_scenes, pref_images, seed=seed,
+                                             bdhs_rho=cfg.bdhs_rho, realign_top_k=cfg.realign_top_k)
         pairs, stats = pair_cache[source]
         adapter.model = copy.deepcopy(sft_model)  # each row starts from the SFT weights
         out = train_method(row, adapter, pairs, cfg, seed, run_dir / f"seed{seed}" / row)

@@ -1,9 +1,19 @@
 """Preference pairs -> batches -> core losses: the glue between the VLM adapter and ``mmalign.core.losses``.
 
-``PairCollator`` encodes chosen / rejected (/ chosen-under-retrieved-image) branches, each with its own images, and
-attaches RRPO segment ids and cached reference log-probs. ``PreferenceObjective`` is the trainer's
+``PairCollator`` decodes each batch's images (pairs hold :class:`~mmalign.data.LazyImage` references, never decoded
+pixels), encodes chosen / rejected (/ chosen-under-retrieved-image) branches, each with its own images, and attaches
+labels, RRPO segment ids and cached reference log-probs. ``PreferenceObjective`` is the trainer's
 ``loss_fn(model, batch)``: one concatenated policy forward, reference log-probs from the cache or from the same
-model with LoRA disabled, optional online BDHS regeneration, then the core loss picked by ``method``.
+model with LoRA disabled, optional online BDHS regeneration, then the core loss looked up by name in
+:data:`mmalign.registry.LOSSES`.
+
+Methods: ``realign`` and ``rrpo`` (which need a third branch or token-level inputs) and every registered loss with
+the pairwise signature ``fn(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, *,
+...)`` (``dpo``, ``ipo``, ``cdpo``, ``robust_dpo`` and any loss a user registers): keyword options it declares among
+``beta``, ``eps``, ``chosen_lengths`` and ``rejected_lengths`` are passed. Labels: a pair with label ``l`` < 0.5 was
+swapped when loaded (so ``l`` >= 0.5 here); a soft label trains ``l · loss(chosen, rejected) + (1 − l) ·
+loss(rejected, chosen)`` per pair (for DPO: binary cross-entropy against the soft target ``l``), which needs the
+loss's ``reduction="none"``.
 """
 
 from __future__ import annotations
@@ -18,9 +28,41 @@ from torch import Tensor
 from mmalign.train.fsdp import unwrap_model
 from mmalign.vision_lm.adapter import EncodedBatch, VLExample, VLMAdapter
 
-__all__ = ["PrefPair", "PairCollator", "PreferenceObjective", "METHODS", "segments_for"]
+__all__ = ["PrefPair", "PairCollator", "PreferenceObjective", "METHODS", "segments_for", "pairwise_loss",
+           "check_method"]
 
-METHODS = ("dpo", "ipo", "cdpo", "robust_dpo", "realign", "rrpo")
+METHODS = ("dpo", "ipo", "cdpo", "robust_dpo", "realign", "rrpo")  # the built-in ones; any pairwise loss works
+_SPECIAL = ("realign", "rrpo")
+_PAIRWISE = ("policy_chosen_logps", "policy_rejected_logps", "ref_chosen_logps", "ref_rejected_logps")
+_OPTIONS = ("beta", "eps", "chosen_lengths", "rejected_lengths")
+
+
+def pairwise_loss(method: str) -> Callable[..., tuple[Tensor, dict[str, Any]]]:
+    """The registered loss ``method`` if it has the pairwise signature (see the module docstring), else raise."""
+    import inspect
+
+    from mmalign.registry import LOSSES
+
+    if method not in LOSSES:
+        raise ValueError(f"method {method!r} is not a registered loss; registered: {', '.join(LOSSES.names())}")
+    fn = LOSSES.get(method)
+    names = list(inspect.signature(fn).parameters)[:4]
+    if tuple(names) != _PAIRWISE:
+        raise ValueError(f"loss {method!r} takes ({', '.join(names)}, ...), not the pairwise sequence log-probs "
+                         f"({', '.join(_PAIRWISE)}) a VLM method needs; VLM methods: realign, rrpo or a pairwise loss")
+    return fn
+
+
+def check_method(method: str) -> None:
+    """Raise unless ``method`` is usable by the VLM objective."""
+    if method not in _SPECIAL:
+        pairwise_loss(method)
+
+
+def _takes(fn: Callable[..., Any], name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters
 
 
 @dataclass
@@ -37,6 +79,8 @@ class PrefPair:
     retrieved_images: list[Any] | None = None
     chosen_segments: list[int] | None = None
     rejected_segments: list[int] | None = None
+    label: float = 1.0  # P(chosen ≻ rejected) in [0.5, 1] (pairs with a lower label are loaded swapped)
+    videos: list[Any] | None = None  # per video: a list of frames (or an array), for processors that take videos
 
 
 def segments_for(tokenizer: Any, pair: PrefPair) -> tuple[list[int], list[int]]:
@@ -71,14 +115,15 @@ class PairCollator:
 
     def __call__(self, items: Sequence[tuple[int, PrefPair]]) -> dict[str, Any]:
         idx = [i for i, _ in items]
-        pairs = [p for _, p in items]
+        pairs = [decoded(p) for _, p in items]
         enc = self.adapter.encode
-        chosen = enc([VLExample(p.prompt, p.chosen, p.images) for p in pairs])
+        chosen = enc([VLExample(p.prompt, p.chosen, p.images, p.videos) for p in pairs])
         rejected = enc([VLExample(p.prompt, p.rejected, p.rejected_images if p.rejected_images is not None
-                                  else p.images) for p in pairs])
+                                  else p.images, p.videos) for p in pairs])
         if len(chosen) != len(pairs) or len(rejected) != len(pairs):
             raise ValueError("an example was dropped as too long; filter pairs with VLMAdapter.encode before training")
-        batch: dict[str, Any] = {"index": torch.tensor(idx), "chosen": chosen, "rejected": rejected}
+        batch: dict[str, Any] = {"index": torch.tensor(idx), "chosen": chosen, "rejected": rejected,
+                                 "labels": torch.tensor([float(p.label) for p in pairs])}
         if self.with_retrieved:
             if any(p.retrieved_images is None for p in pairs):
                 raise ValueError("method 'realign' needs retrieved_images on every pair")
@@ -100,6 +145,17 @@ class PairCollator:
         if self.keep_raw:
             batch["raw"] = _Raw(pairs)
         return batch
+
+
+def decoded(pair: PrefPair) -> PrefPair:
+    """``pair`` with its lazy images decoded (a new object: the data set keeps only the references)."""
+    from dataclasses import replace
+
+    from mmalign.data.media import load_images
+
+    videos = None if pair.videos is None else [load_images(v) if isinstance(v, list) else v for v in pair.videos]
+    return replace(pair, images=load_images(pair.images) or [], rejected_images=load_images(pair.rejected_images),
+                   retrieved_images=load_images(pair.retrieved_images), videos=videos)
 
 
 class _Raw:
@@ -125,8 +181,7 @@ class PreferenceObjective:
                  alpha: float = 0.01, visual_weight: float = 1.0,
                  online: Callable[[VLMAdapter, list[PrefPair]], list[str]] | None = None, online_prob: float = 1.0,
                  seed: int = 0) -> None:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        check_method(method)
         if not 0 <= online_prob <= 1:
             raise ValueError(f"online_prob must be in [0, 1], got {online_prob}")
         self.adapter, self.method = adapter, method
@@ -135,6 +190,8 @@ class PreferenceObjective:
         self.rng = np.random.default_rng(seed)
 
     def _regenerate(self, batch: dict[str, Any]) -> dict[str, Any]:
+        from dataclasses import replace
+
         pairs: list[PrefPair] = batch["raw"].pairs
         rows = [i for i in range(len(pairs)) if self.rng.random() < self.online_prob]
         new = self._generate_in_step([pairs[i] for i in rows])
@@ -145,7 +202,7 @@ class PreferenceObjective:
             p = updated[i]
             # the supplied phrase ids (if any) described the old rejected answer: the new pair has none, so RRPO's
             # segments below come from a token diff of chosen vs the regenerated answer
-            updated[i] = PrefPair(p.prompt, p.chosen, text, p.images, p.rejected_images, p.retrieved_images)
+            updated[i] = replace(p, rejected=text, chosen_segments=None, rejected_segments=None)
         rejected = self.adapter.encode([VLExample(p.prompt, p.rejected, p.rejected_images if p.rejected_images
                                                   is not None else p.images) for p in updated])
         dev = batch["chosen"].input_ids.device
@@ -181,11 +238,33 @@ class PreferenceObjective:
         start = sum(len(part) for part in gathered[: dist.get_rank()])
         return new[start:start + len(todo)]
 
+    def _hard_labels_only(self, labels: Tensor | None) -> None:
+        if labels is not None and bool((labels < 1).any()):
+            raise ValueError(f"method {self.method!r} has no soft-label form: labels must be 0 or 1")
+
+    def _pairwise(self, pol: list[Tensor], ref: list[Tensor], lengths: tuple[Tensor, Tensor],
+                  labels: Tensor | None) -> tuple[Tensor, dict[str, Any]]:
+        """The registered pairwise loss; soft labels mix both orderings per pair (see the module docstring)."""
+        fn = pairwise_loss(self.method)
+        values = {"beta": self.beta, "eps": self.eps, "chosen_lengths": lengths[0], "rejected_lengths": lengths[1]}
+        kw = {k: v for k, v in values.items() if _takes(fn, k)}
+        if labels is None or bool((labels >= 1).all()):
+            return fn(pol[0], pol[1], ref[0], ref[1], **kw)
+        if not _takes(fn, "reduction"):
+            raise ValueError(f"loss {self.method!r} takes no reduction argument, so soft labels cannot weight it "
+                             "per pair: use labels 0 or 1")
+        swapped = {**kw, **({"chosen_lengths": lengths[1], "rejected_lengths": lengths[0]}
+                            if "chosen_lengths" in kw else {})}
+        forward, metrics = fn(pol[0], pol[1], ref[0], ref[1], **kw, reduction="none")
+        backward, _ = fn(pol[1], pol[0], ref[1], ref[0], **swapped, reduction="none")
+        labels = labels.to(forward.dtype)
+        return (labels * forward + (1 - labels) * backward).mean(), metrics
+
     def _scores(self, branches: list[EncodedBatch], kl: bool) -> list[tuple[Tensor, Tensor, Tensor | None]]:
         return self.adapter.branch_logps(branches, return_logits=kl)
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[Tensor, dict[str, Any]]:
-        from mmalign.core.losses import dpo as dpo_mod, realign as realign_mod, rrpo as rrpo_mod
+        from mmalign.core.losses import realign as realign_mod, rrpo as rrpo_mod
 
         # the adapter calls the (possibly DDP-wrapped) model's forward and reads config / helpers from the module
         # inside it; with a DDP wrapper it encodes images inside the wrapped forward (no shared-feature shortcut)
@@ -209,24 +288,20 @@ class PreferenceObjective:
             ref_chosen_lp = torch.log_softmax(ref[0][2], -1) if kl else None
         pol_sum = [p[0].sum(1) for p in policy]
         ref_sum = [r.sum(1) for r in ref_tokens]
-        args = (pol_sum[0], pol_sum[1], ref_sum[0], ref_sum[1])
-        if self.method == "dpo":
-            loss, metrics = dpo_mod.dpo_loss(*args, beta=self.beta)
-        elif self.method == "ipo":
-            loss, metrics = dpo_mod.ipo_loss(*args, beta=self.beta, chosen_lengths=policy[0][1].sum(1),
-                                             rejected_lengths=policy[1][1].sum(1))
-        elif self.method == "cdpo":
-            loss, metrics = dpo_mod.conservative_dpo_loss(*args, beta=self.beta, eps=self.eps)
-        elif self.method == "robust_dpo":
-            loss, metrics = dpo_mod.robust_dpo_loss(*args, beta=self.beta, eps=self.eps)
-        elif self.method == "realign":
+        labels = batch.get("labels")
+        if self.method == "realign":
+            self._hard_labels_only(labels)
             loss, metrics = realign_mod.realign_loss(pol_sum[0], pol_sum[1], pol_sum[2], ref_sum[0], ref_sum[1],
                                                      ref_sum[2], beta=self.beta, visual_weight=self.visual_weight)
-        else:
+        elif self.method == "rrpo":
+            self._hard_labels_only(labels)
             (pc, mc, logits_c), (pr, _, _) = policy
             token_kl = rrpo_mod.tokenwise_kl(ref_chosen_lp, torch.log_softmax(logits_c, -1), mc)
             loss, metrics = rrpo_mod.rrpo_loss(
                 pc, pr, ref_tokens[0], ref_tokens[1], batch["chosen_segments"][:, : pc.shape[1]],
                 batch["rejected_segments"][:, : pr.shape[1]], token_kl, beta=self.beta, alpha=self.alpha,
                 chosen_mask=mc)
+        else:
+            lengths = (policy[0][1].sum(1), policy[1][1].sum(1))
+            loss, metrics = self._pairwise(pol_sum, ref_sum, lengths, labels)
         return loss, metrics

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-__all__ = ["SPECIAL_TOKENS", "build_tokenizer", "build_processor", "tiny_llava_config", "build_tiny_llava",
-           "pretrain_vision_tower"]
+__all__ = ["SPECIAL_TOKENS", "build_tokenizer", "build_processor", "tiny_llava_config", "build_tiny_llava"]
 
 SPECIAL_TOKENS: tuple[str, ...] = ("<pad>", "<unk>", "<bos>", "<eos>", "<image>")
 
@@ -94,59 +93,3 @@ def build_tiny_llava(words: Sequence[str], seed: int = 0, **config_kwargs: Any) 
     with seeded_global_rng(seed):
         model = AutoModelForImageTextToText.from_config(cfg)
     return model, processor
-
-
-def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[Any], processor: Any, *,
-                          steps: int = 150, batch_size: int = 64, lr: float = 3e-3, seed: int = 0) -> float:
-    """Supervised per-cell pre-training of a tiny VLM's vision tower (stand-in for CLIP / SigLIP pre-training).
-
-    Real VLMs start from a pretrained vision encoder; a from-scratch 2-layer ViT inside the LLaVA wiring learns
-    far too slowly on a shared CPU. With ``patch_size`` = grid cell, patch token ``k`` of the whole-image view is
-    classified into the (shape or empty, colour, size) of cell ``k`` by a linear head that is thrown away afterwards.
-    Any family of :mod:`mmalign.vision_lm.families` (the view: see ``whole_image_patch_features``). Returns the final
-    training accuracy of the shape head.
-    """
-    import numpy as np
-    import torch
-
-    from mmalign.core.rng import seeded_global_rng
-    from mmalign.vision_lm import scenes as S
-    from mmalign.vision_lm.families import whole_image_patch_features
-
-    tower, pix, tower_features = whole_image_patch_features(model, processor, images)
-    cfg = tower.config
-    cells = (cfg.image_size // cfg.patch_size) ** 2
-    if cells != S.GRID * S.GRID:
-        raise ValueError(f"pretrain_vision_tower needs one patch per grid cell ({S.GRID * S.GRID}), got {cells}")
-    n_out = (len(S.SHAPES) + 1) + len(S.COLORS) + len(S.SIZES)
-    # Seeded: torch's global generator starts from a different seed in every process, which made the whole
-    # benchmark (vision tower -> SFT -> every method) differ from run to run.
-    with seeded_global_rng(seed):
-        head = torch.nn.Linear(cfg.hidden_size, n_out)
-    params = list(tower.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=lr)
-    shape_t = torch.full((len(scenes), cells), len(S.SHAPES), dtype=torch.long)
-    color_t = torch.full((len(scenes), cells), -100, dtype=torch.long)
-    size_t = torch.full((len(scenes), cells), -100, dtype=torch.long)
-    for i, sc in enumerate(scenes):
-        for o in sc.objects:
-            shape_t[i, o.cell] = S.SHAPES.index(o.shape)
-            color_t[i, o.cell] = S.COLORS.index(o.color)
-            size_t[i, o.cell] = S.SIZES.index(o.size)
-    rng = np.random.default_rng(seed)
-    ce = torch.nn.functional.cross_entropy
-    acc = 0.0
-    tower.train()
-    for _ in range(steps):
-        idx = torch.as_tensor(rng.integers(0, len(scenes), batch_size))
-        feats = tower_features(pix[idx])
-        out = head(feats)
-        k = len(S.SHAPES) + 1
-        loss = (ce(out[..., :k].reshape(-1, k), shape_t[idx].reshape(-1))
-                + ce(out[..., k:k + len(S.COLORS)].reshape(-1, len(S.COLORS)), color_t[idx].reshape(-1))
-                + ce(out[..., k + len(S.COLORS):].reshape(-1, len(S.SIZES)), size_t[idx].reshape(-1)))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        acc = float((out[..., :k].argmax(-1) == shape_t[idx]).float().mean())
-    return acc

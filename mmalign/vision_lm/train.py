@@ -1,12 +1,16 @@
-"""``mmalign vlm train``: preference-train a VLM with DPO / IPO / cDPO / robust DPO / Re-Align / RRPO / BDHS.
+"""``mmalign vlm train``: preference-train a vision-language model on the user's data, hand back loadable artifacts.
 
-Model: a local ``AutoModelForImageTextToText`` checkpoint (``model_path``), or a tiny VLM of ``family`` (the
-benchmark's LLaVA, or LLaVA-NeXT / Idefics3 / SmolVLM from :mod:`mmalign.vision_lm.families`), trained from scratch on
-procedural scenes first when ``model_path`` is empty. Pairs: a JSONL file (``pairs_path``; fields
-``prompt``, ``chosen``, ``rejected``, ``images`` = image file paths, optional ``rejected_images``,
-``retrieved_images``, and ``chosen_tagged``/``rejected_tagged`` with RRPO ``<MASK>`` tags), or pairs built on the
-fly from scenes by ``pair_source`` (``corrupt``, ``realign``, ``bdhs``). Reference log-probs: ``reference: lora``
-(same model, adapter disabled) or ``reference: cache`` (precomputed once into ``cache_dir``, keyed by data hash).
+Model: ``model_path`` = a local ``AutoModelForImageTextToText`` folder or a Hub id (offline only when
+``HF_HUB_OFFLINE`` is set; ``trust_remote_code`` off unless asked), or, when empty, a tiny VLM of ``family`` trained
+from scratch on procedural scenes first (the testbed). Data: ``data`` = any source :mod:`mmalign.data` reads (JSONL,
+Parquet, a ``datasets`` folder, a Hub id) in TRL's standard or conversational vision format, other layouts through
+``columns`` (e.g. ``columns.prompt=question columns.images=image``); every row is validated and every prompt put in the
+model's chat template before any training. Without ``data`` pairs are built from scenes by ``pair_source``.
+Method: any pairwise loss of the LOSSES registry (``dpo``, ``ipo``, ``cdpo``, ``robust_dpo`` or one a user
+registers), ``realign`` or ``rrpo``. Reference log-probs: ``reference: lora`` (adapter disabled) or ``reference: cache``
+(precomputed once into ``cache_dir``). Artifacts (see :mod:`mmalign.vision_lm.artifacts`): ``adapter/`` (+
+``merged/`` with ``merge=true``) or ``model/`` in the run folder at the end, and under ``artifacts/step-N/`` at every
+``trainer.save_every``. ``--resume`` continues at the phase reached: a finished SFT phase is not repeated.
 """
 
 from __future__ import annotations
@@ -15,21 +19,37 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmalign.config import Config, check_choice, check_nonnegative, check_positive, check_probability, option
+from mmalign.config import (Config, check_choice, check_nonnegative, check_positive, check_probability, check_range,
+                            option)
 from mmalign.train.config import TrainerConfig
 
-__all__ = ["VLMTrainConfig", "run", "load_pairs_jsonl", "drop_overlong"]
+__all__ = ["VLMTrainConfig", "run", "prepare_pairs", "validate"]
+
+# validate() hands its checked pairs to run() of the same config object (the CLI calls both): no second pass
+_PREPARED: dict[int, tuple[Any, list[Any], list[int], dict[str, float]]] = {}
 
 
 @dataclass
 class VLMTrainConfig(Config):
     """One preference-training run of a vision-language model."""
 
-    method: str = option("dpo", "loss: dpo, ipo, cdpo, robust_dpo, realign (DPO + visual term) or rrpo")
-    model_path: str = option("", "local AutoModelForImageTextToText checkpoint; empty = tiny VLM SFT'd on scenes")
+    method: str = option("dpo", "loss: a pairwise loss of the LOSSES registry (dpo, ipo, cdpo, robust_dpo, ...), "
+                                "realign (DPO + visual term) or rrpo")
+    model_path: str = option("", "local AutoModelForImageTextToText folder or Hub id; empty = tiny VLM SFT'd on scenes")
+    dtype: str = option("auto", "model dtype: auto (bf16 on GPUs that support it, else fp32), float32, bfloat16")
+    trust_remote_code: bool = option(False, "let transformers run the model repository's own code (off: safer)")
     family: str = option("llava", "tiny model family when model_path is empty: llava, llava_next, idefics3, smolvlm")
-    pairs_path: str = option("", "JSONL of preference pairs; empty = build pairs from procedural scenes")
-    pair_source: str = option("corrupt", "scene pairs when pairs_path is empty: corrupt, realign or bdhs")
+    data: str = option("", "preference data: .jsonl/.json/.parquet, a datasets folder or a Hub id; empty = pairs "
+                           "built from procedural scenes")
+    columns: dict[str, str] = option({}, "column mapping {expected field: column}, e.g. columns.prompt=question "
+                                         "columns.images=image")
+    split: str = option("", "split of a datasets folder or Hub data set (empty: its only split / train)")
+    allow_outside_paths: bool = option(False, "let image paths in the data leave the data file's folder")
+    max_oov_rate: float = option(0.05, "refuse data whose prompt/response tokens are more than this fraction "
+                                       "out of the tokenizer's vocabulary (unknown token)")
+    merge: bool = option(False, "with LoRA, also write merged/ (the adapter folded into the model)")
+    push_to_hub: str = option("", "Hub repository id to upload the final artifact to (empty: no upload)")
+    pair_source: str = option("corrupt", "scene pairs when data is empty: corrupt, realign or bdhs")
     n_scenes: int = option(256, "procedural scenes for generated pairs")
     sft_steps: int = option(400, "SFT steps of the tiny model when model_path is empty")
     reference: str = option("lora", "reference log-probs: lora (adapter disabled) or cache (precomputed on disk)")
@@ -42,16 +62,20 @@ class VLMTrainConfig(Config):
                                           "(1 = online BDHS, 0.5 = Mixed-DPO)")
     bdhs_rho: float = option(0.99, "BDHS fraction of image tokens hidden from attention")
     max_length: int = option(2048, "longest prompt + response in tokens; longer pairs fail or are skipped")
-    skip_invalid: bool = option(False, "drop (and count) over-long pairs instead of raising")
+    skip_invalid: bool = option(False, "drop (and count) invalid rows and over-long pairs instead of raising")
     seed: int = option(0, "seed of scene generation, pair building and online sampling")
     trainer: TrainerConfig = option(factory=lambda: TrainerConfig.from_dict(
         {"max_steps": 50, "batch_size": 8, "lr": 1e-3, "lora": {"enabled": True, "r": 16, "alpha": 32.0}}),
         help="generic trainer settings")
 
     def __post_init__(self) -> None:
-        from mmalign.vision_lm.objectives import METHODS
+        from mmalign.vision_lm.objectives import check_method
 
-        check_choice("method", self.method, METHODS)
+        check_method(self.method)
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
+        check_range("max_oov_rate", self.max_oov_rate, 0.0, 1.0)
+        if self.merge and not self.trainer.lora.enabled:
+            raise ValueError("merge=true needs trainer.lora.enabled=true (a fully fine-tuned model is already whole)")
         check_choice("pair_source", self.pair_source, ("corrupt", "realign", "bdhs"))
         check_choice("family", self.family, ("llava", "llava_next", "idefics3", "smolvlm"))
         check_choice("reference", self.reference, ("lora", "cache"))
@@ -65,115 +89,145 @@ class VLMTrainConfig(Config):
             raise ValueError("reference='lora' needs trainer.lora.enabled=true (or use reference='cache')")
         if self.bdhs_online_prob > 0 and self.reference == "cache":
             raise ValueError("online BDHS scores fresh answers, so it needs reference='lora', got 'cache'")
-        if self.method == "realign" and not self.pairs_path and self.pair_source != "realign":
+        if self.method == "realign" and not self.data and self.pair_source != "realign":
             raise ValueError(f"method 'realign' needs retrieved images: set pair_source=realign, got {self.pair_source!r}")
 
 
-def load_pairs_jsonl(path: str | Path, tokenizer: Any) -> list[Any]:
-    """Read preference pairs; image fields are file paths (loaded with PIL); RRPO tags become segment ids."""
-    import json
+def prepare_pairs(cfg: VLMTrainConfig, processor: Any) -> tuple[list[Any], list[int], dict[str, float]]:
+    """Read, validate and template the user's data (before any model is built): ``(pairs, row numbers, stats)``."""
+    from mmalign.data import load_preference_data
+    from mmalign.vision_lm.pairs import oov_rate, pairs_from_data
+    from mmalign.vision_lm.prompts import image_token_of
 
-    from PIL import Image
-
-    from mmalign.vision_lm.methods import tagged_segments
-    from mmalign.vision_lm.objectives import PrefPair
-
-    def imgs(paths: list[str] | None) -> list[Any] | None:
-        return None if paths is None else [Image.open(Path(path).parent / p if not Path(p).is_absolute() else p)
-                                           .convert("RGB") for p in paths]
-
-    pairs = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        missing = {"prompt", "chosen", "rejected"} - set(row)
+    image_token = image_token_of(processor)
+    data = load_preference_data(cfg.data, "text", columns=cfg.columns, split=cfg.split or None,
+                                skip_invalid=cfg.skip_invalid, allow_outside=cfg.allow_outside_paths,
+                                image_token=image_token)
+    pairs = pairs_from_data(data, processor, image_token=image_token)
+    rows = [data.row_number(i) for i in range(len(pairs))]
+    if cfg.method == "realign":
+        missing = [r for p, r in zip(pairs, rows) if p.retrieved_images is None]
         if missing:
-            raise ValueError(f"{path}:{n}: pair is missing field(s) {sorted(missing)}")
-        cs = rs = None
-        if "chosen_tagged" in row and "rejected_tagged" in row:
-            plain_c, cs = tagged_segments(row["chosen_tagged"], tokenizer)
-            plain_r, rs = tagged_segments(row["rejected_tagged"], tokenizer)
-            row["chosen"], row["rejected"] = plain_c, plain_r
-        pairs.append(PrefPair(row["prompt"], row["chosen"], row["rejected"], imgs(row.get("images", [])) or [],
-                              imgs(row.get("rejected_images")), imgs(row.get("retrieved_images")), cs, rs))
-    return pairs
+            raise ValueError(f"method 'realign' needs retrieved_images on every pair; rows {missing[:10]} of "
+                             f"{cfg.data} have none")
+    if cfg.method in ("realign", "rrpo"):
+        soft = [r for p, r in zip(pairs, rows) if p.label < 1]
+        if soft:
+            raise ValueError(f"method {cfg.method!r} has no soft-label form; rows {soft[:10]} of {cfg.data} have "
+                             "labels strictly between 0 and 1")
+    rate, words = oov_rate(pairs, getattr(processor, "tokenizer", processor))
+    if rate > cfg.max_oov_rate:
+        raise ValueError(f"{rate:.1%} of the prompt/response tokens of {cfg.data} are unknown to the tokenizer "
+                         f"(max_oov_rate={cfg.max_oov_rate}); e.g. {words[:10]}: wrong tokenizer or data?")
+    stats = {"data/rows": float(data.report.total), "data/invalid_rows": float(data.report.total - data.report.kept),
+             "data/oov_rate": rate, "data/soft_labels": float(sum(p.label < 1 for p in pairs))}
+    return pairs, rows, stats
 
 
-def drop_overlong(adapter: Any, pairs: list[Any]) -> tuple[list[Any], int]:
-    """Pairs whose every branch fits ``adapter.max_length``, and how many were dropped."""
-    from mmalign.vision_lm.objectives import PairCollator
+def validate(cfg: VLMTrainConfig, resume: bool = False) -> None:
+    """Check the model source and every data row before the run folder is made (the CLI calls this first)."""
+    if cfg.model_path:
+        from mmalign.vision_lm.loading import load_processor
 
-    probe = PairCollator(adapter, with_retrieved=False)
-    old, adapter.skip_invalid = adapter.skip_invalid, False
-    kept = []
-    try:
-        for p in pairs:
-            try:
-                probe([(0, p)])
-                if p.retrieved_images is not None:
-                    PairCollator(adapter, with_retrieved=True)([(0, p)])
-            except ValueError as err:
-                if "max_length" not in str(err):
-                    raise
-                continue
-            kept.append(p)
-    finally:
-        adapter.skip_invalid = old
-    return kept, len(pairs) - len(kept)
+        processor = load_processor(cfg.model_path, trust_remote_code=cfg.trust_remote_code)
+    else:
+        from mmalign.vision_lm.testbed import build_tiny
+
+        _, processor = build_tiny(cfg.family, cfg.seed)
+    if cfg.data:
+        _PREPARED[id(cfg)] = (processor, *prepare_pairs(cfg, processor))
+
+
+def _sft_phase(cfg: VLMTrainConfig, adapter: Any, model: Any, processor: Any, run_dir: Path, resume: bool) -> None:
+    """The testbed's SFT of the tiny model; with ``resume`` a finished phase is loaded, an unfinished one resumed."""
+    import numpy as np
+
+    from mmalign.vision_lm import scenes as S
+    from mmalign.vision_lm.testbed import pretrain_vision_tower, sft_examples, train_sft
+
+    sft_dir = run_dir / "sft"
+    if resume and (sft_dir / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(sft_dir / "model.safetensors")))
+        print(f"[mmalign] SFT phase already finished in {sft_dir}: loaded its weights")
+        return
+    rng = np.random.default_rng(cfg.seed + 1)
+    gen = S.SceneGenerator()
+    scenes = [gen.sample(rng) for _ in range(max(cfg.n_scenes, 4 * cfg.trainer.batch_size))]
+    images = [S.render(s, rng=rng) for s in scenes]
+    if cfg.family == "llava":  # per-cell tower pre-training needs LLaVA's one patch per grid cell
+        pretrain_vision_tower(model, scenes, images, processor, steps=100, seed=cfg.seed)
+    train_sft(adapter, sft_examples(scenes, images, rng), steps=cfg.sft_steps, batch_size=cfg.trainer.batch_size,
+              lr=2e-3, seed=cfg.seed, run_dir=sft_dir, resume=resume and (sft_dir / "checkpoints").is_dir())
+
+
+def _scene_pairs(cfg: VLMTrainConfig, adapter: Any) -> tuple[list[Any], dict[str, float]]:
+    import numpy as np
+
+    from mmalign.vision_lm import scenes as S
+    from mmalign.vision_lm.testbed import build_pairs
+
+    rng = np.random.default_rng(cfg.seed)
+    gen = S.SceneGenerator()
+    scenes = [gen.sample(rng) for _ in range(cfg.n_scenes)]
+    images = [S.render(s, rng=rng) for s in scenes]
+    return build_pairs(cfg.pair_source, adapter, scenes, images, seed=cfg.seed, bdhs_rho=cfg.bdhs_rho)
 
 
 def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Build/load model and pairs, train with the generic trainer, write metrics and weights into ``run_dir``."""
+    """Validate data and model, build/load the model, train with the generic trainer, write artifacts."""
     import numpy as np
     import torch
 
-    from mmalign.train import Trainer
-    from mmalign.vision_lm import benchmark as B
     from mmalign.vision_lm import methods as M
-    from mmalign.vision_lm import scenes as S
-    from mmalign.vision_lm.adapter import VLExample, VLMAdapter, load_vlm
+    from mmalign.vision_lm.adapter import VLExample, VLMAdapter
+    from mmalign.vision_lm.artifacts import save_artifacts
+    from mmalign.vision_lm.loading import check_model_source, load_processor, load_vlm
     from mmalign.vision_lm.objectives import PairCollator, PreferenceObjective
+    from mmalign.vision_lm.pairs import check_lengths
     from mmalign.vision_lm.refcache import reference_cache
 
     run_dir = Path(run_dir)
-    rng = np.random.default_rng(cfg.seed)
-    gen = S.SceneGenerator()
+    # 1. everything the user passed is checked before any model is built or trained
     if cfg.model_path:
-        model, processor = load_vlm(cfg.model_path)
+        local = check_model_source(cfg.model_path)
+        processor = load_processor(cfg.model_path, trust_remote_code=cfg.trust_remote_code)
+    else:
+        from mmalign.vision_lm.testbed import build_tiny
+
+        model, processor = build_tiny(cfg.family, cfg.seed)
+    stats: dict[str, float] = {}
+    pairs: list[Any] = []
+    if cfg.data:
+        prepared = _PREPARED.pop(id(cfg), None)
+        if prepared is not None:  # checked by validate() with an equal processor
+            _, pairs, rows, stats = prepared
+        else:
+            pairs, rows, stats = prepare_pairs(cfg, processor)
+    # 2. the model
+    if cfg.model_path:
+        model, _ = load_vlm(cfg.model_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+        base_name = str(Path(cfg.model_path).resolve()) if local else cfg.model_path
         model_id = cfg.model_path
-        adapter = VLMAdapter(model, processor, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
-    else:
-        from mmalign.vision_lm.families import build_tiny_vlm
-        from mmalign.vision_lm.tiny import build_tiny_llava
-
-        if cfg.family == "llava":
-            model, processor = build_tiny_llava(S.vocabulary(), seed=cfg.seed, patch_size=16)
-        else:  # same widths/depths as the tiny LLaVA; the family's own image layout
-            model, processor = build_tiny_vlm(cfg.family, S.vocabulary(), seed=cfg.seed, vision_dim=64, text_dim=96,
-                                              vision_layers=2, text_layers=2, heads=4)
-        adapter = VLMAdapter(model, processor, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
-        sft_scenes = [gen.sample(rng) for _ in range(max(cfg.n_scenes, 4 * cfg.trainer.batch_size))]
-        sft_imgs = [S.render(s, rng=rng) for s in sft_scenes]
-        bcfg = B.BenchmarkConfig(seeds=[cfg.seed], sft_steps=max(cfg.sft_steps, 1), batch_size=cfg.trainer.batch_size)
-        if cfg.sft_steps > 0:
-            if cfg.family == "llava":  # per-cell tower pre-training needs LLaVA's one patch per grid cell
-                from mmalign.vision_lm.tiny import pretrain_vision_tower
-
-                pretrain_vision_tower(model, sft_scenes, sft_imgs, processor, steps=100, seed=cfg.seed)
-            B.train_sft(adapter, B.sft_examples(sft_scenes, sft_imgs, rng), bcfg, cfg.seed, run_dir / "sft")
-        model_id = f"tiny-{cfg.family}-seed{cfg.seed}-sft{cfg.sft_steps}"
-    if cfg.pairs_path:
-        pairs = load_pairs_jsonl(cfg.pairs_path, adapter.tokenizer)
-        stats: dict[str, float] = {}
-    else:
-        scenes = [gen.sample(rng) for _ in range(cfg.n_scenes)]
-        images = [S.render(s, rng=rng) for s in scenes]
-        bcfg = B.BenchmarkConfig(seeds=[cfg.seed], bdhs_rho=cfg.bdhs_rho)
-        pairs, stats = B.build_pairs(cfg.pair_source, adapter, scenes, images, bcfg, cfg.seed)
+    adapter = VLMAdapter(model, processor, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
     n_dropped = 0
-    if cfg.skip_invalid:
-        pairs, n_dropped = drop_overlong(adapter, pairs)
+    if cfg.data:
+        pairs, rows, n_dropped = check_lengths(adapter, pairs, rows, with_retrieved=cfg.method == "realign",
+                                               skip_invalid=cfg.skip_invalid, source=cfg.data)
+    if not cfg.model_path:
+        if cfg.sft_steps > 0:
+            _sft_phase(cfg, adapter, model, processor, run_dir, resume)
+            model = adapter.model
+        base_name = str((run_dir / "base_model").resolve())  # the adapter's base: the (SFT'd) tiny model
+        model.save_pretrained(run_dir / "base_model")
+        processor.save_pretrained(run_dir / "base_model")
+        model_id = f"tiny-{cfg.family}-seed{cfg.seed}-sft{cfg.sft_steps}"
+    if not cfg.data:
+        pairs, stats = _scene_pairs(cfg, adapter)
+        if cfg.skip_invalid:
+            pairs, _, n_dropped = check_lengths(adapter, pairs, list(range(len(pairs))),
+                                                with_retrieved=cfg.method == "realign", skip_invalid=True)
     online = None
     if cfg.bdhs_online_prob > 0:
         g, brng = torch.Generator().manual_seed(cfg.seed + 5), np.random.default_rng(cfg.seed + 6)
@@ -194,6 +248,32 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     objective = PreferenceObjective(adapter, cfg.method, beta=cfg.beta, eps=cfg.eps, alpha=cfg.rrpo_alpha,
                                     visual_weight=cfg.visual_weight, online=online,
                                     online_prob=cfg.bdhs_online_prob, seed=cfg.seed)
-    trainer = Trainer(cfg.trainer, adapter.model, list(enumerate(pairs)), objective, run_dir, collate_fn=collator)
+    trainer = _artifact_trainer()(cfg.trainer, model, list(enumerate(pairs)), objective, run_dir, collate_fn=collator)
+    trainer.artifact_args = (processor, base_name)
     out = trainer.train(resume=resume)
-    return {**out, **stats, "n_pairs": len(pairs), "skipped_pairs": n_dropped}
+    artifacts: dict[str, str] = {}
+    if trainer.is_main:
+        artifacts = save_artifacts(trainer.unwrapped_model(), processor, run_dir, merge=cfg.merge,
+                                   push_to_hub=cfg.push_to_hub, base_name=base_name)
+    return {**out, **stats, "n_pairs": len(pairs), "skipped_pairs": n_dropped,
+            **{f"artifact/{k}": v for k, v in artifacts.items()}}
+
+
+def _artifact_trainer() -> type:
+    from mmalign.train import Trainer
+    from mmalign.vision_lm.artifacts import save_artifacts
+
+    class ArtifactTrainer(Trainer):
+        """The generic trainer that also writes loadable artifacts at every intermediate ``save_every`` checkpoint."""
+
+        artifact_args: tuple[Any, str] = (None, "")
+
+        def save(self) -> Path:
+            path = super().save()
+            if self.is_main and self.step < self.cfg.max_steps:  # the final ones are written after training
+                processor, base_name = self.artifact_args
+                save_artifacts(self.unwrapped_model(), processor, self.run_dir / "artifacts" / f"step-{self.step:06d}",
+                               base_name=base_name)
+            return path
+
+    return ArtifactTrainer

@@ -263,7 +263,7 @@ def test_whole_image_view_and_vision_pretraining_per_family(family, scene_images
     """With patch 16 every family's whole-image view has one tower patch per scene grid cell, the view is the image
     itself (up to the family's resampling), and the per-cell pre-training changes the tower the model uses."""
     from mmalign.vision_lm.families import whole_image_patch_features
-    from mmalign.vision_lm.tiny import pretrain_vision_tower
+    from mmalign.vision_lm.testbed import pretrain_vision_tower
 
     scenes, imgs, _ = scene_images
     model, processor = build_tiny_vlm(family, S.vocabulary(), seed=0, patch_size=16)

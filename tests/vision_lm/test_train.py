@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from mmalign.vision_lm.benchmark import corrupt_pairs
+from mmalign.vision_lm.testbed import corrupt_pairs
 from mmalign.vision_lm.objectives import PairCollator, PreferenceObjective
 from mmalign.vision_lm.train import VLMTrainConfig, run
 
@@ -34,6 +34,8 @@ def test_method_smoke_runs(kw, tmp_path):
     out = run(_cfg(**kw), tmp_path)
     assert out["step"] == 2 and math.isfinite(out["train/loss"])
     assert (tmp_path / "model.safetensors").is_file()
+    assert (tmp_path / ("adapter" if kw.get("reference") != "cache" else "model") / "config.json").is_file() or \
+        (tmp_path / "adapter" / "adapter_config.json").is_file()
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any("rewards/margin" in x for x in lines)
     if kw.get("reference") == "cache":
@@ -80,26 +82,34 @@ def test_config_validation():
         _cfg(method="realign")
 
 
-def test_jsonl_pairs_with_tags_and_overlong_drop(llava, images, tmp_path):
+def test_jsonl_pairs_with_tags_and_overlong_rows(llava, images, tmp_path):
+    """RRPO tags become segment ids; an over-long pair is an error naming its row, or dropped with skip_invalid."""
     from PIL import Image
 
+    from mmalign.data import DataValidationError
     from mmalign.vision_lm.adapter import VLMAdapter
-    from mmalign.vision_lm.train import drop_overlong, load_pairs_jsonl
+    from mmalign.vision_lm.pairs import check_lengths
 
     _, imgs = images
     Image.fromarray(imgs[0]).save(tmp_path / "a.png")
     Image.fromarray(imgs[1]).save(tmp_path / "b.png")
     rows = [{"prompt": "<image> describe :", "chosen_tagged": "a big <MASK> red </MASK> circle .",
-             "rejected_tagged": "a big <MASK> blue </MASK> circle .", "chosen": "", "rejected": "",
+             "rejected_tagged": "a big <MASK> blue </MASK> circle .", "chosen": "x", "rejected": "y",
              "images": ["a.png"], "retrieved_images": ["b.png"]},
             {"prompt": "<image> describe :", "chosen": "a small green bar . " * 6, "rejected": "a", "images": ["a.png"]}]
     (tmp_path / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
-    pairs = load_pairs_jsonl(tmp_path / "pairs.jsonl", llava.tokenizer)
+    cfg = _cfg(data=str(tmp_path / "pairs.jsonl"))
+    from mmalign.vision_lm.train import prepare_pairs
+
+    pairs, rownums, stats = prepare_pairs(cfg, llava.processor)
     assert pairs[0].chosen == "a big red circle ." and pairs[0].chosen_segments == [0, 0, 1, 0, 0]
-    assert pairs[0].rejected_segments == [0, 0, 1, 0, 0] and pairs[0].retrieved_images[0].size == (32, 32)
+    assert pairs[0].rejected_segments == [0, 0, 1, 0, 0] and pairs[0].retrieved_images[0].load().size == (32, 32)
+    assert stats["data/oov_rate"] == 0 and rownums == [0, 1]
     short = VLMAdapter(llava.model, llava.processor, max_length=40)
-    kept, dropped = drop_overlong(short, pairs)
-    assert dropped == 1 and kept == pairs[:1]
+    with pytest.raises(DataValidationError, match="row 1: over-long pair"):
+        check_lengths(short, pairs, rownums, with_retrieved=False, skip_invalid=False)
+    kept, kept_rows, dropped = check_lengths(short, pairs, rownums, with_retrieved=False, skip_invalid=True)
+    assert dropped == 1 and kept == pairs[:1] and kept_rows == [0]
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}))
-    with pytest.raises(ValueError, match="missing"):
-        load_pairs_jsonl(tmp_path / "bad.jsonl", llava.tokenizer)
+    with pytest.raises(DataValidationError, match="missing field 'chosen'"):
+        prepare_pairs(_cfg(data=str(tmp_path / "bad.jsonl")), llava.processor)
