@@ -102,13 +102,13 @@ def run_job(
     run_dir = Path(output_dir) if output_dir else _default_run_dir(name)
     # Under torchrun / accelerate launch every process runs this; only the main one checks and writes the folder.
     main_process = int(os.environ.get("RANK", "0")) == 0
-    folder = RunFolder(run_dir, name, resume, main=main_process)
-    folder.check(cfg)
     job = entry.load()
     module = sys.modules.get(job.__module__)
     validate = getattr(module, "validate", None)
     if validate is not None:
         validate(cfg, resume)
+    folder = RunFolder(run_dir, name, resume, main=main_process)
+    folder.check(cfg)
     folder.open(cfg)
     failed = True
     try:

@@ -312,15 +312,33 @@ def _run_in_worker(job: tuple[dict[str, Any], tuple]) -> dict[str, Any]:
     return run_condition(cfg, *cond)
 
 
+def read_rows(path: Path) -> list[dict[str, Any]]:
+    """The complete rows of ``results.jsonl``; a last line cut short by a kill is dropped from the file too, so the
+    rows appended after it start on a line of their own."""
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if len(complete) != len(data):
+        with path.open("r+b") as fh:
+            fh.truncate(len(complete))
+    rows = []
+    for number, line in enumerate(complete.decode().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} row {number} is not valid JSON ({err}); remove that line to resume") from None
+    return rows
+
+
 def run(cfg: HindsightMarketConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Run every condition (resuming from ``results.jsonl``), then write ``table.md`` and plots; return a summary."""
     torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     results_path = run_dir / "results.jsonl"
-    rows: list[dict[str, Any]] = []
-    if resume and results_path.exists():
-        rows = [json.loads(line) for line in results_path.read_text().splitlines() if line.strip()]
+    rows = read_rows(results_path) if resume else []
     done = {(r["method"], r["channel"], r["trust"], r["accuracy"], r["seed"]) for r in rows}
     todo = [c for c in conditions(cfg) if c not in done]
     start = time.perf_counter()

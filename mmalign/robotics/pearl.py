@@ -31,7 +31,7 @@ import numpy as np
 from mmalign.config import Config, check_choice, check_nonnegative, check_positive, option
 
 __all__ = ["PearlConfig", "distance_matrix", "gw_plan", "gw_plans_batched", "transfer_labels", "pair_label_matrix",
-           "GaussianRewardNet", "train_reward", "awr_policy", "run"]
+           "GaussianRewardNet", "train_reward", "awr_policy", "validate", "run"]
 
 
 @dataclass
@@ -409,9 +409,25 @@ def _ppo_return(cfg: PearlConfig, net: Any | None, stats: tuple[float, float] | 
     return _evaluate_policy(cfg, lambda o: model.predict(o, deterministic=True)[0])
 
 
+def validate(cfg: PearlConfig, resume: bool = False) -> None:
+    """Checks before any work: ``--resume`` (refused: nothing is checkpointed), both env ids, the GW chunking."""
+    from mmalign.robotics.rapl_data import check_push_avoid_env
+
+    if resume:
+        raise ValueError("--resume is not supported by robotics.pearl (its phases are not checkpointed and a run "
+                         "takes minutes); start a new run in a new --output-dir")
+    check_push_avoid_env("source_env_id", cfg.source_env_id)
+    check_push_avoid_env("target_env_id", cfg.target_env_id)
+    if cfg.gw_solver == "batched" and min(cfg.n_source, cfg.n_target) // cfg.gw_chunks < 2:
+        raise ValueError(f"gw_chunks={cfg.gw_chunks} leaves fewer than 2 trajectories per GW problem "
+                         f"(n_source={cfg.n_source}, n_target={cfg.n_target}); lower gw_chunks")
+
+
 def run(cfg: PearlConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
     """Transfer source labels to the target task by GW, learn target rewards, compare with true labels / none."""
     import torch
+
+    validate(cfg, resume)
 
     from mmalign.robotics.rapl import spearman
     from mmalign.robotics.rapl_data import Trajectories, collect_trajectories

@@ -26,7 +26,7 @@ import numpy as np
 from mmalign.config import Config, check_choice, check_nonnegative, check_positive, option
 
 __all__ = ["RaplConfig", "num_train_steps", "rapl_triplet_loss", "train_rapl_encoder", "train_bt_pixels", "embed",
-           "OTRewardModel", "OTRewardWrapper", "spearman", "run"]
+           "OTRewardModel", "OTRewardWrapper", "spearman", "validate", "run"]
 
 
 @dataclass
@@ -312,8 +312,17 @@ def _collect(env_id: str, n: int, seed: int, cfg: RaplConfig) -> Any:
         name = f"{env_id.replace('/', '_')}_n{n}_s{seed}_T{cfg.steps}_px{cfg.image_size}.npz"
         path = Path(cfg.data_cache) / name
         if path.is_file():
-            d = np.load(path)
-            return Trajectories(d["frames"], d["positions"], d["true_rewards"], d["task_rewards"])
+            try:
+                with np.load(path, allow_pickle=False) as d:
+                    traj = Trajectories(d["frames"], d["positions"], d["true_rewards"], d["task_rewards"])
+            except (OSError, ValueError, KeyError, EOFError) as err:  # corrupt/truncated file, object arrays, keys
+                raise ValueError(f"data_cache file {path} is unreadable ({type(err).__name__}: {err}); delete it "
+                                 f"to render the rollouts again") from None
+            want = (n, cfg.steps, cfg.image_size, cfg.image_size, 3)
+            if traj.frames.shape != want or traj.frames.dtype != np.uint8:
+                raise ValueError(f"data_cache file {path} holds frames of shape {traj.frames.shape} "
+                                 f"({traj.frames.dtype}), expected {want} (uint8); delete it to render again")
+            return traj
     traj = collect_trajectories(env_id, n, seed, cfg.steps, render=True, image_size=cfg.image_size)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -352,10 +361,36 @@ def _final_accuracy(log: list[dict[str, float]]) -> float:
     return float(np.mean([r["train/pref_accuracy"] for r in log[-20:]]))
 
 
+def validate(cfg: RaplConfig, resume: bool = False) -> None:
+    """Checks before any work: ``--resume`` (refused), env ids, encoder weights (read safely), the cache folder."""
+    from mmalign.robotics.encoders import _load_state_dict
+    from mmalign.robotics.rapl_data import check_push_avoid_env
+
+    if resume:
+        raise ValueError("--resume is not supported by robotics.rapl (its phases are not checkpointed; rendered "
+                         "rollouts are reused through data_cache); start a new run in a new --output-dir")
+    check_push_avoid_env("env_id", cfg.env_id)
+    if cfg.cross_env_id:
+        check_push_avoid_env("cross_env_id", cfg.cross_env_id)
+    if cfg.weights_path:
+        try:
+            _load_state_dict(cfg.weights_path)  # safetensors, or torch.load(weights_only=True): no code runs
+        except ValueError:
+            raise  # already names the field
+        except Exception as err:  # SafetensorError, UnpicklingError (pickled objects beyond tensors), ...
+            raise ValueError(f"weights_path {cfg.weights_path!r} is not a readable weights file (safetensors, or a "
+                             f"tensors-only torch file): {type(err).__name__}: {str(err).splitlines()[0][:200]}") \
+                from None
+    if cfg.data_cache and Path(cfg.data_cache).exists() and not Path(cfg.data_cache).is_dir():
+        raise ValueError(f"data_cache must be a folder, got the file {cfg.data_cache!r}")
+
+
 def run(cfg: RaplConfig, run_dir: Path, resume: bool = False) -> dict[str, float]:
     """Collect rollouts, label triplets, train RAPL and baselines, measure reward correlations (and a policy)."""
     import torch
     from safetensors.torch import save_file
+
+    validate(cfg, resume)
 
     from mmalign.robotics.encoders import build_encoder, calibrate_embedding_norm
     from mmalign.robotics.rapl_data import label_triplets, make_triplets

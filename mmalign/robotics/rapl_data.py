@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Trajectories", "collect_trajectories", "make_triplets", "label_triplets"]
+__all__ = ["Trajectories", "check_push_avoid_env", "collect_trajectories", "make_triplets", "label_triplets"]
 
 
 @dataclass
@@ -77,6 +77,18 @@ def _scripted_actions(env: object, rng: np.random.Generator, steps: int):  # noq
             vel = speed * direction + 2.0 * to_behind
         action = u.effector_velocity_to_action(vel) + noise * rng.standard_normal(2)
         yield np.clip(action, -1, 1).astype(np.float32)
+
+
+def check_push_avoid_env(field: str, env_id: str) -> None:
+    """Refuse an ``env_id`` that is not one of the registered PushAvoid tasks (the only ones the scripted rollouts,
+    renderer and zone features know), naming the config field and the allowed ids."""
+    import gymnasium as gym
+
+    import mmalign.envs  # noqa: F401  (registers the ids)
+
+    allowed = sorted(k for k in gym.registry if str(gym.spec(k).entry_point).startswith("mmalign.envs.push_avoid"))
+    if env_id not in allowed:
+        raise ValueError(f"{field} must be a PushAvoid task, one of {allowed}, got {env_id!r}")
 
 
 def collect_trajectories(
