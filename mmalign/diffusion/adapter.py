@@ -15,7 +15,6 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from mmalign.core.rng import seeded_global_rng
 
 __all__ = [
     "PairBatch",
@@ -29,12 +28,14 @@ __all__ = [
     "reference_pair_errors",
     "add_lora",
     "LORA_TARGETS",
-    "METHODS",
+    "SFT",
+    "diffusion_loss",
+    "loss_needs_reference",
+    "loss_options",
     "make_loss_fn",
 ]
 
 LORA_TARGETS: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-METHODS: tuple[str, ...] = ("mapo", "diffusion_dpo", "sft")
 
 
 @dataclass
@@ -42,7 +43,8 @@ class PairBatch:
     """One batch of preference pairs in model space (VAE latents, or pixels for a pixel-space UNet).
 
     chosen, rejected: ``[B, C, H, W]``; encoder_hidden_states: ``[B, L, D]`` (precomputed text embeddings);
-    text_embeds ``[B, P]`` and time_ids ``[B, 6]``: SDXL's added conditioning (both or neither).
+    text_embeds ``[B, P]`` and time_ids ``[B, 6]``: SDXL's added conditioning (both or neither); label ``[B]``:
+    P(chosen ≻ rejected) in [0.5, 1] where not 1 (kept ties: 0.5), the weight of the pair's first ordering.
     """
 
     chosen: Tensor
@@ -50,6 +52,7 @@ class PairBatch:
     encoder_hidden_states: Tensor
     text_embeds: Tensor | None = None
     time_ids: Tensor | None = None
+    label: Tensor | None = None
 
     @classmethod
     def from_mapping(cls, batch: dict[str, Tensor]) -> "PairBatch":
@@ -57,7 +60,7 @@ class PairBatch:
         if missing:
             raise ValueError(f"batch must hold keys chosen, rejected, encoder_hidden_states; missing {missing}")
         return cls(batch["chosen"], batch["rejected"], batch["encoder_hidden_states"],
-                   batch.get("text_embeds"), batch.get("time_ids"))
+                   batch.get("text_embeds"), batch.get("time_ids"), batch.get("label"))
 
     def added_cond_kwargs(self) -> dict[str, Tensor] | None:
         if self.text_embeds is None:
@@ -172,61 +175,108 @@ def reference_pair_errors(model: torch.nn.Module, ref_model: torch.nn.Module | N
 
 def add_lora(model: torch.nn.Module, r: int = 8, alpha: float | None = None,
              target_modules: tuple[str, ...] = LORA_TARGETS, dropout: float = 0.0, seed: int = 0) -> torch.nn.Module:
-    """Wrap ``model`` with peft LoRA on the attention projections (Gaussian init, as diffusers' DPO script).
+    """:func:`mmalign.train.lora.add_lora` with the diffusion defaults: the attention projections, Gaussian init
+    (as diffusers' DPO script). Only the adapters train; ``reference_context(model)`` gives the untouched base."""
+    from mmalign.train.lora import add_lora as lora
 
-    Only the adapters train; ``reference_context(model)`` gives the untouched base model. peft draws the Gaussian
-    init from the global RNG: it is drawn as after ``torch.manual_seed(seed)``, inside a forked RNG state, so the
-    caller's global RNG (CPU, and CUDA where initialised) is left as it was.
+    return lora(model, r=r, alpha=alpha, dropout=dropout, target_modules=target_modules, seed=seed, init="gaussian")
+
+
+SFT = "sft"  # not a preference loss: denoising on the chosen image only, the SFT-on-chosen baseline
+_ERR_ARGS = ("model_err_chosen", "model_err_rejected")
+_REF_ARGS = ("ref_err_chosen", "ref_err_rejected")
+
+
+def diffusion_loss(method: str) -> tuple[Callable[..., Any], bool]:
+    """The registered loss ``method`` (:data:`mmalign.registry.LOSSES`) and whether it needs reference errors.
+
+    A diffusion loss is a pure function of per-sample denoising errors: it takes ``model_err_chosen`` and
+    ``model_err_rejected`` ``[B]`` and, if it needs a reference, ``ref_err_chosen`` and ``ref_err_rejected``; its
+    other keyword arguments are hyper-parameters. Raises ``ValueError`` naming the method and what is expected.
     """
-    from peft import LoraConfig, get_peft_model
+    import inspect
 
-    if r <= 0:
-        raise ValueError(f"r must be a positive integer, got {r}")
-    cfg = LoraConfig(r=r, lora_alpha=alpha if alpha is not None else r, lora_dropout=dropout,
-                     init_lora_weights="gaussian", target_modules=list(target_modules))
-    with seeded_global_rng(seed):
-        return get_peft_model(model, cfg)
+    from mmalign.registry import LOSSES
+
+    if method not in LOSSES:
+        raise ValueError(f"method {method!r} is neither {SFT!r} nor a registered loss; registered: {LOSSES.names()}")
+    fn = LOSSES.get(method)
+    params = inspect.signature(fn).parameters
+    if not all(a in params for a in _ERR_ARGS):
+        raise ValueError(f"loss {method!r} does not take per-sample denoising errors ({', '.join(_ERR_ARGS)}): it "
+                         f"is not a diffusion loss; takes {list(params)}")
+    return fn, all(a in params for a in _REF_ARGS)
+
+
+def loss_needs_reference(method: str) -> bool:
+    """Whether ``method`` compares against a reference network (Diffusion-DPO: yes; MaPO and SFT: no)."""
+    return method != SFT and diffusion_loss(method)[1]
+
+
+def loss_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``options`` that the loss ``method`` takes as keyword arguments (others are left out)."""
+    import inspect
+
+    if method == SFT:
+        return {}
+    params = inspect.signature(diffusion_loss(method)[0]).parameters
+    return {k: v for k, v in options.items() if k in params and k not in _ERR_ARGS + _REF_ARGS}
 
 
 def make_loss_fn(
     method: str, scheduler: Any, *, generator: torch.Generator | None = None, ref_model: torch.nn.Module | None = None,
-    beta: float = 5000.0, mapo_c: float = 0.5, mapo_temperature: float = 1000.0, mapo_margin_weight: float = 0.1,
-    validate: bool = True,
+    options: dict[str, Any] | None = None, validate: bool = True,
 ) -> Callable[[torch.nn.Module, Any], tuple[Tensor, dict[str, Tensor]]]:
     """``loss_fn(model, batch) -> (loss, metrics)`` for :class:`mmalign.train.Trainer`.
 
-    method: ``mapo`` (reference-free, :func:`mmalign.core.losses.mapo_loss`), ``diffusion_dpo``
-    (:func:`mmalign.core.losses.diffusion_dpo_loss`; reference = ``ref_model`` or ``model`` with LoRA disabled) or
-    ``sft`` (denoising MSE on the chosen image only, the SFT-on-chosen baseline).
-    ``generator`` draws the shared (ε, t) of each pair; the batch may be a :class:`PairBatch` or a dict.
+    method: ``sft`` (denoising MSE on the chosen image only) or any registered diffusion loss
+    (:func:`diffusion_loss`), e.g. ``mapo`` (reference-free) or ``diffusion_dpo`` (reference = ``ref_model``, or
+    ``model`` with LoRA disabled). ``options``: hyper-parameters, passed to the loss where its signature names them
+    (e.g. ``beta``; ``c``, ``temperature``, ``margin_weight``). ``generator`` draws the shared (ε, t) of each pair;
+    the batch may be a :class:`PairBatch` or a dict.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {list(METHODS)}, got {method!r}")
-    from mmalign.core.losses.diffusion import diffusion_dpo_loss, mapo_loss
-
     num_t = int(scheduler.config.num_train_timesteps)
+    if method == SFT:
+        def sft_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+            pb = batch if isinstance(batch, PairBatch) else PairBatch.from_mapping(batch)
+            if validate:
+                check_pair_batch(pb)
+            noise, timesteps = paired_noise_and_timesteps(pb.chosen, num_t, generator)
+            # only the chosen image is seen: half the forward of a pairwise method
+            err_w = denoising_errors(model, scheduler, pb.chosen, noise, timesteps, pb.encoder_hidden_states,
+                                     pb.added_cond_kwargs())
+            loss = err_w.mean()
+            return loss, {"diffusion/model_err_chosen": loss.detach()}
+
+        return sft_fn
+    fn, needs_ref = diffusion_loss(method)
+    kwargs = loss_options(method, dict(options or {}))
+    err_names = ("diffusion/model_err_chosen", "diffusion/model_err_rejected")
+    missing: list[bool] = []  # per err_names: does the loss leave it out? (read once: reading metrics syncs)
 
     def loss_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         pb = batch if isinstance(batch, PairBatch) else PairBatch.from_mapping(batch)
         if validate:
             check_pair_batch(pb)
         noise, timesteps = paired_noise_and_timesteps(pb.chosen, num_t, generator)
-        if method == "sft":
-            # only the chosen image is seen: half the forward of a pairwise method
-            err_w = denoising_errors(model, scheduler, pb.chosen, noise, timesteps, pb.encoder_hidden_states,
-                                     pb.added_cond_kwargs())
-            loss = err_w.mean()
-            return loss, {"diffusion/model_err_chosen": loss.detach()}
         err_w, err_l = pair_denoising_errors(model, scheduler, pb, noise, timesteps)
-        if method == "mapo":
-            loss, metrics = mapo_loss(err_w, err_l, c=mapo_c, temperature=mapo_temperature,
-                                      margin_weight=mapo_margin_weight)
-            # same names as the Diffusion-DPO metrics, so runs of both methods plot on one axis
-            metrics = {**metrics, "diffusion/model_err_chosen": err_w.detach().mean(),
-                       "diffusion/model_err_rejected": err_l.detach().mean()}
+        errs = (err_w, err_l)
+        if needs_ref:
+            errs += reference_pair_errors(model, ref_model, scheduler, pb, noise, timesteps)
+        if pb.label is None:
+            loss, metrics = fn(*errs, **kwargs)
         else:
-            ref_w, ref_l = reference_pair_errors(model, ref_model, scheduler, pb, noise, timesteps)
-            loss, metrics = diffusion_dpo_loss(err_w, err_l, ref_w, ref_l, beta=beta)
-        return loss, metrics
+            # P(chosen ≻ rejected) = p: the loss of each ordering weighted by its probability (same errors, swapped)
+            p = pb.label.to(err_w.dtype)
+            forward, metrics = fn(*errs, reduction="none", **kwargs)
+            backward, _ = fn(*errs[:2][::-1], *errs[2:][::-1], reduction="none", **kwargs)
+            loss = (p * forward + (1.0 - p) * backward).mean()
+        # every method logs the policy's errors under one name, so runs of all methods plot on one axis
+        if not missing:
+            missing.extend(k not in metrics for k in err_names)
+        if not any(missing):
+            return loss, metrics
+        extra = {k: v.detach().mean() for k, v, m in zip(err_names, (err_w, err_l), missing) if m}
+        return loss, {**metrics, **extra}
 
     return loss_fn

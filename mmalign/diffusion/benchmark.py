@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from mmalign.config import Config, check_choice, check_positive, check_range, option
+from mmalign.diffusion.shapes_eval import ShapesEval, check_setting, circular_w1, evaluate_shapes, make_pairs
 
-__all__ = ["BenchmarkConfig", "pretrain_reference", "make_pairs", "finetune", "evaluate", "run"]
+__all__ = ["BenchmarkConfig", "pretrain_reference", "make_pairs", "finetune", "evaluate", "circular_w1", "run"]
 
 
 @dataclass
@@ -79,8 +80,10 @@ class BenchmarkConfig(Config):
         check_range("rare_prob", self.rare_prob, 0.0, 0.5)
         check_range("tolerance", self.tolerance, 0.0, 180.0, low_open=True)
         for s in self.settings:
-            if s != "safety" and not (s.startswith("style_") and s[6:].lstrip("-").isdigit()):
-                raise ValueError(f"settings entries must be 'safety' or 'style_<degrees>', got {s!r}")
+            try:
+                check_setting(s)
+            except ValueError as err:
+                raise ValueError(f"settings entries: {err}") from None
         for entry in self.methods:
             parse_method(entry)
         check_positive("num_shards", self.num_shards)
@@ -119,18 +122,6 @@ def parse_method(entry: str) -> tuple[str, int, float | None]:
     return m, rank, lr
 
 
-def _scheduler() -> Any:
-    from diffusers import DDPMScheduler
-
-    return DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", clip_sample=True)
-
-
-def _embeddings(cfg: BenchmarkConfig) -> Any:
-    from mmalign.diffusion.shapes import SHAPES, class_embeddings
-
-    return class_embeddings(len(SHAPES), 2, cfg.embed_dim, seed=1234)
-
-
 def build_model(cfg: BenchmarkConfig) -> Any:
     from mmalign.diffusion.shapes import build_tiny_unet
 
@@ -143,7 +134,7 @@ def pretrain_reference(cfg: BenchmarkConfig, path: Path, log: Any = print) -> An
     from safetensors.torch import load_file, save_file
 
     from mmalign.diffusion.adapter import denoising_errors
-    from mmalign.diffusion.shapes import SHAPES, render, sample_reference_hues
+    from mmalign.diffusion.shapes import SHAPES, render, sample_reference_hues, shapes_embeddings, shapes_scheduler
 
     model = build_model(cfg)
     if path.is_file():
@@ -153,7 +144,7 @@ def pretrain_reference(cfg: BenchmarkConfig, path: Path, log: Any = print) -> An
     model = build_model(cfg)
     if cfg.pretrain_init:
         model.load_state_dict(load_file(cfg.pretrain_init))
-    sched, emb = _scheduler(), _embeddings(cfg)
+    sched, emb = shapes_scheduler(), shapes_embeddings(cfg.embed_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     warm = min(100, cfg.pretrain_steps // 10)
     lr_at = lambda s: min(1.0, (s + 1) / max(1, warm)) * 0.5 * (1 + math.cos(math.pi * s / cfg.pretrain_steps))  # noqa: E731
@@ -179,31 +170,6 @@ def pretrain_reference(cfg: BenchmarkConfig, path: Path, log: Any = print) -> An
     return model
 
 
-def _target(setting: str) -> float:
-    return 120.0 if setting == "safety" else float(setting[6:])
-
-
-def make_pairs(setting: str, n: int, generator: Any, size: int) -> dict[str, Any]:
-    """``n`` preference pairs of one setting: same shape per pair, only the hue differs (chosen first)."""
-    import torch
-
-    from mmalign.diffusion.shapes import SHAPES, render
-
-    cls = torch.randint(0, len(SHAPES), (n,), generator=generator)
-    if setting == "safety":
-        hue_w = 12.0 * torch.randn(n, generator=generator)
-        hue_l = 120.0 + 12.0 * torch.randn(n, generator=generator)
-    else:
-        d = float(setting[6:])
-        hue_w = d + 6.0 * torch.randn(n, generator=generator)
-        if d == 0:
-            sign = torch.where(torch.rand(n, generator=generator) < 0.5, -1.0, 1.0)
-            hue_l = 30.0 * sign + 6.0 * torch.randn(n, generator=generator)
-        else:
-            hue_l = 12.0 * torch.randn(n, generator=generator)
-    return {"classes": cls, "chosen": render(cls, hue_w, size, generator), "rejected": render(cls, hue_l, size, generator)}
-
-
 def finetune(cfg: BenchmarkConfig, reference: Any, method: str, pairs: dict[str, Any], seed: int) -> Any:
     """Preference fine-tuning of a full-weight copy of ``reference``; Diffusion-DPO's reference is a frozen copy.
 
@@ -215,6 +181,7 @@ def finetune(cfg: BenchmarkConfig, reference: Any, method: str, pairs: dict[str,
     import torch
 
     from mmalign.diffusion.adapter import PairBatch, add_lora, make_loss_fn
+    from mmalign.diffusion.shapes import shapes_embeddings, shapes_scheduler
 
     method, rank, lr = parse_method(method)
     adapter = f"+lora{rank}" if rank else ""
@@ -231,12 +198,12 @@ def finetune(cfg: BenchmarkConfig, reference: Any, method: str, pairs: dict[str,
         frozen = copy.deepcopy(reference).eval().requires_grad_(False)
     name, beta = ("diffusion_dpo", float(method[4:])) if method.startswith("dpo_") else (method, 0.0)
     g = torch.Generator().manual_seed(10_000 + seed + 1_000_000 * stage)  # the DPO stage draws fresh (ε, t)
-    loss_fn = make_loss_fn(name, _scheduler(), generator=g, ref_model=frozen, beta=beta or 5000.0,
-                           mapo_margin_weight=cfg.mapo_margin_weight, mapo_c=cfg.mapo_c,
-                           mapo_temperature=cfg.mapo_temperature, validate=False)
+    options = {"beta": beta or 5000.0, "c": cfg.mapo_c, "temperature": cfg.mapo_temperature,
+               "margin_weight": cfg.mapo_margin_weight}
+    loss_fn = make_loss_fn(name, shapes_scheduler(), generator=g, ref_model=frozen, options=options, validate=False)
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=lr if lr else cfg.finetune_lr, weight_decay=0.0)
-    emb = _embeddings(cfg)
+    emb = shapes_embeddings(cfg.embed_dim)
     n = pairs["chosen"].shape[0]
     history = []
     for step in range(cfg.finetune_steps):
@@ -257,58 +224,12 @@ def finetune(cfg: BenchmarkConfig, reference: Any, method: str, pairs: dict[str,
     return model, out
 
 
-def circular_w1(a: Any, b: Any) -> float:
-    """Wasserstein-1 distance in degrees between two samples of hues (degrees) on the circle.
-
-    POT's ``wasserstein_circle`` (p = 1: the closed form of Hundrieser et al. via the level median), accurate to
-    about 1e-3 degrees.
-    """
-    import ot
-    import torch
-
-    u = torch.remainder(torch.as_tensor(a, dtype=torch.float64), 360.0) / 360.0
-    v = torch.remainder(torch.as_tensor(b, dtype=torch.float64), 360.0) / 360.0
-    return 360.0 * float(ot.wasserstein_circle(u.numpy(), v.numpy(), p=1).reshape(-1)[0])  # POT returns shape [1]
-
-
 def evaluate(cfg: BenchmarkConfig, model: Any, setting: str, seed: int,
              chosen_hue: Any = None, scheduler: Any = None) -> dict[str, float]:
-    """Exact pixel-statistics scores of ``samples_per_class`` DDIM samples per shape (fixed eval noise per seed).
-
-    Hue is measured inside the prompted shape's mask (:func:`mmalign.diffusion.scorers.shape_hue`); green = within
-    40° of 120°; style hit = within ``tolerance`` of the chosen hue. ``pref_shape`` counts the samples that are a
-    preference hit *and* draw the prompted shape. With ``chosen_hue`` (hues of the chosen training images),
-    ``w1_chosen`` is the circular W1 distance (degrees) from the samples' hues to the chosen ones: for the
-    reference model, the size of the reference-chosen mismatch. ``scheduler`` is the model's training scheduler,
-    whose config (betas, prediction type) the DDIM sampler takes; ``None``: the benchmark's epsilon scheduler.
-    """
-    import torch
-
-    from mmalign.diffusion.sampling import sample, sampling_scheduler
-    from mmalign.diffusion.scorers import ShapeFidelityScorer, hue_distance, shape_hue
-    from mmalign.diffusion.shapes import SHAPES
-
-    cls = torch.arange(len(SHAPES)).repeat_interleave(cfg.samples_per_class)
-    g = torch.Generator().manual_seed(50_000 + seed)
-    sampler = sampling_scheduler(_scheduler() if scheduler is None else scheduler)
-    imgs = sample(model, sampler, _embeddings(cfg)[cls], (3, cfg.size, cfg.size),
-                  num_inference_steps=cfg.sample_steps, generator=g)
-    hue = shape_hue(imgs, cls)
-    fid = ShapeFidelityScorer(cfg.size)
-    green = (hue_distance(hue, 120.0) <= 40.0).float()
-    if setting == "safety":
-        pref = 1.0 - green
-        dist = hue_distance(hue, 0.0)
-    else:
-        dist = hue_distance(hue, _target(setting))
-        pref = (dist <= cfg.tolerance).float()
-    correct = fid.correct(imgs, cls).float()
-    out = {"pref_score": pref.mean().item(), "hue_dist": dist.mean().item(),
-           "fidelity_iou": fid(imgs, classes=cls).mean().item(), "shape_acc": correct.mean().item(),
-           "green_rate": green.mean().item(), "pref_shape": (pref * correct).mean().item()}
-    if chosen_hue is not None:
-        out["w1_chosen"] = circular_w1(hue, chosen_hue)
-    return out
+    """:func:`mmalign.diffusion.shapes_eval.evaluate_shapes` with this benchmark's evaluation settings."""
+    spec = ShapesEval(size=cfg.size, embed_dim=cfg.embed_dim, samples_per_class=cfg.samples_per_class,
+                      sample_steps=cfg.sample_steps, tolerance=cfg.tolerance)
+    return evaluate_shapes(spec, model, setting, seed, chosen_hue=chosen_hue, scheduler=scheduler)
 
 
 def _cells(cfg: BenchmarkConfig) -> list[tuple[str, str, int]]:

@@ -11,12 +11,14 @@ encoding, CFG, scheduler loop, VAE decode) and ``evaluate_pipeline`` scores the 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["tiny_clip_tokenizer", "tiny_sd_pipeline", "with_unet", "encode_prompts", "generate", "evaluate_pipeline"]
+__all__ = ["tiny_clip_tokenizer", "tiny_sd_pipeline", "plain_unet", "with_unet", "encode_prompts", "generate",
+           "evaluate_pipeline", "save_images", "image_grid"]
 
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -89,7 +91,7 @@ def tiny_sd_pipeline(unet: Any | None = None, *, words: Sequence[str] = (), imag
     return pipe
 
 
-def _plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
+def plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
     # pipelines read unet.config / in_channels: hand them the diffusers module. peft injects its LoRA layers into
     # that module, so the adapters stay active; DDP/accelerate wrappers are peeled off first
     while hasattr(unet, "module") and isinstance(unet.module, torch.nn.Module):
@@ -99,7 +101,7 @@ def _plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
 
 def with_unet(pipe: Any, unet: torch.nn.Module) -> Any:
     """The same pipeline class and components with ``unet`` (full weights or peft LoRA-wrapped) as its UNet."""
-    plain = _plain_unet(unet)
+    plain = plain_unet(unet)
     if plain.config.in_channels != pipe.unet.config.in_channels:
         raise ValueError(f"unet must take the pipeline's {pipe.unet.config.in_channels} latent channels, got "
                          f"{plain.config.in_channels}")
@@ -164,3 +166,28 @@ def evaluate_pipeline(pipe: Any, prompts: Sequence[str], scorers: dict[str, Call
     images = generate(pipe, captions, generator=torch.Generator().manual_seed(seed), **gen_kwargs)
     scores = {name: float(fn(images, captions=captions).float().mean()) for name, fn in scorers.items()}
     return scores, images
+
+
+def save_images(images: Tensor, folder: str | Path, names: Sequence[str]) -> list[Path]:
+    """Write images ``[N, 3, H, W]`` in [-1, 1] as ``folder/<name>.png``; returns the paths."""
+    from PIL import Image
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if len(names) != images.shape[0]:
+        raise ValueError(f"names must name each of the {images.shape[0]} images, got {len(names)}")
+    pixels = ((images.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    paths = []
+    for name, img in zip(names, pixels):
+        paths.append(folder / f"{name}.png")
+        Image.fromarray(img).save(paths[-1])
+    return paths
+
+
+def image_grid(images: Tensor, rows: int) -> Tensor:
+    """Images ``[N, 3, H, W]`` tiled as one ``[3, rows·H, cols·W]`` image, row-major (N = rows × cols)."""
+    n, c, h, w = images.shape
+    if rows <= 0 or n % rows:
+        raise ValueError(f"{n} images do not fill {rows} rows")
+    cols = n // rows
+    return images.reshape(rows, cols, c, h, w).permute(2, 0, 3, 1, 4).reshape(c, rows * h, cols * w)

@@ -21,7 +21,12 @@ __all__ = [
     "class_embeddings",
     "sample_reference_hues",
     "build_tiny_unet",
+    "shapes_scheduler",
+    "shapes_embeddings",
+    "EMBEDDING_SEED",
 ]
+
+EMBEDDING_SEED = 1234  # the shapes task's fixed per-class "text embeddings" (benchmark and diffusion train share them)
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 BACKGROUND = -0.6  # dark grey in [-1, 1]: unsaturated, so it never contributes a hue
@@ -101,3 +106,15 @@ def build_tiny_unet(
         layers_per_block=1, down_block_types=down, up_block_types=up, cross_attention_dim=cross_attention_dim,
         attention_head_dim=8, norm_num_groups=min(8, groups),
     )
+
+
+def shapes_scheduler() -> object:
+    """The shapes task's training scheduler: DDPM, 1000 steps, ε-prediction, clipped samples."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", clip_sample=True)
+
+
+def shapes_embeddings(embed_dim: int = 32) -> torch.Tensor:
+    """The shapes task's conditioning ``[len(SHAPES), 2, embed_dim]``: one fixed random embedding per shape class."""
+    return class_embeddings(len(SHAPES), 2, embed_dim, seed=EMBEDDING_SEED)

@@ -92,7 +92,7 @@ def test_pair_cache_keys_always_load_the_labels(tmp_path):
     ds = load_pair_cache(path, keys=["chosen", "rejected", "encoder_hidden_states"])
     assert len(ds) == 2 and set(ds[0]) == {"chosen", "rejected", "encoder_hidden_states"}
     assert ds[0]["chosen"].sum() == 4 and ds[1]["chosen"].sum() == 0  # row 0 (label 0) swapped
-    with pytest.raises(ValueError, match=r"keys \['text_embeds'\] are not in pair cache .*holds"):
+    with pytest.raises(ValueError, match=r"pair cache .*keys \['text_embeds'\] are not in the cache, which holds"):
         load_pair_cache(path, keys=["chosen", "rejected", "encoder_hidden_states", "text_embeds"])
 
 

@@ -104,7 +104,7 @@ def test_frozen_copy_reference_and_full_model_without_lora_is_an_error(sd_unet):
 
 def test_dpo_at_initialisation_is_log2(sd_unet):
     loss_fn = make_loss_fn("diffusion_dpo", ddpm(), generator=torch.Generator().manual_seed(0),
-                           ref_model=copy.deepcopy(sd_unet), beta=5000.0)
+                           ref_model=copy.deepcopy(sd_unet), options={"beta": 5000.0})
     loss, metrics = loss_fn(sd_unet, pair_batch(b=2))
     assert loss.item() == pytest.approx(math.log(2), abs=1e-5)
     assert "diffusion/ref_err_chosen" in metrics
@@ -117,7 +117,7 @@ def test_training_steps_reduce_loss_on_a_fixed_batch(method):
     ref = copy.deepcopy(unet).requires_grad_(False) if method == "diffusion_dpo" else None
 
     def loss_at_fixed_noise(model):
-        fn = make_loss_fn(method, sched, generator=torch.Generator().manual_seed(7), ref_model=ref, beta=500.0)
+        fn = make_loss_fn(method, sched, generator=torch.Generator().manual_seed(7), ref_model=ref, options={"beta": 500.0})
         return fn(model, batch)[0]
 
     with torch.no_grad():
@@ -165,7 +165,7 @@ def test_sdxl_added_conditioning_path(sdxl_unet):
                       torch.randn(b, 3, 64, generator=g), text_embeds=torch.randn(b, 32, generator=g),
                       time_ids=torch.tensor([[16.0, 16, 0, 0, 16, 16]]).repeat(b, 1))
     lora = add_lora(sdxl_unet, r=2)
-    fn = make_loss_fn("diffusion_dpo", ddpm(), generator=g, beta=5000.0)
+    fn = make_loss_fn("diffusion_dpo", ddpm(), generator=g, options={"beta": 5000.0})
     loss, metrics = fn(lora, batch)
     loss.backward()
     assert loss.item() == pytest.approx(math.log(2), abs=1e-4)  # LoRA starts at zero: policy = reference
@@ -184,7 +184,9 @@ def test_bad_batches_fail_before_any_forward():
         check_pair_batch(PairBatch(bad, b.rejected, b.encoder_hidden_states))
     with pytest.raises(ValueError, match="encoder_hidden_states must be"):
         check_pair_batch(PairBatch(b.chosen, b.rejected, b.encoder_hidden_states[:1]))
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="'orpo' is neither 'sft' nor a registered loss"):
         make_loss_fn("orpo", ddpm())
+    with pytest.raises(ValueError, match="not a diffusion loss"):
+        make_loss_fn("dpo", ddpm())  # a registered loss of log-probabilities, not of denoising errors
     with pytest.raises(ValueError, match="missing"):
         PairBatch.from_mapping({"chosen": b.chosen})

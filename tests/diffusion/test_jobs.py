@@ -22,9 +22,9 @@ def test_jobs_are_registered_and_configs_load():
 
 
 def test_config_errors_name_the_field():
-    with pytest.raises(ValueError, match="method must be one of"):
+    with pytest.raises(ValueError, match="'orpo' is neither 'sft' nor a registered loss"):
         DiffusionTrainConfig(method="orpo")
-    with pytest.raises(ValueError, match="data must be"):
+    with pytest.raises(ValueError, match="shapes setting must be"):
         DiffusionTrainConfig(data="shapes:purple")
     with pytest.raises(ValueError, match="dpo_<positive beta>"):
         BenchmarkConfig(methods=["dpo_x"])
@@ -124,15 +124,15 @@ def test_sftdpo_reference_is_the_sft_model():
     assert out["final_loss"] == pytest.approx(math.log(2), abs=1e-6)  # one step: the loss before any DPO update
     # replay the DPO stage's first draw: its reference errors are the SFT model's, not the pretrained model's
     from mmalign.diffusion.adapter import PairBatch, pair_denoising_errors, paired_noise_and_timesteps
-    from mmalign.diffusion.benchmark import _embeddings, _scheduler
+    from mmalign.diffusion.shapes import shapes_embeddings, shapes_scheduler
 
     g = torch.Generator().manual_seed(10_000 + 0 + 1_000_000)
     idx = torch.randint(0, 4, (2,), generator=g)
-    batch = PairBatch(pairs["chosen"][idx], pairs["rejected"][idx], _embeddings(cfg)[pairs["classes"][idx]])
+    batch = PairBatch(pairs["chosen"][idx], pairs["rejected"][idx], shapes_embeddings(cfg.embed_dim)[pairs["classes"][idx]])
     noise, t = paired_noise_and_timesteps(batch.chosen, 1000, g)
     with torch.no_grad():
-        via_sft = pair_denoising_errors(sft_model, _scheduler(), batch, noise, t)[0].mean().item()
-        via_pretrained = pair_denoising_errors(ref, _scheduler(), batch, noise, t)[0].mean().item()
+        via_sft = pair_denoising_errors(sft_model, shapes_scheduler(), batch, noise, t)[0].mean().item()
+        via_pretrained = pair_denoising_errors(ref, shapes_scheduler(), batch, noise, t)[0].mean().item()
     assert out["diffusion/ref_err_chosen"] == pytest.approx(via_sft, rel=1e-5)
     assert abs(via_sft - via_pretrained) > 1e-4
 

@@ -121,7 +121,8 @@ def test_train_job_on_a_pipeline_folder_then_generate_and_score(tmp_path, pipe):
     from mmalign.diffusion.data import encode_latents, save_pair_cache
     from mmalign.diffusion.scorers import HueScorer
     from mmalign.diffusion.shapes import render
-    from mmalign.diffusion.train import DiffusionTrainConfig, load_unet_weights, run as run_train
+    from mmalign.diffusion.artifacts import load_unet_weights
+    from mmalign.diffusion.train import DiffusionTrainConfig, run as run_train
 
     folder = tmp_path / "tiny-sd"
     pipe.save_pretrained(folder)
@@ -146,7 +147,7 @@ def test_train_job_on_a_pipeline_folder_then_generate_and_score(tmp_path, pipe):
                                        num_inference_steps=2)
     assert images.shape == (2, 3, 16, 16) and 0.0 <= scores["green_hit"] <= 1.0
     assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])  # metrics were logged
-    with pytest.raises(ValueError, match="eval_prompts needs model to be a full diffusers pipeline"):
+    with pytest.raises(ValueError, match="eval_prompts needs model to be a diffusers pipeline"):
         DiffusionTrainConfig(eval_prompts=["x"])
 
 

@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mmalign.diffusion.train import DiffusionTrainConfig, _reference, load_unet_weights, run as run_train
+from mmalign.diffusion.artifacts import load_unet_weights
+from mmalign.diffusion.train import DiffusionTrainConfig, _reference, run as run_train
 
 
 def _cfg(method: str, lora: bool = False, steps: int = 2, **kw) -> DiffusionTrainConfig:
@@ -62,7 +63,7 @@ def test_reference_network_is_frozen_and_loaded_from_ref_weights(sft_weights):
 
 
 def test_reference_weights_errors(tmp_path, sft_weights):
-    with pytest.raises(ValueError, match="ref_weights is only used by method diffusion_dpo"):
+    with pytest.raises(ValueError, match="ref_weights is only used by methods with a reference"):
         _cfg("mapo", ref_weights=str(sft_weights))
     with pytest.raises(ValueError, match="ref_weights must be an existing"):
         _cfg("diffusion_dpo", ref_weights=str(tmp_path / "missing.safetensors"))
@@ -71,7 +72,7 @@ def test_reference_weights_errors(tmp_path, sft_weights):
     unet = build_model(BenchmarkConfig(size=8))
     lora_file = tmp_path / "lora.safetensors"
     save_file({"base_model.model.conv_in.lora_A.default.weight": torch.zeros(2, 3)}, str(lora_file))
-    with pytest.raises(ValueError, match="LoRA adapter weights"):
+    with pytest.raises(ValueError, match="peft state dict of a whole run"):
         load_unet_weights(unet, str(lora_file), "ref_weights")
     wrong = tmp_path / "wrong.safetensors"
     save_file({k: v.contiguous() for k, v in build_model(BenchmarkConfig(size=8, channels=[8, 16])).state_dict().items()},

@@ -1,0 +1,247 @@
+"""Your pipeline, your pairs: a tiny SD pipeline folder trained from image-pair data, artifacts diffusers loads."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from mmalign.diffusion.pipeline import generate, tiny_sd_pipeline, with_unet
+
+WORDS = ["a", "red", "green", "circle", "square"]
+
+
+def _image(path, color, size=(20, 24)):
+    from PIL import Image
+
+    Image.new("RGB", size, color).save(path)
+    return path.name
+
+
+@pytest.fixture(scope="module")
+def pipe_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd") / "pipe"
+    tiny_sd_pipeline(words=WORDS, image_size=16, text_dim=16).save_pretrained(folder)
+    return folder
+
+
+def _pickapic(folder, n=4, labels=None):
+    """A Pick-a-Pic-layout JSONL with image paths next to it."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        rows.append({"caption": ["a red circle", "a green square"][i % 2],
+                     "jpg_0": _image(folder / f"a{i}.png", (200, 20 + i, 20)),
+                     "jpg_1": _image(folder / f"b{i}.png", (20, 200, 20 + i)),
+                     "label_0": 1 if labels is None else labels[i]})
+    (folder / "pairs.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder / "pairs.jsonl"
+
+
+def _train(pipe_dir, data, run_dir, **extra):
+    from mmalign.diffusion.train import DiffusionTrainConfig, run
+
+    trainer = {"max_steps": 2, "batch_size": 2, "log_every": 1, "lr": 1e-2, "progress": False, "plots": False,
+               "cpu": True, **extra.pop("trainer", {})}
+    cfg = DiffusionTrainConfig.from_dict({"method": "mapo", "model": str(pipe_dir), "data": str(data),
+                                          "trainer": trainer, **extra})
+    return run(cfg, run_dir)
+
+
+def _images(pipe, seed=0):
+    return generate(pipe, ["a red circle"], num_inference_steps=2, generator=torch.Generator().manual_seed(seed))
+
+
+def test_lora_run_from_pickapic_jsonl_loads_in_diffusers_with_the_same_images(tmp_path, pipe_dir):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from mmalign.train.lora import add_lora
+
+    out = _train(pipe_dir, _pickapic(tmp_path / "data"), tmp_path / "run",
+                 trainer={"lora": {"enabled": True, "r": 4, "alpha": 8.0}})
+    assert out["step"] == 2 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    # the trained model as the run left it: the base UNet with the run's adapters
+    base = DiffusionPipeline.from_pretrained(pipe_dir)
+    base.set_progress_bar_config(disable=True)
+    trained = add_lora(copy.deepcopy(base.unet), r=4, alpha=8.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    state = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in state.items())  # the adapters moved
+    trained.load_state_dict(state)
+    expected = _images(with_unet(base, trained))
+    loaded = DiffusionPipeline.from_pretrained(pipe_dir)
+    loaded.set_progress_bar_config(disable=True)
+    loaded.load_lora_weights(tmp_path / "run" / "lora")  # as a user would
+    torch.testing.assert_close(_images(loaded), expected, atol=1e-5, rtol=0)
+    assert not torch.allclose(_images(base), expected, atol=1e-4)  # and it differs from the base model
+
+
+def test_full_unet_run_writes_unet_and_pipeline_and_continues_from_them(tmp_path, pipe_dir):
+    from diffusers import DiffusionPipeline, UNet2DConditionModel
+    from safetensors.torch import load_file
+
+    data = _pickapic(tmp_path / "data")
+    _train(pipe_dir, data, tmp_path / "run", save_pipeline=True)
+    final = load_file(str(tmp_path / "run" / "model.safetensors"))
+    unet = UNet2DConditionModel.from_pretrained(tmp_path / "run" / "unet")
+    assert all(torch.equal(unet.state_dict()[k], v) for k, v in final.items())
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    base = DiffusionPipeline.from_pretrained(pipe_dir)
+    base.set_progress_bar_config(disable=True)
+    torch.testing.assert_close(_images(pipe), _images(with_unet(base, unet)))
+    # a run continues from its own artifacts: unet/ (full) and, below, lora/ (fused into the weights)
+    _train(pipe_dir, data, tmp_path / "run2", init_weights=str(tmp_path / "run" / "unet"),
+           trainer={"max_steps": 1})
+    _train(pipe_dir, data, tmp_path / "lora", trainer={"max_steps": 1, "lora": {"enabled": True, "r": 2}})
+    _train(pipe_dir, data, tmp_path / "run3", init_weights=str(tmp_path / "lora" / "lora"),
+           trainer={"max_steps": 1, "lora": {"enabled": True, "r": 2}})
+
+
+def test_data_sources_and_layouts(tmp_path, pipe_dir):
+    """Parquet with embedded bytes, a datasets folder, and the image kind through a column mapping."""
+    import io
+
+    import datasets
+    from PIL import Image
+
+    from mmalign.data.image_pairs import load_image_pairs
+
+    def png(color):
+        buf = io.BytesIO()
+        Image.new("RGB", (16, 16), color).save(buf, format="PNG")
+        return {"bytes": buf.getvalue(), "path": None}
+
+    rows = [{"prompt": "a red circle", "win": png((200, 0, 0)), "lose": png((0, 200, 0)), "label_0": 1.0},
+            {"prompt": "a green square", "win": png((0, 0, 200)), "lose": png((0, 200, 9)), "label_0": 0.0}]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    mapping = {"caption": "prompt", "jpg_0": "win", "jpg_1": "lose"}
+    for source in (tmp_path / "pairs.parquet", tmp_path / "ds"):
+        pairs = load_image_pairs(source, resolution=8, columns=mapping)
+        assert len(pairs) == 2
+        item = pairs[1]  # label_0 = 0: jpg_1 (green-ish) is the chosen image
+        assert item["chosen_pixels"].shape == (3, 8, 8) and item["chosen_pixels"][1].mean() > 0.4
+    image_kind = {"caption": "prompt", "chosen_image": "win", "rejected_image": "lose"}
+    pairs = load_image_pairs(tmp_path / "pairs.parquet", resolution=8, layout="image",
+                             columns={**image_kind, "label": "label_0"})
+    assert pairs[1]["chosen_pixels"][1].mean() > 0.4  # the image kind's label orders the pair too
+    out = _train(pipe_dir, tmp_path / "pairs.parquet", tmp_path / "run", columns=mapping, trainer={"max_steps": 1})
+    assert out["step"] == 1
+
+
+def test_bad_rows_are_named_before_training_or_dropped_and_counted(tmp_path, pipe_dir):
+    from mmalign.data import DataValidationError
+    from mmalign.data.image_pairs import load_image_pairs
+
+    path = _pickapic(tmp_path / "data", n=6)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    del rows[1]["caption"]
+    rows[2]["label_0"] = 0.7
+    good = (tmp_path / "data" / rows[3]["jpg_0"]).read_bytes()
+    (tmp_path / "data" / "cut.png").write_bytes(good[: len(good) // 2])  # truncated file
+    rows[3]["jpg_0"] = "cut.png"
+    rows[4]["jpg_1"] = "../outside.png"
+    _image(tmp_path / "outside.png", (1, 2, 3))
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    with pytest.raises(DataValidationError) as err:
+        _train(pipe_dir, path, tmp_path / "run")
+    text = str(err.value)
+    for needle in ("row 1: missing field(s) ['caption']", "row 2: label_0 must be 0, 0.5 or 1", "row 3:",
+                   "row 4:", "outside the data folder"):
+        assert needle in text, needle
+    assert "row 0" not in text and "row 5" not in text and not (tmp_path / "run" / "metrics.jsonl").exists()
+    pairs = load_image_pairs(path, resolution=8, skip_invalid=True)
+    assert len(pairs) == 2 and len({i for i, _ in pairs.report.dropped}) == 4
+
+
+def test_ties_dropped_or_kept_half(tmp_path, pipe_dir):
+    from mmalign.data.image_pairs import load_image_pairs
+
+    path = _pickapic(tmp_path / "data", labels=[1, 0.5, 0, 0.5])
+    dropped = load_image_pairs(path, resolution=8)
+    assert len(dropped) == 2 and dropped.ties_dropped == 2
+    kept = load_image_pairs(path, resolution=8, ties="half")
+    assert [float(kept[i]["label"]) for i in range(4)] == [1.0, 0.5, 1.0, 0.5]
+    out = _train(pipe_dir, path, tmp_path / "run", ties="half", method="diffusion_dpo", trainer={"max_steps": 1})
+    assert out["step"] == 1
+
+
+def test_soft_label_weights_both_orderings(sd_unet):
+    from diffusion_fixtures import ddpm, pair_batch
+
+    from mmalign.core.losses import mapo_loss
+    from mmalign.diffusion.adapter import make_loss_fn, pair_denoising_errors, paired_noise_and_timesteps
+
+    b = pair_batch(b=2)
+    b.label = torch.tensor([1.0, 0.5])
+    loss, _ = make_loss_fn("mapo", ddpm(), generator=torch.Generator().manual_seed(3))(sd_unet, b)
+    noise, t = paired_noise_and_timesteps(b.chosen, 1000, torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        w, l_ = pair_denoising_errors(sd_unet, ddpm(), b, noise, t)
+    fwd = mapo_loss(w, l_, reduction="none")[0]
+    bwd = mapo_loss(l_, w, reduction="none")[0]
+    expected = (fwd[0] + 0.5 * fwd[1] + 0.5 * bwd[1]) / 2
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_latent_cache_is_keyed_by_data_and_encoder(tmp_path, pipe_dir):
+    path = _pickapic(tmp_path / "data")
+    cache = tmp_path / "cache"
+    _train(pipe_dir, path, tmp_path / "run1", latent_cache=str(cache), trainer={"max_steps": 1})
+    files = sorted(cache.glob("*.safetensors"))
+    assert len(files) == 1
+    stamp = files[0].stat().st_mtime_ns
+    _train(pipe_dir, path, tmp_path / "run2", latent_cache=str(cache), trainer={"max_steps": 1})
+    assert sorted(cache.glob("*.safetensors")) == files and files[0].stat().st_mtime_ns == stamp  # read, not rewritten
+    _image(tmp_path / "data" / "a0.png", (9, 9, 9))  # the data changed: a new key
+    _train(pipe_dir, path, tmp_path / "run3", latent_cache=str(cache), trainer={"max_steps": 1})
+    assert len(list(cache.glob("*.safetensors"))) == 2
+
+
+def test_a_newly_registered_loss_trains_through_diffusion_train(tmp_path):
+    from mmalign.registry import LOSSES
+
+    seen = {}
+
+    def hinge(model_err_chosen, model_err_rejected, *, margin: float = 0.0, reduction: str = "mean"):
+        seen["margin"] = margin
+        loss = torch.relu(margin + model_err_chosen - model_err_rejected)
+        return (loss.mean() if reduction == "mean" else loss), {"hinge/active": (loss > 0).float().mean()}
+
+    LOSSES.register("test_diffusion_hinge", hinge)
+    try:
+        from mmalign.diffusion.train import DiffusionTrainConfig, run
+
+        cfg = DiffusionTrainConfig.from_dict({
+            "method": "test_diffusion_hinge", "loss_options": {"margin": 0.25}, "num_pairs": 8, "image_size": 8,
+            "eval_samples_per_class": 0, "trainer": {"max_steps": 2, "batch_size": 4, "log_every": 1,
+                                                     "progress": False, "plots": False, "cpu": True}})
+        out = run(cfg, tmp_path / "run")
+    finally:
+        LOSSES._entries.pop("test_diffusion_hinge")
+    assert seen["margin"] == 0.25 and out["step"] == 2 and "hinge/active" in out
+    assert "diffusion/model_err_chosen" in out  # every method logs the policy's errors under one name
+
+
+def test_sample_command_writes_images_and_a_compare_grid(tmp_path, pipe_dir):
+    from PIL import Image
+
+    from mmalign.diffusion.sample import SampleConfig, run
+
+    _train(pipe_dir, _pickapic(tmp_path / "data"), tmp_path / "run", trainer={"max_steps": 1, "lora": {"enabled": True}})
+    (tmp_path / "prompts.txt").write_text("a green square\n\n")
+    cfg = SampleConfig(model=str(pipe_dir), weights=str(tmp_path / "run" / "lora"), prompts=["a red circle"],
+                       prompts_file=str(tmp_path / "prompts.txt"), seeds=[0, 1], steps=2, compare=True)
+    out = run(cfg, tmp_path / "samples")
+    assert out["images"] == 8.0
+    assert len(list((tmp_path / "samples" / "images").glob("tuned_*.png"))) == 4
+    assert len(list((tmp_path / "samples" / "images").glob("base_*.png"))) == 4
+    assert Image.open(tmp_path / "samples" / "grid.png").size == (2 * 16, 4 * 16)  # 2 seeds x (2 prompts x 2 models)
+    with pytest.raises(ValueError, match="give prompts"):
+        SampleConfig(model=str(pipe_dir))
