@@ -1,9 +1,9 @@
-"""The cheap validation and the lazy metrics shared by every core loss (mmalign/core/losses/_common.py).
+"""The input check and the lazy metrics shared by every core loss (mmalign/core/losses/_common.py).
 
-Every loss validates its inputs with one reduction of an intermediate that involves every input; these tests inject
-NaN, +inf and -inf into each tensor argument of each loss, for every reduction, and require a ``ValueError`` that
-names that argument. The metrics are a :class:`LossMetrics` computed on first read; these tests pin down when it
-computes, that it equals an eager computation, and that it refuses to read tensors modified in place.
+These tests inject NaN, +inf and -inf into each tensor argument of each loss, for every reduction, and require a
+``ValueError`` that names that argument. The metrics are a :class:`LossMetrics` computed on first read; these tests
+pin down when it computes, that it equals an eager computation, and that it refuses to read tensors modified in
+place.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mmalign.core import losses as L
-from mmalign.core.losses._common import LossMetrics, _check_inputs_one_read, check_inputs_finite, read_scalars
+from mmalign.core.losses._common import LossMetrics, check_loss_inputs
 
 D64 = torch.float64
 B, T = 5, 4
@@ -157,73 +157,25 @@ def test_compute_runs_once_and_only_on_read() -> None:
     assert "LossMetrics({'m': 6.0})" == repr(metrics)
 
 
-def _stacked_read(witness: torch.Tensor, inputs: dict[str, torch.Tensor], labels: torch.Tensor | None = None, *,
-                  label_name: str = "labels", positive: dict[str, torch.Tensor] | None = None) -> None:
-    _check_inputs_one_read(witness, inputs, labels, label_name, positive)
-
-
-@pytest.mark.parametrize("check", [check_inputs_finite, _stacked_read], ids=["per-scalar", "one-read"])
-def test_check_inputs_finite_labels_lengths_and_zero_dim_witness(check: Callable[..., None]) -> None:
-    # "one-read" is the CUDA path (every scalar stacked, one synchronisation), exercised here on CPU tensors
-    check_inputs_finite = check
+def test_check_loss_inputs_labels_lengths_and_edges() -> None:
     a, b = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0])
-    check_inputs_finite(a - b, {"a": a, "b": b}, torch.tensor([0.0, 1.0]))
-    with pytest.raises(ValueError, match=r"labels.*\[0, 1\]"):
-        check_inputs_finite(a - b, {"a": a, "b": b}, torch.tensor([0.0, 1.5]))
-    with pytest.raises(ValueError, match="soft_targets"):
-        check_inputs_finite(a - b, {"a": a, "b": b}, torch.tensor([-0.1, 0.5]), label_name="soft_targets")
-    with pytest.raises(ValueError, match="rejected_lengths must be finite and > 0.*min 0"):
-        check_inputs_finite(a - b, {"a": a, "b": b}, positive={"chosen_lengths": torch.tensor([1, 2]),
-                                                              "rejected_lengths": torch.tensor([3, 0])})
-    # a 0-d witness is used as is: an overflowed (but finite-input) value is tolerated, a NaN input is named
-    huge = torch.tensor([3e38, 3e38])
-    check_inputs_finite(huge.sum(), {"huge": huge})
-    with pytest.raises(ValueError, match="b must be finite"):
-        bad = torch.tensor([1.0, float("nan")])
-        check_inputs_finite((a - bad).sum(), {"a": a, "b": bad})
-    assert read_scalars([torch.tensor(1.5), torch.tensor(2, dtype=torch.int64)]) == [1.5, 2.0]
-    check(torch.tensor([1.0, 2.0]), {}, positive={"n": torch.tensor([1.0, 3.0])})
-    with pytest.raises(ValueError, match="n must be finite and > 0.*max inf"):
-        check(torch.tensor([1.0, 2.0]), {}, positive={"n": torch.tensor([1.0, float("inf")])})
-
-
-@pytest.mark.parametrize("check", [check_inputs_finite, _stacked_read], ids=["per-scalar", "one-read"])
-def test_check_inputs_finite_edge_values(check: Callable[..., None]) -> None:
-    """The clamp-and-compare range checks: exact edges pass, anything outside (or NaN) is named, dtypes kept."""
-    w = torch.zeros(3)
+    check_loss_inputs({"a": a, "b": b}, labels=torch.tensor([0.0, 1.0]))
+    check_loss_inputs({"a": a}, labels=torch.tensor([0.0, 1.0], dtype=torch.bfloat16))
+    check_loss_inputs({"a": a}, labels=torch.tensor([0.2, 1.0], requires_grad=True))  # learnable soft labels
+    for bad in (torch.tensor([0.0, 1.5]), torch.tensor([-1e-30, 0.5]), torch.tensor([0.2, float("nan")])):
+        with pytest.raises(ValueError, match=r"labels.*\[0, 1\]"):
+            check_loss_inputs({"a": a, "b": b}, labels=bad)
     tiny = torch.finfo(torch.float32).tiny
-    check(w, {}, torch.tensor([0.0, 0.5, 1.0]))
-    check(w, {}, torch.tensor([0.0, 1.0, 0.5], dtype=torch.bfloat16))
-    check(w, {}, torch.tensor([0.2, 0.3, 1.0], requires_grad=True))  # learnable soft labels
-    check(w, {}, positive={"n": torch.tensor([tiny / 4, 1.0, 3e38])})  # a denormal count is > 0: allowed
-    check(w, {}, positive={"n": torch.tensor([1, 7, 2**40])})  # integer token counts
-    for bad, match in ((torch.tensor([0.2, float("nan"), 1.0]), "labels"),
-                       (torch.tensor([0.2, 1.0 + 1e-6, 1.0], requires_grad=True), "labels"),
-                       (torch.tensor([0.0, -0.0, -1e-30]), "labels")):
-        with pytest.raises(ValueError, match=match):
-            check(w, {}, bad)
-    for bad in (torch.tensor([1.0, -0.0, 2.0]), torch.tensor([1.0, -3.0, 2.0]), torch.tensor([1.0, float("nan")]),
-                torch.tensor([0, 4]), torch.tensor([-1, 4])):
-        with pytest.raises(ValueError, match="n must be finite and > 0"):
-            check(torch.zeros(bad.shape), {}, positive={"n": bad})
-
-
-def test_ipo_uses_its_reduced_loss_as_witness_and_names_inputs() -> None:
-    from mmalign.core.losses import ipo_loss
-
-    x = [torch.randn(4, dtype=D64) for _ in range(4)]
-    n = torch.full((4,), 3.0, dtype=D64)
-    for value in (float("inf"), -float("inf"), float("nan")):
-        bad = x[3].clone()
-        bad[1] = value
-        with pytest.raises(ValueError, match="ref_rejected_logps must be finite"):
-            ipo_loss(x[0], x[1], x[2], bad, chosen_lengths=n, rejected_lengths=n)
-        with pytest.raises(ValueError, match="ref_rejected_logps must be finite"):
-            ipo_loss(x[0], x[1], x[2], bad, chosen_lengths=n, rejected_lengths=n, reduction="none")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_read_scalars_on_cuda_reads_once() -> None:
-    values = read_scalars([torch.tensor(1.5, device="cuda"), torch.tensor(-2.0, device="cuda")])
-    assert values == [1.5, -2.0]
+    for good in (torch.tensor([tiny / 4, 3e38]), torch.tensor([1, 2**40])):  # denormal or integer counts: > 0
+        check_loss_inputs({"a": a, "n": good}, positive={"n": good})
+    for bad in (torch.tensor([1, 0]), torch.tensor([1.0, -0.0]), torch.tensor([1.0, float("nan")]),
+                torch.tensor([1.0, float("inf")])):
+        with pytest.raises(ValueError, match="rejected_lengths must be finite and > 0"):
+            check_loss_inputs({"a": a, "rejected_lengths": bad}, positive={"rejected_lengths": bad})
+    with pytest.raises(ValueError, match="b must be finite"):
+        check_loss_inputs({"a": a, "b": torch.tensor([1.0, float("-inf")])})
+    with pytest.raises(ValueError, match=r"b must be the same shape as a"):
+        check_loss_inputs({"a": a, "b": torch.zeros(3)})
+    with pytest.raises(ValueError, match="a must be a 1-D tensor"):
+        check_loss_inputs({"a": torch.zeros(2, 2)})
+    check_loss_inputs({"a": torch.zeros(2, 2)}, ndim=None)

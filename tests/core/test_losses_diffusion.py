@@ -137,7 +137,7 @@ def test_bad_input() -> None:
             mapo_loss(e[0], e[1], **kw)
 
 
-def test_mapo_exact_zero_error_takes_guarded_path() -> None:
+def test_mapo_exact_zero_error_has_finite_gradient() -> None:
     lw = torch.tensor([0.0, 0.2], dtype=D64, requires_grad=True)
     ll = torch.tensor([0.1, 0.0], dtype=D64, requires_grad=True)
     loss, m = mapo_loss(lw, ll, temperature=10.0)

@@ -3,17 +3,16 @@ on a policy's per-step log-likelihoods, with the conservative bias λ and an opt
 
 from __future__ import annotations
 
-from functools import partial
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.core.losses._common import (
-    LossMetrics, check_inputs_finite, check_shapes, expected_pair_metrics, fused_means, pair_rows,
+    LossMetrics, check_loss_inputs, expected_pair_metrics, fused_means, pair_rows,
 )
 from mmalign.core.validation import (
-    check_mask, check_nonnegative, check_positive, check_range, check_reduction, check_tensor, reduce_loss,
+    check_mask, check_ndim, check_nonnegative, check_positive, check_range, check_reduction, check_same_shape,
+    check_shape, check_tensor, reduce_loss,
 )
 
 __all__ = ["cpl_loss", "discounted_segment_score"]
@@ -29,29 +28,23 @@ def _apply_mask(logp: Tensor, mask: Tensor | None) -> Tensor:
 def discounted_segment_score(logp: Tensor, mask: Tensor | None, alpha: float, gamma: float) -> Tensor:
     """``S(σ) = Σ_t γ^t α log π(a_t|s_t)`` over valid steps: ``[B, T] → [B]`` (t counted from the segment start)."""
     logp = _apply_mask(logp, mask)
-    if gamma == 1.0:
-        return alpha * logp.sum(dim=-1)
     steps = torch.arange(logp.shape[-1], dtype=logp.dtype, device=logp.device)
-    return alpha * (logp * gamma ** steps).sum(dim=-1)
+    return alpha * (logp * gamma**steps).sum(dim=-1)
 
 
-def _bc_nll(s1: Tensor, s2: Tensor, lp1: Tensor, lp2: Tensor, alpha: float, gamma: float,
-            mask_first: Tensor | None, mask_second: Tensor | None) -> Tensor:
+def _bc_nll(lp1: Tensor, lp2: Tensor, mask_first: Tensor | None, mask_second: Tensor | None) -> Tensor:
     """Per-pair negative mean log-likelihood over the valid steps of both (masked) segments ``lp1``, ``lp2``."""
-    steps = lp1.shape[-1]
-    # γ = 1: the undiscounted sum is S/α, no second pass over [B, T].
-    total = (s1 + s2) / alpha if gamma == 1.0 else lp1.sum(dim=-1) + lp2.sum(dim=-1)
-    if mask_first is None and mask_second is None:
-        return -total / max(2.0 * steps, 1.0)
-    valid = sum((steps if m is None else m.to(s1.dtype).sum(dim=-1)) for m in (mask_first, mask_second))
-    assert isinstance(valid, Tensor)
-    return -total / valid.clamp_min(1.0)
+    def valid_steps(mask: Tensor | None) -> Tensor:
+        if mask is None:
+            return torch.full(lp1.shape[:1], float(lp1.shape[-1]), dtype=lp1.dtype, device=lp1.device)
+        return mask.to(lp1.dtype).sum(dim=-1)
+
+    return -(lp1.sum(dim=-1) + lp2.sum(dim=-1)) / (valid_steps(mask_first) + valid_steps(mask_second)).clamp_min(1.0)
 
 
-def _cpl_metrics(alpha: float, gamma: float, s1: Tensor, s2: Tensor, labels: Tensor | None, bc_nll: Tensor | None,
-                 lp1: Tensor, lp2: Tensor, mask_first: Tensor | None, mask_second: Tensor | None) -> dict[str, float]:
-    if bc_nll is None:
-        bc_nll = _bc_nll(s1, s2, lp1, lp2, alpha, gamma, mask_first, mask_second)
+def _cpl_metrics(s1: Tensor, s2: Tensor, labels: Tensor | None, lp1: Tensor, lp2: Tensor, mask_first: Tensor | None,
+                 mask_second: Tensor | None) -> dict[str, float]:
+    bc_nll = _bc_nll(lp1, lp2, mask_first, mask_second)
     stats = fused_means([*pair_rows(s1, s2, labels), bc_nll])
     chosen, rejected, accuracy = expected_pair_metrics(stats, labels is not None)
     return {"rewards/chosen": chosen, "rewards/rejected": rejected, "rewards/margin": chosen - rejected,
@@ -103,13 +96,30 @@ def cpl_loss(
     Limit cases: λ = 1 gives the Bradley–Terry loss on the discounted log-likelihood sums ``S_1, S_2``; T = 1,
     γ = 1 with log-ratios to a reference gives DPO (the contextual-bandit case).
     """
-    inputs = {"logp_first": logp_first, "logp_second": logp_second}
-    check_shapes(inputs, ndim=2)
-    batch, steps = logp_first.shape
+    lp1, lp2 = _check_cpl(logp_first, logp_second, labels, alpha, gamma, bias, mask_first, mask_second, bc_coef,
+                          reduction)
+    s1, s2 = discounted_segment_score(lp1, None, alpha, gamma), discounted_segment_score(lp2, None, alpha, gamma)
+    per_pair = -F.logsigmoid(s1 - bias * s2)
+    if labels is not None:
+        p = labels.to(s1.dtype)
+        per_pair = p * per_pair - (1.0 - p) * F.logsigmoid(s2 - bias * s1)
+    if bc_coef:
+        per_pair = per_pair + bc_coef * _bc_nll(lp1, lp2, mask_first, mask_second)
+    loss = reduce_loss(per_pair, reduction)
+    return loss, LossMetrics(_cpl_metrics, s1, s2, labels, lp1, lp2, mask_first, mask_second)
+
+
+def _check_cpl(
+    logp_first: Tensor, logp_second: Tensor, labels: Tensor | None, alpha: float, gamma: float, bias: float,
+    mask_first: Tensor | None, mask_second: Tensor | None, bc_coef: float, reduction: str,
+) -> tuple[Tensor, Tensor]:
+    """Validate a :func:`cpl_loss` call; returns the log-likelihoods with padded steps set to 0 (they may hold any
+    value; the valid ones must be finite)."""
+    check_ndim("logp_first", logp_first, 2)
+    check_same_shape({"logp_first": logp_first, "logp_second": logp_second})
     if labels is not None:
         check_tensor("labels", labels)
-        if labels.shape != (batch,):
-            raise ValueError(f"labels must have shape ({batch},) (one per segment pair), got {tuple(labels.shape)}")
+        check_shape("labels", labels, logp_first.shape[:1])
     for name, m in (("mask_first", mask_first), ("mask_second", mask_second)):
         if m is not None:
             check_mask(name, m, logp_first.shape)
@@ -118,26 +128,6 @@ def cpl_loss(
     check_range("bias", bias, 0.0, 1.0, low_open=True)
     check_nonnegative("bc_coef", bc_coef)
     check_reduction(reduction)
-
     lp1, lp2 = _apply_mask(logp_first, mask_first), _apply_mask(logp_second, mask_second)
-    if gamma == 1.0:
-        s1, s2 = alpha * lp1.sum(dim=-1), alpha * lp2.sum(dim=-1)
-    else:
-        disc = gamma ** torch.arange(steps, dtype=lp1.dtype, device=lp1.device)
-        s1, s2 = alpha * (lp1 * disc).sum(dim=-1), alpha * (lp2 * disc).sum(dim=-1)
-    first_logit = s1 - bias * s2
-    check_inputs_finite(first_logit, inputs, labels)  # S_1, S_2 sum every valid step of both inputs
-    first_term = -F.logsigmoid(first_logit)
-    if labels is None:
-        per_pair = first_term
-    else:
-        p = labels.to(s1.dtype)
-        per_pair = p * first_term - (1.0 - p) * F.logsigmoid(s2 - bias * s1)
-    bc_nll = None
-    if bc_coef:
-        bc_nll = _bc_nll(s1, s2, lp1, lp2, alpha, gamma, mask_first, mask_second)
-        per_pair = per_pair + bc_coef * bc_nll
-    loss = reduce_loss(per_pair, reduction)
-    metrics = LossMetrics(partial(_cpl_metrics, alpha, gamma), s1, s2, labels, bc_nll, lp1, lp2, mask_first,
-                          mask_second)
-    return loss, metrics
+    check_loss_inputs({"logp_first": lp1, "logp_second": lp2}, ndim=2, labels=labels)
+    return lp1, lp2

@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mmalign.core.losses._common import check_paired
-from mmalign.core.validation import check_labels, check_range
+from mmalign.core.losses._common import check_loss_inputs
+from mmalign.core.validation import check_range
 
 __all__ = ["estimate_flip_rate"]
 
@@ -51,10 +51,7 @@ def estimate_flip_rate(
     Returns:
         A detached 0-dim tensor ε̂ ∈ [0, max_eps] (clamped: a negative moment estimate means "no flips detected").
     """
-    check_paired({"logits": logits})
-    if labels is not None:
-        check_labels("labels", labels)
-        check_paired({"logits": logits, "labels": labels})
+    check_loss_inputs({"logits": logits} if labels is None else {"logits": logits, "labels": labels}, labels=labels)
     if method not in ("mle", "moments"):
         raise ValueError(f"method must be one of ['mle', 'moments'], got {method!r}")
     check_range("max_eps", max_eps, 0.0, 0.5, low_open=True, high_open=True)

@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.core.losses._common import (
-    LossMetrics, check_inputs_finite, check_shapes, expected_pair_metrics, fused_means, pair_rows,
+    LossMetrics, check_loss_inputs, expected_pair_metrics, fused_means, pair_rows,
 )
 from mmalign.core.validation import (
-    check_all_finite, check_mask, check_nonnegative, check_positive, check_reduction, check_shape, check_tensor,
-    reduce_loss,
+    check_all_finite, check_mask, check_ndim, check_nonnegative, check_positive, check_reduction, check_same_shape,
+    check_shape, check_tensor, reduce_loss,
 )
 
 __all__ = ["gaussian_bt_loss", "gaussian_pair_uncertainty"]
@@ -93,7 +93,8 @@ def gaussian_bt_loss(
     """
     inputs = {"mean_first": mean_first, "log_std_first": log_std_first, "mean_second": mean_second,
               "log_std_second": log_std_second}
-    check_shapes(inputs, ndim=2)
+    check_ndim("mean_first", mean_first, 2)
+    check_same_shape(inputs)
     batch, steps = mean_first.shape
     if labels is not None:
         check_tensor("labels", labels)
@@ -116,28 +117,21 @@ def gaussian_bt_loss(
     check_positive("prior_std", prior_std)
     check_nonnegative("kl_coef", kl_coef)
     check_reduction(reduction)
+    check_loss_inputs(inputs, ndim=2, labels=labels)
 
     std_first, std_second = log_std_first.exp(), log_std_second.exp()
     mu1, mu2 = _masked(mean_first, mask_first).sum(-1), _masked(mean_second, mask_second).sum(-1)
     var1 = _masked(std_first.square(), mask_first).sum(-1)
     var2 = _masked(std_second.square(), mask_second).sum(-1)
-    log_eta, inv_two_eta2 = math.log(prior_std), 0.5 / prior_std**2
-
-    def kl_sum(log_std: Tensor, var_sum: Tensor, mask: Tensor | None) -> Tensor:
-        # Σ_t [log η − log σ_t + σ_t²/(2η²) − 1/2] over valid steps, reusing Σ σ_t².
-        count = float(steps) if mask is None else mask.to(log_std.dtype).sum(-1)
-        return (log_eta - 0.5) * count - _masked(log_std, mask).sum(-1) + inv_two_eta2 * var_sum
-
-    n_valid = (2.0 * steps if mask_first is None and mask_second is None else
-               sum((float(steps) if m is None else m.to(mu1.dtype).sum(-1)) for m in (mask_first, mask_second)))
-    n_clamped = n_valid.clamp_min(1.0) if isinstance(n_valid, Tensor) else max(n_valid, 1.0)
-    kl_mean = (kl_sum(log_std_first, var1, mask_first) + kl_sum(log_std_second, var2, mask_second)) / n_clamped
+    # KL(N(μ, σ²) ‖ N(μ, η²)) = log η − log σ + σ²/(2η²) − 1/2 per step, averaged over the valid steps of a pair
+    kl_first = math.log(prior_std) - log_std_first + std_first.square() / (2.0 * prior_std**2) - 0.5
+    kl_second = math.log(prior_std) - log_std_second + std_second.square() / (2.0 * prior_std**2) - 0.5
+    n_valid = _masked(torch.ones_like(mean_first), mask_first).sum(-1) + _masked(
+        torch.ones_like(mean_second), mask_second).sum(-1)
+    kl_mean = (_masked(kl_first, mask_first).sum(-1) + _masked(kl_second, mask_second).sum(-1)) / n_valid.clamp_min(1.0)
     ret_first = _masked(mean_first + std_first * noise[:, 0], mask_first).sum(-1)  # [K, B]
     ret_second = _masked(mean_second + std_second * noise[:, 1], mask_second).sum(-1)
     logit = ret_first - ret_second
-    # The sampled logits involve every step of the means (and σ = e^{log σ}, which hides log σ = −inf); the KL
-    # holds log σ itself. ×0 for masked steps keeps NaN/inf visible.
-    check_inputs_finite(logit[0] + kl_mean, inputs, labels)
     if labels is None:
         bce = -F.logsigmoid(logit)
     else:

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmalign.core.losses._common import (
-    LossMetrics, check_inputs_finite, check_shapes, expected_pair_metrics, fused_means, pair_rows,
+    LossMetrics, check_loss_inputs, expected_pair_metrics, fused_means, pair_rows,
 )
 from mmalign.core.validation import (
-    check_mask, check_nonnegative, check_range, check_reduction, check_tensor, reduce_loss,
+    check_mask, check_nonnegative, check_range, check_reduction, check_same_shape, check_tensor, reduce_loss,
 )
 
 __all__ = ["bradley_terry_loss"]
@@ -71,17 +71,27 @@ def bradley_terry_loss(
     Limit cases: ``labels=0.5`` gives ``log 2`` at ``r_1 = r_2`` and a loss minimised by equal rewards; with
     ``margin=None, center_coef=0`` and hard labels this is exactly ``-logsigmoid(r_w - r_l)``.
     """
-    if (mask is None and margin is None and center_coef == 0 and (reduction == "mean" or reduction == "sum")
-            and type(labels) is Tensor and type(reward_first) is Tensor and type(reward_second) is Tensor
-            and labels.dtype == reward_first.dtype and labels.is_floating_point()
-            and reward_first.shape == labels.shape == reward_second.shape):
-        # The common call (soft or hard labels, nothing else), already known valid in type, dtype and shape: skip
-        # the general checks, whose Python alone is measurable next to a 4k-pair loss. BCE reduces the batch itself
-        # and its reduced value is non-finite for any non-finite input, so it doubles as the finiteness check.
-        loss = F.binary_cross_entropy_with_logits(reward_first - reward_second, labels, reduction=reduction)
-        check_inputs_finite(loss, {"reward_first": reward_first, "reward_second": reward_second, "labels": labels},
-                            labels)
-        return loss, LossMetrics(_bt_metrics, reward_first, reward_second, labels, None)
+    labels, weight = _check_bt(reward_first, reward_second, labels, margin, center_coef, mask, reduction)
+    logit = reward_first - reward_second
+    if margin is not None:
+        # 2p − 1: the margin always favours the preferred item and vanishes for a tie.
+        logit = logit - (margin if labels is None else (2.0 * labels - 1.0) * margin)
+    if labels is None:
+        per_pair = -F.logsigmoid(logit)
+    else:
+        per_pair = F.binary_cross_entropy_with_logits(logit, labels.to(logit.dtype), reduction="none")
+    if center_coef:
+        per_pair = per_pair + center_coef * (reward_first + reward_second).square()
+    loss = reduce_loss(per_pair, reduction, weight)
+    return loss, LossMetrics(_bt_metrics, reward_first, reward_second, labels, weight)
+
+
+def _check_bt(
+    reward_first: Tensor, reward_second: Tensor, labels: Tensor | None, margin: Tensor | float | None,
+    center_coef: float, mask: Tensor | None, reduction: str,
+) -> tuple[Tensor | None, Tensor | None]:
+    """Validate a :func:`bradley_terry_loss` call; returns the labels with masked pairs set to 0.5 (skipped pairs
+    may carry NaN labels: teachers mark them so) and the 0/1 weight of the kept pairs (``None`` without a mask)."""
     inputs = {"reward_first": reward_first, "reward_second": reward_second}
     if isinstance(margin, Tensor):
         inputs["margin"] = margin
@@ -90,39 +100,16 @@ def bradley_terry_loss(
     if labels is not None:
         check_tensor("labels", labels)
         inputs["labels"] = labels
-    check_shapes(inputs, ndim=None)
+    check_same_shape(inputs)
     check_nonnegative("center_coef", center_coef)
     check_reduction(reduction)
-    weight: Tensor | None = None
+    weight = None
     if mask is not None:
         check_mask("mask", mask, reward_first.shape)
         keep = mask.bool()
         weight = keep.to(reward_first.dtype)
         if labels is not None:
-            # Skipped pairs may carry NaN labels (teachers mark them so); they are masked, not labelled.
             labels = torch.where(keep, labels, torch.full((), 0.5, dtype=labels.dtype, device=labels.device))
             inputs["labels"] = labels
-
-    logit = reward_first - reward_second
-    if margin is not None:
-        # 2p − 1: the margin always favours the preferred item and vanishes for a tie.
-        logit = logit - (margin if labels is None else (2.0 * labels - 1.0) * margin)
-    if labels is not None and weight is None and not center_coef and reduction != "none":
-        # The common case, at the cost of the bare expression plus the labels' min/max: BCE reduces the batch
-        # itself, and its reduced value is non-finite for any non-finite logit (the logit involves every input),
-        # so it doubles as the finiteness check.
-        target = labels if labels.dtype == logit.dtype else labels.to(logit.dtype)
-        loss = F.binary_cross_entropy_with_logits(logit, target, reduction=reduction)
-        check_inputs_finite(loss, inputs, labels)
-        return loss, LossMetrics(_bt_metrics, reward_first, reward_second, labels, weight)
-    check_inputs_finite(logit, inputs, labels)  # the logit involves every tensor input
-    if labels is None:
-        per_pair = -F.logsigmoid(logit)
-    else:
-        target = labels if labels.dtype == logit.dtype else labels.to(logit.dtype)
-        per_pair = F.binary_cross_entropy_with_logits(logit, target, reduction="none")
-    if center_coef:
-        per_pair = per_pair + center_coef * (reward_first + reward_second).square()
-    loss = reduce_loss(per_pair, reduction, weight)
-    metrics = LossMetrics(_bt_metrics, reward_first, reward_second, labels, weight)
-    return loss, metrics
+    check_loss_inputs(inputs, ndim=None, labels=labels)
+    return labels, weight

@@ -11,7 +11,7 @@ from functools import partial
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmalign.core.losses._common import LossMetrics, check_inputs_finite, check_shapes, fused_means
+from mmalign.core.losses._common import LossMetrics, check_loss_inputs, fused_means
 from mmalign.core.validation import check_beta, check_nonnegative, check_reduction, reduce_loss
 
 __all__ = ["visual_dpo_loss", "realign_loss"]
@@ -60,12 +60,11 @@ def visual_dpo_loss(
         "policy_chosen_logps": policy_chosen_logps, "policy_chosen_retrieved_logps": policy_chosen_retrieved_logps,
         "ref_chosen_logps": ref_chosen_logps, "ref_chosen_retrieved_logps": ref_chosen_retrieved_logps,
     }
-    check_shapes(inputs)
     check_beta(beta)
     check_reduction(reduction)
+    check_loss_inputs(inputs)
     logit = beta * ((policy_chosen_logps - ref_chosen_logps)
                     - (policy_chosen_retrieved_logps - ref_chosen_retrieved_logps))
-    check_inputs_finite(logit, inputs)  # the logit involves all four inputs
     loss = reduce_loss(-F.logsigmoid(logit), reduction)
     return loss, LossMetrics(partial(_visual_metrics, beta), *inputs.values(), logit)
 
@@ -89,14 +88,12 @@ def realign_loss(
         "policy_chosen_retrieved_logps": policy_chosen_retrieved_logps, "ref_chosen_logps": ref_chosen_logps,
         "ref_rejected_logps": ref_rejected_logps, "ref_chosen_retrieved_logps": ref_chosen_retrieved_logps,
     }
-    check_shapes(inputs)
     check_beta(beta)
     check_nonnegative("visual_weight", visual_weight)
     check_reduction(reduction)
+    check_loss_inputs(inputs)
     rho_w = policy_chosen_logps - ref_chosen_logps
     textual_logit = beta * (rho_w - (policy_rejected_logps - ref_rejected_logps))
     visual_logit = beta * (rho_w - (policy_chosen_retrieved_logps - ref_chosen_retrieved_logps))
-    # The textual logit covers all inputs but the retrieved-image pair, which only the visual one involves.
-    check_inputs_finite(textual_logit + visual_logit, inputs)
     loss = reduce_loss(-F.logsigmoid(textual_logit) - visual_weight * F.logsigmoid(visual_logit), reduction)
     return loss, LossMetrics(partial(_realign_metrics, beta), *inputs.values(), textual_logit, visual_logit)

@@ -5,8 +5,6 @@ Sub-sequence rewards on aligned differing phrases plus a token-wise KL to the re
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -88,6 +86,22 @@ def rrpo_loss(
     Limit cases: α = 0 and every token inside one phrase on both sides gives :func:`~mmalign.core.losses.dpo_loss`
     on summed log-probs; β (0.1–0.9) and α (0.01–0.1) are the ranges of the official code.
     """
+    _check_rrpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_segment_ids,
+                rejected_segment_ids, chosen_token_kl, beta, alpha, chosen_mask, reduction)
+    reward_w = beta * _phrase_sum(policy_chosen_logps - ref_chosen_logps, chosen_segment_ids)
+    reward_l = beta * _phrase_sum(policy_rejected_logps - ref_rejected_logps, rejected_segment_ids)
+    kl = chosen_token_kl if chosen_mask is None else chosen_token_kl * chosen_mask.to(chosen_token_kl.dtype)
+    kl_sum = kl.sum(dim=-1)
+    loss = reduce_loss(-F.logsigmoid(reward_w - reward_l) + alpha * kl_sum, reduction)
+    return loss, LossMetrics(_rrpo_metrics, reward_w, reward_l, kl_sum, chosen_segment_ids.amax(dim=-1).clamp_min(0))
+
+
+def _check_rrpo(
+    policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, ref_chosen_logps: Tensor, ref_rejected_logps: Tensor,
+    chosen_segment_ids: Tensor, rejected_segment_ids: Tensor, chosen_token_kl: Tensor, beta: float, alpha: float,
+    chosen_mask: Tensor | None, reduction: str,
+) -> None:
+    """Validate a :func:`rrpo_loss` call (shapes, dtypes, finite values, equal phrase counts per pair)."""
     check_ndim("policy_chosen_logps", policy_chosen_logps, 2)
     check_ndim("policy_rejected_logps", policy_rejected_logps, 2)
     check_same_shape({"policy_chosen_logps": policy_chosen_logps, "ref_chosen_logps": ref_chosen_logps,
@@ -106,27 +120,14 @@ def rrpo_loss(
     check_beta(beta)
     check_nonnegative("alpha", alpha)
     check_reduction(reduction)
-
-    reward_w = beta * _phrase_sum(policy_chosen_logps - ref_chosen_logps, chosen_segment_ids)
-    reward_l = beta * _phrase_sum(policy_rejected_logps - ref_rejected_logps, rejected_segment_ids)
-    kl = chosen_token_kl if chosen_mask is None else chosen_token_kl * chosen_mask.to(chosen_token_kl.dtype)
-    kl_sum = kl.sum(dim=-1)
-    margin = reward_w - reward_l
+    check_all_finite({
+        "policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
+        "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
+        "chosen_token_kl": chosen_token_kl})
     n_chosen = chosen_segment_ids.amax(dim=-1).clamp_min(0)
     n_rejected = rejected_segment_ids.amax(dim=-1).clamp_min(0)
-    # One read validates the call: NaN·0 = NaN, so non-finite values anywhere (inside phrases or not) reach the
-    # margin and KL sums; the third value counts pairs whose phrase counts differ.
-    checks = torch.stack([margin.detach().sum(), kl_sum.detach().sum(),
-                          (n_chosen != n_rejected).sum().to(margin.dtype)]).tolist()
-    if not (math.isfinite(checks[0]) and math.isfinite(checks[1])):
-        check_all_finite({
-            "policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,
-            "ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps,
-            "chosen_token_kl": chosen_token_kl})
-    if checks[2] > 0:
-        row = int((n_chosen != n_rejected).nonzero()[0, 0])
+    differ = (n_chosen != n_rejected).nonzero()
+    if len(differ):
+        row = int(differ[0, 0])
         raise ValueError(f"chosen_segment_ids and rejected_segment_ids must hold the same number of phrases per pair, "
                          f"got {int(n_chosen[row])} vs {int(n_rejected[row])} in row {row}")
-    loss = reduce_loss(-F.logsigmoid(margin) + alpha * kl_sum, reduction)
-    metrics = LossMetrics(_rrpo_metrics, reward_w, reward_l, kl_sum, n_chosen)
-    return loss, metrics
