@@ -20,7 +20,7 @@ from typing import Any
 from mmalign.config import Config, check_choice, check_nonnegative, check_positive, option
 from mmalign.train.config import LoraOptions, TrainerConfig
 
-__all__ = ["DiffusionTrainConfig", "loss_options_of", "run"]
+__all__ = ["DiffusionTrainConfig", "loss_options_of", "validate", "run"]
 
 
 def _default_trainer() -> TrainerConfig:
@@ -270,6 +270,24 @@ def _save_artifacts(cfg: DiffusionTrainConfig, model: Any, pipe: Any, run_dir: P
     save_unet(model, run_dir / "unet")
     if cfg.save_pipeline:
         save_pipeline(pipe, model, run_dir / "pipeline")
+
+
+def validate(cfg: DiffusionTrainConfig, resume: bool = False) -> None:
+    """Checks before the CLI makes a run folder: the model folder, and every row of image-pair or cache data."""
+    if cfg.model != "tiny" and Path(cfg.model).exists() and not (Path(cfg.model) / "model_index.json").is_file():
+        raise ValueError(f"model {cfg.model!r} is a local path without model_index.json: give a diffusers pipeline "
+                         "folder (pipe.save_pretrained) or a Hub id")
+    if cfg.data.endswith(".safetensors"):
+        from mmalign.diffusion.data import load_pair_cache
+
+        load_pair_cache(cfg.data, keep_ties=cfg.ties == "half")
+    elif not cfg.data.startswith("shapes:"):
+        from mmalign.data.image_pairs import load_image_pairs
+
+        # resolution does not change which rows are valid; run() reads the data again at the model's resolution
+        load_image_pairs(cfg.data, resolution=8, layout=cfg.data_layout, columns=cfg.columns or None,
+                         split=cfg.split or None, ties=cfg.ties, skip_invalid=cfg.skip_invalid,
+                         allow_outside=cfg.allow_outside_paths)
 
 
 def run(cfg: DiffusionTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:

@@ -245,3 +245,31 @@ def test_sample_command_writes_images_and_a_compare_grid(tmp_path, pipe_dir):
     assert Image.open(tmp_path / "samples" / "grid.png").size == (2 * 16, 4 * 16)  # 2 seeds x (2 prompts x 2 models)
     with pytest.raises(ValueError, match="give prompts"):
         SampleConfig(model=str(pipe_dir))
+
+
+def test_cli_refuses_bad_pairs_before_making_a_run_folder(tmp_path, pipe_dir):
+    from mmalign.cli import main
+
+    path = _pickapic(tmp_path / "data", labels=[1, 1, 2, 1])
+    code = main(["diffusion", "train", f"model={pipe_dir}", f"data={path}", "trainer.max_steps=1",
+                 "--output-dir", str(tmp_path / "run")])
+    assert code == 2 and not (tmp_path / "run").exists()
+
+
+def test_pair_cache_refuses_nan_labels_and_pixels_outside_the_range(tmp_path):
+    from mmalign.diffusion.data import CachedPairDataset, load_pair_cache, save_pair_cache
+
+    base = {"chosen": torch.zeros(3, 3, 4, 4), "rejected": torch.zeros(3, 3, 4, 4),
+            "encoder_hidden_states": torch.zeros(3, 2, 8)}
+    with pytest.raises(ValueError, match=r"labels must be .* rows \[1\] hold \[nan\]"):
+        CachedPairDataset({**base, "labels": torch.tensor([1.0, float("nan"), 0.0])})
+    bad = base["chosen"].clone()
+    bad[2] = 255.0  # pixels in 0..255, not [-1, 1]
+    with pytest.raises(ValueError, match=r"tensors\['chosen'\] rows \[2\] hold pixels outside \[-1, 1\]"):
+        CachedPairDataset({**base, "chosen": bad})
+    assert len(CachedPairDataset({**base, "chosen": torch.full((3, 4, 4, 4), 5.0), "rejected": torch.zeros(3, 4, 4, 4)}))
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="pair cache .*empty.safetensors"):
+        load_pair_cache(tmp_path / "empty.safetensors")
+    with pytest.raises(ValueError, match="labels must be"):
+        save_pair_cache(tmp_path / "x.safetensors", {**base, "labels": torch.tensor([1.0, 2.0, 0.0])})
