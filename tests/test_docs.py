@@ -80,7 +80,6 @@ def test_page_snippets_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monke
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"):
         monkeypatch.setenv(var, "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the docs promise CPU snippets; a GPU must not change them
     monkeypatch.chdir(tmp_path)
     namespace: dict = {"__name__": "__docs__"}
     for block in runnable:
