@@ -48,8 +48,8 @@ def diagnose(task: str, labels: int, epochs: int, seed: int, steps: int = 1000, 
     ret = test.true_rewards.sum(1)
     ctrl = -CTRL_WEIGHT[task] * (test.act ** 2).sum(-1).sum(1)
     label = ret[i] > ret[j]
-    learned = state.member_rewards(test.obs, test.act).mean(0).sum(-1).numpy()
-    zeroed = state.member_rewards(test.obs, np.zeros_like(test.act)).mean(0).sum(-1).numpy()
+    learned = state.trainer.member_rewards(test.obs, test.act).mean(0).sum(-1).numpy()
+    zeroed = state.trainer.member_rewards(test.obs, np.zeros_like(test.act)).mean(0).sum(-1).numpy()
     return {
         "label = order by control cost alone": float(np.mean(label == (ctrl[i] > ctrl[j]))),
         "label = order by the rest of the reward alone": float(np.mean(label == ((ret - ctrl)[i] > (ret - ctrl)[j]))),

@@ -112,7 +112,7 @@ def cpu_breakdown() -> Iterator[dict[str, float]]:
     """
     from stable_baselines3 import PPO
 
-    from mmalign.robotics import pebble, reward_io
+    from mmalign.robotics import feedback, reward_io
 
     totals = {"ppo_update": 0.0, "reward_fit": 0.0, "feedback": 0.0, "reward_inference": 0.0}
 
@@ -126,8 +126,8 @@ def cpu_breakdown() -> Iterator[dict[str, float]]:
         return wrapper
 
     patches = [(PPO, "train", "ppo_update"), (reward_io, "fit_ensemble", "reward_fit"),
-               (pebble.FeedbackState, "feedback_round", "feedback"),
-               (pebble.FeedbackState, "reward_fn", "reward_inference")]
+               (feedback.PreferenceFeedback, "feedback_round", "feedback"),
+               (feedback.PreferenceFeedback, "reward_fn", "reward_inference")]
     saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
     try:
         for owner, name, key in patches:

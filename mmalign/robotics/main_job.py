@@ -47,7 +47,9 @@ class MainConfig(PebbleConfig):
 
     env_id: str = option("Reacher-v5", "gymnasium id of the task (true reward is hidden from the agent)")
     total_steps: int = option(10000, "env steps of each SAC agent")
-    teacher: str = option("mistake", "B-Pref teacher preset: oracle, stochastic, mistake, skip, myopic, equal")
+    teacher: str | dict[str, Any] = option(
+        "mistake", "teacher by name from mmalign.registry.TEACHERS (B-Pref presets oracle, stochastic, mistake, skip, "
+                   "myopic, equal, ...), with per-field overrides teacher.<field>=value")
     label_budget: int = option(400, "total number of queries asked (skipped ones count), at most this many")
     rm_epochs: int = option(30, "passes over all labels per feedback round")
     normalize_act: bool = option(

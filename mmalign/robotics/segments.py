@@ -25,6 +25,7 @@ __all__ = [
     "collect_episodes",
     "random_pairs",
     "features",
+    "SegmentSampler",
 ]
 
 
@@ -147,7 +148,10 @@ def sample_segments(
     cols = env[:, None]
 
     def cut(a: np.ndarray | None) -> np.ndarray | None:
-        return None if a is None else np.asarray(a[rows, cols], dtype=np.float32)
+        if a is None:
+            return None
+        # pixels stay uint8 (a pixel reward model scales uint8 frames to [0, 1] itself)
+        return np.asarray(a[rows, cols], dtype=np.uint8 if a.dtype == np.uint8 else np.float32)
 
     return Segments(cut(obs), cut(act), cut(rewards), cut(qpos), cut(qvel))  # type: ignore[arg-type]
 
@@ -185,6 +189,28 @@ def segments_from_buffer(
     if unscale_action is not None:
         segs.act = np.asarray(unscale_action(segs.act), dtype=np.float32)
     return segs
+
+
+class SegmentSampler:
+    """The fragmenter of online PbRL: ``length``-step segments from an SB3 buffer, optionally only from the last
+    ``recent`` stored rows (``None`` = the whole buffer)."""
+
+    def __init__(self, length: int, recent: int | None = None) -> None:
+        if length <= 0:
+            raise ValueError(f"segment length must be > 0, got {length}")
+        if recent is not None and recent < length:
+            raise ValueError(f"recent must be None or >= length={length}, got {recent}")
+        self.length, self.recent = length, recent
+
+    def from_buffer(self, buffer: Any, true_rewards: np.ndarray, ends: np.ndarray, num: int,
+                    rng: np.random.Generator, action_features: Callable[[np.ndarray], np.ndarray] | None = None
+                    ) -> Segments:
+        """``num`` segments (with replacement) of ``buffer`` (see :func:`segments_from_buffer`)."""
+        if isinstance(buffer.observations, dict):
+            raise ValueError("dict observations are not supported by the segment sampler; flatten them with "
+                             "gymnasium.wrappers.FlattenObservation or keep one image key")
+        return segments_from_buffer(buffer, true_rewards, ends, self.length, num, rng,
+                                    unscale_action=action_features, recent=self.recent)
 
 
 def collect_episodes(

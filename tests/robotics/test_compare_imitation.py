@@ -40,21 +40,22 @@ def test_cpu_breakdown_times_calls_and_restores_methods(cmp):
     from stable_baselines3 import PPO
 
     from mmalign.robotics import pebble, reward_io
+    from mmalign.robotics.feedback import PreferenceFeedback
 
-    originals = (PPO.__dict__["train"], reward_io.fit_ensemble, pebble.FeedbackState.__dict__["feedback_round"],
-                 pebble.FeedbackState.__dict__["reward_fn"])
+    originals = (PPO.__dict__["train"], reward_io.fit_ensemble, PreferenceFeedback.__dict__["feedback_round"],
+                 PreferenceFeedback.__dict__["reward_fn"])
     cfg = cmp.mmalign_config(20000, 400, 0, "ppo", ["ensemble_size=2", "device=cpu"])
     state = pebble.FeedbackState(cfg, obs_dim=10, act_dim=2, device=pebble.resolve_device("cpu"))
     rng = np.random.default_rng(0)
     obs, act = rng.normal(size=(4096, 10)).astype(np.float32), rng.normal(size=(4096, 2)).astype(np.float32)
     with cmp.cpu_breakdown() as raw:
-        assert pebble.FeedbackState.__dict__["reward_fn"] is not originals[3]
+        assert PreferenceFeedback.__dict__["reward_fn"] is not originals[3]
         for _ in range(20):
             r = state.reward_fn(obs, act)
     assert r.shape == (4096,)
     assert raw["reward_inference"] > 0 and raw["ppo_update"] == raw["reward_fit"] == raw["feedback"] == 0.0
     assert originals == (PPO.__dict__["train"], reward_io.fit_ensemble,
-                         pebble.FeedbackState.__dict__["feedback_round"], pebble.FeedbackState.__dict__["reward_fn"])
+                         PreferenceFeedback.__dict__["feedback_round"], PreferenceFeedback.__dict__["reward_fn"])
     parts = cmp.split_cpu(10.0, {"ppo_update": 3.0, "reward_fit": 2.0, "feedback": 2.5, "reward_inference": 1.5})
     assert parts == {"cpu_ppo_update_s": 3.0, "cpu_reward_fit_s": 2.0, "cpu_feedback_other_s": 0.5,
                      "cpu_reward_inference_s": 1.5, "cpu_rollout_other_s": 3.0}

@@ -118,7 +118,7 @@ def test_selectors_never_ask_about_one_window_twice(selector):
                        segment_length=5, device="cpu")
     state = FeedbackState(cfg, 4, 2, torch.device("cpu"))
     for _ in range(10):
-        i, j = state.select(segs, 10)
+        i, j = state.selector.select(segs, 10, state.rng, state.trainer)
         assert len(i) == 10 and (windows[i] != windows[j]).all()
 
 

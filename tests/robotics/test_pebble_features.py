@@ -64,7 +64,7 @@ def test_action_stats_are_frozen_at_the_first_round_with_the_balanced_weight():
 
 def _action_dependence(state: FeedbackState, test: Segments) -> tuple[float, float]:
     """(corr of learned segment return with the control cost, accuracy on random test pairs)."""
-    learned = state.member_rewards(test.obs, test.act).mean(0).sum(-1).numpy()
+    learned = state.trainer.member_rewards(test.obs, test.act).mean(0).sum(-1).numpy()
     ctrl = -(test.act**2).sum(-1).sum(-1)
     ret = test.true_rewards.sum(1)
     i, j = np.arange(0, len(test), 2), np.arange(1, len(test), 2)

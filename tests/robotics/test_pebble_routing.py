@@ -48,7 +48,7 @@ def test_routing_spends_the_costly_budget_exactly_and_counts_pseudo_labels_apart
         rounds.append(state.feedback_round(_segments(seed=r)))
     assert asked == [12, 7, 7, 4]  # the teacher saw exactly the routed pairs, budget cut in the last round
     assert [m.get("routing/costly_queries") for m in rounds] == [12, 7, 7, 4, None, None]
-    assert state.queries_used == state.router.spent == 30 and state.budget_left == 0
+    assert state.queries_used == state.selector.router.spent == 30 and state.schedule.budget_left == 0
     stats = state.label_stats()
     assert stats["labels/queries"] == stats["labels/costly_spent"] == 30
     assert stats["labels/answered"] == 30  # oracle answers all; pseudo-labels are not in the label count
@@ -68,7 +68,7 @@ def test_routing_never_asks_about_a_segment_compared_with_itself():
     state = _state(selector="routing", label_budget=16, initial_labels=8, labels_per_round=8, candidate_factor=4)
     for _ in range(2):
         state.feedback_round(segs)
-    obs1, obs2 = np.concatenate(state.pairs["obs1"]), np.concatenate(state.pairs["obs2"])
+    obs1, obs2 = np.concatenate(state.labels.pairs["obs1"]), np.concatenate(state.labels.pairs["obs2"])
     assert len(obs1) == 16 and not (obs1 == obs2).all(axis=(1, 2)).any()
 
 
@@ -113,9 +113,9 @@ def test_reward_norm_standardises_each_member():
     state.feedback_round(_segments())
     rng = np.random.default_rng(1)
     obs, act = rng.standard_normal((500, OBS)), rng.uniform(-1, 1, (500, ACT))
-    before = state.member_rewards(obs, act)
-    state.fit_reward_norm(obs, act)
-    after = state.member_rewards(obs, act, normalize=True)
+    before = state.trainer.member_rewards(obs, act)
+    state.trainer.fit_reward_norm(obs, act)
+    after = state.trainer.member_rewards(obs, act, normalize=True)
     assert torch.allclose(after.mean(1), torch.zeros(3), atol=1e-4)
     assert torch.allclose(after.std(1, unbiased=False), torch.ones(3), atol=1e-3)
     # order within each member is kept (an affine map with positive scale), and the agent sees the normalised mean

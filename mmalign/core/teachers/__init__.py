@@ -28,6 +28,8 @@ Teachers here: :class:`SimulatedHuman` (B-Pref; presets ``oracle, stochastic, mi
 
 from __future__ import annotations
 
+import inspect
+
 from mmalign.core.teachers.base import SegmentPairBatch, Teacher, TeacherLabels, binary_entropy, from_bpref_labels
 from mmalign.core.teachers.learned import RewardModelTeacher
 from mmalign.core.teachers.bpref import BPREF_PRESETS, SimulatedHuman, bpref_teacher, segment_return_scale
@@ -57,6 +59,8 @@ def _preset_factory(name: str):  # type: ignore[no-untyped-def]
     def factory(**overrides: object) -> SimulatedHuman:
         return SimulatedHuman.preset(name, **overrides)
 
+    # SimulatedHuman's keyword arguments, so a config can check `teacher.<field>` overrides without building one
+    factory.__signature__ = inspect.signature(SimulatedHuman)  # type: ignore[attr-defined]
     factory.__name__ = f"{name}_teacher"
     factory.__doc__ = f"B-Pref {name} teacher: SimulatedHuman({BPREF_PRESETS[name] or 'beta=inf'}) + overrides."
     return factory

@@ -235,6 +235,9 @@ class Teacher(ABC):
     """Base class: validates inputs once, then calls :meth:`_label` on a :class:`SegmentPairBatch`."""
 
     name: str = "teacher"
+    #: Whether labels are computed from the true per-step rewards (simulated humans); a human labeller or a
+    #: learned reward model does not, and can run on an env without a reward.
+    needs_true_reward: bool = True
 
     def __call__(
         self,

@@ -22,6 +22,8 @@ class RewardModelTeacher(Teacher):
     ``member_logits`` from the last call are kept in :attr:`last_member_logits` (``[K, N]``) for routing.
     """
 
+    needs_true_reward = False  # it reads observations and actions only
+
     def __init__(
         self, model: RewardModel | RewardEnsemble, beta: float = 1.0, sample: bool = False, hard: bool = False
     ) -> None:
