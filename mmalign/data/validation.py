@@ -1,6 +1,6 @@
 """Row-level validation of preference data: every bad row is reported by index and reason.
 
-Three kinds of data share one mechanism:
+Four kinds of data share one mechanism:
 
 - ``text``: prompt/response pairs in the TRL preference format (``prompt``, ``chosen``, ``rejected``, optional
   ``images`` — a list of paths, arrays or PIL images —, optional ``videos`` — a list of videos, each a non-empty
@@ -11,6 +11,8 @@ Three kinds of data share one mechanism:
   ``system``/``user``/``assistant``; a conversational prompt needs one ``{"type": "image"}`` part per image, a string
   prompt that holds the model's image token (``image_token=``) one token per image. Per-branch images
   (``rejected_images``, ``retrieved_images``) hold as many images as ``images``.
+- ``prompt``: prompts to answer (``prompt``, optional ``images``/``videos``, any other fields such as an expected
+  ``answer``), checked like the prompt side of ``text`` rows (generation and evaluation data).
 - ``image``: diffusion pairs (``caption``, ``chosen_image``, ``rejected_image``, optional ``label``).
 - ``segment``: trajectory segment pairs (``obs_first``, ``act_first``, ``obs_second``, ``act_second``, optional
   ``rewards_first``/``rewards_second``, ``frames_first``/``frames_second`` and ``label`` = P(first ≻ second)).
@@ -36,9 +38,10 @@ from mmalign.data.media import PathEscapeError, image_source, is_hf_image, open_
 __all__ = ["KINDS", "REQUIRED", "ROLES", "DataValidationError", "ValidationReport", "validate_rows", "row_problems",
            "count_image_parts"]
 
-KINDS = ("text", "image", "segment")
+KINDS = ("text", "image", "segment", "prompt")
 REQUIRED: dict[str, tuple[str, ...]] = {
     "text": ("prompt", "chosen", "rejected"),
+    "prompt": ("prompt",),
     "image": ("caption", "chosen_image", "rejected_image"),
     "segment": ("obs_first", "act_first", "obs_second", "act_second"),
 }
@@ -244,8 +247,8 @@ def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None
             out.append(f"missing field {name!r}")
     if out:
         return out
-    if kind == "text":
-        for name in ("prompt", "chosen", "rejected"):
+    if kind in ("text", "prompt"):
+        for name in REQUIRED[kind]:
             value = row[name]
             if isinstance(value, str):
                 text, media = value, False
@@ -257,6 +260,8 @@ def row_problems(kind: str, row: Mapping[str, Any], base_dir: Path | None = None
                 continue
             if name != "prompt" and not text.strip() and not media:
                 out.append(f"empty response in {name!r}")
+            elif kind == "prompt" and not text.strip() and not media:
+                out.append("empty prompt")
         for column in ("images", "rejected_images", "retrieved_images", "videos"):
             items = row.get(column)
             if not _is_missing(items):

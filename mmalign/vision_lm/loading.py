@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_model_source", "hub_offline", "load_vlm", "load_processor", "resolve_dtype"]
+__all__ = ["check_model_source", "hub_offline", "load_vlm", "load_for_inference", "load_processor", "resolve_dtype"]
 
 
 def hub_offline() -> bool:
@@ -84,4 +84,32 @@ def load_vlm(name_or_path: str, *, dtype: str = "auto", device: str | None = Non
         from mmalign.train.lora import add_lora
 
         model = add_lora(model, **lora)
+    return model, processor
+
+
+def load_for_inference(name_or_path: str, *, base_model: str = "", dtype: str = "auto", device: str | None = None,
+                       trust_remote_code: bool = False) -> tuple[Any, Any]:
+    """``(model, processor)`` of a full model folder / Hub id, or of a PEFT adapter folder on its base model.
+
+    An adapter folder (``adapter_config.json``) loads onto ``base_model``, by default the base its config names;
+    its processor comes from the adapter folder when saved there (``vlm train`` does), else from the base.
+    """
+    path = Path(name_or_path).expanduser()
+    if not (path / "adapter_config.json").is_file():
+        return load_vlm(name_or_path, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    import json
+
+    from peft import PeftModel
+
+    base = base_model or json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path") or ""
+    if not base:
+        raise ValueError(f"{path}/adapter_config.json names no base model: pass base_model=<folder or Hub id>")
+    check_model_source(base, "base_model")
+    model, processor = load_vlm(base, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    model = PeftModel.from_pretrained(model, str(path)).eval()
+    if (path / "processor_config.json").is_file() or (path / "preprocessor_config.json").is_file():
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(str(path), local_files_only=True,
+                                                  trust_remote_code=trust_remote_code)
     return model, processor

@@ -18,6 +18,8 @@ from typing import Sequence
 
 import numpy as np
 
+from mmalign.vision_lm.pope import pope_metrics  # noqa: F401  (re-exported: the benchmark's POPE)
+
 __all__ = [
     "SHAPES", "COLORS", "SIZES", "PRIOR_PAIRS", "SceneObject", "Scene", "SceneGenerator", "render",
     "caption", "parse_caption", "question", "vocabulary", "chair_metrics", "pope_questions", "pope_metrics",
@@ -231,16 +233,3 @@ def pope_questions(
             absent.sort(key=lambda s: -sum(co[(p, s)] for p in present))
         out += [(i, s, True) for s in present] + [(i, s, False) for s in absent[: len(present)]]
     return out
-
-
-def pope_metrics(predicted_yes: np.ndarray, truth: np.ndarray) -> dict[str, float]:
-    """Accuracy, precision, recall, F1 and yes-ratio of boolean answers (POPE's definitions)."""
-    p, t = np.asarray(predicted_yes, dtype=bool), np.asarray(truth, dtype=bool)
-    if p.shape != t.shape or p.size == 0:
-        raise ValueError(f"predicted_yes and truth must be non-empty with equal shapes, got {p.shape} and {t.shape}")
-    tp = float((p & t).sum())
-    precision = tp / max(float(p.sum()), 1.0)
-    recall = tp / max(float(t.sum()), 1.0)
-    f1 = 2 * precision * recall / max(precision + recall, 1e-12)
-    return {"acc": float((p == t).mean()), "precision": precision, "recall": recall, "f1": f1,
-            "yes_ratio": float(p.mean())}

@@ -184,3 +184,17 @@ def test_decode_image_passes_decoded_values_through() -> None:
     arr = np.zeros((3, 3, 3), dtype=np.uint8)
     assert decode_image(arr) is arr
     assert decode_image({"bytes": _png_bytes(COLORS[0]), "path": None}).mode == "RGB"
+
+
+def test_prompt_rows_for_generation_and_evaluation(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(_png_bytes(COLORS[0]))
+    rows = [{"image": "a.png", "question": "Is there a cat?", "answer": "yes"},
+            {"image": "../a.png", "question": "Is there a dog?", "answer": "no"},
+            {"image": "a.png", "question": "  ", "answer": "no"}]
+    (tmp_path / "pope.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    with pytest.raises(DataValidationError) as err:
+        load_preference_data(tmp_path / "pope.jsonl", "prompt", columns={"prompt": "question", "images": "image"})
+    assert [i for i, _ in err.value.problems] == [1, 2] and err.value.problems[1][1] == "empty prompt"
+    kept = load_preference_data(tmp_path / "pope.jsonl", "prompt", columns={"prompt": "question", "images": "image"},
+                                skip_invalid=True)
+    assert len(kept) == 1 and kept.rows[0]["answer"] == "yes" and kept.rows[0]["images"] == ["a.png"]

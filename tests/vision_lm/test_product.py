@@ -313,3 +313,42 @@ def test_training_depends_on_no_benchmark_code_and_tiny_not_on_families() -> Non
         if (Path(__file__).parents[2] / "mmalign" / "vision_lm" / f"{module}.py").exists():
             assert "benchmark" not in _vlm_imports(module), module
     assert not {"families", "testbed", "benchmark"} & _vlm_imports("tiny")
+
+
+def test_generate_and_eval_from_an_adapter_folder(llava_dir: Path, tmp_path: Path) -> None:
+    from mmalign.cli import run_job
+
+    data = pairs_file(tmp_path / "data")
+    trained = run(cfg(llava_dir, data, trainer={"max_steps": 1}), tmp_path / "train")
+    rows = [{"image": f"im{i}.png", "question": "is there a red circle", "answer": a}
+            for i, a in enumerate(["yes", "no", "Yes.", "no"])]
+    (tmp_path / "data" / "pope.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    gen = run_job("vlm.generate", None, [f"model_path={trained['artifact/adapter']}", f"data={data}",
+                                         "max_new_tokens=4", "batch_size=3"], str(tmp_path / "gen"), False)
+    lines = [json.loads(x) for x in (tmp_path / "gen" / "generations.jsonl").read_text().splitlines()]
+    assert gen["n"] == 4 and [x["row"] for x in lines] == [0, 1, 2, 3] and all("generated" in x for x in lines)
+    out = run_job("vlm.eval", None, [f"model_path={trained['artifact/adapter']}",
+                                     f"data={tmp_path / 'data' / 'pope.jsonl'}"], str(tmp_path / "eval"), False)
+    answers = [json.loads(x) for x in (tmp_path / "eval" / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and out["eval/n"] == 4
+    # the metrics follow from the written answers (a random tiny model rarely says yes or no: unparsed = wrong)
+    correct = [a["correct"] for a in answers]
+    assert out["eval/acc"] == pytest.approx(np.mean(correct))
+    assert out["eval/unparsed_ratio"] == pytest.approx(np.mean([a["predicted"] is None for a in answers]))
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text()) == out
+    rows[1]["answer"] = "maybe"
+    (tmp_path / "data" / "pope.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    from mmalign.data import DataValidationError
+
+    with pytest.raises(DataValidationError, match="row 1: answer must be yes or no, got 'maybe'"):
+        run_job("vlm.eval", None, [f"model_path={trained['artifact/adapter']}",
+                                   f"data={tmp_path / 'data' / 'pope.jsonl'}"], str(tmp_path / "eval2"), False)
+
+
+def test_pope_answer_parsing_and_metrics() -> None:
+    from mmalign.vision_lm.pope import parse_yes_no, pope_metrics
+
+    assert [parse_yes_no(t) for t in ("Yes.", " no, there is none", "I think so", "", "NO")] == \
+        [True, False, None, None, False]
+    m = pope_metrics(np.array([True, True, False, False]), np.array([True, False, False, False]))
+    assert m == {"acc": 0.75, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "yes_ratio": 0.5}
