@@ -80,6 +80,18 @@ job(
     default_config="configs/vision_lm/benchmark.yaml",
 )
 job(
+    "vlm.generate",
+    "mmalign.vision_lm.generate_job:run_generate",
+    "mmalign.vision_lm.generate_job:GenerateConfig",
+    "answers of a VLM (model folder, Hub id, merged or adapter folder) for prompts over images from a data file",
+)
+job(
+    "vlm.eval",
+    "mmalign.vision_lm.generate_job:run_eval",
+    "mmalign.vision_lm.generate_job:EvalConfig",
+    "POPE-style yes/no evaluation of a VLM on image/question/answer rows: accuracy, F1, yes-ratio",
+)
+job(
     "robotics.cpl",
     "mmalign.robotics.cpl:run",
     "mmalign.robotics.cpl:CPLConfig",
