@@ -286,7 +286,7 @@ def evaluate_policy(actor: nn.Module, env_id: str, episodes: int, seed: int) -> 
 def validate(cfg: CPLConfig, resume: bool = False) -> None:
     """Everything checkable before work: resume support, the env (a Box-action task) and a given oracle file."""
     from mmalign.robotics.pebble import PebbleConfig, check_setup
-    from mmalign.robotics.sb3_io import check_policy_file
+    from mmalign.robotics.sb3_io import load_sb3_any
 
     if resume:
         raise ValueError("--resume is not supported by robotics.cpl (its phases are not checkpointed); start a new "
@@ -296,8 +296,8 @@ def validate(cfg: CPLConfig, resume: bool = False) -> None:
         path = Path(cfg.oracle_path)
         if not path.is_file():
             raise FileNotFoundError(f"oracle_path {cfg.oracle_path!r} does not exist (or is not a file)")
-        if path.suffix == ".safetensors":
-            check_policy_file(path, env_id=cfg.env_id, algo="SAC")
+        if path.suffix == ".safetensors" or (path.suffix == ".zip" and not cfg.allow_pickle):
+            load_sb3_any(path, env_id=cfg.env_id, algo="SAC")  # reads and checks it all, without unpickling
         elif path.suffix != ".zip":
             raise ValueError(f"oracle_path {cfg.oracle_path!r} must be a .safetensors policy written by "
                              f"robotics.cpl (oracle_sac.safetensors) or an SB3 .zip")
