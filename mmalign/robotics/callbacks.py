@@ -123,6 +123,11 @@ class PreferenceFeedbackCallback(BaseCallback):
         self.next_feedback += fb.schedule.feedback_every
         if fb.round_size() == 0:
             return
+        if self.num_timesteps >= self.model._total_timesteps:
+            # training ends with this step (rollout): no later action would be chosen under the refitted reward, so
+            # the round's labels would be spent for nothing
+            self.skipped_after_end += 1
+            return
         buf = self._buffer()
         num = 2 * fb.round_size() * self.candidate_factor
         segs = self.sampler.from_buffer(buf, self.true_rewards, self.ends, num, fb.rng, self.to_features)

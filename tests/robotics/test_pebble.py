@@ -156,3 +156,16 @@ def test_pretraining_reward_is_the_kth_neighbour_among_earlier_states():
     assert first[0] == pytest.approx(math.log1p(5.0))  # from 1: others at 1..9, the 5th is 5
     second = fn(np.zeros((1, 1), np.float32), np.zeros((1, 2)))  # reference = the 10 earlier states
     assert second[0] == pytest.approx(math.log1p(5.0))
+
+
+@pytest.mark.parametrize("algo", ["sac", "ppo"])
+def test_no_feedback_round_once_training_has_ended(algo):
+    """A round due at the last env step (SAC) or after the last rollout (PPO) is not asked: nothing would learn from
+    its labels (issue: total_steps=3000 initial_labels=100 labels_per_round=50 label_budget=200 spent 200)."""
+    torch.set_num_threads(1)
+    extra = dict(ppo_n_steps=100, batch_size=50) if algo == "ppo" else {}
+    cfg = PebbleConfig(**{**TINY, "total_steps": 300, "first_feedback": 100, "feedback_every": 100, "label_budget": 16,
+                          "initial_labels": 8, "labels_per_round": 4, "eval_every": 300, **extra}, algo=algo)
+    res = train_agent(cfg)
+    assert res["labels"]["labels/queries"] == 12  # rounds at 100 and 200; the one due at 300 is skipped
+    assert res["state"].rounds == 2 and res["state"].schedule.budget_left == 4
