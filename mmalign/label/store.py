@@ -161,6 +161,9 @@ class Store:
         self.engine = _engine(url)
         Base.metadata.create_all(self.engine)
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        # tokens and projects never change once created: cache them (two fewer transactions per request)
+        self._tokens: dict[str, tuple[int, str, bool]] = {}
+        self._projects: dict[str, Project] = {}
 
     def close(self) -> None:
         self.engine.dispose()
@@ -192,6 +195,8 @@ class Store:
         if not token:
             return None
         digest = hash_token(token)
+        if digest in self._tokens:
+            return self._tokens[digest]
         with self._session() as s:
             row = s.execute(
                 select(Labeller.id, Labeller.name, Labeller.token_hash, Labeller.admin).where(
@@ -199,7 +204,8 @@ class Store:
             ).first()
         if row is None or not hmac.compare_digest(row.token_hash, digest):
             return None
-        return int(row.id), str(row.name), bool(row.admin)
+        self._tokens[digest] = (int(row.id), str(row.name), bool(row.admin))
+        return self._tokens[digest]
 
     # -- projects and queries ----------------------------------------------------------------------------------
     def create_project(self, name: str, kind: str, *, instructions: str = "", answers_per_query: int = 1) -> int:
@@ -221,10 +227,13 @@ class Store:
             return int(project.id)
 
     def project(self, name: str) -> Project:
+        if name in self._projects:
+            return self._projects[name]
         with self._session() as s:
             project = s.scalar(select(Project).where(Project.name == name))
         if project is None:
             raise StoreError(f"no project named {name!r}", 404)
+        self._projects[name] = project
         return project
 
     def projects(self) -> list[Project]:
@@ -282,12 +291,21 @@ class Store:
             live = (select(func.count()).select_from(Lease)
                     .where(Lease.query_id == Query.id, Lease.expires > now).scalar_subquery())
             mine = select(Answer.id).where(Answer.query_id == Query.id, Answer.labeller_id == labeller_id).exists()
-            stmt = (select(Query).where(Query.project_id == proj.id, ~Query.cancelled,
-                                        Query.num_answers + live < proj.answers_per_query, ~mine)
-                    .order_by(Query.id).limit(1))
-            if not self.sqlite:  # concurrent servers: skip rows another transaction is leasing right now
-                stmt = stmt.with_for_update(skip_locked=True, of=Query)
-            q = s.scalar(stmt)
+            skip: list[int] = []
+            while True:
+                stmt = (select(Query).where(Query.project_id == proj.id, ~Query.cancelled,
+                                            Query.num_answers + live < proj.answers_per_query, ~mine,
+                                            Query.id.not_in(skip))
+                        .order_by(Query.id).limit(1))
+                if self.sqlite:  # BEGIN IMMEDIATE: this transaction is the only writer, the count is current
+                    q = s.scalar(stmt)
+                    break
+                # PostgreSQL: lock the row, skipping rows other transactions are leasing; the lock may come after
+                # another lease was committed that this statement's snapshot did not see, so count again
+                q = s.scalar(stmt.with_for_update(skip_locked=True, of=Query))
+                if q is None or self._free_slots(s, q, proj, now) > 0:
+                    break
+                skip.append(q.id)
             if q is None:
                 return None
             old = s.scalar(select(Lease).where(Lease.query_id == q.id, Lease.labeller_id == labeller_id))
@@ -296,6 +314,14 @@ class Store:
             else:
                 s.add(Lease(query_id=q.id, labeller_id=labeller_id, expires=now + self.lease_seconds))
             return self._leased(proj, q, labeller_id, now + self.lease_seconds)
+
+    @staticmethod
+    def _free_slots(s: Session, q: Query, proj: Project, now: float, but: int | None = None) -> int:
+        """Answers the query still needs beyond its answers and other labellers' live leases (fresh statements)."""
+        leases = s.scalar(select(func.count()).select_from(Lease).where(
+            Lease.query_id == q.id, Lease.expires > now, Lease.labeller_id != (but if but is not None else -1)))
+        answers = s.scalar(select(func.count()).select_from(Answer).where(Answer.query_id == q.id))
+        return proj.answers_per_query - int(answers) - int(leases)
 
     def _leased(self, proj: Project, q: Query, labeller_id: int, expires: float) -> Leased:
         payload = json.loads(q.payload)
@@ -322,18 +348,24 @@ class Store:
                 return {**stored, "duplicate": True}
             try:
                 with self._tx() as s:
-                    q = s.get(Query, query_id)
+                    q = s.get(Query, query_id, with_for_update=not self.sqlite)
                     if q is None:
                         raise StoreError(f"no query with id {query_id}", 404)
                     if s.scalar(select(Answer.id).where(Answer.query_id == query_id,
                                                         Answer.labeller_id == labeller_id)) is not None:
                         raise StoreError(f"query {query_id} was already answered by this labeller", 409)
+                    lease = s.scalar(select(Lease).where(Lease.query_id == query_id,
+                                                         Lease.labeller_id == labeller_id))
+                    now = time.time()
+                    if (lease is None or lease.expires <= now) and self._free_slots(
+                            s, q, self._project_by_id(s, q.project_id), now, but=labeller_id) <= 0:
+                        # the lease ran out and the query went to someone else: one labeller at a time
+                        raise StoreError(f"the lease on query {query_id} expired and the query was given to "
+                                         f"another labeller; this answer was not stored", 409)
                     a = Answer(submission_id=submission_id, query_id=query_id, labeller_id=labeller_id,
                                choice=choice, label=label, comment=comment, seconds=seconds, created=time.time())
                     s.add(a)
                     q.num_answers = Query.num_answers + 1  # atomic increment in SQL
-                    lease = s.scalar(select(Lease).where(Lease.query_id == query_id,
-                                                         Lease.labeller_id == labeller_id))
                     if lease is not None:
                         s.delete(lease)
                     s.flush()
@@ -342,6 +374,14 @@ class Store:
             except IntegrityError:
                 continue
         raise StoreError("could not store the answer (conflicting concurrent submission)", 409)
+
+    def _project_by_id(self, s: Session, project_id: int) -> Project:
+        for p in self._projects.values():
+            if p.id == project_id:
+                return p
+        project = s.get(Project, project_id)
+        self._projects[project.name] = project
+        return project
 
     def _answer_by_submission(self, submission_id: str) -> dict[str, Any] | None:
         with self._session() as s:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -70,6 +71,23 @@ def test_expired_lease_goes_back_to_the_queue(db_url: str) -> None:
     assert store.lease("p", a, now=t + 5).query_id == qa.query_id  # alice gets the same one back
     qb = store.lease("p", b, now=t + 16)  # alice's lease (renewed at t+5) expired at t+15
     assert qb is not None and qb.query_id == qa.query_id
+    store.close()
+
+
+def test_answer_after_an_expired_lease_is_refused_only_when_the_query_moved_on(db_url: str) -> None:
+    store = _store(db_url, n=2, lease=10.0)
+    a = store.authenticate(store.add_labeller("alice"))[0]  # type: ignore[index]
+    b = store.authenticate(store.add_labeller("bob"))[0]  # type: ignore[index]
+    t = time.time()
+    qa = store.lease("p", a, now=t - 100)  # alice's lease expired long ago
+    assert store.lease("p", b).query_id == qa.query_id  # so bob gets the same query
+    with pytest.raises(StoreError, match="expired"):
+        store.submit(a, "alice-0000001", qa.query_id, "left")
+    store.submit(b, "bob-00000001", qa.query_id, "left")
+    qa2 = store.lease("p", a, now=t - 50)  # expired, but nobody else took it: the answer is welcome
+    store.submit(a, "alice-0000002", qa2.query_id, "right")
+    assert sorted((x["labeller"], x["query_id"]) for x in store.answers("p")) == [
+        ("alice", qa2.query_id), ("bob", qa.query_id)]
     store.close()
 
 

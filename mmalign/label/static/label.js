@@ -98,6 +98,9 @@ async function answer(choice) {
       await api("POST", "/api/answers", body);
       break;
     } catch (e) {
+      if (e.status === 409) {  // already stored, or the lease ran out and the query went to someone else
+        sending = false; await loadNext(); setText("status", "Not saved: " + e.message); return;
+      }
       if (e.status && e.status < 500 && e.status !== 429) {
         setText("status", "Not saved: " + e.message); sending = false; return;
       }
