@@ -14,6 +14,10 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
+# The scalar checks are the config module's (torch-free, so configs validate without importing torch): one
+# implementation, one wording of the errors.
+from mmalign.config import check_choice, check_nonnegative, check_positive, check_range
+
 __all__ = [
     "REDUCTIONS",
     "check_tensor",
@@ -46,38 +50,6 @@ def _describe(value: Any) -> str:
     return repr(value)
 
 
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-# --------------------------------------------------------------------------------------------------- scalars
-
-
-def check_positive(name: str, value: float) -> None:
-    """``value`` is a finite real number > 0."""
-    if not _is_number(value) or not math.isfinite(value) or value <= 0:
-        _fail(name, value, "a finite number > 0")
-
-
-def check_nonnegative(name: str, value: float) -> None:
-    """``value`` is a finite real number >= 0."""
-    if not _is_number(value) or not math.isfinite(value) or value < 0:
-        _fail(name, value, "a finite number >= 0")
-
-
-def check_range(
-    name: str, value: float, low: float, high: float, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    """``low <= value <= high``, with open ends selected by ``low_open`` / ``high_open``."""
-    ok = _is_number(value) and math.isfinite(value)
-    if ok:
-        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
-    if not ok:
-        lo = "(" if low_open else "["
-        hi = ")" if high_open else "]"
-        _fail(name, value, f"a number in {lo}{low}, {high}{hi}")
-
-
 def check_beta(value: float, name: str = "beta") -> None:
     """Inverse temperature / KL coefficient: finite and > 0."""
     check_positive(name, value)
@@ -89,8 +61,8 @@ def check_eps(value: float, name: str = "eps") -> None:
 
 
 def check_reduction(reduction: str, name: str = "reduction") -> None:
-    if reduction not in REDUCTIONS:
-        _fail(name, reduction, f"one of {list(REDUCTIONS)}")
+    """``reduction`` is one of :data:`REDUCTIONS`."""
+    check_choice(name, reduction, REDUCTIONS)
 
 
 # --------------------------------------------------------------------------------------------------- tensors

@@ -80,7 +80,7 @@ def test_bad_input() -> None:
         cpl_loss(lp1, lp2[:, :3])
     with pytest.raises(ValueError, match="logp_first.*2-D"):
         cpl_loss(lp1[:, 0], lp2[:, 0])
-    with pytest.raises(ValueError, match=r"bias must be a number in \(0.0, 1.0\], got 0.0"):
+    with pytest.raises(ValueError, match=r"bias must be in \(0.0, 1.0\], got 0.0"):
         cpl_loss(lp1, lp2, bias=0.0)
     with pytest.raises(ValueError, match="bias.*1.5"):
         cpl_loss(lp1, lp2, bias=1.5)

@@ -151,7 +151,7 @@ def test_bad_input(fn) -> None:
 @pytest.mark.parametrize("fn", [conservative_dpo_loss, robust_dpo_loss])
 @pytest.mark.parametrize("eps", [0.5, 0.7, -0.1])
 def test_bad_eps(fn, eps: float) -> None:
-    with pytest.raises(ValueError, match=rf"eps must be a number in \[0.0, 0.5\), got {eps}"):
+    with pytest.raises(ValueError, match=rf"eps must be in \[0.0, 0.5\), got {eps}"):
         fn(*_inputs(n=4), eps=eps)
 
 

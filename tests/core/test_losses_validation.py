@@ -13,7 +13,7 @@ from mmalign.registry import LOSSES
 def test_scalar_checks_name_value_and_expectation() -> None:
     with pytest.raises(ValueError, match=r"^beta must be a finite number > 0, got -1$"):
         V.check_beta(-1)
-    with pytest.raises(ValueError, match=r"^eps must be a number in \[0.0, 0.5\), got 0.5$"):
+    with pytest.raises(ValueError, match=r"^eps must be in \[0.0, 0.5\), got 0.5$"):
         V.check_eps(0.5)
     with pytest.raises(ValueError, match="flag must be a finite number >= 0, got True"):
         V.check_nonnegative("flag", True)
