@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["tiny_clip_tokenizer", "tiny_sd_pipeline", "plain_unet", "with_unet", "encode_prompts", "generate",
+__all__ = ["tiny_clip_tokenizer", "tiny_sd_pipeline", "tiny_sdxl_pipeline", "plain_unet", "with_unet", "encode_prompts", "generate",
            "evaluate_pipeline", "save_images", "image_grid"]
 
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
@@ -87,6 +87,40 @@ def tiny_sd_pipeline(unet: Any | None = None, *, words: Sequence[str] = (), imag
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_sdxl_pipeline(*, words: Sequence[str] = (), image_size: int = 32, text_dim: int = 16, seed: int = 0) -> Any:
+    """A complete ``StableDiffusionXLPipeline`` from tiny configs (no download): two CLIP text encoders (the second
+    with a projection: the pooled ``text_embeds``), a UNet with SDXL's ``text_time`` added conditioning (pooled
+    embedding + 6 time ids), a VAE (2× down) and a DDIM scheduler. Latents ``[4, image_size/2, image_size/2]``."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if image_size % 2:
+        raise ValueError(f"image_size must be even (the VAE halves it), got {image_size}")
+    tokenizer = tiny_clip_tokenizer(words)
+    torch.manual_seed(seed)
+    time_dim = 8
+    unet = UNet2DConditionModel(
+        block_out_channels=(8, 16), layers_per_block=1, sample_size=image_size // 2, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim, projection_class_embeddings_input_dim=text_dim + 6 * time_dim,
+        cross_attention_dim=2 * text_dim, norm_num_groups=1)
+    vae = AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, latent_channels=4,
+                        down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                        norm_num_groups=4, sample_size=image_size)
+    text_cfg = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=text_dim, intermediate_size=2 * text_dim, num_attention_heads=2,
+        num_hidden_layers=2, max_position_embeddings=tokenizer.model_max_length, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, projection_dim=text_dim)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=CLIPTextModel(text_cfg), tokenizer=tokenizer,
+                                     text_encoder_2=CLIPTextModelWithProjection(text_cfg), tokenizer_2=tokenizer,
+                                     unet=unet, scheduler=scheduler)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

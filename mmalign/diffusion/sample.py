@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mmalign.config import Config, check_nonnegative, check_positive, option
+from mmalign.config import Config, check_choice, check_nonnegative, check_positive, option
 
 __all__ = ["SampleConfig", "read_prompts", "load_weights_into", "validate", "run"]
 
@@ -31,6 +31,8 @@ class SampleConfig(Config):
     guidance_scale: float = option(7.5, "classifier-free guidance scale (1: none)")
     height: int = option(0, "image height in pixels (0: the pipeline's default)")
     width: int = option(0, "image width in pixels (0: the pipeline's default)")
+    prediction_type: str = option("", "the trained model's prediction type when the run overrode the pipeline's "
+                                      "(epsilon or v_prediction); empty: the pipeline's scheduler as saved")
     compare: bool = option(False, "also draw the base model with the same seeds (grid rows: base, tuned)")
 
     def __post_init__(self) -> None:
@@ -46,6 +48,7 @@ class SampleConfig(Config):
             raise ValueError("seeds must list at least one seed")
         check_positive("steps", self.steps)
         check_positive("guidance_scale", self.guidance_scale)
+        check_choice("prediction_type", self.prediction_type, ["", "epsilon", "v_prediction"])
         check_nonnegative("height", self.height)
         check_nonnegative("width", self.width)
         if self.compare and not self.weights:
@@ -111,6 +114,9 @@ def run(cfg: SampleConfig, run_dir: Path) -> dict[str, Any]:
     run_dir = Path(run_dir)
     prompts = read_prompts(cfg)
     pipe = load_pipeline(cfg.model)
+    if cfg.prediction_type:  # the base model draws with its own prediction type in compare mode
+        base_scheduler = pipe.scheduler
+        tuned_scheduler = type(base_scheduler).from_config(base_scheduler.config, prediction_type=cfg.prediction_type)
     pipe.to("cuda" if torch.cuda.is_available() else "cpu")
     names = [f"p{i}_s{seed}" for i in range(len(prompts)) for seed in cfg.seeds]
     rows: list[Any] = []
@@ -121,6 +127,8 @@ def run(cfg: SampleConfig, run_dir: Path) -> dict[str, Any]:
     tag = "tuned" if cfg.weights else "base"
     if cfg.weights:
         load_weights_into(pipe, cfg.weights)
+    if cfg.prediction_type:
+        pipe.scheduler = tuned_scheduler
     images = _draw(pipe, prompts, cfg)
     save_images(images, run_dir / "images", [f"{tag}_{n}" for n in names])
     rows.append(images)

@@ -273,3 +273,38 @@ def test_pair_cache_refuses_nan_labels_and_pixels_outside_the_range(tmp_path):
         load_pair_cache(tmp_path / "empty.safetensors")
     with pytest.raises(ValueError, match="labels must be"):
         save_pair_cache(tmp_path / "x.safetensors", {**base, "labels": torch.tensor([1.0, 2.0, 0.0])})
+
+
+def test_sdxl_pipeline_trains_lora_from_image_pairs_and_loads_in_diffusers(tmp_path):
+    """SDXL: two text encoders, pooled embeddings and time ids (original size, crop, target) from the data."""
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from mmalign.diffusion.pipeline import tiny_sdxl_pipeline
+    from mmalign.train.lora import add_lora
+
+    folder = tmp_path / "tiny-sdxl"
+    tiny_sdxl_pipeline(words=WORDS, image_size=16).save_pretrained(folder)
+    out = _train(folder, _pickapic(tmp_path / "data"), tmp_path / "run", method="diffusion_dpo", random_crop=True,
+                 trainer={"lora": {"enabled": True, "r": 2}})
+    assert out["step"] == 2 and out["diffusion/ref_err_chosen"] > 0
+    base = DiffusionPipeline.from_pretrained(folder)
+    base.set_progress_bar_config(disable=True)
+    assert type(base).__name__ == "StableDiffusionXLPipeline"
+    trained = add_lora(copy.deepcopy(base.unet), r=2, alpha=8.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
+    trained.load_state_dict(load_file(str(tmp_path / "run" / "model.safetensors")))
+    base.load_lora_weights(tmp_path / "run" / "lora")
+    expected = _images(with_unet(DiffusionPipeline.from_pretrained(folder), trained))
+    torch.testing.assert_close(_images(base), expected, atol=1e-5, rtol=0)
+
+
+def test_v_prediction_pipeline_trains_and_samples_with_its_prediction_type(tmp_path, pipe_dir):
+    from mmalign.diffusion.sample import SampleConfig, run
+
+    out = _train(pipe_dir, _pickapic(tmp_path / "data"), tmp_path / "run", prediction_type="v_prediction",
+                 trainer={"max_steps": 1, "lora": {"enabled": True}})
+    assert out["step"] == 1
+    cfg = SampleConfig(model=str(pipe_dir), weights=str(tmp_path / "run" / "lora"), prompts=["a red circle"],
+                       steps=2, prediction_type="v_prediction")
+    run(cfg, tmp_path / "samples")
+    assert (tmp_path / "samples" / "grid.png").is_file()
