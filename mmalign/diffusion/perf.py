@@ -16,10 +16,11 @@ import json
 import resource
 import subprocess
 import sys
-import time
 from typing import Any
 
 import torch
+
+from mmalign.timing import time_steps
 
 __all__ = ["UNET_SPECS", "build_unet", "measure", "measure_in_subprocess", "largest_batch"]
 
@@ -117,19 +118,14 @@ def measure(method: str, unet_name: str = "shapes16", batch: int = 8, steps: int
     loss_fn = make_loss_fn(method, sched, generator=torch.Generator().manual_seed(0), ref_model=ref, validate=False)
     opt = torch.optim.AdamW([p for p in unet.parameters() if p.requires_grad], lr=1e-6)
     pb = _batch(spec, unet, batch, dev, dtype)
-    times = []
-    for i in range(warmup + steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step() -> None:
         loss, _ = loss_fn(unet, pb)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+
+    times = time_steps(step, steps=steps, warmup=warmup, device=dev)
     times.sort()
     median = times[len(times) // 2]
     params = sum(p.numel() for p in unet.parameters()) / 1e6

@@ -8,10 +8,11 @@ of the language model; the vision tower's parameters are included in N_params).
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
+
+from mmalign.timing import time_steps
 
 __all__ = ["llava_2b_config", "dpo_step_throughput", "PEAK_BF16_FLOPS"]
 
@@ -64,22 +65,17 @@ def dpo_step_throughput(
     ref = torch.randn(rows, generator=gen).to(dev) - 50.0
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
     model.train()
-    times = []
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    for step in range(warmup + steps):
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def step() -> None:
         logps = adapter.sequence_logps(batch)
         loss, _ = dpo_loss(logps[:batch_pairs], logps[batch_pairs:], ref[:batch_pairs], ref[batch_pairs:], beta=0.1)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        if step >= warmup:
-            times.append(time.perf_counter() - t0)
+
+    times = time_steps(step, steps=steps, warmup=warmup, device=dev)
     n_params = sum(p.numel() for p in model.parameters())
     sec = sum(times) / len(times)
     tokens_per_s = ids.numel() / sec
