@@ -1,9 +1,12 @@
 """Diffusion-model preference alignment (MaPO, Diffusion-DPO, SFT baseline) on diffusers UNets.
 
 Modules (imported explicitly; this package imports nothing heavy):
-``adapter`` (paired denoising errors, references, LoRA, loss functions for the trainer), ``data`` (image pairs,
-cached latents/embeddings), ``sampling`` (scheduler-loop sampling), ``pipeline`` (full diffusers pipelines with a
-trained UNet: tiny offline Stable Diffusion, generation, pipeline evaluation), ``scorers`` (pixel statistics, CLIP score),
-``shapes`` (procedural benchmark images and the tiny UNet), ``train`` (job ``diffusion.train``), ``benchmark``
-(job ``diffusion.benchmark``), ``perf`` (MaPO vs Diffusion-DPO cost).
+``adapter`` (paired denoising errors, references, LoRA, loss functions from the LOSSES registry), ``models`` (the
+tiny shapes UNet or any diffusers pipeline to train), ``encoding`` (image pairs to VAE latents and prompt
+embeddings), ``latent_cache`` (encoded once, keyed by data and encoder), ``data`` (pair caches), ``artifacts``
+(LoRA / UNet / pipeline folders diffusers loads, and loading them back), ``sampling`` (scheduler-loop sampling),
+``pipeline`` (pipelines with a trained UNet: tiny offline SD/SDXL, generation, evaluation, image files),
+``scorers`` (pixel statistics, CLIP score), ``shapes`` / ``shapes_eval`` (the procedural shapes task), ``train``
+(job ``diffusion.train``), ``sample`` (job ``diffusion.sample``), ``benchmark`` (job ``diffusion.benchmark``,
+built on train's modules), ``perf`` (MaPO vs Diffusion-DPO cost).
 """

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from mmalign.config import load_config
-from mmalign.diffusion.benchmark import BenchmarkConfig, make_pairs, run as run_benchmark, write_markdown_section
+from mmalign.diffusion.benchmark import BenchmarkConfig, make_pairs, run as run_benchmark
 from mmalign.diffusion.train import DiffusionTrainConfig, run as run_train
 from mmalign.registry import JOBS
 
 
 def test_jobs_are_registered_and_configs_load():
-    assert "diffusion.train" in JOBS and "diffusion.benchmark" in JOBS
-    for name in ("train_mapo", "train_dpo", "train_dpo_lora", "train_dpo_sftref"):
+    assert "diffusion.train" in JOBS and "diffusion.benchmark" in JOBS and "diffusion.sample" in JOBS
+    for name in ("train_mapo", "train_dpo", "train_dpo_lora", "train_dpo_sftref", "pickapic_sd15_lora"):
         cfg = load_config(DiffusionTrainConfig, f"configs/diffusion/{name}.yaml")
         assert cfg.method in ("mapo", "diffusion_dpo")
     assert load_config(BenchmarkConfig, "configs/diffusion/benchmark.yaml").seeds
@@ -199,15 +199,6 @@ def test_evaluate_joint_score_and_mismatch(tmp_path):
     # same samples: moving every chosen hue by 10° moves W1 by at most 10°
     assert 0.0 <= far["w1_chosen"] <= 180.0 and abs(far["w1_chosen"] - near["w1_chosen"]) <= 10.0 + 1e-6
     assert "w1_chosen" not in evaluate(cfg, ref, "style_90", 0)
-
-
-def test_markdown_sections_are_replaced_in_place(tmp_path):
-    doc = tmp_path / "d.md"
-    write_markdown_section(doc, "a", "one")
-    write_markdown_section(doc, "b", "two")
-    write_markdown_section(doc, "a", "three")
-    text = doc.read_text()
-    assert "three" in text and "one" not in text and text.index("three") < text.index("two")
 
 
 def test_perf_measurement_runs_on_cpu():
