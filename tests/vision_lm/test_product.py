@@ -352,3 +352,30 @@ def test_pope_answer_parsing_and_metrics() -> None:
         [True, False, None, None, False]
     m = pope_metrics(np.array([True, True, False, False]), np.array([True, False, False, False]))
     assert m == {"acc": 0.75, "precision": 0.5, "recall": 1.0, "f1": pytest.approx(2 / 3), "yes_ratio": 0.5}
+
+
+def test_shipped_user_config_loads() -> None:
+    from mmalign.config import load_config
+
+    cfg = load_config(VLMTrainConfig, str(Path(__file__).parents[2] / "configs" / "vlm" / "smolvlm_rlaif_v.yaml"), [])
+    assert cfg.columns == {"prompt": "question", "images": "image"} and cfg.trainer.lora.enabled
+
+
+def test_models_by_folder_or_hub_id(llava_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmalign.vision_lm.loading import check_model_source, hub_offline, load_vlm, resolve_dtype
+
+    assert check_model_source(str(llava_dir)) is True
+    assert check_model_source("HuggingFaceTB/SmolVLM-256M-Instruct") is False  # a Hub id
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="folder without config.json"):
+        check_model_source(str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="no such model folder"):
+        check_model_source("./not/there")
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("bfloat16", "cpu") == torch.bfloat16
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert hub_offline()
+    with pytest.raises(OSError):  # offline and not cached: transformers refuses, nothing is downloaded
+        load_vlm("nobody-xyz/no-such-vlm", device="cpu")
+    model, _ = load_vlm(str(llava_dir), device="cpu", dtype="float32", lora={"r": 2, "alpha": 4})
+    assert hasattr(model, "disable_adapter") and model.dtype == torch.float32
