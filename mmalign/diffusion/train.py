@@ -13,7 +13,7 @@ the initial model; ``ref_weights`` makes it a separate frozen network with other
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -240,9 +240,14 @@ def _data(cfg: DiffusionTrainConfig, tm: Any, generator: Any) -> tuple[Any, Any]
     from mmalign.diffusion.latent_cache import cached_latents
 
     resolution = cfg.resolution or int(tm.unet.config.sample_size) * int(tm.pipe.vae_scale_factor)
-    pairs = load_image_pairs(cfg.data, layout=cfg.data_layout, columns=cfg.columns or None, split=cfg.split or None,
-                             ties=cfg.ties, skip_invalid=cfg.skip_invalid, allow_outside=cfg.allow_outside_paths,
-                             resolution=resolution, random_crop=cfg.random_crop, hflip=cfg.hflip)
+    validated = _VALIDATED.pop(_data_key(cfg), None)
+    if validated is not None:
+        pairs = replace(validated, resolution=resolution, random_crop=cfg.random_crop, hflip=cfg.hflip)
+    else:
+        pairs = load_image_pairs(cfg.data, layout=cfg.data_layout, columns=cfg.columns or None,
+                                 split=cfg.split or None, ties=cfg.ties, skip_invalid=cfg.skip_invalid,
+                                 allow_outside=cfg.allow_outside_paths, resolution=resolution,
+                                 random_crop=cfg.random_crop, hflip=cfg.hflip)
     encoder = PairEncoder(tm.pipe, generator=generator, vae_batch_size=cfg.vae_batch_size)
     if cfg.latent_cache:
         return cached_latents(Path(cfg.latent_cache), pairs, encoder), None
@@ -284,10 +289,20 @@ def validate(cfg: DiffusionTrainConfig, resume: bool = False) -> None:
     elif not cfg.data.startswith("shapes:"):
         from mmalign.data.image_pairs import load_image_pairs
 
-        # resolution does not change which rows are valid; run() reads the data again at the model's resolution
-        load_image_pairs(cfg.data, resolution=8, layout=cfg.data_layout, columns=cfg.columns or None,
-                         split=cfg.split or None, ties=cfg.ties, skip_invalid=cfg.skip_invalid,
-                         allow_outside=cfg.allow_outside_paths)
+        # resolution does not change which rows are valid: run() reuses these rows at the model's resolution
+        _VALIDATED[_data_key(cfg)] = load_image_pairs(
+            cfg.data, resolution=8, layout=cfg.data_layout, columns=cfg.columns or None, split=cfg.split or None,
+            ties=cfg.ties, skip_invalid=cfg.skip_invalid, allow_outside=cfg.allow_outside_paths)
+
+
+_VALIDATED: dict[str, Any] = {}  # validate()'s image pairs, so that run() right after does not decode them again
+
+
+def _data_key(cfg: DiffusionTrainConfig) -> str:
+    import json
+
+    fields = ("data", "data_layout", "columns", "split", "ties", "skip_invalid", "allow_outside_paths")
+    return json.dumps({k: getattr(cfg, k) for k in fields}, sort_keys=True)
 
 
 def run(cfg: DiffusionTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:

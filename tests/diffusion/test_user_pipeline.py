@@ -254,6 +254,11 @@ def test_cli_refuses_bad_pairs_before_making_a_run_folder(tmp_path, pipe_dir):
     code = main(["diffusion", "train", f"model={pipe_dir}", f"data={path}", "trainer.max_steps=1",
                  "--output-dir", str(tmp_path / "run")])
     assert code == 2 and not (tmp_path / "run").exists()
+    path = _pickapic(tmp_path / "good")
+    code = main(["diffusion", "train", f"model={pipe_dir}", f"data={path}", "trainer.max_steps=1",
+                 "trainer.batch_size=2", "trainer.plots=false", "trainer.lora.enabled=true",
+                 "--output-dir", str(tmp_path / "run")])
+    assert code == 0 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_pair_cache_refuses_nan_labels_and_pixels_outside_the_range(tmp_path):
