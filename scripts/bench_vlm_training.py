@@ -1,0 +1,378 @@
+"""VLM training at real size on CPU: the `vlm train` smoke on a SmolVLM-256M-shaped model, mmalign vs TRL's
+DPOTrainer (samples/s and peak RSS, interleaved A, B, A, B; LoRA and full fine-tuning), and the peak RSS of a lazy
+pass over a 20,000-pair Parquet file with embedded images.
+
+    python scripts/bench_vlm_training.py --work /tmp/vlm_bench --rounds 2 --steps 3 --batch 2 --lazy-pairs 20000
+
+The model is SmolVLM-256M's published architecture (SigLIP 768x12 at 512 px, patch 16, pixel shuffle 4 -> 64 image
+tokens; SmolLM2-135M decoder 576x30, 9 heads / 3 KV heads, vocabulary 49,280), random init (seed 0), with a
+SmolVLMProcessor around an offline word-level tokenizer of the same vocabulary size (no download). Images are
+512x512, one per pair, not split into tiles (do_image_splitting off: 64 image tokens each). Each side runs in its own
+process (its peak RSS is that process's); the first step of every run is warm-up and is not timed. Writes
+docs/benchmarks/vlm_training.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks" / "vlm_training.md"
+# SmolVLM's turn layout, spaced for the word-level tokenizer (whose words are split at whitespace only)
+TEMPLATE = ("<|im_start|> {% for m in messages %}{{ m['role'] | capitalize }}: {% for p in m['content'] %}"
+            "{% if p['type'] == 'image' %}<image> {% else %}{{ p['text'] }} {% endif %}{% endfor %}<end_of_utterance>\n"
+            "{% endfor %}{% if add_generation_prompt %}Assistant:{% endif %}")
+WORDS = ["<|im_start|>", "User:", "Assistant:", "what", "is", "in", "the", "image", "describe", "a", "red", "blue", "green", "circle", "square", "on",
+         "left", "right", "of", "small", "big", "there", "yes", "no", "and", "."]
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def build_model(folder: Path) -> None:
+    """A SmolVLM-256M-shaped model (random init, seed 0) and its processor, saved as a local model folder."""
+    import torch
+    from transformers import AutoModelForImageTextToText, SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor
+    from transformers import SmolVLMVideoProcessor
+
+    from mmalign.vision_lm.families import family_tokenizer
+
+    vocab = 49280
+    fillers = [f"w{i}" for i in range(vocab)]
+    tok = family_tokenizer("smolvlm", WORDS + fillers)
+    words = WORDS + fillers[: vocab - len(tok) + len(fillers)]
+    tok = family_tokenizer("smolvlm", words)
+    assert len(tok) == vocab, len(tok)
+    cfg = SmolVLMConfig(
+        vision_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+                           image_size=512, patch_size=16),
+        text_config=dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=vocab, max_position_embeddings=8192,
+                         rope_theta=100000.0, tie_word_embeddings=True, pad_token_id=0, bos_token_id=2,
+                         eos_token_id=3),
+        image_token_id=4, scale_factor=4, tie_word_embeddings=True)
+    sizes = dict(size={"longest_edge": 512}, max_image_size={"longest_edge": 512}, do_image_splitting=False,
+                 image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    proc = SmolVLMProcessor(image_processor=SmolVLMImageProcessor(**sizes),
+                            video_processor=SmolVLMVideoProcessor(**{k: v for k, v in sizes.items()
+                                                                     if k != "do_image_splitting"}),
+                            tokenizer=tok, image_seq_len=64, chat_template=TEMPLATE)
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(cfg)
+    model.save_pretrained(folder)
+    proc.save_pretrained(folder)
+
+
+def _image_bytes(rng, size: int, fmt: str = "PNG") -> bytes:
+    """A smooth random RGB image (colour gradients plus mild noise) as PNG (or JPEG) bytes."""
+    import numpy as np
+    from PIL import Image
+
+    y, x = np.mgrid[0:size, 0:size] / size
+    c = rng.random((3, 3))
+    img = np.stack([c[k, 0] * x + c[k, 1] * y + c[k, 2] for k in range(3)], -1) / 3
+    img = np.clip(img * 255 + rng.normal(0, 4, img.shape), 0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def build_data(path: Path, n: int, size: int = 512, seed: int = 0, distinct: int | None = None,
+               fmt: str = "PNG") -> None:
+    """``n`` conversational preference pairs with embedded PNG/JPEG images in a Parquet file (written in chunks).
+
+    ``distinct``: how many different images to draw (reused cyclically), to bound the generation time.
+    """
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(seed)
+    pool = [_image_bytes(rng, size, fmt) for _ in range(min(n, distinct or n))]
+    writer = None
+    for start in range(0, n, 1000):
+        rows = []
+        for i in range(start, min(n, start + 1000)):
+            rows.append({
+                "prompt": [{"role": "user", "content": [{"type": "image", "text": None},
+                                                        {"type": "text", "text": "describe the image ."}]}],
+                "chosen": [{"role": "assistant", "content": [{"type": "text", "text": "a red circle on the left ."}]}],
+                "rejected": [{"role": "assistant", "content": [{"type": "text", "text":
+                                                                "a big blue square on the right of a green circle ."}]}],
+                "images": [{"bytes": pool[i % len(pool)], "path": None}]})
+        table = pa.Table.from_pylist(rows)
+        writer = writer or pq.ParquetWriter(path, table.schema)
+        writer.write_table(table)
+    assert writer is not None
+    writer.close()
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------------------------------------- the two sides
+def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int) -> dict:
+    """mmalign's product path (vlm train's run(): data -> adapter -> loss -> trainer -> artifacts), timed per step."""
+    import torch
+
+    from mmalign.vision_lm.train import VLMTrainConfig, run
+
+    torch.set_num_threads(threads)
+    lora = {"enabled": mode == "lora", "r": 16, "alpha": 32.0, "target_modules": LORA_TARGETS}
+    cfg = VLMTrainConfig.from_dict({
+        "model_path": model_dir, "data": data, "method": "dpo", "beta": 0.1, "dtype": "float32",
+        "reference": "lora" if mode == "lora" else "cache", "max_length": 4096,
+        "trainer": {"max_steps": steps, "batch_size": batch, "lr": lr, "lr_schedule": "constant", "log_every": 1,
+                    "progress": False, "plots": False, "cpu": True, "lora": lora, "keep_checkpoints": 1}})
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        out = run(cfg, Path(tmp))
+        total = time.perf_counter() - t0
+        rows = [json.loads(x) for x in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
+    rates = [r["perf/examples_per_s"] for r in rows if "perf/examples_per_s" in r][1:]  # step 1 is warm-up
+    step_s = [batch / r for r in rates]
+    return {"side": "mmalign", "mode": mode, "samples_per_s": batch / (sum(step_s) / len(step_s)),
+            "step_s": step_s, "peak_rss_mb": _peak_mb(), "total_s": total, "loss": out.get("train/loss")}
+
+
+def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int) -> dict:
+    """TRL's DPOTrainer on the same model folder and Parquet (images decoded by datasets), same settings."""
+    import torch
+    from datasets import Features, Image, List, Value, load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForImageTextToText, AutoProcessor, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    torch.set_num_threads(threads)
+    ds = load_dataset("parquet", data_files=data, split="train")
+    ds = ds.cast_column("images", List(Image()))
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=torch.float32)
+    times: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):  # noqa: ANN001, ANN003
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):  # noqa: ANN001, ANN003
+            times.append(time.perf_counter() - self.t)
+
+    peft_config = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=LORA_TARGETS) \
+        if mode == "lora" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        args = DPOConfig(output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
+                         lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
+                         max_length=None, beta=0.1, dataloader_num_workers=0, disable_tqdm=True, seed=0,
+                         bf16=False, use_cpu=True, gradient_checkpointing=False)  # mmalign does not checkpoint
+        t0 = time.perf_counter()
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=processor,
+                             peft_config=peft_config, callbacks=[Clock()])
+        out = trainer.train()
+        total = time.perf_counter() - t0
+    step_s = times[1:]
+    return {"side": "trl", "mode": mode, "samples_per_s": batch / (sum(step_s) / len(step_s)), "step_s": step_s,
+            "peak_rss_mb": _peak_mb(), "total_s": total, "loss": out.training_loss}
+
+
+def lazy_pass(data: str, batch: int) -> dict:
+    """Peak RSS of reading, validating and decoding every image of ``data`` batch by batch (nothing kept decoded)."""
+    from mmalign.data import LazyImage, load_preference_data
+
+    rss0 = _rss_mb()
+    t0 = time.perf_counter()
+    ds = load_preference_data(data, "text")
+    t_load = time.perf_counter() - t0
+    pixels = 0
+    for start in range(0, len(ds), batch):
+        imgs = [LazyImage(v, ds.base_dir).load() for r in ds.rows[start:start + batch] for v in r["images"]]
+        pixels += sum(im.size[0] * im.size[1] for im in imgs)
+    return {"pairs": len(ds), "peak_rss_mb": _peak_mb(), "rss_before_mb": rss0, "load_validate_s": t_load,
+            "pass_s": time.perf_counter() - t0, "decoded_mpix": pixels / 1e6,
+            "file_mb": Path(data).stat().st_size / 2**20}
+
+
+def smoke(model_dir: Path, data: Path, work: Path) -> dict:
+    """`mmalign vlm train model_path=... data=... trainer.max_steps=2` through the CLI, then peft loads the adapter."""
+    run_dir = work / "smoke_run"
+    cmd = [sys.executable, "-m", "mmalign.cli", "vlm", "train", f"model_path={model_dir}", f"data={data}",
+           "trainer.max_steps=2", "trainer.batch_size=2", "trainer.progress=false", "trainer.plots=false",
+           "trainer.log_every=1", "trainer.cpu=true", "--output-dir", str(run_dir)]
+    if run_dir.exists():
+        import shutil
+
+        shutil.rmtree(run_dir)
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    out = proc.stdout.read()  # type: ignore[union-attr]
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    if status != 0:
+        raise RuntimeError(f"vlm train failed:\n{out[-3000:]}")
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step_s = [2 / r["perf/examples_per_s"] for r in rows if "perf/examples_per_s" in r]
+    from peft import PeftModel
+    from transformers import AutoModelForImageTextToText
+
+    base = AutoModelForImageTextToText.from_pretrained(model_dir)
+    PeftModel.from_pretrained(base, run_dir / "adapter")
+    adapter_mb = (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size / 2**20
+    model_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
+    return {"command": " ".join(["mmalign"] + cmd[3:]), "wall_s": wall, "step_s": step_s,
+            "peak_rss_mb": usage.ru_maxrss / 1024, "adapter_mb": adapter_mb, "model_mb": model_mb,
+            "params_m": sum(p.numel() for p in base.parameters()) / 1e6}
+
+
+def _child(args: argparse.Namespace, side: str, mode: str) -> dict:
+    cmd = [sys.executable, __file__, "--side", side, "--mode", mode, "--work", str(args.work), "--steps",
+           str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if line is None:
+        return {"side": side, "mode": mode, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(line[len("RESULT "):])
+
+
+def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict], lazy: dict | None) -> None:
+    import numpy as np
+    import torch
+    import transformers
+    import trl
+
+    cpu = platform.processor() or platform.machine()
+    lines = ["# VLM training at real size (CPU)", "",
+             "SmolVLM-256M's architecture (SigLIP 768x12 at 512 px + SmolLM2-135M decoder, vocabulary 49,280), "
+             "random init (seed 0), saved as a local model folder with a SmolVLMProcessor around an offline "
+             "word-level tokenizer of the same vocabulary size; generated conversational pairs with embedded 512x512 "
+             "PNG images, one per pair, not split into tiles (64 image tokens). fp32 on CPU.", "",
+             f"Command: `python scripts/bench_vlm_training.py --work {args.work} --rounds {args.rounds} --steps "
+             f"{args.steps} --batch {args.batch} --threads {args.threads} --lazy-pairs {args.lazy_pairs}`. "
+             f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load average "
+             f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, transformers "
+             f"{transformers.__version__}, TRL {trl.__version__}. Seeds: model 0, data 0, trainer 0.", ""]
+    if smoke_res:
+        s = smoke_res
+        lines += ["## `vlm train` smoke", "",
+                  f"`{s['command']}` (LoRA r=16 on q/k/v/o projections, DPO, batch 2, 2 steps): "
+                  f"{s['params_m']:.0f} M parameters; seconds per step {', '.join(f'{x:.1f}' for x in s['step_s'])} "
+                  f"(first includes warm-up); whole command {s['wall_s']:.0f} s; peak RSS {s['peak_rss_mb']:.0f} MB. "
+                  f"`PeftModel.from_pretrained(base, run/adapter)` loads the result. Adapter folder weights "
+                  f"{s['adapter_mb']:.1f} MB = {100 * s['adapter_mb'] / s['model_mb']:.2f}% of the model's "
+                  f"{s['model_mb']:.0f} MB.", ""]
+    if runs:
+        lines += ["## mmalign vs TRL DPOTrainer", "",
+                  f"Same model folder, same Parquet pairs, batch {args.batch} pairs, {args.steps} steps per run (the "
+                  "first untimed), AdamW lr 1e-5 constant, beta 0.1, fp32, no gradient checkpointing on either side "
+                  f"(mmalign has none; TRL's default is on and was turned off), torch threads {args.threads}. Runs "
+                  "interleaved A, B, A, B, each in a fresh process. LoRA: both use the same model with the adapter "
+                  "disabled as reference. Full fine-tuning: TRL keeps a frozen reference copy (it refuses "
+                  "precomputed reference log-probs for vision data); mmalign precomputes reference log-probs once "
+                  "(`reference=cache`), a one-off pass included in its process's wall time but not in its "
+                  "samples/s.", "",
+                  "| mode | side | samples/s (mean over runs) | runs | peak RSS MB (max over runs) | process wall s |",
+                  "|---|---|---|---|---|---|"]
+        verdicts = []
+        for mode in ("lora", "full"):
+            got = {}
+            for side in ("mmalign", "trl"):
+                ok = [r for r in runs if r["mode"] == mode and r["side"] == side and "error" not in r]
+                bad = [r for r in runs if r["mode"] == mode and r["side"] == side and "error" in r]
+                if not ok:
+                    lines.append(f"| {mode} | {side} | failed: {bad[0]['error'] if bad else 'not run'} | | | |")
+                    continue
+                sps = [r["samples_per_s"] for r in ok]
+                peak = max(r["peak_rss_mb"] for r in ok)
+                got[side] = (float(np.mean(sps)), peak)
+                lines.append(f"| {mode} | {side} | {np.mean(sps):.3f} | {', '.join(f'{x:.3f}' for x in sps)} | "
+                             f"{peak:.0f} | {np.mean([r['total_s'] for r in ok]):.0f} |")
+            if len(got) == 2:
+                sp = got["mmalign"][0] / got["trl"][0]
+                mem = got["mmalign"][1] / got["trl"][1]
+                verdicts.append(f"- {mode}: throughput {sp:.2f}x TRL's (goal >= 1.8x: "
+                                f"{'met' if sp >= 1.8 else 'NOT met'}), peak RSS {mem:.2f}x TRL's (goal <= 0.7x: "
+                                f"{'met' if mem <= 0.7 else 'NOT met'}).")
+        lines += ["", *verdicts, ""]
+    if lazy:
+        lines += ["## Lazy pass over a large Parquet file", "",
+                  f"{lazy['pairs']:,} pairs with embedded 512x512 JPEG images ({lazy['file_mb']:.0f} MB file; "
+                  f"{args.lazy_distinct} distinct images reused to bound generation time): `load_preference_data` "
+                  f"(read + validate every row, every image verified) took {lazy['load_validate_s']:.0f} s, then "
+                  f"every image was decoded batch by batch ({lazy['decoded_mpix']:.0f} Mpixel in all, "
+                  f"{lazy['pass_s']:.0f} s total). Peak RSS {lazy['peak_rss_mb']:.0f} MB (RSS before "
+                  f"{lazy['rss_before_mb']:.0f} MB): the rows hold the encoded bytes, never decoded pixels (decoded, "
+                  f"the images alone would take {lazy['decoded_mpix'] * 3:.0f} MB).", ""]
+    DOC.write_text("\n".join(lines))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, default=Path("/tmp/vlm_bench"))
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--pairs", type=int, default=16)
+    ap.add_argument("--lazy-pairs", type=int, default=20000)
+    ap.add_argument("--lazy-distinct", type=int, default=200)
+    ap.add_argument("--modes", default="lora,full")
+    ap.add_argument("--skip", default="", help="comma list of parts to skip: smoke, compare, lazy")
+    ap.add_argument("--side", choices=["mmalign", "trl", "lazy"], default=None, help="internal: one child run")
+    ap.add_argument("--mode", default="lora")
+    args = ap.parse_args()
+    model_dir, data = args.work / "smolvlm256m", args.work / "pairs.parquet"
+    if args.side == "lazy":
+        print("RESULT " + json.dumps(lazy_pass(str(args.work / "lazy.parquet"), 64)))
+        return
+    if args.side:
+        fn = side_mmalign if args.side == "mmalign" else side_trl
+        print("RESULT " + json.dumps(fn(str(model_dir), str(data), args.mode, args.steps, args.batch, 1e-5,
+                                        args.threads)))
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    if not (model_dir / "config.json").is_file():
+        build_model(model_dir)
+    if not data.is_file():
+        build_data(data, args.pairs)
+    skip = set(args.skip.split(","))
+    saved = args.work / "results.json"  # every finished part, so the page can be written from what has run
+    results = json.loads(saved.read_text()) if saved.is_file() else {"runs": []}
+    if "smoke" not in skip:
+        results["smoke"] = smoke(model_dir, data, args.work)
+        saved.write_text(json.dumps(results))
+        print(results["smoke"], flush=True)
+    if "compare" not in skip:
+        results["runs"] = []
+        for mode in args.modes.split(","):
+            for _ in range(args.rounds):
+                for side in ("mmalign", "trl"):
+                    results["runs"].append(_child(args, side, mode))
+                    saved.write_text(json.dumps(results))
+                    print(results["runs"][-1], flush=True)
+    if "lazy" not in skip:
+        lazy_file = args.work / "lazy.parquet"
+        if not lazy_file.is_file():
+            build_data(lazy_file, args.lazy_pairs, distinct=args.lazy_distinct, fmt="JPEG")
+        proc = subprocess.run([sys.executable, __file__, "--side", "lazy", "--work", str(args.work)],
+                              capture_output=True, text=True)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        results["lazy"] = json.loads(line[len("RESULT "):]) if line else None
+        saved.write_text(json.dumps(results))
+        print(results["lazy"] or proc.stderr[-2000:], flush=True)
+    write_doc(args, results.get("smoke"), results["runs"], results.get("lazy"))
+
+
+if __name__ == "__main__":
+    main()
