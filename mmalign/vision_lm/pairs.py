@@ -55,8 +55,9 @@ def pairs_from_data(data: PreferenceDataset, processor: Any, *, image_token: str
         label = 1.0 if row.get("label") is None else float(row["label"])
         if label < 0.5:  # P(chosen ≻ rejected) < 1/2: the rejected answer is the preferred one
             rej_images = pair.rejected_images if pair.rejected_images is not None else pair.images
+            # the retrieved images stay: Re-Align scores the preferred answer under them
             pair = PrefPair(prompt, rejected, chosen, rej_images, pair.images if pair.rejected_images is not None
-                            else None, None, rs, cs, videos=videos)
+                            else None, pair.retrieved_images, rs, cs, videos=videos)
             label = 1.0 - label
         pair.label = label
         pairs.append(pair)
