@@ -81,6 +81,10 @@ def check_pair_batch(batch: PairBatch) -> None:
     for name, t in (("chosen", c), ("rejected", r), ("encoder_hidden_states", e)):
         if not torch.isfinite(t).all():
             raise ValueError(f"{name} holds non-finite values (corrupt image or latent)")
+    if batch.label is not None and (batch.label.shape != (c.shape[0],) or not bool(
+            ((batch.label >= 0.5) & (batch.label <= 1)).all())):
+        raise ValueError(f"label must be [B={c.shape[0]}] with P(chosen > rejected) in [0.5, 1] (pairs ordered "
+                         f"chosen-first), got shape {tuple(batch.label.shape)}")
     if (batch.text_embeds is None) != (batch.time_ids is None):
         raise ValueError("text_embeds and time_ids (SDXL added conditioning) must be given together, got only one")
     if batch.text_embeds is not None:

@@ -188,6 +188,9 @@ def test_soft_label_weights_both_orderings(sd_unet):
     bwd = mapo_loss(l_, w, reduction="none")[0]
     expected = (fwd[0] + 0.5 * fwd[1] + 0.5 * bwd[1]) / 2
     assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    b.label = torch.tensor([1.0, 0.2])  # not ordered chosen-first
+    with pytest.raises(ValueError, match=r"label must be \[B=2\] with P\(chosen > rejected\) in \[0.5, 1\]"):
+        make_loss_fn("mapo", ddpm())(sd_unet, b)
 
 
 def test_latent_cache_is_keyed_by_data_and_encoder(tmp_path, pipe_dir):
