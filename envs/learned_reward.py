@@ -1,4 +1,10 @@
-"""LearnedReward-v0: any gymnasium env whose reward is replaced by a learned reward ensemble checkpoint.
+"""LearnedReward-v0 and :class:`LearnedRewardWrapper`: any gymnasium env with its reward replaced by a learned one.
+
+``LearnedRewardWrapper(env, "run/reward_model")`` wraps any env (Box or Discrete actions, vector or channels-last
+image observations) with a reward-model folder written by ``save_pretrained`` (``PreferenceLoop.save_reward_model``,
+``RewardTrainer.save_pretrained``, ``RewardEnsemble.save_pretrained``); any agent then trains on the learned reward.
+``gymnasium.make("mmalign/LearnedReward-v0", env_id="Reacher-v5", reward_model="run/reward_model")`` is the same as
+a registered env.
 
 ``gymnasium.make("mmalign/LearnedReward-v0", env_id="Reacher-v5", reward_checkpoint="run/reward_model.safetensors")``
 wraps ``env_id`` and returns, at each step, the ensemble-mean reward ``r̂(o_t, a_t)`` of the observation *before*
@@ -7,17 +13,97 @@ the action (standardised with the checkpoint's stored mean/std) and the (clipped
 (``PebbleConfig(reward_norm=True)``; mean 0 / std 1, i.e. unchanged, when they were never fitted), so the env hands
 out the reward the agent was trained on. The env's own reward is kept in ``info["true_reward"]`` for evaluation.
 
-Checkpoints are written by :func:`mmalign.robotics.reward_io.save_reward_model`; one trained for a different
+Single-file checkpoints (``reward_checkpoint=``) are written by :func:`mmalign.robotics.reward_io.save_reward_model`;
+one trained for a different
 observation or action size is refused at construction with a ``ValueError``. Without a checkpoint the reward model
 is a freshly initialised ensemble (seeded by ``reward_seed``): only for tests and ``check_env``.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, SupportsFloat
 
 import gymnasium as gym
 import numpy as np
+
+
+class LearnedRewardWrapper(gym.Wrapper):
+    """Hand out ``r̂(o_t, a_t)`` of a saved reward model; the env's own reward goes to ``info["true_reward"]``.
+
+    Args:
+        env: any gymnasium env with Box or Discrete actions.
+        reward_model: a folder written by ``save_pretrained``, or an already loaded model
+            (``RewardEnsemble.from_pretrained``).
+
+    The reward is the member mean of each member's standardised reward (stored reward statistics; identity when
+    never fitted), on the observation *before* the action (standardised with the folder's ``obs_mean``/``obs_std``)
+    and the action features (Box: clipped, Discrete: one-hot). A model whose input sizes differ from the env's is
+    refused at construction.
+    """
+
+    def __init__(self, env: gym.Env, reward_model: Any) -> None:
+        import torch
+
+        from mmalign.core.reward_models import RewardEnsemble, load_pretrained
+        from mmalign.robotics.wrappers import action_dim, check_action_space
+
+        super().__init__(env)
+        check_action_space(env.action_space, "env")
+        if isinstance(reward_model, (str, Path)):
+            model, extras = load_pretrained(reward_model)
+        else:
+            model, extras = reward_model, getattr(reward_model, "pretrained_extras", {})
+        self.model = model.eval()
+        self.obs_mean, self.obs_std = extras.get("obs_mean"), extras.get("obs_std")
+        members = model._models() if isinstance(model, RewardEnsemble) else [model]
+        first = members[0]
+        shape = env.observation_space.shape or ()
+        self._pixels = first.obs_ndim == 3
+        if self._pixels:
+            want = (first.in_channels, first.image_size, first.image_size)
+            self._transpose = len(shape) == 3 and tuple(shape) != want and (shape[2], shape[0], shape[1]) == want
+            got = (shape[2], shape[0], shape[1]) if self._transpose else tuple(shape)
+        else:
+            want, got, self._transpose = (first.obs_dim,), (int(np.prod(shape)),), False
+        if tuple(got) != tuple(want) or first.act_dim != action_dim(env.action_space):
+            raise ValueError(f"reward model expects observations {want} and {first.act_dim} action features, but the "
+                             f"env has {tuple(shape)} and {action_dim(env.action_space)}")
+        self._torch = torch
+        self._obs: Any = None
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
+        obs, info = self.env.reset(seed=seed, options=options)
+        self._obs = obs
+        return obs, info
+
+    def learned_reward(self, obs: Any, action: Any) -> float:
+        """The learned reward of one step (observation before the action)."""
+        from mmalign.robotics.wrappers import action_features
+
+        torch = self._torch
+        with torch.no_grad():
+            o = np.asarray(obs)
+            if self._pixels:
+                o = torch.as_tensor(np.transpose(o, (2, 0, 1)) if self._transpose else o)[None, None]
+            else:
+                o = torch.as_tensor(o.astype(np.float32).reshape(1, 1, -1))
+                if self.obs_mean is not None:
+                    o = (o - self.obs_mean) / self.obs_std
+            a = torch.as_tensor(action_features(self.env.action_space, np.asarray(action))
+                                .astype(np.float32).reshape(1, 1, -1))
+            r = self.model.step_rewards(o, a, normalize=True)
+            return float(r.mean())
+
+    def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
+        if self._obs is None:
+            raise RuntimeError("call reset() before step()")
+        reward = self.learned_reward(self._obs, action)
+        obs, true_reward, terminated, truncated, info = self.env.step(action)
+        info = dict(info)
+        info["true_reward"] = float(true_reward)
+        self._obs = obs
+        return obs, reward, terminated, truncated, info
 
 
 class LearnedRewardEnv(gym.Env):
@@ -36,6 +122,7 @@ class LearnedRewardEnv(gym.Env):
         reward_checkpoint: str | None = None,
         reward_seed: int = 0,
         render_mode: str | None = None,
+        reward_model: str | None = None,
         **env_kwargs: Any,
     ) -> None:
         import torch
@@ -48,51 +135,45 @@ class LearnedRewardEnv(gym.Env):
             raise ValueError(f"env_id must be a base task, not another learned-reward env, got {env_id!r}")
         if render_mode not in (None, "rgb_array"):
             raise ValueError(f"render_mode must be None or 'rgb_array', got {render_mode!r}")
+        if reward_model is not None and reward_checkpoint is not None:
+            raise ValueError("give reward_model (a save_pretrained folder) or reward_checkpoint (a file), not both")
         env = gym.make(env_id, render_mode=render_mode, **env_kwargs)
-        if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space, gym.spaces.Box):
-            raise ValueError(f"env_id must have Box observation and action spaces, got {env.observation_space}, "
-                             f"{env.action_space}")
+        if reward_checkpoint is not None or reward_model is None:
+            if not isinstance(env.action_space, gym.spaces.Box) or not isinstance(env.observation_space,
+                                                                                   gym.spaces.Box):
+                raise ValueError(f"env_id must have Box observation and action spaces for a reward_checkpoint, got "
+                                 f"{env.observation_space}, {env.action_space}")
         self.env = env
         self.observation_space = env.observation_space
         self.action_space = env.action_space
         self.metadata = {"render_modes": ["rgb_array"], "render_fps": env.metadata.get("render_fps")}
         self.render_mode = render_mode
         self.spec_env_id = env_id
-        obs_dim = int(np.prod(env.observation_space.shape))
-        act_dim = int(np.prod(env.action_space.shape))
-        if reward_checkpoint is None:
-            self.ensemble = build_ensemble(obs_dim, act_dim, size=3, hidden=64, seed=reward_seed)
-            self.reward_meta: dict[str, Any] = {"env_id": env_id, "untrained": True,
-                                                "obs_mean": torch.zeros(obs_dim), "obs_std": torch.ones(obs_dim)}
+        if reward_model is not None:
+            self._reward = LearnedRewardWrapper(env, reward_model)
+            self.ensemble = self._reward.model
+            self.reward_meta: dict[str, Any] = {"env_id": env_id, "obs_mean": self._reward.obs_mean,
+                                                "obs_std": self._reward.obs_std}
         else:
-            self.ensemble, self.reward_meta = load_reward_model(reward_checkpoint, obs_dim=obs_dim, act_dim=act_dim)
-        self.ensemble.eval()
-        self._torch = torch
-        self._obs: np.ndarray | None = None
+            obs_dim = int(np.prod(env.observation_space.shape))
+            act_dim = int(np.prod(env.action_space.shape))
+            if reward_checkpoint is None:
+                self.ensemble = build_ensemble(obs_dim, act_dim, size=3, hidden=64, seed=reward_seed)
+                self.reward_meta = {"env_id": env_id, "untrained": True, "obs_mean": torch.zeros(obs_dim),
+                                    "obs_std": torch.ones(obs_dim)}
+            else:
+                self.ensemble, self.reward_meta = load_reward_model(reward_checkpoint, obs_dim=obs_dim,
+                                                                    act_dim=act_dim)
+            self.ensemble.pretrained_extras = {"obs_mean": self.reward_meta["obs_mean"],
+                                               "obs_std": self.reward_meta["obs_std"]}
+            self._reward = LearnedRewardWrapper(env, self.ensemble)
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         super().reset(seed=seed)
-        obs, info = self.env.reset(seed=seed, options=options)
-        self._obs = np.asarray(obs, dtype=np.float32)
-        return obs, info
+        return self._reward.reset(seed=seed, options=options)
 
     def step(self, action: Any) -> tuple[Any, SupportsFloat, bool, bool, dict[str, Any]]:
-        if self._obs is None:
-            raise RuntimeError("call reset() before step()")
-        space = self.env.action_space
-        act = np.clip(np.asarray(action, dtype=np.float32), space.low, space.high)
-        torch = self._torch
-        with torch.no_grad():
-            o = torch.as_tensor(self._obs.reshape(1, 1, -1))
-            o = (o - self.reward_meta["obs_mean"]) / self.reward_meta["obs_std"]
-            a = torch.as_tensor(act.reshape(1, 1, -1))
-            # each member's stored reward standardisation (PebbleConfig.reward_norm; identity when never fitted)
-            reward = float(self.ensemble.step_rewards(o, a, normalize=True).mean())
-        obs, true_reward, terminated, truncated, info = self.env.step(action)
-        info = dict(info)
-        info["true_reward"] = float(true_reward)
-        self._obs = np.asarray(obs, dtype=np.float32)
-        return obs, reward, terminated, truncated, info
+        return self._reward.step(action)
 
     def render(self) -> Any:
         return self.env.render()

@@ -125,6 +125,8 @@ def default_reward_trainer(venv: Any, *, reward_model: str = "mlp", ensemble_siz
     act = action_dim(venv.action_space)
     cls = REWARD_MODELS.get(reward_model)
     kw = dict(model_kwargs or {})
+    if reward_model == "mlp":
+        kw.setdefault("hidden", (64, 64))  # the pebble job's width (MLPRewardModel's own default is 3x256)
     if kind == "image":
         channels_first = shape[0] <= 16 and shape[-1] > 16  # SB3 transposes HWC to CHW for its CNN policies
         c, size = (shape[0], shape[1]) if channels_first else (shape[-1], shape[0])

@@ -106,7 +106,8 @@ class PebbleConfig(Config):
     eval_episodes: int = option(5, "episodes per evaluation (deterministic policy, true reward)")
     relabel_batch: int = option(8192, "rows per reward-model call when relabelling the replay buffer")
     device: str = option("auto", "reward-model device: auto (cuda if present), cpu or cuda")
-    save_reward_model: bool = option(True, "write reward_model.safetensors + .json to the run folder")
+    save_reward_model: bool = option(True, "write the learned reward to the run folder: reward_model/ (config.json + "
+                                           "model.safetensors, for LearnedReward-v0) and reward_model.safetensors")
 
     def __post_init__(self) -> None:
         for name in ("total_steps", "n_envs", "label_budget", "initial_labels", "labels_per_round",
@@ -429,8 +430,12 @@ def train_agent(cfg: PebbleConfig, run_dir: Path | None = None, progress: Progre
             from mmalign.robotics.reward_io import save_reward_model
 
             trainer = feedback.trainer
-            save_reward_model(trainer.ensemble, Path(run_dir) / "reward_model.safetensors", cfg.env_id,
-                              trainer.obs_dim, trainer.act_dim, obs_mean=trainer.obs_mean, obs_std=trainer.obs_std)
+            if not trainer.pixels:  # the single-file checkpoint of earlier runs (vector observations only)
+                save_reward_model(trainer.ensemble, Path(run_dir) / "reward_model.safetensors", cfg.env_id,
+                                  trainer.obs_dim, trainer.act_dim, obs_mean=trainer.obs_mean,
+                                  obs_std=trainer.obs_std)
+            # the artifact: gymnasium.make("mmalign/LearnedReward-v0", env_id=..., reward_model=<run>/reward_model)
+            trainer.save_pretrained(Path(run_dir) / "reward_model", env_id=cfg.env_id)
     return result
 
 

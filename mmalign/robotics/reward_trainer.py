@@ -129,8 +129,10 @@ class RewardTrainer:
         )
 
     def save_pretrained(self, folder: Any, **meta: Any) -> Any:
-        """Write the ensemble with this trainer's input standardisation (:func:`reward_io.save_pretrained`)."""
-        from mmalign.robotics.reward_io import save_pretrained
+        """Write the ensemble with this trainer's observation standardisation as a reward-model folder
+        (:func:`mmalign.core.reward_models.save_pretrained`; reload with ``RewardEnsemble.from_pretrained``)."""
+        from mmalign.core.reward_models import save_pretrained
 
-        return save_pretrained(self.ensemble, folder, obs_mean=None if self.pixels else self.obs_mean,
-                               obs_std=None if self.pixels else self.obs_std, **meta)
+        norm = self.normalize_obs and not self.pixels
+        return save_pretrained(self.ensemble, folder, obs_mean=self.obs_mean if norm else None,
+                               obs_std=self.obs_std if norm else None, **meta)

@@ -40,12 +40,12 @@ def action_dim(space: Any) -> int:
 def action_features(space: Any, actions: np.ndarray) -> np.ndarray:
     """Reward-model action input ``[*lead, action_dim(space)]`` for env actions ``actions [*lead, ...]``.
 
-    Box: clipped to the box and flattened per step. Discrete: one-hot of the integer action (a trailing axis of size
-    1, as SB3 buffers store discrete actions, is accepted).
+    Box: clipped to the box and flattened per step. Discrete: one-hot of the integer action (SB3 buffers store
+    discrete actions with a trailing axis of size 1, ``[T, n_envs, 1]``; it is dropped when ``ndim >= 2``).
     """
     if isinstance(space, spaces.Discrete):
         a = np.asarray(actions)
-        if a.ndim and a.shape[-1] == 1:
+        if a.ndim >= 2 and a.shape[-1] == 1:  # SB3 buffers: [T, n_envs, 1]; env actions: [n_envs]
             a = a[..., 0]
         idx = a.astype(np.int64) - int(space.start)
         if idx.size and (idx.min() < 0 or idx.max() >= space.n):

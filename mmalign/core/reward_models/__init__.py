@@ -7,6 +7,7 @@ Usage::
     result = fit_reward_model(ens, SegmentPairs(obs1, obs2, labels, act1, act2), config=RewardFitConfig(epochs=20))
     result.metrics["eval/pref_accuracy"]
     r = ens.aggregate_rewards(obs, act, mode="mean")          # relabel a replay buffer
+    ens.save_pretrained("reward_model"); RewardEnsemble.from_pretrained("reward_model")  # config.json + safetensors
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from mmalign.core.reward_models.fit import (
     resolve_device,
 )
 from mmalign.core.reward_models.nets import CNNRewardModel, FeatureRewardHead, MLPRewardModel, RewardModel, make_mlp
+from mmalign.core.reward_models.pretrained import load_pretrained, save_pretrained
 from mmalign.registry import REWARD_MODELS
 
 __all__ = [
@@ -40,6 +42,8 @@ __all__ = [
     "pair_logits",
     "resolve_device",
     "make_mlp",
+    "save_pretrained",
+    "load_pretrained",
 ]
 
 REWARD_MODELS.register("mlp", MLPRewardModel)

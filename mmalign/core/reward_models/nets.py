@@ -9,7 +9,7 @@ data with :meth:`RewardModel.fit_normalization`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,7 @@ class RewardModel(nn.Module, ABC):
     """Base class: per-step reward ``r(o_t, a_t)``; subclasses implement :meth:`_rewards` on flat steps."""
 
     obs_ndim: int = 1  # trailing dims of one observation (1 for vectors, 3 for images)
+    init_kwargs: dict  # JSON-able constructor arguments (save_pretrained writes them to config.json)
     reward_mean: Tensor
     reward_std: Tensor
 
@@ -79,6 +80,24 @@ class RewardModel(nn.Module, ABC):
         if mask is not None:
             r = r * mask.to(r.dtype)
         return r.sum(dim=-1)
+
+    def save_pretrained(self, folder: Any, **kwargs: Any) -> Any:
+        """Write ``folder/config.json`` + ``model.safetensors`` (:func:`~mmalign.core.reward_models.pretrained.save_pretrained`)."""
+        from mmalign.core.reward_models.pretrained import save_pretrained
+
+        return save_pretrained(self, folder, **kwargs)
+
+    @classmethod
+    def from_pretrained(cls, folder: Any, *, device: Any = "cpu") -> Any:
+        """Load a folder written by :meth:`save_pretrained` (eval mode); the observation statistics and metadata
+        are in ``model.pretrained_extras``."""
+        from mmalign.core.reward_models.pretrained import load_pretrained
+
+        model, extras = load_pretrained(folder, device=device)
+        if not isinstance(model, cls):
+            raise ValueError(f"{folder} holds a {type(model).__name__}, not a {cls.__name__}")
+        model.pretrained_extras = extras
+        return model
 
     @torch.no_grad()
     def fit_normalization(self, obs: Tensor, act: Tensor | None = None, mask: Tensor | None = None) -> None:
@@ -129,6 +148,10 @@ class MLPRewardModel(RewardModel):
         if action_squares and self.act_dim == 0:
             raise ValueError("action_squares=True needs act_dim > 0, got act_dim=0")
         self.obs_dim = int(obs_dim)
+        # constructor arguments, written to config.json by save_pretrained
+        self.init_kwargs = dict(obs_dim=int(obs_dim), act_dim=self.act_dim, hidden=[int(h) for h in hidden],
+                                activation=activation, output_activation=output_activation,
+                                input_norm=bool(input_norm), action_squares=bool(action_squares))
         self.input_norm = bool(input_norm)
         self.action_squares = bool(action_squares)
         extra = self.act_dim if self.action_squares else 0
@@ -204,6 +227,8 @@ class FeatureRewardHead(MLPRewardModel):
         output_activation: str | None = None,
     ) -> None:
         super().__init__(feature_dim, act_dim, hidden, activation, output_activation)
+        self.init_kwargs = dict(feature_dim=int(feature_dim), act_dim=self.act_dim, hidden=[int(h) for h in hidden],
+                                activation=activation, layer_norm=bool(layer_norm), output_activation=output_activation)
         self.norm = nn.LayerNorm(feature_dim) if layer_norm else nn.Identity()
 
     def _rewards(self, obs: Tensor, act: Tensor | None) -> Tensor:
@@ -244,6 +269,9 @@ class CNNRewardModel(RewardModel):
         with torch.no_grad():
             flat = self.encoder(torch.zeros(1, int(in_channels), image_size, image_size)).shape[1]
         self.in_channels, self.image_size = int(in_channels), int(image_size)
+        self.init_kwargs = dict(in_channels=int(in_channels), image_size=int(image_size), act_dim=self.act_dim,
+                                channels=[int(c) for c in channels], hidden=[int(h) for h in hidden],
+                                output_activation=output_activation)
         self.head = MLPRewardModel(flat, act_dim, hidden, "relu", output_activation)
 
     def _rewards(self, obs: Tensor, act: Tensor | None) -> Tensor:
