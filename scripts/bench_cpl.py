@@ -87,7 +87,7 @@ def main() -> None:
     ])
     (out / "summary.md").write_text(text)
     if args.doc:
-        from mmalign.reporting import write_marked_section
+        from doc_sections import write_marked_section
 
         # only the generated block: the hand-written reading around it survives a re-run
         write_marked_section(args.doc, "bench_cpl", text)

@@ -30,7 +30,8 @@ from typing import Any
 import yaml
 
 from mmalign.config import check_positive, load_config
-from mmalign.diffusion.benchmark import BenchmarkConfig, pretrain_reference, run, unique_rows, write_markdown_section
+from doc_sections import write_marked_section
+from mmalign.diffusion.benchmark import BenchmarkConfig, pretrain_reference, run, unique_rows
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "diffusion.md"
 OFFICIAL_MAPO = {"w": 0.1, "T": 1000.0, "c": 0.5}  # mapo-t2i/mapo: --beta_mapo, num_train_timesteps, --snr_value
@@ -372,7 +373,7 @@ def main() -> None:
         *([t for t in (lr_table(rows, cfg),) if t] + ["", best_lr_table(rows, cfg)] if fmt in ("sweep", "both")
           else []),
         *(["", paired_table(rows, cfg, args.baseline)] if args.baseline else [])])
-    write_markdown_section(Path(args.doc), args.section, text)
+    write_marked_section(Path(args.doc), args.section, text, "# Diffusion alignment benchmarks")
     print(text)
 
 

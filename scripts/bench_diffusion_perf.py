@@ -16,10 +16,11 @@ import os
 import platform
 from pathlib import Path
 
-from mmalign.diffusion.benchmark import write_markdown_section
+from doc_sections import write_marked_section
 from mmalign.diffusion.perf import largest_batch, measure_in_subprocess
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "diffusion.md"
+TITLE = "# Diffusion alignment benchmarks"
 
 
 def _rows(cases: list[dict]) -> list[str]:
@@ -89,7 +90,7 @@ def main() -> None:
             "copy, gradients and optimizer state are exact byte counts; *activations + rest* = growth − reference − "
             "gradients − optimizer (autograd activations, the reference's no-grad forward, allocator slack).",
             "", *lines])
-        write_markdown_section(DOC, "perf-large", text)
+        write_marked_section(DOC, "perf-large", text, TITLE)
         print(text)
         return
     if args.gpu:
@@ -121,7 +122,7 @@ def main() -> None:
         f"number; median of {args.steps} steps after 2 warm-up steps. Full fine-tuning: Diffusion-DPO keeps a frozen "
         "reference copy; LoRA: its reference is the same UNet with adapters disabled (no copy, one extra forward).",
         "", *lines])
-    write_markdown_section(DOC, "perf-gpu" if args.gpu else "perf", text)
+    write_marked_section(DOC, "perf-gpu" if args.gpu else "perf", text, TITLE)
     print(text)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from mmalign.robotics.ot import cosine_cost, ot_plan
-from mmalign.robotics.rapl_report import machine, now, write_section
+from doc_sections import machine, now, visuomotor_section as write_section
 
 
 def _time(fn, repeats: int) -> tuple[float, object]:  # noqa: ANN001

@@ -187,7 +187,7 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl") -> str:
                   f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ± = population std over seeds (ddof 0); "
                   "a normalised score pairs each seed with the same seed's true-reward run (n= where fewer seeds than "
                   "the row's have one).\n\n")
-        from mmalign.reporting import write_marked_section
+        from doc_sections import write_marked_section
 
         write_marked_section(doc, key, header + text)
     print(text)

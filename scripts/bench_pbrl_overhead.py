@@ -84,7 +84,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.doc:
-        from mmalign.reporting import write_marked_section
+        from doc_sections import write_marked_section
 
         # only the generated block: the hand-written reading around it survives a re-run
         write_marked_section(args.doc, "bench_pbrl_overhead", text)

@@ -104,7 +104,7 @@ def main() -> None:
             f"epochs; tested on segments of 2,000 other random-policy steps). Date: {date}.\n\n" + "\n".join(lines))
     print(text)
     if args.doc:
-        from mmalign.reporting import write_marked_section
+        from doc_sections import write_marked_section
 
         key = f"bench_pbrl_reward_diag_{args.steps}_{args.labels}_{args.epochs}_{args.lr:g}"
         if len(args.seeds) > 1 or flags:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from mmalign.robotics.pearl import PearlConfig, run
-from mmalign.robotics.rapl_report import machine, now, write_section
+from doc_sections import machine, now, visuomotor_section as write_section
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from mmalign.robotics.rapl import RaplConfig, run
-from mmalign.robotics.rapl_report import machine, now, write_section
+from doc_sections import machine, now, visuomotor_section as write_section
 
 Key = tuple[str, int, str, int]  # (length tag, seed, method, #triplets)
 

@@ -219,7 +219,7 @@ def main() -> None:
         "(peak reset through /proc/self/clear_refs): the per-step transient memory (gradients, activations, "
         "communication buffers) on top of what is held.", "",
         table, ""])
-    from mmalign.reporting import write_marked_section
+    from doc_sections import write_marked_section
 
     write_marked_section(DOC, args.section, text, "# Training infrastructure benchmarks")
     print(f"wrote the {args.section} section of {DOC}")

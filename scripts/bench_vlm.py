@@ -25,7 +25,7 @@ import numpy as np
 from mmalign.config import load_config
 from mmalign.vision_lm.benchmark import BenchmarkConfig, run_seed
 from mmalign.vision_lm.families import FAMILIES
-from mmalign.reporting import write_marked_section
+from doc_sections import write_marked_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "vision_lm.md"

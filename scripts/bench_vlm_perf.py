@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mmalign.reporting import write_marked_section
+from doc_sections import write_marked_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "vision_lm.md"

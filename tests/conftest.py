@@ -22,9 +22,12 @@ import torch._dynamo  # noqa: E402,F401
 def _load_script(name: str):  # noqa: ANN202 - a module object
     """Import ``scripts/<name>.py`` (scripts are not a package) as a fresh module."""
     import importlib.util
+    import sys
     from pathlib import Path
 
     path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    if str(path.parent) not in sys.path:  # as `python scripts/<name>.py` does: scripts import their helpers by name
+        sys.path.insert(0, str(path.parent))
     spec = importlib.util.spec_from_file_location(name, path)
     assert spec is not None and spec.loader is not None, path
     module = importlib.util.module_from_spec(spec)

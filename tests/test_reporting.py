@@ -1,10 +1,13 @@
-"""Marked Markdown sections: replaced in place, appended when absent, surrounding text kept."""
+"""Marked Markdown sections of the benchmark pages (scripts/doc_sections.py): replaced in place, appended when absent,
+surrounding text kept."""
 
+import sys
 from pathlib import Path
 
 import pytest
 
-from mmalign.reporting import write_marked_section
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))  # scripts import their helpers by name
+from doc_sections import write_marked_section  # noqa: E402
 
 
 def test_sections_are_replaced_in_place_and_text_around_them_survives(tmp_path: Path) -> None:

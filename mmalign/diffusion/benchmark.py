@@ -309,10 +309,3 @@ def summarize(results: Path) -> dict[str, float]:
         out[f"{s}/{m}/pref_score"] = sum(r["pref_score"] for r in rs) / len(rs)
         out[f"{s}/{m}/fidelity_iou"] = sum(r["fidelity_iou"] for r in rs) / len(rs)
     return out
-
-
-def write_markdown_section(path: Path, key: str, text: str, title: str = "# Diffusion alignment benchmarks") -> None:
-    """Replace (or append) the block between ``<!-- key:start -->`` and ``<!-- key:end -->`` in ``path``."""
-    from mmalign.reporting import write_marked_section
-
-    write_marked_section(path, key, text, title)

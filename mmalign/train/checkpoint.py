@@ -39,7 +39,7 @@ from typing import Any, Callable
 
 import torch
 
-from mmalign.reporting import atomic_write_text
+from mmalign.fileio import atomic_write_text
 from mmalign.train.checkpoint_files import (
     MANIFEST,  # noqa: F401  (re-exported)
     CheckpointError,
