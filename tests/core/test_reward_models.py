@@ -150,3 +150,73 @@ def test_segment_pairs_from_teacher_drops_skipped_pairs() -> None:
     pairs = SegmentPairs.from_teacher(out, obs, obs + 10)
     assert len(pairs) == 2 and pairs.obs_first[:, 0, 0].tolist() == [0.0, 2.0]
     assert pairs.labels.tolist() == [1.0, 1.0]
+
+
+def _fitted_ensemble():
+    from mmalign.core.reward_models import MLPRewardModel, RewardEnsemble
+
+    ens = RewardEnsemble.build(lambda: MLPRewardModel(5, 2, hidden=(8, 8), input_norm=True, action_squares=True),
+                               size=3, seed=0)
+    g = torch.Generator().manual_seed(0)
+    obs, act = torch.randn(40, 4, 5, generator=g), torch.randn(40, 4, 2, generator=g)
+    for m in ens._models():
+        m.fit_input_normalization(obs, act, act_weight=1.5)
+    ens.fit_normalization(obs, act)
+    return ens, obs, act
+
+
+def test_save_pretrained_reloads_bitwise_with_every_normalisation(tmp_path):
+    from mmalign.core.reward_models import RewardEnsemble, load_pretrained
+
+    ens, obs, act = _fitted_ensemble()
+    mean, std = torch.arange(5.0), torch.full((5,), 2.0)
+    folder = ens.save_pretrained(tmp_path / "rm", obs_mean=mean, obs_std=std, env_id="Toy-v0")
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors"]  # nothing pickled
+    again = RewardEnsemble.from_pretrained(folder)
+    for (k, a), (k2, b) in zip(ens.state_dict().items(), again.state_dict().items()):
+        assert k == k2 and torch.equal(a, b), k
+    assert any("reward_std" in k for k in again.state_dict()) and any("input_mean" in k for k in again.state_dict())
+    with torch.no_grad():
+        assert torch.equal(ens.step_rewards(obs, act, normalize=True), again.step_rewards(obs, act, normalize=True))
+    _, extras = load_pretrained(folder)
+    assert torch.equal(extras["obs_mean"], mean) and torch.equal(extras["obs_std"], std)
+    assert extras["meta"] == {"env_id": "Toy-v0"}
+
+
+def test_single_pixel_model_round_trip(tmp_path):
+    from mmalign.core.reward_models import CNNRewardModel, RewardEnsemble
+
+    model = CNNRewardModel(in_channels=6, image_size=16, act_dim=2, channels=(4, 4), hidden=(8,))
+    model.save_pretrained(tmp_path / "cnn")
+    again = CNNRewardModel.from_pretrained(tmp_path / "cnn")
+    frames = torch.randint(0, 255, (2, 3, 6, 16, 16), dtype=torch.uint8)
+    act = torch.randn(2, 3, 2)
+    with torch.no_grad():
+        assert torch.equal(model.step_rewards(frames, act), again.step_rewards(frames, act))
+    with pytest.raises(ValueError, match="not a RewardEnsemble"):
+        RewardEnsemble.from_pretrained(tmp_path / "cnn")
+
+
+def test_bad_reward_model_folders_name_the_file(tmp_path):
+    import json
+
+    from mmalign.core.reward_models import load_pretrained
+
+    ens, _, _ = _fitted_ensemble()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_pretrained(tmp_path / "missing")
+    folder = ens.save_pretrained(tmp_path / "rm")
+    cfg = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**cfg, "members": [{"name": "transformer", "kwargs": {}}]}))
+    with pytest.raises(ValueError, match=r"config.json: members\[0\].name must be one of"):
+        load_pretrained(folder)
+    cfg["members"][0]["kwargs"]["hidden"] = [16, 16]  # the tensors no longer fit the config
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="model.safetensors does not match"):
+        load_pretrained(folder)
+    (folder / "model.safetensors").write_bytes(b"\x00" * 10)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_pretrained(folder)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_pretrained(folder)

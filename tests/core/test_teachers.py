@@ -316,3 +316,18 @@ def test_return_reference_thresholds_by_hand() -> None:
 def test_return_reference_bad_input(call, match) -> None:
     with pytest.raises(ValueError, match=match):
         call(SimulatedHuman(eps_skip=0.1))
+
+
+def test_registered_presets_expose_the_simulated_human_fields():
+    """A config checks `teacher.<field>` overrides against the registered factory's signature before building it."""
+    import inspect
+
+    from mmalign.core.teachers import RewardModelTeacher, SimulatedHuman
+    from mmalign.registry import TEACHERS
+
+    params = inspect.signature(TEACHERS.get("mistake")).parameters
+    assert "eps_mistake" in params and "beta" in params
+    assert TEACHERS.get("mistake")(eps_mistake=0.3).eps_mistake == 0.3
+    with pytest.raises(TypeError):
+        TEACHERS.get("mistake")(eps_mistak=0.3)
+    assert SimulatedHuman.needs_true_reward and not RewardModelTeacher.needs_true_reward
