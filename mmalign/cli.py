@@ -76,8 +76,8 @@ def _default_run_dir(name: str) -> Path:
 def _user_errors() -> tuple[type[BaseException], ...]:
     from mmalign.train.errors import CheckpointError, RunLockedError
 
-    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, KeyError,
-            CheckpointError, RunLockedError)
+    return (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            KeyError, CheckpointError, RunLockedError)
 
 
 def run_job(
@@ -110,19 +110,20 @@ def run_job(
     folder = RunFolder(run_dir, name, resume, main=main_process)
     folder.check(cfg)
     folder.open(cfg)
-    failed = True
+    progress = getattr(module, "has_progress", has_progress)
     try:
-        try:
-            summary = job(cfg, run_dir, **({"resume": True} if resume else {})) or {}
-        except _user_errors() as err:
-            err.mmalign_in_job = True  # type: ignore[attr-defined]  # main() then says where it was raised
-            raise
+        summary = job(cfg, run_dir, **({"resume": True} if resume else {})) or {}
         if main_process:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-        failed = False
-    finally:
-        if folder.close(failed, getattr(module, "has_progress", has_progress)):
+    except BaseException as err:
+        removed = folder.close(True, progress)
+        if isinstance(err, _user_errors()):
+            err.mmalign_in_job = True  # type: ignore[attr-defined]  # main() then says where it was raised
+            err.mmalign_removed = str(run_dir) if removed else ""  # type: ignore[attr-defined]
+        elif removed:
             print(f"[mmalign] the run failed before saving any progress: removed {run_dir}", file=sys.stderr)
+        raise
+    folder.close(False)
     close_process_group()
     return summary
 
@@ -194,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # so that a bug there is not hidden behind a bare message
         tb = traceback.extract_tb(err.__traceback__) if getattr(err, "mmalign_in_job", False) else []
         where = f" (raised at {tb[-1].filename}:{tb[-1].lineno}; MMALIGN_DEBUG=1 shows the traceback)" if tb else ""
+        if getattr(err, "mmalign_removed", ""):
+            where += f"; nothing was saved, so the run folder {err.mmalign_removed} was removed"  # type: ignore[attr-defined]
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # KeyError's str() adds quotes
         print(f"mmalign: error: {message}{where}", file=sys.stderr)
         return 2

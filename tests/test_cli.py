@@ -108,3 +108,21 @@ def test_error_inside_a_job_says_where_it_was_raised(tmp_path: Path, capsys: pyt
     monkeypatch.setenv("MMALIGN_DEBUG", "1")
     with pytest.raises(ValueError, match="shape mismatch"):
         main(["train", "demo", "--output-dir", str(tmp_path / "run3")])
+
+
+def test_checkpoint_and_lock_errors_are_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmalign.train.errors import CheckpointError
+
+    def broken(cfg, run_dir, **kw):  # type: ignore[no-untyped-def]
+        raise CheckpointError("checkpoint file x/model.safetensors is corrupt or truncated")
+
+    monkeypatch.setattr(JOBS.entry("train.demo"), "target", broken)
+    assert main(["train", "demo", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mmalign: error: checkpoint file x/model.safetensors is corrupt") and err.count("\n") == 1
+    assert "Traceback" not in err and f"the run folder {tmp_path / 'run'} was removed" in err
+    assert not (tmp_path / "run").exists()  # failed before any progress: nothing left behind
+    monkeypatch.setenv("MMALIGN_DEBUG", "1")
+    with pytest.raises(CheckpointError):
+        main(["train", "demo", "--output-dir", str(tmp_path / "run")])

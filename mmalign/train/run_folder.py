@@ -65,7 +65,7 @@ class RunFolder:
         if path.exists() and not path.is_dir():
             raise FileExistsError(f"--output-dir {path} is a file, not a folder")
         if not self.resume:
-            if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()):
+            if path.is_dir() and any(p.name not in (LOCK_FILE, f".{CONFIG_FILE}.tmp") for p in path.iterdir()):
                 raise FileExistsError(
                     f"run folder {path} already holds files; pass --resume to continue it or choose another "
                     f"--output-dir")
@@ -115,12 +115,15 @@ class RunFolder:
         os.write(fd, f"{os.getpid()}\n".encode())
         if not self.resume:
             # checked again under the lock: a process that started at the same moment may have written meanwhile
-            if any(p.name != LOCK_FILE for p in self.path.iterdir()):
+            if any(p.name not in (LOCK_FILE, f".{CONFIG_FILE}.tmp") for p in self.path.iterdir()):
                 self.close(failed=False)
                 raise FileExistsError(f"run folder {self.path} already holds files; pass --resume to continue it "
                                       f"or choose another --output-dir")
             self._created = True  # empty before: everything in it is this run's
-            (self.path / CONFIG_FILE).write_text(yaml.safe_dump({"job": self.job, **cfg.to_dict()}, sort_keys=False))
+            # atomically: a run killed at any moment leaves either no config.yaml or a complete one to resume with
+            tmp = self.path / f".{CONFIG_FILE}.tmp"
+            tmp.write_text(yaml.safe_dump({"job": self.job, **cfg.to_dict()}, sort_keys=False))
+            os.replace(tmp, self.path / CONFIG_FILE)
 
     def close(self, failed: bool, progress: Callable[[Path], bool] = has_progress) -> bool:
         """Release the lock; after a failed new run without progress remove the folder. True if it was removed."""

@@ -1,0 +1,95 @@
+"""SIGKILL at random moments, then the same command (``--resume`` once the run folder exists): the result equals an
+uninterrupted run's, for every resumable job of the runs area (slow: each job runs six times).
+
+Moments are drawn from a seeded generator as fractions of the uninterrupted run's wall time, so they fall in
+different phases (imports, data, SFT, DPO, between result rows, inside checkpoint writes); whatever the moment, the
+comparison must hold, so the test does not depend on timing for its verdict.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.slow
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+KILLS = 5
+_TIMING = ("seconds", "wall", "perf/", "time")
+
+
+def _rows(path: Path) -> list[str]:
+    """JSON rows without timing fields, re-serialised (NaN compares equal as text)."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.dumps({k: v for k, v in r.items() if not any(t in k for t in _TIMING)}, sort_keys=True)
+            for r in rows]
+
+
+def _tensors(path: Path) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return {k: v.numpy().tobytes() for k, v in load_file(str(path)).items()}
+
+
+def _demo_result(run: Path) -> Any:
+    return _tensors(run / "model.safetensors"), _rows(run / "metrics.jsonl")
+
+
+def _market_result(run: Path) -> Any:
+    return _rows(run / "results.jsonl"), (run / "table.md").read_text()
+
+
+def _text_result(run: Path) -> Any:
+    weights = {p.parent.name: _tensors(p) for p in sorted(run.glob("*/model.safetensors"))}
+    return _rows(run / "text_results.jsonl"), (run / "text_table.md").read_text(), weights
+
+
+QUIET_TRAIN = ["progress=false", "plots=false"]
+JOBS: list[tuple[str, list[str], Callable[[Path], Any]]] = [
+    ("train demo", ["trainer.progress=false", "trainer.plots=false", "n_pairs=512", "hidden=32",
+                    "trainer.max_steps=60", "trainer.save_every=4", "trainer.log_every=2"], _demo_result),
+    ("hindsight market", ["--config", "configs/hindsight/smoke.yaml", "plots=false"], _market_result),
+    ("hindsight text", ["market.seeds=[0]", "market.n_pairs=256", "n_sft=256", "n_eval=10",
+                        "sft.max_steps=30", "sft.save_every=5", "sft.batch_size=16",
+                        *[f"sft.{o}" for o in QUIET_TRAIN], "dpo.max_steps=10", "dpo.save_every=3",
+                        "dpo.batch_size=16", *[f"dpo.{o}" for o in QUIET_TRAIN]], _text_result),
+]
+
+
+def _command(job: str, run: Path, args: list[str], resume: bool) -> list[str]:
+    return [sys.executable, "-m", "mmalign.cli", *job.split(), "--output-dir", str(run),
+            *(["--resume"] if resume else []), *args]
+
+
+@pytest.mark.parametrize("job, args, result", JOBS, ids=[j[0] for j in JOBS])
+def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(tmp_path: Path, job: str, args: list[str],
+                                                                       result: Callable[[Path], Any]) -> None:
+    root = Path(__file__).resolve().parents[1]
+    t0 = time.monotonic()
+    subprocess.run(_command(job, tmp_path / "full", args, False), check=True, env=ENV, cwd=root,
+                   capture_output=True)
+    wall = time.monotonic() - t0
+    expected = result(tmp_path / "full")
+    rng = np.random.default_rng(20)
+    for k, fraction in enumerate(rng.uniform(0.05, 0.95, size=KILLS)):
+        run = tmp_path / f"killed-{k}"
+        proc = subprocess.Popen(_command(job, run, args, False), env=ENV, cwd=root, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=fraction * wall)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+        # the same command again: a run that made its folder continues with --resume, one that did not starts anew
+        again = subprocess.run(_command(job, run, args, (run / "config.yaml").is_file()), env=ENV, cwd=root,
+                               capture_output=True, text=True)
+        assert again.returncode == 0, f"kill {k} at {fraction:.2f} of {wall:.0f}s: {again.stderr[-2000:]}"
+        assert result(run) == expected, f"kill {k} at {fraction:.2f} of {wall:.0f}s: the resumed run differs"
