@@ -15,29 +15,39 @@ import numpy as np
 XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 
 
-def png_b64(color: tuple[int, int, int], size: int = 24) -> dict[str, str]:
-    from PIL import Image
+def png_b64(color: tuple[int, int, int], size: int = 48, shape: str = "square") -> dict[str, str]:
+    """A coloured square or circle on white, as an upload."""
+    from PIL import Image, ImageDraw
 
+    image = Image.new("RGB", (size, size), (255, 255, 255))
+    box = (size // 5, size // 5, size - size // 5, size - size // 5)
+    draw = ImageDraw.Draw(image)
+    (draw.rectangle if shape == "square" else draw.ellipse)(box, fill=color)
     buf = io.BytesIO()
-    Image.fromarray(np.full((size, size, 3), color, dtype=np.uint8)).save(buf, format="PNG")
+    image.save(buf, format="PNG")
     return {"png_base64": base64.b64encode(buf.getvalue()).decode()}
 
 
-def clip_frames(seed: int, t: int = 8, size: int = 32) -> list:
-    rng = np.random.default_rng(seed)
-    return rng.integers(0, 255, size=(t, size, size, 3), dtype=np.uint8).tolist()
+def clip_frames(seed: int, t: int = 12, size: int = 48) -> list:
+    """A dot that moves towards (even seed) or away from (odd seed) a green target."""
+    frames = np.full((t, size, size, 3), 235, dtype=np.uint8)
+    frames[:, size // 2 - 3: size // 2 + 3, size - 9: size - 3] = (40, 170, 60)
+    for k in range(t):
+        x = 4 + (k if seed % 2 == 0 else t - 1 - k) * (size - 16) // t
+        frames[k, size // 2 - 3: size // 2 + 3, x: x + 6] = (200, 40, 40)
+    return frames.tolist()
 
 
 def query_items(kind: str, n: int = 1, payload_text: str = "") -> list[dict[str, Any]]:
     items = []
     for i in range(n):
         if kind == "text":
-            content = {"prompt": f"Describe the picture {i}. {payload_text}", "images": [png_b64((200, 30, 30))],
+            content = {"prompt": f"Describe the picture {i}. {payload_text}", "images": [png_b64((200, 30, 30), 96)],
                        "chosen": f"A red square on a plain background {payload_text}",
                        "rejected": f"A blue circle on a plain background {payload_text}"}
         elif kind == "image":
             content = {"caption": f"a red square {i} {payload_text}", "chosen_image": png_b64((220, 20, 20)),
-                       "rejected_image": png_b64((20, 20, 220))}
+                       "rejected_image": png_b64((20, 20, 220), shape="circle")}
         else:
             content = {"frames_first": clip_frames(2 * i), "frames_second": clip_frames(2 * i + 1)}
         items.append({"external_id": f"{kind}-{i}", "content": content})

@@ -15,7 +15,7 @@ pytest.importorskip("stable_baselines3")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 from label_helpers import LiveServer, make_app  # noqa: E402
-from test_browser import CHROMIUM, FLAGS  # noqa: E402
+from test_browser import CHROMIUM, FLAGS, SHOTS  # noqa: E402
 
 from mmalign.cli import run_job  # noqa: E402
 from mmalign.label.store import sqlite_url  # noqa: E402
@@ -31,7 +31,7 @@ def _browser_labeller(url: str, token: str, project: str, stop: threading.Event,
     try:
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            page = browser.new_page()
+            page = browser.new_page(viewport={"width": 1000, "height": 760})
             page.on("pageerror", lambda e: errors.append(str(e)))
             page.goto(url + "/")
             page.fill("#token", token)
@@ -48,8 +48,16 @@ def _browser_labeller(url: str, token: str, project: str, stop: threading.Event,
             while not stop.is_set():
                 state = page.evaluate("[document.getElementById('task').hidden, document.body.dataset.queryId || '',"
                                       " document.querySelectorAll('#task video').length]")
-                if not state[0] and state[1] != seen and state[2] == 2:
+                if not state[0] and state[1] != seen and state[2] >= 2:
                     seen = state[1]
+                    page.wait_for_timeout(300)  # the page polls "again" fast: a doubled load would show by now
+                    shown = page.evaluate("[document.getElementById('left-item').children.length, "
+                                          "document.getElementById('right-item').children.length]")
+                    if shown != [1, 1]:
+                        errors.append(f"query {seen} shows {shown} clips per side")
+                    if SHOTS and not pressed:  # the docs' picture of a run's query (Reacher clips, playing)
+                        page.wait_for_timeout(1500)
+                        page.screenshot(path=str(Path(SHOTS) / "label-clip-reacher.png"), full_page=True)
                     key = KEYS[len(pressed) % len(KEYS)]
                     page.keyboard.press(key)
                     pressed.append(key)

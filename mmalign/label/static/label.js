@@ -17,20 +17,17 @@ function runsNode(runs) {  // an answer with its differing phrases highlighted (
   return p;
 }
 
-async function renderItem(container, kind, item) {
-  container.replaceChildren();
-  if (kind === "text") {
-    container.append(runsNode(item.runs || [[item.text, false]]));
-  } else if (kind === "image") {
+async function itemNode(kind, item) {  // built off-page, then swapped in whole (no half-drawn or doubled items)
+  if (kind === "text") return runsNode(item.runs || [[item.text, false]]);
+  if (kind === "image") {
     const img = el("img", { alt: "" });
     img.src = await mediaUrl(project.name, item.image);
-    container.append(img);
-  } else {
-    const v = el("video", { muted: "", loop: "", playsinline: "", preload: "auto" });
-    v.muted = true;
-    v.src = await mediaUrl(project.name, item.video);
-    container.append(v);
+    return img;
   }
+  const v = el("video", { muted: "", loop: "", playsinline: "", preload: "auto" });
+  v.muted = true;
+  v.src = await mediaUrl(project.name, item.video);
+  return v;
 }
 
 function videos() { return Array.from(document.querySelectorAll("#task video")); }
@@ -57,28 +54,35 @@ function togglePlay() {
 
 function restart() { for (const v of videos()) v.currentTime = 0; }
 
+let loadGeneration = 0;  // a newer loadNext (a double click on "Check again") makes older ones stop
+
 async function loadNext() {
+  const gen = ++loadGeneration;
   setText("status", "Loading…");
   let data;
   try { data = await api("GET", "/api/projects/" + encodeURIComponent(project.name) + "/next"); }
-  catch (e) { setText("status", "Could not load a query: " + e.message); return; }
+  catch (e) { if (gen === loadGeneration) setText("status", "Could not load a query: " + e.message); return; }
+  if (gen !== loadGeneration) return;
   if (!data.query) { current = null; show("done"); setText("status", ""); return; }
   const q = data.query;
-  current = { ...q, submission_id: crypto.randomUUID(), shown_at: performance.now() };
-  const ctx = document.getElementById("context");
-  ctx.replaceChildren();
+  const context = [];
   if (q.kind === "text") {
-    ctx.append(el("p", { class: "prompt", id: "prompt" }, q.payload.prompt || ""));
+    context.push(el("p", { class: "prompt", id: "prompt" }, q.payload.prompt || ""));
     for (const name of q.payload.images || []) {
       const img = el("img", { alt: "", class: "prompt-image" });
       img.src = await mediaUrl(project.name, name);
-      ctx.append(img);
+      context.push(img);
     }
   } else if (q.kind === "image") {
-    ctx.append(el("p", { class: "caption", id: "caption" }, q.payload.caption || ""));
+    context.push(el("p", { class: "caption", id: "caption" }, q.payload.caption || ""));
   }
-  await renderItem(document.getElementById("left-item"), q.kind, q.payload.left);
-  await renderItem(document.getElementById("right-item"), q.kind, q.payload.right);
+  const left = await itemNode(q.kind, q.payload.left);
+  const right = await itemNode(q.kind, q.payload.right);
+  if (gen !== loadGeneration) return;
+  document.getElementById("context").replaceChildren(...context);
+  document.getElementById("left-item").replaceChildren(left);
+  document.getElementById("right-item").replaceChildren(right);
+  current = { ...q, submission_id: crypto.randomUUID(), shown_at: performance.now() };
   document.getElementById("clip-controls").hidden = q.kind !== "clip";
   if (q.kind === "clip") syncVideos();
   document.getElementById("comment").value = "";
