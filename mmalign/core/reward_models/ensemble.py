@@ -8,11 +8,12 @@ UWO, ``mean − λ·var``). Disagreement for active querying is the std across m
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from mmalign.core.reward_models.artifact import SavePretrainedMixin
 from mmalign.core.reward_models.nets import RewardModel
 from mmalign.core.rng import seeded_global_rng
 
@@ -35,7 +36,7 @@ def aggregate(values: Tensor, mode: str = "mean", coef: float = 1.0) -> Tensor:
     return values.mean(0) - coef * (spread if mode == "mean_minus_std" else spread**2)
 
 
-class RewardEnsemble(nn.Module):
+class RewardEnsemble(nn.Module, SavePretrainedMixin):
     """``K`` reward models with the same input signature; every method returns a leading member dim ``K``."""
 
     def __init__(self, members: Sequence[RewardModel]) -> None:
@@ -107,24 +108,6 @@ class RewardEnsemble(nn.Module):
         """Fit each member's reward normalisation on the same data."""
         for m in self._models():
             m.fit_normalization(obs, act, mask)
-
-    def save_pretrained(self, folder: Any, **kwargs: Any) -> Any:
-        """Write ``folder/config.json`` + ``model.safetensors`` (:func:`~mmalign.core.reward_models.pretrained.save_pretrained`)."""
-        from mmalign.core.reward_models.pretrained import save_pretrained
-
-        return save_pretrained(self, folder, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, folder: Any, *, device: Any = "cpu") -> Any:
-        """Load a folder written by :meth:`save_pretrained` (eval mode); the observation statistics and metadata
-        are in ``model.pretrained_extras``."""
-        from mmalign.core.reward_models.pretrained import load_pretrained
-
-        model, extras = load_pretrained(folder, device=device)
-        if not isinstance(model, cls):
-            raise ValueError(f"{folder} holds a {type(model).__name__}, not a {cls.__name__}")
-        model.pretrained_extras = extras
-        return model
 
     @staticmethod
     def disagreement(member_logits: Tensor) -> Tensor:

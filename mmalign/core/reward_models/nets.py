@@ -9,10 +9,12 @@ data with :meth:`RewardModel.fit_normalization`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 from torch import Tensor, nn
+
+from mmalign.core.reward_models.artifact import SavePretrainedMixin
 
 __all__ = ["RewardModel", "MLPRewardModel", "CNNRewardModel", "FeatureRewardHead", "make_mlp"]
 
@@ -33,7 +35,7 @@ def make_mlp(in_dim: int, hidden: Sequence[int], out_dim: int, activation: str =
     return nn.Sequential(*layers)
 
 
-class RewardModel(nn.Module, ABC):
+class RewardModel(nn.Module, SavePretrainedMixin, ABC):
     """Base class: per-step reward ``r(o_t, a_t)``; subclasses implement :meth:`_rewards` on flat steps."""
 
     obs_ndim: int = 1  # trailing dims of one observation (1 for vectors, 3 for images)
@@ -80,24 +82,6 @@ class RewardModel(nn.Module, ABC):
         if mask is not None:
             r = r * mask.to(r.dtype)
         return r.sum(dim=-1)
-
-    def save_pretrained(self, folder: Any, **kwargs: Any) -> Any:
-        """Write ``folder/config.json`` + ``model.safetensors`` (:func:`~mmalign.core.reward_models.pretrained.save_pretrained`)."""
-        from mmalign.core.reward_models.pretrained import save_pretrained
-
-        return save_pretrained(self, folder, **kwargs)
-
-    @classmethod
-    def from_pretrained(cls, folder: Any, *, device: Any = "cpu") -> Any:
-        """Load a folder written by :meth:`save_pretrained` (eval mode); the observation statistics and metadata
-        are in ``model.pretrained_extras``."""
-        from mmalign.core.reward_models.pretrained import load_pretrained
-
-        model, extras = load_pretrained(folder, device=device)
-        if not isinstance(model, cls):
-            raise ValueError(f"{folder} holds a {type(model).__name__}, not a {cls.__name__}")
-        model.pretrained_extras = extras
-        return model
 
     @torch.no_grad()
     def fit_normalization(self, obs: Tensor, act: Tensor | None = None, mask: Tensor | None = None) -> None:
