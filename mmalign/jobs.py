@@ -3,6 +3,12 @@
 A job is a pair of lazy targets: a config dataclass (a :class:`mmalign.config.Config`) and a function
 ``run(cfg, run_dir: pathlib.Path) -> dict`` that does the work, writes into ``run_dir`` and returns summary metrics.
 Job names are ``<domain>.<job>``. Targets are import strings so that the CLI imports a domain only when it runs it.
+
+The module of a job's ``run`` may also define ``validate(cfg, resume: bool) -> None``, called before the run folder
+is made: it checks the job's data, model paths and env ids, and refuses ``--resume`` if the job cannot resume, raising
+``ValueError``/``FileNotFoundError`` naming the field. An optional ``has_progress(run_dir) -> bool`` says what a
+``--resume`` would continue from (default: a checkpoint or rows in ``results.jsonl``); a new run that fails without
+progress has its folder removed (:mod:`mmalign.train.run_folder`).
 """
 
 from __future__ import annotations
