@@ -87,7 +87,8 @@ class Query(Base):
     reference_label: Mapped[float | None] = mapped_column(Float, nullable=True)
     num_answers: Mapped[int] = mapped_column(Integer, default=0)
     cancelled: Mapped[bool] = mapped_column(default=False)
-    __table_args__ = (UniqueConstraint("project_id", "external_id"),)
+    __table_args__ = (UniqueConstraint("project_id", "external_id"),
+                      Index("ix_queries_open", "project_id", "num_answers", "id"))
 
 
 class Lease(Base):
@@ -293,8 +294,9 @@ class Store:
             mine = select(Answer.id).where(Answer.query_id == Query.id, Answer.labeller_id == labeller_id).exists()
             skip: list[int] = []
             while True:
-                stmt = (select(Query).where(Query.project_id == proj.id, ~Query.cancelled,
-                                            Query.num_answers + live < proj.answers_per_query, ~mine,
+                # the plain num_answers test first: complete queries are passed over without the lease subquery
+                stmt = (select(Query).where(Query.project_id == proj.id, Query.num_answers < proj.answers_per_query,
+                                            ~Query.cancelled, Query.num_answers + live < proj.answers_per_query, ~mine,
                                             Query.id.not_in(skip))
                         .order_by(Query.id).limit(1))
                 if self.sqlite:  # BEGIN IMMEDIATE: this transaction is the only writer, the count is current
