@@ -135,7 +135,8 @@ class PreferenceFeedbackCallback(BaseCallback):
         if fb.trainer.reward_norm:
             size = buf.buffer_size if getattr(buf, "full", False) else buf.pos
             rows = fb.rng.choice(size, size=min(size, self.reward_norm_rows), replace=False)
-            obs = buf.observations[rows].reshape(-1, *buf.observations.shape[2:])
+            stored = self._observations(buf)
+            obs = stored[rows].reshape(-1, *stored.shape[2:])
             act = self.to_features(buf.actions[rows]).reshape(len(rows) * buf.n_envs, -1)
             fb.trainer.fit_reward_norm(obs, act)
         self.wrapper.reward_fn = fb.reward_fn  # from the first round on, the agent sees the learned reward
@@ -147,6 +148,11 @@ class PreferenceFeedbackCallback(BaseCallback):
             self.progress(f"step {self.num_timesteps:>7}: feedback round {fb.rounds}, queries "
                           f"{fb.queries_used}/{fb.schedule.label_budget}, reward-model accuracy "
                           f"{metrics.get('train/pref_accuracy', float('nan')):.3f}")
+
+    def _observations(self, buf: Any) -> Any:
+        """The buffer's observations as the reward model sees them (the ``obs_key`` entry of dict observations)."""
+        obs = buf.observations
+        return obs[self.sampler.obs_key] if isinstance(obs, dict) else obs
 
     def relabel(self) -> int:
         """Overwrite the replay buffer's rewards with the current learned reward, in batches; rows relabelled.
@@ -167,7 +173,7 @@ class PreferenceFeedbackCallback(BaseCallback):
         for a in range(start, stop, self.relabel_batch):
             b = min(stop, a + self.relabel_batch)
             act = self.to_features(buf.actions[a:b])
-            obs = buf.observations[a:b]
+            obs = self._observations(buf)[a:b]
             if n_envs == 1 or obs.ndim == act.ndim:
                 buf.rewards[a:b] = self.feedback.reward_fn(obs, act)
             else:  # [rows, n_envs, ...] flattened for the reward model's batch of single steps

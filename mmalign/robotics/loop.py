@@ -55,23 +55,38 @@ def resolve_env(env: Any) -> Callable[[], Any]:
     return lambda: gymnasium.make(name)
 
 
-def observation_kind(space: Any) -> str:
-    """``"vector"`` (flat Box), ``"image"`` (uint8 Box ``[H, W, C]`` or ``[C, H, W]``); anything else is refused."""
+def observation_kind(space: Any, obs_key: str | None = None) -> str:
+    """``"vector"`` (flat Box) or ``"image"`` (uint8 Box ``[H, W, C]`` or ``[C, H, W]``) of the observations the
+    reward model sees: for a Dict space the ``obs_key`` entry. Anything else is refused."""
     from gymnasium import spaces
 
+    if isinstance(space, spaces.Dict):
+        if obs_key not in space.spaces:
+            raise ValueError(f"dict observations need obs_key naming the entry the reward model sees, one of "
+                             f"{list(space.spaces)}, got {obs_key!r}")
+        space = space.spaces[obs_key]
+    elif obs_key:
+        raise ValueError(f"obs_key={obs_key!r} is only for dict observations, got {space}")
     if isinstance(space, spaces.Box) and space.dtype == np.uint8 and len(space.shape) == 3:
         return "image"
     if isinstance(space, spaces.Box):
         return "vector"
-    raise ValueError(f"observation space must be a Box (vector) or a uint8 image Box, got {space}; wrap dict "
-                     f"observations in gymnasium.wrappers.FlattenObservation (or keep one image key)")
+    raise ValueError(f"observation space must be a Box (vector), a uint8 image Box or a Dict of them (with obs_key), "
+                     f"got {space}")
+
+
+def _needs_transpose(space: Any) -> bool:
+    from gymnasium import spaces
+    from stable_baselines3.common.preprocessing import is_image_space, is_image_space_channels_first
+
+    subspaces = space.spaces.values() if isinstance(space, spaces.Dict) else [space]
+    return any(is_image_space(s, check_channels=False) and not is_image_space_channels_first(s) for s in subspaces)
 
 
 def make_venv(env: Any, n_envs: int = 1, seed: int = 0, *, subprocess: bool = False, frame_stack: int = 0) -> Any:
     """An SB3 ``VecEnv`` of ``n_envs`` copies of ``env`` (:func:`resolve_env`), seeded ``seed, seed+1, ...``;
     ``subprocess`` uses ``SubprocVecEnv``; ``frame_stack > 0`` stacks that many frames (image observations)."""
     from stable_baselines3.common.env_util import make_vec_env
-    from stable_baselines3.common.preprocessing import is_image_space_channels_first
     from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecFrameStack, VecTransposeImage
 
     if n_envs < 1:
@@ -80,8 +95,7 @@ def make_venv(env: Any, n_envs: int = 1, seed: int = 0, *, subprocess: bool = Fa
     venv = make_vec_env(env_id, n_envs=n_envs, seed=seed, vec_env_cls=SubprocVecEnv if subprocess else DummyVecEnv)
     if frame_stack:
         venv = VecFrameStack(venv, frame_stack, channels_order="last")
-    if observation_kind(venv.observation_space) == "image" and not is_image_space_channels_first(
-            venv.observation_space):
+    if _needs_transpose(venv.observation_space):
         # channels first here, so the agent's buffer and the reward wrapper see the same [C, H, W] frames (SB3 would
         # otherwise transpose outside the reward wrapper)
         venv = VecTransposeImage(venv)
@@ -106,22 +120,27 @@ def build_model(algo: Any, venv: Any, *, seed: int = 0, **kwargs: Any) -> Any:
         raise ValueError(f"algo 'dqn' needs a Discrete action space, got {venv.action_space}")
     if algo.lower() in ("sac", "td3") and not isinstance(venv.action_space, spaces.Box):
         raise ValueError(f"algo {algo!r} needs a Box action space, got {venv.action_space}; use ppo, a2c or dqn")
-    policy = "CnnPolicy" if observation_kind(venv.observation_space) == "image" else "MlpPolicy"
+    if isinstance(venv.observation_space, spaces.Dict):
+        policy = "MultiInputPolicy"
+    else:
+        policy = "CnnPolicy" if observation_kind(venv.observation_space) == "image" else "MlpPolicy"
     return cls(policy, venv, seed=seed, **kwargs)
 
 
 def default_reward_trainer(venv: Any, *, reward_model: str = "mlp", ensemble_size: int = 3, seed: int = 0,
-                           device: str = "cpu", model_kwargs: dict[str, Any] | None = None,
+                           device: str = "cpu", model_kwargs: dict[str, Any] | None = None, obs_key: str | None = None,
                            **trainer_kwargs: Any) -> Any:
     """A :class:`RewardTrainer` over a ``REWARD_MODELS[reward_model]`` ensemble sized from ``venv``'s spaces
-    (``mlp`` for vector observations, ``cnn`` for images; ``model_kwargs`` go to the member constructor)."""
+    (``mlp`` for vector observations, ``cnn`` for images; ``model_kwargs`` go to the member constructor; ``obs_key``:
+    the entry of dict observations the reward model sees)."""
     from mmalign.core.reward_models import RewardEnsemble
     from mmalign.registry import REWARD_MODELS
     from mmalign.robotics.reward_trainer import RewardTrainer
     from mmalign.robotics.wrappers import action_dim
 
-    kind = observation_kind(venv.observation_space)
-    shape = venv.observation_space.shape
+    kind = observation_kind(venv.observation_space, obs_key)
+    space = venv.observation_space.spaces[obs_key] if obs_key else venv.observation_space
+    shape = space.shape
     act = action_dim(venv.action_space)
     cls = REWARD_MODELS.get(reward_model)
     kw = dict(model_kwargs or {})
@@ -138,7 +157,7 @@ def default_reward_trainer(venv: Any, *, reward_model: str = "mlp", ensemble_siz
     except TypeError as err:
         raise ValueError(f"reward model {reward_model!r} cannot be built for {kind} observations {shape} with "
                          f"{sorted(kw)}: {err}") from None
-    return RewardTrainer(ensemble, device=device, seed=seed, **trainer_kwargs)
+    return RewardTrainer(ensemble, device=device, seed=seed, obs_key=obs_key, **trainer_kwargs)
 
 
 class PreferenceLoop:
@@ -170,7 +189,6 @@ class PreferenceLoop:
         if venv is None:
             raise ValueError("model has no env: build it with an env (or use build_model(algo, venv))")
         check_action_space(venv.action_space, "the model's env")
-        observation_kind(venv.observation_space)
         if feedback is None:
             schedule = schedule or FeedbackSchedule(label_budget, initial_labels, labels_per_round,
                                                     first_feedback=first_feedback, feedback_every=feedback_every)
@@ -184,7 +202,8 @@ class PreferenceLoop:
         if wrapper is None:
             model.set_env(RewardVecEnvWrapper(venv, feedback.reward_fn))
         self.model = model
-        self.sampler = sampler or SegmentSampler(segment_length)
+        observation_kind(venv.observation_space, feedback.trainer.obs_key)
+        self.sampler = sampler or SegmentSampler(segment_length, obs_key=feedback.trainer.obs_key)
         check_segment_length(self.sampler.length, venv)
         self.callback = PreferenceFeedbackCallback(feedback, self.sampler, candidate_factor=getattr(
             feedback.selector, "candidate_factor", candidate_factor), progress=progress, **callback_kwargs)

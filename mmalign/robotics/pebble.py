@@ -48,6 +48,8 @@ class PebbleConfig(Config):
     vec_env: Literal["dummy", "subproc"] = option("dummy", "dummy: envs stepped in this process; subproc: one "
                                                            "process per env (SB3 SubprocVecEnv)")
     frame_stack: int = option(0, "stack this many frames of image observations (0 = off)")
+    obs_key: str = option("", "dict observations: the entry the reward model sees (an image or a vector); the agent "
+                              "sees them all (SB3 MultiInputPolicy)")
     teacher: str | dict[str, Any] = option(
         "oracle", "teacher by name from mmalign.registry.TEACHERS (oracle, stochastic, mistake, skip, myopic, equal, "
                   "...), with per-field overrides teacher.<field>=value (e.g. teacher.eps_mistake=0.2)")
@@ -219,7 +221,9 @@ def check_setup(cfg: PebbleConfig) -> None:
             raise ValueError(f"segment_length must be <= the episode length of {cfg.env_id} "
                              f"({spec.max_episode_steps}), got {cfg.segment_length}")
         check_action_space(env.action_space, f"env_id {cfg.env_id!r}")
-        kind = observation_kind(env.observation_space)
+        kind = observation_kind(env.observation_space, cfg.obs_key or None)
+        if cfg.unsup_steps and isinstance(env.observation_space, spaces.Dict):
+            raise ValueError("unsup_steps (state-entropy pre-training) needs Box observations, got a Dict space")
         discrete = isinstance(env.action_space, spaces.Discrete)
         if discrete and cfg.algo in ("sac", "td3"):
             raise ValueError(f"algo {cfg.algo!r} needs a Box action space, but {cfg.env_id} has {env.action_space}; "
@@ -260,8 +264,10 @@ def build_feedback(cfg: PebbleConfig, observation_space: Any, action_space: Any,
 
     name, fields = part_spec(cfg.reward_model)
     act = action_dim(action_space)
-    shape = observation_space.shape
-    if observation_kind(observation_space) == "image":  # channels first (make_venv transposes)
+    key = cfg.obs_key or None
+    kind = observation_kind(observation_space, key)
+    shape = (observation_space.spaces[key] if key else observation_space).shape
+    if kind == "image":  # channels first (make_venv transposes)
         kw: dict[str, Any] = {"in_channels": shape[0], "image_size": shape[1], "act_dim": act}
     else:
         kw = {"obs_dim": int(np.prod(shape)), "act_dim": act}
@@ -276,7 +282,7 @@ def build_feedback(cfg: PebbleConfig, observation_space: Any, action_space: Any,
     trainer = RewardTrainer(ensemble, device=device, normalize_obs=cfg.normalize_obs, normalize_act=cfg.normalize_act,
                             act_weight=cfg.rm_act_weight or None, reward_norm=cfg.reward_norm,
                             label_smoothing=cfg.rm_label_smoothing, epochs=cfg.rm_epochs,
-                            batch_size=cfg.rm_batch_size, lr=cfg.rm_lr, seed=cfg.seed)
+                            batch_size=cfg.rm_batch_size, lr=cfg.rm_lr, seed=cfg.seed, obs_key=key)
     schedule = FeedbackSchedule(cfg.label_budget, cfg.initial_labels, cfg.labels_per_round,
                                 first_feedback=cfg.first_feedback, feedback_every=cfg.feedback_every)
     if cfg.selector == "routing":
@@ -346,7 +352,9 @@ def _eval_fn(cfg: PebbleConfig) -> tuple[Callable[[Any], tuple[float, float]], C
 
     seeds = [10_000 * (cfg.seed + 1) + k for k in range(cfg.eval_episodes)]
     env = resolve_env(cfg.env_id)()
-    image = env.observation_space.dtype == np.uint8 and len(env.observation_space.shape) == 3
+    from mmalign.robotics.loop import _needs_transpose
+
+    image = _needs_transpose(env.observation_space) or cfg.frame_stack > 0
     if image:  # the agent sees transposed (and stacked) frames: evaluate through the same VecEnv wrappers
         env.close()
         env = make_venv(cfg.env_id, 1, seed=seeds[0], frame_stack=cfg.frame_stack)
@@ -399,7 +407,7 @@ def train_agent(cfg: PebbleConfig, run_dir: Path | None = None, progress: Progre
     callbacks: list[Any] = []
     fb_cb = None
     if feedback is not None:
-        sampler = SegmentSampler(cfg.segment_length, recent=cfg.recent_window or None)
+        sampler = SegmentSampler(cfg.segment_length, recent=cfg.recent_window or None, obs_key=cfg.obs_key or None)
         fb_cb = PreferenceFeedbackCallback(feedback, sampler, candidate_factor=cfg.candidate_factor,
                                            relabel_batch=cfg.relabel_batch, progress=progress)
         callbacks.append(fb_cb)

@@ -34,12 +34,14 @@ class RewardTrainer:
         label_smoothing: fit ``y (1 − e) + e / 2`` instead of ``y``.
         epochs, batch_size, lr: Bradley–Terry refit (warm start) after every round.
         seed: round ``k``'s refit shuffles with ``seed + k``.
+        obs_key: dict observations: the entry the reward model sees (dicts passed in are reduced to it).
     """
 
     def __init__(self, ensemble: Any, *, device: torch.device | str = "cpu", normalize_obs: bool = True,
                  normalize_act: bool = False, act_weight: float | None = None, reward_norm: bool = False,
                  label_smoothing: float = 0.0, epochs: int = 50, batch_size: int = 64, lr: float = 3e-4,
-                 seed: int = 0) -> None:
+                 seed: int = 0, obs_key: str | None = None) -> None:
+        self.obs_key = obs_key or None
         self.device = torch.device(device)
         self.ensemble = ensemble.to(self.device)
         first = ensemble._models()[0]
@@ -61,7 +63,10 @@ class RewardTrainer:
         self.obs_std = np.ones(max(self.obs_dim, 1), np.float32)
 
     def norm(self, obs: np.ndarray) -> np.ndarray:
-        """Observations as the ensemble sees them (standardised vectors; pixels unchanged)."""
+        """Observations as the ensemble sees them (the ``obs_key`` entry of a dict; standardised vectors; pixels
+        unchanged)."""
+        if isinstance(obs, dict):
+            obs = obs[self.obs_key]
         if self.pixels:
             return np.asarray(obs)
         return (np.asarray(obs, np.float32) - self.obs_mean) / self.obs_std

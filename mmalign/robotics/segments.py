@@ -195,22 +195,32 @@ class SegmentSampler:
     """The fragmenter of online PbRL: ``length``-step segments from an SB3 buffer, optionally only from the last
     ``recent`` stored rows (``None`` = the whole buffer)."""
 
-    def __init__(self, length: int, recent: int | None = None) -> None:
+    def __init__(self, length: int, recent: int | None = None, obs_key: str | None = None) -> None:
         if length <= 0:
             raise ValueError(f"segment length must be > 0, got {length}")
         if recent is not None and recent < length:
             raise ValueError(f"recent must be None or >= length={length}, got {recent}")
-        self.length, self.recent = length, recent
+        self.length, self.recent, self.obs_key = length, recent, obs_key or None
 
     def from_buffer(self, buffer: Any, true_rewards: np.ndarray, ends: np.ndarray, num: int,
                     rng: np.random.Generator, action_features: Callable[[np.ndarray], np.ndarray] | None = None
                     ) -> Segments:
         """``num`` segments (with replacement) of ``buffer`` (see :func:`segments_from_buffer`)."""
         if isinstance(buffer.observations, dict):
-            raise ValueError("dict observations are not supported by the segment sampler; flatten them with "
-                             "gymnasium.wrappers.FlattenObservation or keep one image key")
+            if self.obs_key not in buffer.observations:
+                raise ValueError(f"dict observations need obs_key, one of {list(buffer.observations)}, got "
+                                 f"{self.obs_key!r}")
+            buffer = _KeyView(buffer, self.obs_key)
         return segments_from_buffer(buffer, true_rewards, ends, self.length, num, rng,
                                     unscale_action=action_features, recent=self.recent)
+
+
+class _KeyView:
+    """A dict-observation buffer seen as one with ``observations = buffer.observations[key]``."""
+
+    def __init__(self, buffer: Any, key: str) -> None:
+        self.observations, self.actions = buffer.observations[key], buffer.actions
+        self.buffer_size, self.pos, self.full = buffer.buffer_size, buffer.pos, getattr(buffer, "full", False)
 
 
 def collect_episodes(

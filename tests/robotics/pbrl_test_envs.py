@@ -37,6 +37,18 @@ class BrightSpotEnv(gym.Env):
         return self._obs(), -abs(self.pos) / 15.0, False, False, {}
 
 
+class BrightSpotDictEnv(BrightSpotEnv):
+    """Dict observations: the image and the square's position as a vector."""
+
+    def __init__(self, size: int = 36) -> None:
+        super().__init__(size)
+        self.observation_space = spaces.Dict({"image": spaces.Box(0, 255, (size, size, 3), np.uint8),
+                                              "position": spaces.Box(-15.0, 15.0, (1,), np.float32)})
+
+    def _obs(self) -> Any:
+        return {"image": super()._obs(), "position": np.array([self.pos], np.float32)}
+
+
 class NoRewardEnv(gym.Env):
     """A vector env that has no true reward (``metadata["has_true_reward"] = False``): only humans can label it."""
 
@@ -59,7 +71,8 @@ class MultiButtonEnv(NoRewardEnv):
     action_space = spaces.MultiDiscrete([2, 3])
 
 
-for _id, _cls in (("PbrlBrightSpot-v0", BrightSpotEnv), ("PbrlNoReward-v0", NoRewardEnv),
+for _id, _cls in (("PbrlBrightSpot-v0", BrightSpotEnv), ("PbrlBrightSpotDict-v0", BrightSpotDictEnv),
+                  ("PbrlNoReward-v0", NoRewardEnv),
                   ("PbrlMultiButton-v0", MultiButtonEnv)):
     if _id not in gym.registry:
         gym.register(_id, entry_point=_cls, max_episode_steps=20)

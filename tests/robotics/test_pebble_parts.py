@@ -107,6 +107,22 @@ def test_image_env_from_module_id_through_the_cli_with_frame_stacking(tmp_path):
     assert "beta: 5" in saved and "name: stochastic" in saved
 
 
+@pytest.mark.parametrize("key, model", [("image", "cnn"), ("position", "mlp")])
+def test_dict_observations_reward_one_entry(key, model):
+    kw = {"reward_model": {"name": "cnn", "channels": [8, 8], "hidden": [16]}} if model == "cnn" else {}
+    cfg = PebbleConfig(**{**SMALL, "env_id": "pbrl_test_envs:PbrlBrightSpotDict-v0", "algo": "ppo", "obs_key": key,
+                          "total_steps": 128, "ppo_n_steps": 64, "batch_size": 32, "first_feedback": 64,
+                          "feedback_every": 64, "label_budget": 8, "initial_labels": 8, "segment_length": 5,
+                          "eval_every": 128, **kw})
+    res = train_agent(cfg)
+    assert res["labels"]["labels/queries"] == 8
+    assert type(res["model"].policy).__name__ == "MultiInputActorCriticPolicy"
+    trainer = res["state"].trainer
+    assert trainer.pixels == (key == "image") and trainer.obs_key == key
+    with pytest.raises(ValueError, match=r"obs_key naming the entry the reward model sees, one of \['image'"):
+        check_setup(PebbleConfig(**{**SMALL, "env_id": "pbrl_test_envs:PbrlBrightSpotDict-v0", "algo": "ppo"}))
+
+
 def test_teacher_overrides_come_from_the_registry():
     cfg = load_config(PebbleConfig, None, ["teacher=mistake", "teacher.eps_mistake=0.2"])
     assert cfg.teacher == {"name": "mistake", "eps_mistake": 0.2}
