@@ -135,3 +135,18 @@ def test_model_text_reaches_the_client_verbatim_as_json(env) -> None:  # type: i
     _project(client, admin, "text", text=XSS)
     q = client.get("/api/projects/text/next", headers=auth(labeller)).json()["query"]["payload"]
     assert XSS in q["prompt"] and XSS in "".join(t for t, _ in q["left"]["runs"])
+
+
+def test_first_start_creates_one_admin_token_file_readable_by_the_owner_only(tmp_path: Path) -> None:
+    from mmalign.label.app import ensure_admin
+    from mmalign.label.store import Store
+
+    store = Store(sqlite_url(tmp_path))
+    token = ensure_admin(store, None, tmp_path)
+    assert token and (tmp_path / "admin_token").read_text().strip() == token
+    assert (tmp_path / "admin_token").stat().st_mode & 0o777 == 0o600
+    assert store.authenticate(token)[2] is True  # type: ignore[index]
+    assert ensure_admin(store, None, tmp_path) is None  # a restart creates no second admin
+    given = "team-admin-token-" + "z" * 20
+    assert ensure_admin(store, given, tmp_path) is None and store.authenticate(given)[2] is True  # type: ignore[index]
+    store.close()
