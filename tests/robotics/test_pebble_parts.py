@@ -135,6 +135,11 @@ def test_teacher_overrides_come_from_the_registry():
         load_config(PebbleConfig, None, ["teacher=mistake", "teacher.eps_mistak=0.2"])
     with pytest.raises(ValueError, match=r"teacher must be a registered teacher, one of \[.*'oracle'"):
         PebbleConfig(teacher="clairvoyant")
+    # any registered teacher plugs in with its own fields, e.g. the labelling app's human teacher
+    cfg = load_config(PebbleConfig, None, ["teacher=human", "teacher.env_id=Reacher-v5", "teacher.timeout=60"])
+    assert type(build_teacher(cfg.teacher)).__name__ == "HumanTeacher"
+    with pytest.raises(ValueError, match="teacher.eps_mistake is not a field of teacher 'human'"):
+        load_config(PebbleConfig, None, ["teacher=human", "teacher.eps_mistake=0.1"])
     with pytest.raises(ValueError, match="reward_model must be a registered reward model"):
         PebbleConfig(reward_model="transformer")
     with pytest.raises(ValueError, match="selector"):
