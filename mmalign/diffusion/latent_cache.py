@@ -53,7 +53,8 @@ def cached_latents(folder: Path, pairs: Any, encoder: Any, batch_size: int = 8) 
     path = folder / f"{cache_key(pairs, encoder.pipe)}.safetensors"
     if not path.is_file():
         fixed = pairs.deterministic()
-        tensors = encode_dataset(encoder, fixed, batch_size=batch_size)
+        device = torch.device("cuda") if torch.cuda.is_available() else None  # encode where training will run
+        tensors = encode_dataset(encoder, fixed, batch_size=batch_size, device=device)
         folder.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         save_pair_cache(tmp, tensors)
