@@ -6,17 +6,14 @@ image observations) with a reward-model folder written by ``save_pretrained`` (`
 ``gymnasium.make("mmalign/LearnedReward-v0", env_id="Reacher-v5", reward_model="run/reward_model")`` is the same as
 a registered env.
 
-``gymnasium.make("mmalign/LearnedReward-v0", env_id="Reacher-v5", reward_checkpoint="run/reward_model.safetensors")``
-wraps ``env_id`` and returns, at each step, the ensemble-mean reward ``r̂(o_t, a_t)`` of the observation *before*
-the action (standardised with the checkpoint's stored mean/std) and the (clipped) action — the same input the reward was trained on in
-:mod:`mmalign.robotics.pebble`. Each member's reward is standardised with its stored reward statistics
-(``PebbleConfig(reward_norm=True)``; mean 0 / std 1, i.e. unchanged, when they were never fitted), so the env hands
-out the reward the agent was trained on. The env's own reward is kept in ``info["true_reward"]`` for evaluation.
-
-Single-file checkpoints (``reward_checkpoint=``) are written by :func:`mmalign.robotics.reward_io.save_reward_model`;
-one trained for a different
-observation or action size is refused at construction with a ``ValueError``. Without a checkpoint the reward model
-is a freshly initialised ensemble (seeded by ``reward_seed``): only for tests and ``check_env``.
+With ``reward_checkpoint="run/reward_model.safetensors"`` (the single-file checkpoint of
+:func:`mmalign.robotics.reward_io.save_reward_model`) the same wrapper runs on that ensemble. Either way the reward
+of a step is the member mean of each member's standardised reward (stored statistics, ``PebbleConfig(reward_norm=
+True)``; identity when never fitted) on the observation *before* the action (standardised with the stored
+mean/std) and the action features: the input the reward was trained on. The env's own reward is kept in
+``info["true_reward"]``. A reward model for other observation or action sizes is refused at construction with a
+``ValueError``; without any, the reward model is a freshly initialised ensemble (seeded by ``reward_seed``): only
+for tests and ``check_env``.
 """
 
 from __future__ import annotations

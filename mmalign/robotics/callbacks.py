@@ -8,8 +8,8 @@ Both are ordinary ``BaseCallback`` s, so they sit in a ``CallbackList`` next to 
     model.learn(10_000, callback=CallbackList([PreferenceFeedbackCallback(feedback, sampler), EvalCallback(...)]))
 
 :class:`PreferenceFeedbackCallback` keeps the true rewards and episode ends of every stored transition beside the
-agent's buffer (the buffer's own rewards are learned ones), runs a :class:`~mmalign.robotics.feedback.PreferenceFeedback`
-round on the schedule (off-policy agents: after a step; on-policy agents: at the end of a rollout), and for
+agent's buffer (the buffer's own rewards are learned ones), runs a
+:class:`~mmalign.robotics.feedback.PreferenceFeedback` round on the schedule (off-policy agents: after a step; on-policy agents: at the end of a rollout), and for
 off-policy agents **relabels the whole replay buffer in place** with the refitted reward. Rounds stop when the label
 budget is spent, and a round due when training has already reached ``total_timesteps`` is not asked: no later step
 would use its labels.
@@ -67,7 +67,8 @@ class PreferenceFeedbackCallback(BaseCallback):
                  verbose: int = 0) -> None:
         super().__init__(verbose)
         self.feedback, self.sampler = feedback, sampler
-        self.candidate_factor, self.relabel_batch, self.reward_norm_rows = candidate_factor, relabel_batch, reward_norm_rows
+        self.candidate_factor, self.relabel_batch = candidate_factor, relabel_batch
+        self.reward_norm_rows = reward_norm_rows
         self.progress = progress
         self.next_feedback = feedback.schedule.first_feedback
         self.relabel_s = 0.0  # process CPU seconds (robust on a shared machine)

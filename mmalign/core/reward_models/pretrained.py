@@ -127,7 +127,8 @@ def load_pretrained(folder: str | Path, *, device: str | torch.device = "cpu"
             extras["obs_mean"] = state.pop("__input__.obs_mean")
             extras["obs_std"] = state.pop("__input__.obs_std")
         except KeyError:
-            raise ValueError(f"{weights}: config.json says obs_norm but the observation statistics are missing") from None
+            raise ValueError(f"{weights}: config.json says obs_norm but the observation statistics are "
+                             f"missing") from None
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as err:
