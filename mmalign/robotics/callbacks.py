@@ -10,9 +10,9 @@ Both are ordinary ``BaseCallback`` s, so they sit in a ``CallbackList`` next to 
 :class:`PreferenceFeedbackCallback` keeps the true rewards and episode ends of every stored transition beside the
 agent's buffer (the buffer's own rewards are learned ones), runs a
 :class:`~mmalign.robotics.feedback.PreferenceFeedback` round on the schedule (off-policy agents: after a step;
-on-policy agents: at the end of a rollout), and for off-policy agents **relabels the whole replay buffer in place** with the refitted reward. Rounds stop when the label
-budget is spent, and a round due when training has already reached ``total_timesteps`` is not asked: no later step
-would use its labels.
+on-policy agents: at the end of a rollout), and for off-policy agents **relabels the whole replay buffer in place**
+with the refitted reward. Rounds stop when the label budget is spent, and a round due when training has already
+reached ``total_timesteps`` is not asked: no later step would use its labels.
 """
 
 from __future__ import annotations
