@@ -56,7 +56,25 @@ class Entry:
 
 
 class Registry:
-    """Names to callables/classes for one kind of part; duplicate names raise ``ValueError``."""
+    """Names to callables/classes for one kind of part; duplicate names raise ``ValueError``.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.registry import LOSSES, Registry
+        >>> loss, _ = LOSSES.get("dpo")(*[torch.zeros(2)] * 4)  # the DPO loss, looked up by its config name
+        >>> round(loss.item(), 4)
+        0.6931
+        >>> parts = Registry("part")
+        >>> @parts.register("double", summary="twice the input")
+        ... def double(x):
+        ...     return 2 * x
+        >>> parts.get("double")(3), parts.names()
+        (6, ['double'])
+        >>> parts.register("late", "math:sqrt")  # a lazy target, imported on first use
+        'math:sqrt'
+        >>> parts.get("late")(9.0)
+        3.0
+    """
 
     def __init__(self, kind: str) -> None:
         self.kind = kind

@@ -56,6 +56,17 @@ def dpo_loss(
 
     Shapes: four ``[B]`` tensors of summed token log-probs. β > 0. Reduction over the batch.
     Limit cases: Δ = 0 gives ``log 2``; Δ → +∞ gives 0; the gradient in Δ is ``−β σ(−βΔ)``.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import dpo_loss
+        >>> policy_chosen, policy_rejected = torch.tensor([-5.0, -6.0]), torch.tensor([-7.0, -6.0])
+        >>> ref = torch.tensor([-6.0, -6.0])
+        >>> loss, metrics = dpo_loss(policy_chosen, policy_rejected, ref, ref, beta=0.5)
+        >>> round(loss.item(), 4)  # mean of -log σ(0.5 · 2) and -log σ(0)
+        0.5032
+        >>> metrics['rewards/margin'], metrics['train/pref_accuracy']
+        (0.5, 0.75)
     """
     rho_w, rho_l, metrics = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                                         ref_rejected_logps, beta, reduction)
@@ -74,6 +85,14 @@ def ipo_loss(
     log-ratios of the IPO authors and TRL; leave both ``None`` for token-summed log-ratios (OpenRLHF). The loss is
     bounded below by 0, reached at the finite margin ``1/(2β)`` (IPO does not push Δ to infinity).
     Limit case: with ``n = 1`` and ``Δ = 1/(2β)`` the loss is exactly 0.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import ipo_loss
+        >>> ref = torch.tensor([-5.0])
+        >>> loss, _ = ipo_loss(torch.tensor([-4.0]), torch.tensor([-6.0]), ref, ref, beta=0.5)
+        >>> loss.item()  # Δ = 2 overshoots the target margin 1/(2β) = 1: (2 − 1)²
+        1.0
     """
     if (chosen_lengths is None) != (rejected_lengths is None):
         raise ValueError("chosen_lengths and rejected_lengths must be given together (or both None), got "
@@ -95,6 +114,14 @@ def conservative_dpo_loss(
     Biased under label flips (not the clean loss in expectation) but bounded: its minimum is at the finite margin
     ``Δ* = log((1−ε)/ε) / β``. Limit case: ε = 0 gives :func:`dpo_loss`. Not to be confused with
     :func:`robust_dpo_loss`.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import conservative_dpo_loss
+        >>> zero = torch.zeros(3)
+        >>> loss, _ = conservative_dpo_loss(zero, zero, zero, zero, eps=0.1)
+        >>> round(loss.item(), 4)  # Δ = 0: log 2 whatever ε
+        0.6931
     """
     check_eps(eps)
     rho_w, rho_l, metrics = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
@@ -119,6 +146,15 @@ def robust_dpo_loss(
     1 − ε, of the swapped order with probability ε) is the clean DPO loss exactly. The loss is unbounded below as
     Δ → ∞ and its variance grows as ε → 0.5. Limit case: ε = 0 gives :func:`dpo_loss`. (Re-Align's "rDPO" is a
     different method: :func:`~mmalign.core.losses.realign_loss`.)
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import dpo_loss, robust_dpo_loss
+        >>> x = [torch.tensor([-5.0]), torch.tensor([-7.0]), torch.tensor([-6.0]), torch.tensor([-6.0])]
+        >>> torch.equal(robust_dpo_loss(*x, eps=0.0)[0], dpo_loss(*x)[0])  # ε = 0 is DPO
+        True
+        >>> round(robust_dpo_loss(*x, beta=1.0, eps=0.2)[0].item(), 4)
+        -0.5397
     """
     check_eps(eps)
     rho_w, rho_l, metrics = _log_ratios(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,

@@ -50,6 +50,14 @@ def estimate_flip_rate(
 
     Returns:
         A detached 0-dim tensor ε̂ ∈ [0, max_eps] (clamped: a negative moment estimate means "no flips detected").
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import estimate_flip_rate
+        >>> logits = torch.tensor([9.0, 9.0, 9.0, 9.0, -9.0])  # a confident scorer
+        >>> labels = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.0])  # the fourth label disagrees with it
+        >>> round(estimate_flip_rate(logits, labels, method='moments').item(), 3)
+        0.2
     """
     check_loss_inputs({"logits": logits} if labels is None else {"logits": logits, "labels": labels}, labels=labels)
     if method not in ("mle", "moments"):

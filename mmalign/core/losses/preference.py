@@ -70,6 +70,16 @@ def bradley_terry_loss(
 
     Limit cases: ``labels=0.5`` gives ``log 2`` at ``r_1 = r_2`` and a loss minimised by equal rewards; with
     ``margin=None, center_coef=0`` and hard labels this is exactly ``-logsigmoid(r_w - r_l)``.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import bradley_terry_loss
+        >>> reward_first, reward_second = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 0.0])
+        >>> loss, metrics = bradley_terry_loss(reward_first, reward_second, torch.tensor([1.0, 0.5]))
+        >>> round(loss.item(), 4)  # mean of -log σ(2) and log 2
+        0.41
+        >>> metrics['train/pref_accuracy']  # a tie earns 1/2
+        0.75
     """
     labels, weight = _check_bt(reward_first, reward_second, labels, margin, center_coef, mask, reduction)
     logit = reward_first - reward_second

@@ -55,6 +55,13 @@ def visual_dpo_loss(
     ``rewards/rejected`` (β ρ(y_w|v_l)), ``rewards/margin``, ``train/pref_accuracy``.
     Limit cases: it is :func:`~mmalign.core.losses.dpo_loss` with the retrieved-image branch as the "rejected" one;
     identical images give ``log 2``.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import visual_dpo_loss
+        >>> same = torch.tensor([-4.0])
+        >>> round(visual_dpo_loss(same, same, same, same)[0].item(), 4)  # identical images: log 2
+        0.6931
     """
     inputs = {
         "policy_chosen_logps": policy_chosen_logps, "policy_chosen_retrieved_logps": policy_chosen_retrieved_logps,
@@ -82,6 +89,17 @@ def realign_loss(
     ``rewards/chosen_retrieved``, ``rewards/visual_margin``, ``train/visual_pref_accuracy`` (visual pair; the
     released code's ``imageless_*``); a lazy mapping of Python floats (computed on first read).
     Limit cases: ``visual_weight = 0`` gives DPO; a retrieved image identical to v adds ``w log 2``.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import dpo_loss, realign_loss
+        >>> x = torch.tensor([-4.0]), torch.tensor([-6.0]), torch.tensor([-5.0])
+        >>> ref = torch.tensor([-5.0])
+        >>> loss, metrics = realign_loss(*x, ref, ref, ref, beta=1.0)
+        >>> round(loss.item(), 4)  # -log σ(1 + 1) − log σ(1 − 0)
+        0.4402
+        >>> torch.equal(realign_loss(*x, ref, ref, ref, visual_weight=0.0)[0], dpo_loss(x[0], x[1], ref, ref)[0])
+        True
     """
     inputs = {
         "policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps,

@@ -24,6 +24,13 @@ def tokenwise_kl(ref_logprobs: Tensor, policy_logprobs: Tensor, mask: Tensor | N
     ``Σ_v exp(ref_v) (ref_v − policy_v)``: inputs ``[B, L, V]`` log-softmax outputs (reference usually detached),
     output ``[B, L]``, zero where ``mask`` (``[B, L]``) is False. Gradient flows into ``policy_logprobs``.
     Use a ``-inf``-free log-softmax (finite values); the check rejects NaN/inf.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import tokenwise_kl
+        >>> ref = torch.log_softmax(torch.tensor([[[1.0, 0.0, 0.0]]]), -1)
+        >>> tokenwise_kl(ref, ref)  # [B, L] = [1, 1]; 0 for identical distributions
+        tensor([[0.]])
     """
     check_ndim("ref_logprobs", ref_logprobs, 3)
     check_same_shape({"ref_logprobs": ref_logprobs, "policy_logprobs": policy_logprobs})
@@ -85,6 +92,16 @@ def rrpo_loss(
 
     Limit cases: α = 0 and every token inside one phrase on both sides gives :func:`~mmalign.core.losses.dpo_loss`
     on summed log-probs; β (0.1–0.9) and α (0.01–0.1) are the ranges of the official code.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.losses import rrpo_loss
+        >>> chosen, rejected = torch.tensor([[-1.0, -2.0]]), torch.tensor([[-3.0, -2.0]])
+        >>> ref = torch.tensor([[-2.0, -2.0]])
+        >>> ids = torch.tensor([[1, 0]])  # one differing phrase: the first token of each response
+        >>> loss, metrics = rrpo_loss(chosen, rejected, ref, ref, ids, ids, torch.zeros(1, 2), beta=1.0)
+        >>> round(loss.item(), 4), metrics['rewards/margin']  # -log σ(1 − (−1))
+        (0.1269, 2.0)
     """
     _check_rrpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps, chosen_segment_ids,
                 rejected_segment_ids, chosen_token_kl, beta, alpha, chosen_mask, reduction)
