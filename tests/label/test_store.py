@@ -185,3 +185,30 @@ def test_killed_process_loses_no_acknowledged_answer(db_url: str, tmp_path: Path
 def test_swapped_is_about_half_and_fixed() -> None:
     flips = [swapped(q, 7) for q in range(400)]
     assert 150 < sum(flips) < 250 and flips == [swapped(q, 7) for q in range(400)]
+
+
+def test_concurrent_labellers_never_share_a_query(db_url: str) -> None:
+    """Eight threads lease and answer at once: every query is answered exactly once (on PostgreSQL this needs the
+    count after the row lock; on SQLite BEGIN IMMEDIATE serialises the transactions)."""
+    import threading
+
+    store = _store(db_url, n=48)
+    ids = [store.authenticate(store.add_labeller(f"l{k}"))[0] for k in range(8)]  # type: ignore[index]
+    errors: list[BaseException] = []
+
+    def work(lid: int) -> None:
+        try:
+            while (q := store.lease("p", lid)) is not None:
+                store.submit(lid, f"sub-{lid:03d}-{q.query_id:05d}", q.query_id, "left")
+        except BaseException as err:  # noqa: BLE001
+            errors.append(err)
+
+    threads = [threading.Thread(target=work, args=(lid,)) for lid in ids]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    answered = [a["query_id"] for a in store.answers("p")]
+    assert sorted(answered) == sorted(q[0] for q in store.queries("p"))  # each once, none missing
+    store.close()
