@@ -78,6 +78,12 @@ class Server:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the server process so far (Linux /proc)."""
+        assert self.proc is not None
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
@@ -105,7 +111,8 @@ async def _labeller(url: str, token: str, project: str, limit: int, state: dict[
             q = r.json()["query"]
             if q is None:
                 return
-            if state["restarted"]:
+            fetched_after_restart = state["restarted"]
+            if fetched_after_restart:
                 state["served_after_restart"].add(q["query_id"])
             body = {"submission_id": uuid.uuid4().hex, "query_id": q["query_id"], "choice": "left"}
             while True:
@@ -114,10 +121,11 @@ async def _labeller(url: str, token: str, project: str, limit: int, state: dict[
                     r = await client.post("/api/answers", json=body)
                     if r.status_code == 200:
                         state["submit_ms"].append(1000 * (time.perf_counter() - t0))
-                        state["acked"].append((body["submission_id"], q["query_id"], state["restarted"]))
+                        state["acked"].append((body["submission_id"], q["query_id"], fetched_after_restart))
                         break
-                    if r.status_code == 409:  # already answered (a retry whose first try was stored)
+                    if r.status_code == 409:  # the lease ran out and the query went to someone else
                         state["conflicts"] += 1
+                        done -= 1
                         break
                     r.raise_for_status()
                 except (httpx.TransportError, httpx.HTTPStatusError):
@@ -172,11 +180,13 @@ def run_engine(name: str, db_url: str, folder: Path, args: argparse.Namespace) -
     async def load() -> None:
         await asyncio.gather(*(_labeller(server.url, t, "load", args.answers, state) for t in tokens))
 
-    t0 = time.perf_counter()
+    cpu0, t0 = server.cpu_seconds(), time.perf_counter()  # the server's start-up (imports) is not counted
     asyncio.run(load())
     wall = time.perf_counter() - t0
+    cpu = server.cpu_seconds() - cpu0
     server.stop()
-    load_out = {**_check(db_url, "load", state), "wall_s": wall, "answers_per_s": len(state["acked"]) / wall,
+    load_out = {**_check(db_url, "load", state), "wall_s": wall, "conflicts": state["conflicts"],
+                "server_cpu_ms_per_answer": 1000 * cpu / max(1, len(state["acked"])), "answers_per_s": len(state["acked"]) / wall,
                 "next_p50": _pct(state["next_ms"], 50), "next_p95": _pct(state["next_ms"], 95),
                 "submit_p50": _pct(state["submit_ms"], 50), "submit_p95": _pct(state["submit_ms"], 95),
                 "submit_max": max(state["submit_ms"])}
@@ -212,9 +222,13 @@ def run_engine(name: str, db_url: str, folder: Path, args: argparse.Namespace) -
     stored = {a["submission_id"] for a in store.answers("kill")}
     store.close()
     unanswered = kstate["unanswered_at_kill"]
+    # in flight at the kill: fetched before it, stored after the restart by the client's retry (same submission id)
+    retried = {qid for s, qid, fetched_after in kstate["acked"] if not fetched_after and s not in acked_before}
     kill_out.update({"acked_before_kill": len(acked_before), "lost_acked_before_kill": len(acked_before - stored),
                      "unanswered_at_kill": len(unanswered),
                      "unanswered_served_again": len(unanswered & kstate["served_after_restart"]),
+                     "unanswered_stored_by_retry": len(unanswered & retried - kstate["served_after_restart"]),
+                     "unanswered_neither": len(unanswered - kstate["served_after_restart"] - retried),
                      "client_retries": kstate["retries"], "conflicts": kstate["conflicts"]})
     print(f"[{name}] kill: {kill_out}", flush=True)
     return {"load": load_out, "kill": kill_out}
@@ -239,19 +253,21 @@ def _postgres_db(url: str) -> tuple[str, Any]:
 
 def _markdown(results: dict[str, dict[str, Any]], args: argparse.Namespace, command: str) -> str:
     lines = ["| database | answers | lost | duplicated | unanswered | next p50 / p95 (ms) | submit p50 / p95 / max (ms) "
-             "| answers/s |", "|---|---|---|---|---|---|---|---|"]
+             "| answers/s | server CPU per answer (ms) |", "|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         x = r["load"]
         lines.append(f"| {name} | {x['answers']} of {x['queries']} | {x['lost_acked']} | "
                      f"{x['duplicate_submissions']} + {x['queries_answered_twice']} | {x['queries_unanswered']} | "
                      f"{x['next_p50']:.1f} / {x['next_p95']:.1f} | {x['submit_p50']:.1f} / {x['submit_p95']:.1f} / "
-                     f"{x['submit_max']:.0f} | {x['answers_per_s']:.0f} |")
+                     f"{x['submit_max']:.0f} | {x['answers_per_s']:.0f} | {x['server_cpu_ms_per_answer']:.1f} |")
     lines += ["", "| database | acknowledged before SIGKILL | of those lost | unanswered at kill | served again "
-              "after restart | final: answered / queries | duplicated | client retries |", "|---|---|---|---|---|---|---|---|"]
+              "after restart | stored by a retried in-flight submit | neither | final: answered / queries | "
+              "duplicated | client retries |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         k = r["kill"]
         lines.append(f"| {name} | {k['acked_before_kill']} | {k['lost_acked_before_kill']} | {k['unanswered_at_kill']} "
-                     f"| {k['unanswered_served_again']} | {k['queries'] - k['queries_unanswered']} / {k['queries']} | "
+                     f"| {k['unanswered_served_again']} | {k['unanswered_stored_by_retry']} | {k['unanswered_neither']} "
+                     f"| {k['queries'] - k['queries_unanswered']} / {k['queries']} | "
                      f"{k['duplicate_submissions']} + {k['queries_answered_twice']} | {k['client_retries']} |")
     return "\n".join(lines)
 
@@ -262,7 +278,8 @@ def main() -> None:
     p.add_argument("--answers", type=int, default=500)
     p.add_argument("--kill-queries", type=int, default=3000)
     p.add_argument("--kill-after", type=int, default=1000)
-    p.add_argument("--lease", type=float, default=5.0)
+    p.add_argument("--lease", type=float, default=60.0, help="lease seconds (longer than the worst latency, or "
+                                                               "leases run out under load)")
     p.add_argument("--postgres", default=os.environ.get("MMALIGN_TEST_POSTGRES_URL", ""))
     p.add_argument("--out", default="")
     args = p.parse_args()
