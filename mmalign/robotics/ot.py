@@ -4,11 +4,11 @@ RAPL (Tian et al., ICLR 2024, Sec. 4; arXiv 2412.04835 Eq. 3-4) compares two vid
 their frame embeddings with cosine cost ``C[t, t'] = 1 - cos(z_t, z'_t')`` and uniform marginals; the similarity is
 ``-<plan, C>`` and the dense reward of frame ``t`` is ``r_t = -sum_t' plan[t, t'] C[t, t']``.
 
-Everything here is batched over trajectory pairs and stays on the input's device and dtype. The solver is a
-log-domain Sinkhorn (stable for small ``reg``) unrolled for a fixed number of iterations, so gradients reach the
-encoder by ordinary autodiff (the reference code differentiates the ddn layer implicitly; unrolling gives the same
-gradient up to the truncation error of the last iterations). ``backend="pot"`` routes the same problem through POT's
-``ot.batch.solve_batch`` (torch backend, ``grad="autodiff"``); tests check both against ``ot.sinkhorn``.
+Everything here is batched over trajectory pairs and stays on the input's device and dtype. The plans come from
+POT's batched log-domain Sinkhorn (``ot.batch.solve_batch``, torch backend; stable for small ``reg``) run for a fixed
+number of iterations with ``grad="autodiff"``, so gradients reach the encoder by ordinary autodiff through the
+unrolled iterations (the reference code differentiates the ddn layer implicitly; unrolling gives the same gradient up
+to the truncation error of the last iterations).
 """
 
 from __future__ import annotations
@@ -18,12 +18,7 @@ import numbers
 import torch
 from torch import Tensor
 
-__all__ = ["cosine_cost", "sinkhorn_log", "ot_plan", "ot_similarity", "ot_dense_reward", "nearest_demo_reward"]
-
-
-def _check_reg(reg: float) -> None:
-    if not isinstance(reg, numbers.Real) or not reg > 0:  # numbers.Real: NumPy scalars (np.float32) are numbers too
-        raise ValueError(f"reg must be a number > 0, got {reg!r}")
+__all__ = ["cosine_cost", "ot_plan", "ot_similarity", "ot_dense_reward", "nearest_demo_reward"]
 
 
 def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
@@ -35,67 +30,41 @@ def cosine_cost(x: Tensor, y: Tensor, eps: float = 1e-8) -> Tensor:
     return 1.0 - xn @ yn.transpose(-1, -2)
 
 
-def sinkhorn_log(
-    cost: Tensor,
-    reg: float,
-    a: Tensor | None = None,
-    b: Tensor | None = None,
-    num_iters: int = 100,
-) -> Tensor:
-    r"""Entropic OT plans of a batch of problems by log-domain Sinkhorn.
+def ot_plan(cost: Tensor, reg: float, num_iters: int = 100) -> Tensor:
+    r"""Entropic OT plans with uniform marginals of a batch of problems, by POT's batched log-domain Sinkhorn.
 
-    Solves, for each ``B``, :math:`\min_P \langle P, C\rangle - \mathrm{reg}\, H(P)` s.t. :math:`P1=a, P^T1=b`
-    (POT's ``ot.sinkhorn(a, b, M, reg)`` objective). Args: ``cost (B, T, S)``; ``a (B, T)`` / ``b (B, S)`` marginals
-    (uniform when None). Returns the plan ``(B, T, S)``; each row sums to ``a`` after the final ``g`` update up to
-    the convergence error (columns match ``b`` exactly). ``reg -> 0`` approaches the exact OT plan;
-    ``reg -> inf`` gives the independent coupling ``a b^T``.
+    Solves, for each ``B``, :math:`\min_P \langle P, C\rangle - \mathrm{reg}\, H(P)` s.t. :math:`P1 = 1/T,
+    P^T1 = 1/S` (POT's ``ot.sinkhorn(a, b, M, reg)`` objective) with exactly ``num_iters`` iterations. Args:
+    ``cost (B, T, S)``. Returns the plan ``(B, T, S)``, differentiable in ``cost``. ``reg -> 0`` approaches the
+    exact OT plan; ``reg -> inf`` gives the independent coupling ``1 / (T S)``.
+
+    Examples:
+        >>> import torch
+        >>> cost = torch.tensor([[[0.0, 1.0], [1.0, 0.0]]])
+        >>> ot_plan(cost, reg=0.01, num_iters=50)  # the identity coupling, mass 1/2 on each matched pair
+        tensor([[[0.5000, 0.0000],
+                 [0.0000, 0.5000]]])
     """
     if cost.dim() != 3:
         raise ValueError(f"cost must have shape (B, T, S), got {tuple(cost.shape)}")
-    _check_reg(reg)
+    if not isinstance(reg, numbers.Real) or not reg > 0:  # numbers.Real: NumPy scalars (np.float32) are numbers too
+        raise ValueError(f"reg must be a number > 0, got {reg!r}")
     if num_iters < 1:
         raise ValueError(f"num_iters must be >= 1, got {num_iters}")
-    bsz, t, s = cost.shape
-    log_a = (
-        torch.full((bsz, t), -torch.log(torch.tensor(float(t))).item(), dtype=cost.dtype, device=cost.device)
-        if a is None
-        else a.log()
-    )
-    log_b = (
-        torch.full((bsz, s), -torch.log(torch.tensor(float(s))).item(), dtype=cost.dtype, device=cost.device)
-        if b is None
-        else b.log()
-    )
-    k = -cost / reg
-    f = torch.zeros_like(log_a)
-    g = torch.zeros_like(log_b)
-    for _ in range(num_iters):
-        f = log_a - torch.logsumexp(k + g[:, None, :], dim=2)
-        g = log_b - torch.logsumexp(k + f[:, :, None], dim=1)
-    return torch.exp(k + f[:, :, None] + g[:, None, :])
+    import ot.batch  # heavy import only when a plan is needed
+
+    # tol=0: run all num_iters iterations (no early stop), the same unrolled computation for every batch
+    return ot.batch.solve_batch(cost, reg=float(reg), max_iter=num_iters, tol=0.0, method="log_sinkhorn",
+                                grad="autodiff").plan
 
 
-def ot_plan(cost: Tensor, reg: float, num_iters: int = 100, backend: str = "torch") -> Tensor:
-    """Uniform-marginal entropic plans ``(B, T, S)`` by our solver (``"torch"``) or POT's batch solver (``"pot"``)."""
-    if backend == "torch":
-        return sinkhorn_log(cost, reg, num_iters=num_iters)
-    if backend == "pot":
-        import ot.batch  # heavy import only on request
-
-        _check_reg(reg)
-        res = ot.batch.solve_batch(cost, reg=reg, max_iter=num_iters, tol=0.0, method="log_sinkhorn", grad="autodiff")
-        return res.plan
-    raise ValueError(f"backend must be one of ['torch', 'pot'], got {backend!r}")
-
-
-def ot_similarity(x: Tensor, y: Tensor, reg: float = 0.1, num_iters: int = 100, backend: str = "torch") -> Tensor:
+def ot_similarity(x: Tensor, y: Tensor, reg: float = 0.1, num_iters: int = 100) -> Tensor:
     """RAPL OT similarity ``-<plan, C>`` of trajectory pairs ``x (B, T, D)``, ``y (B, S, D)`` -> ``(B,)`` in [-2, 0].
 
     Identical trajectories of distinct frames give the largest similarity (close to 0 for small ``reg``).
     """
     cost = cosine_cost(x, y)
-    plan = ot_plan(cost, reg, num_iters, backend)
-    return -(plan * cost).sum(dim=(1, 2))
+    return -(ot_plan(cost, reg, num_iters) * cost).sum(dim=(1, 2))
 
 
 def ot_dense_reward(x: Tensor, y: Tensor, reg: float = 0.1, num_iters: int = 100) -> Tensor:
@@ -105,8 +74,7 @@ def ot_dense_reward(x: Tensor, y: Tensor, reg: float = 0.1, num_iters: int = 100
     per-frame value is about ``1/T`` of it (multiply by ``T`` for per-step magnitudes independent of length).
     """
     cost = cosine_cost(x, y)
-    plan = sinkhorn_log(cost, reg, num_iters=num_iters)
-    return -(plan * cost).sum(dim=2)
+    return -(ot_plan(cost, reg, num_iters) * cost).sum(dim=2)
 
 
 def nearest_demo_reward(
