@@ -65,6 +65,9 @@ def test_push_answer_export_round_trip(tmp_path: Path, kind: str, data_kind: str
     assert all(r["comments"] == ["because"] for r in ds.rows)
     if kind == "image":
         assert all((out.parent / r["chosen_image"]).is_file() for r in ds.rows)
+        from mmalign.data.image_pairs import load_image_pairs  # what `diffusion train data=...` reads with
+
+        assert len(load_image_pairs(out, resolution=8, layout="image")) == sum(y != 0.5 for y in expected)
     # nothing is overwritten
     assert main(["label", "export", "--output-dir", str(tmp_path / "run-exp2"), *common, f"project={kind}",
                  f"output={out}"]) == 2
