@@ -30,9 +30,9 @@ from starlette.routing import Route
 from mmalign.label.agreement import progress_report
 from mmalign.label.media import MEDIA_TYPES, media_file
 from mmalign.label.queries import build_payload, decode_upload
-from mmalign.label.store import KINDS, Store, StoreError
+from mmalign.label.store import Store, StoreError
 
-__all__ = ["AppSettings", "create_app", "CSP"]
+__all__ = ["AppSettings", "create_app", "ensure_admin", "CSP"]
 
 STATIC = Path(__file__).parent / "static"
 _PAGES = {"label.js", "admin.js", "common.js", "style.css"}
@@ -327,5 +327,3 @@ def ensure_admin(store: Store, token: str | None, folder: Path) -> str | None:
     path.write_text(token + "\n")
     return token
 
-
-__all__ += ["ensure_admin", "KINDS"]

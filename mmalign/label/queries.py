@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -97,12 +96,12 @@ def rows_to_queries(kind: str, rows: Sequence[Mapping[str, Any]], media_dir: Pat
         payload = build_payload(kind, row, media_dir, base_dir, clips=clips, fps=fps)
         label = row.get("label")
         out.append({"external_id": str(row.get("id", f"{id_prefix}{n}")), "payload": payload,
-                    "row": _jsonable(row, base_dir) if keep_row else {},
+                    "row": _jsonable(row) if keep_row else {},
                     "reference_label": float(label) if reference and label is not None else None})
     return out
 
 
-def _jsonable(row: Mapping[str, Any], base_dir: Path | None) -> dict[str, Any]:
+def _jsonable(row: Mapping[str, Any]) -> dict[str, Any]:
     """The row as JSON: arrays as nested lists, image bytes and PIL images dropped (the payload holds every image
     as a file, and the export writes the image columns from there)."""
     def conv(v: Any) -> Any:
@@ -173,7 +172,3 @@ def _fill_from_payload(kind: str, out: dict[str, Any], payload: Mapping[str, Any
         out.setdefault("caption", payload["caption"])
         for col, side in (("chosen_image", "left"), ("rejected_image", "right")):
             out[col] = copy(payload[side]["image"])
-
-
-def dumps(rows: Sequence[Mapping[str, Any]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
