@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import os
+import shutil
 import socket
 import threading
 import time
@@ -11,6 +13,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+
+# Debian's chromium (never a browser downloaded by Playwright), headless, no background traffic
+CHROMIUM = os.environ.get("MMALIGN_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required"]
+SHOTS = os.environ.get("MMALIGN_LABEL_SCREENSHOTS", "")  # folder for screenshots of each view (docs/guide/img)
 
 XSS = '<script>window.__pwned = 1</script><img src=x onerror="window.__pwned = 2">'
 

@@ -8,8 +8,6 @@ from test_pebble_human.py).
 
 from __future__ import annotations
 
-import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -19,13 +17,10 @@ import pytest
 pytest.importorskip("starlette")
 sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need `pip install playwright`")
 
-from label_helpers import XSS, LiveServer, auth, make_app, query_items  # noqa: E402
+from label_helpers import (CHROMIUM, FLAGS, SHOTS, XSS, LiveServer, auth, make_app,  # noqa: E402
+                           query_items)
 from mmalign.label.store import sqlite_url  # noqa: E402
 
-CHROMIUM = os.environ.get("MMALIGN_CHROMIUM", shutil.which("chromium") or "/usr/bin/chromium")
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--autoplay-policy=no-user-gesture-required"]
-SHOTS = os.environ.get("MMALIGN_LABEL_SCREENSHOTS", "")
 
 pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(),
                                 reason=f"no Chromium at {CHROMIUM} (apt-get install chromium; .ci/run installs it)")

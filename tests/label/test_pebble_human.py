@@ -14,8 +14,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("stable_baselines3")
 sync_api = pytest.importorskip("playwright.sync_api")
 
-from label_helpers import LiveServer, make_app  # noqa: E402
-from test_browser import CHROMIUM, FLAGS, SHOTS  # noqa: E402
+from label_helpers import CHROMIUM, FLAGS, SHOTS, LiveServer, make_app  # noqa: E402
 
 from mmalign.cli import run_job  # noqa: E402
 from mmalign.label.store import sqlite_url  # noqa: E402
