@@ -9,6 +9,7 @@ the per-sample errors (mean over C, H, W) are what the core losses in :mod:`mmal
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
@@ -26,6 +27,7 @@ __all__ = [
     "pair_denoising_errors",
     "reference_context",
     "reference_pair_errors",
+    "conditioned",
     "add_lora",
     "LORA_TARGETS",
     "SFT",
@@ -53,14 +55,16 @@ class PairBatch:
     text_embeds: Tensor | None = None
     time_ids: Tensor | None = None
     label: Tensor | None = None
+    captions: list[str] | None = None  # prompts, when the loss encodes them itself (text encoders in training)
 
     @classmethod
     def from_mapping(cls, batch: dict[str, Tensor]) -> "PairBatch":
-        missing = [k for k in ("chosen", "rejected", "encoder_hidden_states") if k not in batch]
+        needed = ("chosen", "rejected") if "captions" in batch else ("chosen", "rejected", "encoder_hidden_states")
+        missing = [k for k in needed if k not in batch]
         if missing:
             raise ValueError(f"batch must hold keys chosen, rejected, encoder_hidden_states; missing {missing}")
-        return cls(batch["chosen"], batch["rejected"], batch["encoder_hidden_states"],
-                   batch.get("text_embeds"), batch.get("time_ids"), batch.get("label"))
+        return cls(batch["chosen"], batch["rejected"], batch.get("encoder_hidden_states"),  # type: ignore[arg-type]
+                   batch.get("text_embeds"), batch.get("time_ids"), batch.get("label"), batch.get("captions"))
 
     def added_cond_kwargs(self) -> dict[str, Tensor] | None:
         if self.text_embeds is None:
@@ -144,6 +148,20 @@ def _doubled(batch: PairBatch, noise: Tensor, timesteps: Tensor) -> tuple[Tensor
     return x0, noise.repeat(2, 1, 1, 1), timesteps.repeat(2), hidden, added
 
 
+Embed = Callable[[torch.nn.Module, Any], dict[str, Tensor]]
+
+
+def conditioned(batch: PairBatch, module: torch.nn.Module, embed: Embed | None) -> PairBatch:
+    """``batch`` with its prompt conditioning encoded by ``module``'s text encoders (``embed``), or as it is."""
+    if embed is None:
+        return batch
+    if batch.captions is None:
+        raise ValueError("the loss encodes prompts itself (text encoders in training) but the batch has no captions")
+    cond = embed(module, batch.captions)
+    return dataclasses.replace(batch, encoder_hidden_states=cond["encoder_hidden_states"],
+                               text_embeds=cond.get("text_embeds", batch.text_embeds))
+
+
 def pair_denoising_errors(model: torch.nn.Module, scheduler: Any, batch: PairBatch, noise: Tensor,
                           timesteps: Tensor) -> tuple[Tensor, Tensor]:
     """Errors ``(err_chosen [B], err_rejected [B])`` from ONE forward over ``[chosen; rejected]`` with shared (ε, t)."""
@@ -169,12 +187,16 @@ def reference_context(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 @torch.no_grad()
 def reference_pair_errors(model: torch.nn.Module, ref_model: torch.nn.Module | None, scheduler: Any,
-                          batch: PairBatch, noise: Tensor, timesteps: Tensor) -> tuple[Tensor, Tensor]:
-    """Reference errors on the same (ε, t): ``ref_model`` if given (frozen copy), else ``model`` with LoRA off."""
+                          batch: PairBatch, noise: Tensor, timesteps: Tensor,
+                          embed: Embed | None = None) -> tuple[Tensor, Tensor]:
+    """Reference errors on the same (ε, t): ``ref_model`` if given (frozen copy), else ``model`` with LoRA off.
+
+    With ``embed`` the prompts are encoded by the reference's own text encoders (the copy's, or LoRA disabled).
+    """
     if ref_model is not None:
-        return pair_denoising_errors(ref_model, scheduler, batch, noise, timesteps)
+        return pair_denoising_errors(ref_model, scheduler, conditioned(batch, ref_model, embed), noise, timesteps)
     with reference_context(model) as ref:
-        return pair_denoising_errors(ref, scheduler, batch, noise, timesteps)
+        return pair_denoising_errors(ref, scheduler, conditioned(batch, ref, embed), noise, timesteps)
 
 
 def add_lora(model: torch.nn.Module, r: int = 8, alpha: float | None = None,
@@ -229,7 +251,7 @@ def loss_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
 
 def make_loss_fn(
     method: str, scheduler: Any, *, generator: torch.Generator | None = None, ref_model: torch.nn.Module | None = None,
-    options: dict[str, Any] | None = None, validate: bool = True,
+    options: dict[str, Any] | None = None, validate: bool = True, embed: Embed | None = None,
 ) -> Callable[[torch.nn.Module, Any], tuple[Tensor, dict[str, Tensor]]]:
     """``loss_fn(model, batch) -> (loss, metrics)`` for :class:`mmalign.train.Trainer`.
 
@@ -237,12 +259,14 @@ def make_loss_fn(
     (:func:`diffusion_loss`), e.g. ``mapo`` (reference-free) or ``diffusion_dpo`` (reference = ``ref_model``, or
     ``model`` with LoRA disabled). ``options``: hyper-parameters, passed to the loss where its signature names them
     (e.g. ``beta``; ``c``, ``temperature``, ``margin_weight``). ``generator`` draws the shared (ε, t) of each pair;
-    the batch may be a :class:`PairBatch` or a dict.
+    the batch may be a :class:`PairBatch` or a dict. ``embed`` (text encoders in training): prompts are encoded
+    from the batch's ``captions`` by the model's text encoders each step, and by the reference's for the reference.
     """
     num_t = int(scheduler.config.num_train_timesteps)
     if method == SFT:
         def sft_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
             pb = batch if isinstance(batch, PairBatch) else PairBatch.from_mapping(batch)
+            pb = conditioned(pb, model, embed)
             if validate:
                 check_pair_batch(pb)
             noise, timesteps = paired_noise_and_timesteps(pb.chosen, num_t, generator)
@@ -260,13 +284,15 @@ def make_loss_fn(
 
     def loss_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         pb = batch if isinstance(batch, PairBatch) else PairBatch.from_mapping(batch)
+        policy = conditioned(pb, model, embed)
         if validate:
-            check_pair_batch(pb)
+            check_pair_batch(policy)
         noise, timesteps = paired_noise_and_timesteps(pb.chosen, num_t, generator)
-        err_w, err_l = pair_denoising_errors(model, scheduler, pb, noise, timesteps)
+        err_w, err_l = pair_denoising_errors(model, scheduler, policy, noise, timesteps)
         errs = (err_w, err_l)
         if needs_ref:
-            errs += reference_pair_errors(model, ref_model, scheduler, pb, noise, timesteps)
+            errs += reference_pair_errors(model, ref_model, scheduler, pb if embed else policy, noise, timesteps,
+                                          embed)
         if pb.label is None:
             loss, metrics = fn(*errs, **kwargs)
         else:

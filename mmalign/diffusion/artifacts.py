@@ -16,8 +16,8 @@ import torch
 
 from mmalign.diffusion.pipeline import plain_unet
 
-__all__ = ["LORA_FILE", "lora_state_dict", "save_lora", "save_unet", "save_pipeline", "is_lora_artifact",
-           "load_unet_weights", "plain_unet"]
+__all__ = ["LORA_FILE", "lora_state_dict", "save_lora", "save_unet", "save_text_encoders", "save_pipeline",
+           "is_lora_artifact", "load_unet_weights", "plain_unet"]
 
 LORA_FILE = "pytorch_lora_weights.safetensors"  # diffusers' default LoRA weight name
 
@@ -45,14 +45,50 @@ def _lora_writer(pipeline_class: Any | None) -> Any:
     return StableDiffusionPipeline
 
 
+_COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
 def save_lora(model: torch.nn.Module, folder: str | Path, pipeline_class: Any | None = None) -> Path:
-    """Write the adapters as ``folder/pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads."""
+    """Write the adapters as ``folder/pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights`` reads
+    (a UNet trained with its text encoders also writes their adapters, under diffusers' component prefixes)."""
     state, config = lora_state_dict(model)
     config = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state.items():
+        comp = key.split(".", 1)[0]
+        if comp in _COMPONENTS:  # a UNet trained with its text encoders: keys start with the component name
+            parts.setdefault(comp, {})[key.split(".", 1)[1]] = value
+        else:
+            parts.setdefault("unet", {})[key] = value
+    kwargs: dict[str, Any] = {}
+    for comp, layers in parts.items():
+        kwargs[f"{comp}_lora_layers"] = layers
+        kwargs[f"{comp}_lora_adapter_metadata"] = config
     folder = Path(folder)
-    _lora_writer(pipeline_class).save_lora_weights(folder, unet_lora_layers=state, unet_lora_adapter_metadata=config,
-                                                   weight_name=LORA_FILE)
+    _lora_writer(pipeline_class).save_lora_weights(folder, weight_name=LORA_FILE, **kwargs)
     return folder / LORA_FILE
+
+
+def model_stack_or_none(model: torch.nn.Module) -> Any:
+    """The UNet-with-text-encoders module inside ``model``, or None for a plain UNet."""
+    from mmalign.diffusion.text_training import find_stack
+
+    try:
+        return find_stack(model)
+    except ValueError:
+        return None
+
+
+def save_text_encoders(model: torch.nn.Module, run_dir: str | Path) -> list[Path]:
+    """``text_encoder/`` (and ``text_encoder_2/``) of a UNet trained with its text encoders, via save_pretrained."""
+    stack = model_stack_or_none(model)
+    if stack is None:
+        return []
+    out = []
+    for name, module in stack.text_encoders.items():
+        module.save_pretrained(Path(run_dir) / name)
+        out.append(Path(run_dir) / name)
+    return out
 
 
 def save_unet(model: torch.nn.Module, folder: str | Path) -> Path:
@@ -96,6 +132,9 @@ def _fuse_lora(unet: torch.nn.Module, path: Path, name: str) -> None:
                          f"run); give the run's lora/ folder (diffusers format) instead")
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(folder, weight_name=weight,
                                                                       return_lora_metadata=True)
+    if any(k.startswith("text_encoder") for k in state):
+        raise ValueError(f"{name} {str(path)!r} also holds text-encoder adapters, which a run cannot start from; "
+                         "load it with pipe.load_lora_weights, save that pipeline and give it as model")
     state = {k.removeprefix("unet."): v for k, v in state.items() if k.startswith("unet.")}
     if metadata:  # the adapter config (rank, alpha) is saved per component, under the same prefix
         metadata = {k.removeprefix("unet."): v for k, v in metadata.items() if k.startswith("unet.")} or None

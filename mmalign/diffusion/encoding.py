@@ -66,10 +66,12 @@ class PairEncoder:
     ``time_ids``. The frozen modules follow the trained model's device at the first call.
     """
 
-    def __init__(self, pipe: Any, generator: torch.Generator | None = None, vae_batch_size: int = 8) -> None:
+    def __init__(self, pipe: Any, generator: torch.Generator | None = None, vae_batch_size: int = 8,
+                 encode_text: bool = True) -> None:
         if vae_batch_size <= 0:
             raise ValueError(f"vae_batch_size must be a positive integer, got {vae_batch_size}")
         self.pipe, self.generator, self.vae_batch_size = pipe, generator, vae_batch_size
+        self.encode_text = encode_text  # False: pass the captions on (the loss encodes them, text encoders train)
 
     @torch.no_grad()
     def latents(self, pixels: Tensor) -> Tensor:
@@ -82,14 +84,19 @@ class PairEncoder:
         return torch.cat(out) * float(vae.config.scaling_factor)
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, Any], device: torch.device | None = None) -> dict[str, Tensor]:
+    def __call__(self, batch: dict[str, Any], device: torch.device | None = None) -> dict[str, Any]:
         from mmalign.diffusion.pipeline import encode_prompts
 
         if device is not None and self.pipe.device != device:
             self.pipe.to(device)
         n = batch["chosen_pixels"].shape[0]
         lat = self.latents(torch.cat([batch["chosen_pixels"], batch["rejected_pixels"]]))
-        out = {"chosen": lat[:n], "rejected": lat[n:]}
+        out: dict[str, Any] = {"chosen": lat[:n], "rejected": lat[n:]}
+        if not self.encode_text:
+            out["captions"] = list(batch["caption"])
+            if getattr(self.pipe.unet.config, "addition_embed_type", None) == "text_time":  # SDXL
+                out["time_ids"] = batch["time_ids"].to(lat.device, torch.float32)
+            return out
         emb = encode_prompts(self.pipe, list(batch["caption"]))
         out["encoder_hidden_states"] = emb["encoder_hidden_states"].to(lat.device)
         if "text_embeds" in emb:

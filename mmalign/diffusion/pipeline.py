@@ -17,8 +17,8 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["tiny_clip_tokenizer", "tiny_sd_pipeline", "tiny_sdxl_pipeline", "plain_unet", "with_unet", "encode_prompts", "generate",
-           "evaluate_pipeline", "save_images", "image_grid"]
+__all__ = ["tiny_clip_tokenizer", "tiny_sd_pipeline", "tiny_sdxl_pipeline", "plain_unet", "with_unet", "encode_prompts",
+           "prompt_conditioning", "generate", "evaluate_pipeline", "save_images", "image_grid"]
 
 _SPECIALS = ("<|startoftext|>", "<|endoftext|>")
 
@@ -130,7 +130,9 @@ def plain_unet(unet: torch.nn.Module) -> torch.nn.Module:
     # that module, so the adapters stay active; DDP/accelerate wrappers are peeled off first
     while hasattr(unet, "module") and isinstance(unet.module, torch.nn.Module):
         unet = unet.module
-    return unet.get_base_model() if hasattr(unet, "get_base_model") else unet
+    unet = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
+    # a UNet trained together with its text encoders (mmalign.diffusion.text_training) holds the UNet inside
+    return unet.unet if hasattr(unet, "text_encoders") else unet
 
 
 def with_unet(pipe: Any, unet: torch.nn.Module) -> Any:
@@ -146,7 +148,13 @@ def with_unet(pipe: Any, unet: torch.nn.Module) -> Any:
 
 @torch.no_grad()
 def encode_prompts(pipe: Any, prompts: Sequence[str]) -> dict[str, Tensor]:
-    """Prompt embeddings exactly as the pipeline conditions on them, as pair-cache columns (to cache for training).
+    """:func:`prompt_conditioning` without gradients, as float32 CPU tensors (pair-cache columns)."""
+    return {k: v.float().cpu() for k, v in prompt_conditioning(pipe, prompts).items()}
+
+
+def prompt_conditioning(pipe: Any, prompts: Sequence[str]) -> dict[str, Tensor]:
+    """Prompt embeddings exactly as the pipeline conditions on them (on its device; gradients flow to trainable
+    text encoders).
 
     Returns ``{"encoder_hidden_states": [N, L, D]}``, plus ``"text_embeds": [N, P]`` (the pooled embedding of the
     last text encoder) for pipelines whose ``encode_prompt`` returns pooled embeddings (SDXL:
@@ -160,12 +168,12 @@ def encode_prompts(pipe: Any, prompts: Sequence[str]) -> dict[str, Tensor]:
         raise ValueError(f"{type(pipe).__name__}.encode_prompt must return (prompt_embeds, negative_prompt_embeds) "
                          f"or, SDXL, (prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, "
                          f"negative_pooled_prompt_embeds); got {got}")
-    emb = {"encoder_hidden_states": out[0].float().cpu()}
+    emb = {"encoder_hidden_states": out[0]}
     if len(out) == 4:
         if out[2] is None:
             raise ValueError(f"{type(pipe).__name__}.encode_prompt returned no pooled_prompt_embeds; an SDXL-type "
                              "UNet needs them as text_embeds")
-        emb["text_embeds"] = out[2].float().cpu()
+        emb["text_embeds"] = out[2]
     return emb
 
 

@@ -67,6 +67,9 @@ class DiffusionTrainConfig(Config):
     vae_batch_size: int = option(8, "image pairs: images per VAE encoder call")
     latent_cache: str = option("", "image pairs: a folder for a latent cache (VAE latents + prompt embeddings, "
                                    "keyed by data and VAE identity, centre crop, no flip); empty: encode on the fly")
+    train_text_encoder: bool = option(False, "image pairs on a pipeline: train the text encoder(s) with the UNet "
+                                             "(LoRA: adapters also on their q/k/v/out projections); prompts are "
+                                             "encoded every step (no latent_cache)")
     save_pipeline: bool = option(False, "full fine-tuning of a pipeline: also write run_dir/pipeline (the whole "
                                         "pipeline with the trained UNet)")
     num_pairs: int = option(512, "generated pairs (shapes data only)")
@@ -124,6 +127,10 @@ class DiffusionTrainConfig(Config):
             if path and not (Path(path).is_dir() or (path.endswith(".safetensors") and Path(path).is_file())):
                 raise ValueError(f"{name} must be an existing .safetensors file or folder (a run's lora/, unet/ or "
                                  f"pipeline/, or a diffusers folder), got {path!r}")
+        if self.train_text_encoder and (self.model == "tiny" or self.data.startswith("shapes:")
+                                        or self.data.endswith(".safetensors") or self.latent_cache):
+            raise ValueError("train_text_encoder needs a pipeline model and image-pair data encoded on the fly (not "
+                             "shapes data, a pair cache or latent_cache: those hold fixed prompt embeddings)")
         if self.save_pipeline and (self.model == "tiny" or self.trainer.lora.enabled):
             raise ValueError("save_pipeline writes a whole pipeline after full fine-tuning of a pipeline model; "
                              "with LoRA, load run_dir/lora into the base pipeline instead")
@@ -149,9 +156,9 @@ def _reference(cfg: DiffusionTrainConfig, unet: Any) -> Any:
 
     if not loss_needs_reference_of(cfg.method) or (cfg.trainer.lora.enabled and not cfg.ref_weights):
         return None
-    ref = copy.deepcopy(unet)
+    ref = copy.deepcopy(unet)  # with train_text_encoder: the UNet and its text encoders
     if cfg.ref_weights:
-        load_unet_weights(ref, cfg.ref_weights, "ref_weights")
+        load_unet_weights(getattr(ref, "unet", ref), cfg.ref_weights, "ref_weights")
     return ref.eval().requires_grad_(False)
 
 
@@ -248,7 +255,8 @@ def _data(cfg: DiffusionTrainConfig, tm: Any, generator: Any) -> tuple[Any, Any]
                                  split=cfg.split or None, ties=cfg.ties, skip_invalid=cfg.skip_invalid,
                                  allow_outside=cfg.allow_outside_paths, resolution=resolution,
                                  random_crop=cfg.random_crop, hflip=cfg.hflip)
-    encoder = PairEncoder(tm.pipe, generator=generator, vae_batch_size=cfg.vae_batch_size)
+    encoder = PairEncoder(tm.pipe, generator=generator, vae_batch_size=cfg.vae_batch_size,
+                          encode_text=not cfg.train_text_encoder)
     if cfg.latent_cache:
         return cached_latents(Path(cfg.latent_cache), pairs, encoder), None
     return pairs, encoder
@@ -258,7 +266,7 @@ def _encoded_loss(loss_fn: Any, encoder: Any) -> Any:
     """``loss_fn`` on batches encoded first (VAE latents and prompt embeddings, no gradient)."""
 
     def fn(model: Any, batch: dict[str, Any]) -> Any:
-        encoded = encoder(batch, next(model.parameters()).device)
+        encoded = encoder(batch, next(model.parameters()).device)  # captions stay text when the encoders train
         if "label" in batch:
             encoded["label"] = batch["label"]
         return loss_fn(model, encoded)
@@ -267,12 +275,13 @@ def _encoded_loss(loss_fn: Any, encoder: Any) -> Any:
 
 
 def _save_artifacts(cfg: DiffusionTrainConfig, model: Any, pipe: Any, run_dir: Path) -> None:
-    from mmalign.diffusion.artifacts import save_lora, save_pipeline, save_unet
+    from mmalign.diffusion.artifacts import save_lora, save_pipeline, save_text_encoders, save_unet
 
     if cfg.trainer.lora.enabled:
         save_lora(model, run_dir / "lora", type(pipe) if pipe is not None else None)
         return
     save_unet(model, run_dir / "unet")
+    save_text_encoders(model, run_dir)  # text_encoder/ (and text_encoder_2/) when they trained
     if cfg.save_pipeline:
         save_pipeline(pipe, model, run_dir / "pipeline")
 
@@ -305,6 +314,23 @@ def _data_key(cfg: DiffusionTrainConfig) -> str:
     return json.dumps({k: getattr(cfg, k) for k in fields}, sort_keys=True)
 
 
+def _with_text_encoders(cfg: DiffusionTrainConfig, pipe: Any) -> tuple[Any, TrainerConfig, Any]:
+    """The UNet with the pipeline's text encoder(s) as one trained module, the trainer settings (LoRA also on the
+    text encoders' attention projections) and the per-step prompt embedder."""
+    from mmalign.diffusion.text_training import TEXT_LORA_TARGETS, TextConditionedUNet, prompt_embedder
+
+    stack = TextConditionedUNet.from_pipeline(pipe)
+    trainer_cfg = cfg.trainer
+    if trainer_cfg.lora.enabled:
+        targets = [*trainer_cfg.lora.target_modules, *(t for t in TEXT_LORA_TARGETS
+                                                       if t not in trainer_cfg.lora.target_modules)]
+        trainer_cfg = replace(trainer_cfg, lora=replace(trainer_cfg.lora, target_modules=targets))
+    else:
+        for module in stack.text_encoders.values():
+            module.train().requires_grad_(True)
+    return stack, trainer_cfg, prompt_embedder(pipe)
+
+
 def run(cfg: DiffusionTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Validate data and model, train, evaluate, write the run folder and its artifacts; return the final metrics."""
     import torch
@@ -318,10 +344,13 @@ def run(cfg: DiffusionTrainConfig, run_dir: Path, resume: bool = False) -> dict[
                              prediction_type=cfg.prediction_type, init_weights=cfg.init_weights)
     vae_generator = torch.Generator().manual_seed(cfg.trainer.seed + 2)
     dataset, encoder = _data(cfg, tm, vae_generator)  # every row validated here, before any training
-    ref_model = _reference(cfg, tm.unet)
+    model, trainer_cfg, embed = tm.unet, cfg.trainer, None
+    if cfg.train_text_encoder:
+        model, trainer_cfg, embed = _with_text_encoders(cfg, tm.pipe)
+    ref_model = _reference(cfg, model)
     generator = torch.Generator().manual_seed(cfg.trainer.seed + 1)
     loss_fn = make_loss_fn(cfg.method, tm.scheduler, generator=generator, ref_model=ref_model,
-                           options=loss_options_of(cfg))
+                           options=loss_options_of(cfg), embed=embed)
     if encoder is not None:
         loss_fn = _encoded_loss(loss_fn, encoder)
     eval_fn = None
@@ -330,7 +359,7 @@ def run(cfg: DiffusionTrainConfig, run_dir: Path, resume: bool = False) -> dict[
     if cfg.eval_prompts:
         eval_fn = _pipeline_eval_fn(cfg, tm.pipe, run_dir, tm.scheduler.config.prediction_type)
     # checkpointed, so --resume redraws the same noise and VAE samples
-    trainer = Trainer(cfg.trainer, tm.unet, dataset, loss_fn, run_dir, eval_fn=eval_fn,
+    trainer = Trainer(trainer_cfg, model, dataset, loss_fn, run_dir, eval_fn=eval_fn,
                       generators={"noise": generator, "vae": vae_generator})
     if ref_model is not None:
         ref_model.to(trainer.accelerator.device)

@@ -316,3 +316,76 @@ def test_v_prediction_pipeline_trains_and_samples_with_its_prediction_type(tmp_p
                        steps=2, prediction_type="v_prediction")
     run(cfg, tmp_path / "samples")
     assert (tmp_path / "samples" / "grid.png").is_file()
+
+
+def test_text_encoder_lora_trains_and_loads_in_diffusers(tmp_path, pipe_dir):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from mmalign.diffusion.text_training import TextConditionedUNet
+    from mmalign.train.lora import add_lora
+
+    _train(pipe_dir, _pickapic(tmp_path / "data"), tmp_path / "run", train_text_encoder=True, method="diffusion_dpo",
+           trainer={"lora": {"enabled": True, "r": 4, "alpha": 8.0}})
+    state = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert any(k.startswith("base_model.model.text_encoder.") and "lora_B" in k and v.abs().sum() > 0
+               for k, v in state.items())  # the text encoder's adapters trained
+    base = DiffusionPipeline.from_pretrained(pipe_dir)
+    base.set_progress_bar_config(disable=True)
+    stack = add_lora(TextConditionedUNet.from_pipeline(base), r=4, alpha=8.0,
+                     target_modules=["to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj"])
+    stack.load_state_dict(state)
+    expected = _images(base)  # base's own modules now carry the trained adapters
+    loaded = DiffusionPipeline.from_pretrained(pipe_dir)
+    loaded.set_progress_bar_config(disable=True)
+    loaded.load_lora_weights(tmp_path / "run" / "lora")
+    torch.testing.assert_close(_images(loaded), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="also holds text-encoder adapters"):
+        _train(pipe_dir, tmp_path / "data" / "pairs.jsonl", tmp_path / "again",
+               init_weights=str(tmp_path / "run" / "lora"))
+
+
+def test_reference_encodes_prompts_with_the_reference_text_encoder(pipe_dir):
+    """Diffusion-DPO with LoRA on the text encoder: the reference's conditioning is the adapters-disabled encoder's."""
+    from diffusers import DiffusionPipeline
+    from diffusion_fixtures import ddpm
+
+    from mmalign.diffusion.adapter import PairBatch, conditioned, pair_denoising_errors, reference_pair_errors
+    from mmalign.diffusion.text_training import TextConditionedUNet, prompt_embedder
+    from mmalign.train.lora import add_lora
+
+    pipe = DiffusionPipeline.from_pretrained(pipe_dir)
+    base_unet = copy.deepcopy(pipe.unet)
+    base_text = copy.deepcopy(pipe.text_encoder)
+    model = add_lora(TextConditionedUNet.from_pipeline(pipe), r=2, target_modules=["q_proj", "v_proj"], init="gaussian")
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.5)  # adapters that change the text embedding
+    g = torch.Generator().manual_seed(0)
+    batch = PairBatch(torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g), None,
+                      captions=["a red circle", "a green square"])
+    noise, t = torch.randn(2, 4, 8, 8, generator=g), torch.tensor([10, 500])
+    embed = prompt_embedder(pipe)
+    ref_w, _ = reference_pair_errors(model, None, ddpm(), batch, noise, t, embed)
+    plain = TextConditionedUNet(base_unet, base_text)
+    with torch.no_grad():
+        want_w, _ = pair_denoising_errors(plain, ddpm(), conditioned(batch, plain, embed), noise, t)
+        policy_w, _ = pair_denoising_errors(model, ddpm(), conditioned(batch, model, embed), noise, t)
+    torch.testing.assert_close(ref_w, want_w)
+    assert not torch.allclose(policy_w, want_w)  # the policy's own (adapted) encoder conditions differently
+
+
+def test_full_run_with_text_encoder_writes_it(tmp_path, pipe_dir):
+    from diffusers import DiffusionPipeline
+    from transformers import CLIPTextModel
+
+    _train(pipe_dir, _pickapic(tmp_path / "data"), tmp_path / "run", train_text_encoder=True, save_pipeline=True,
+           trainer={"max_steps": 1})
+    base = CLIPTextModel.from_pretrained(pipe_dir / "text_encoder")
+    trained = CLIPTextModel.from_pretrained(tmp_path / "run" / "text_encoder")
+    assert any(not torch.equal(a, b) for a, b in zip(base.state_dict().values(), trained.state_dict().values()))
+    pipe = DiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline")
+    torch.testing.assert_close(pipe.text_encoder.state_dict(), trained.state_dict())
+    with pytest.raises(ValueError, match="train_text_encoder needs a pipeline model and image-pair data"):
+        _train(pipe_dir, tmp_path / "data" / "pairs.jsonl", tmp_path / "x", train_text_encoder=True,
+               latent_cache=str(tmp_path / "cache"))
