@@ -39,8 +39,9 @@ def load_image(path: str | Path) -> Tensor:
             rgb = im.convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError) as err:
         raise ValueError(f"image file {str(path)!r} is corrupt or not an image ({err})") from err
-    data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, 3)
-    return data.permute(2, 0, 1).float() / 127.5 - 1.0
+    from mmalign.diffusion.encoding import pil_to_tensor
+
+    return pil_to_tensor(rgb)
 
 
 def load_image_pair(chosen: str | Path, rejected: str | Path, resolution: int | None = None) -> tuple[Tensor, Tensor]:

@@ -14,10 +14,11 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["prepare_pair", "PairEncoder", "encode_dataset"]
+__all__ = ["pil_to_tensor", "prepare_pair", "PairEncoder", "encode_dataset"]
 
 
-def _to_tensor(image: Any) -> Tensor:
+def pil_to_tensor(image: Any) -> Tensor:
+    """A PIL image as RGB ``[3, H, W]`` float in [-1, 1]."""
     rgb = image.convert("RGB")
     data = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).reshape(rgb.height, rgb.width, 3)
     return data.permute(2, 0, 1).float() / 127.5 - 1.0
@@ -40,7 +41,7 @@ def prepare_pair(chosen: Any, rejected: Any, resolution: int, *, random_crop: bo
     if rejected.size != chosen.size:
         rejected = rejected.resize(chosen.size, Image.BILINEAR)
     h, w = chosen.height, chosen.width
-    pair = torch.cat([_to_tensor(chosen), _to_tensor(rejected)])  # [6, H, W]: one resize/crop/flip for both
+    pair = torch.cat([pil_to_tensor(chosen), pil_to_tensor(rejected)])  # [6, H, W]: one resize/crop/flip for both
     scale = resolution / min(h, w)
     size = (max(resolution, round(h * scale)), max(resolution, round(w * scale)))
     pair = torch.nn.functional.interpolate(pair[None], size=size, mode="bilinear", align_corners=False,
