@@ -100,8 +100,9 @@ def test_full_unet_run_writes_unet_and_pipeline_and_continues_from_them(tmp_path
            trainer={"max_steps": 1, "lora": {"enabled": True, "r": 2}})
 
 
-def test_data_sources_and_layouts(tmp_path, pipe_dir):
-    """Parquet with embedded bytes, a datasets folder, and the image kind through a column mapping."""
+def test_data_sources_and_layouts(tmp_path, pipe_dir, monkeypatch):
+    """Parquet with embedded bytes, a datasets folder, a Hub-layout folder and a Hub id (datasets.load_dataset,
+    served offline), and the image kind through a column mapping."""
     import io
 
     import datasets
@@ -121,8 +122,14 @@ def test_data_sources_and_layouts(tmp_path, pipe_dir):
 
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "pairs.parquet")
     datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "hub" / "data").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "hub" / "data" / "train-00000-of-00001.parquet")
+    real_load = datasets.load_dataset
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, split=None, **kw: (
+        datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}) if name == "someone/pairs"
+        else real_load(name, split=split, **kw)))
     mapping = {"caption": "prompt", "jpg_0": "win", "jpg_1": "lose"}
-    for source in (tmp_path / "pairs.parquet", tmp_path / "ds"):
+    for source in (tmp_path / "pairs.parquet", tmp_path / "ds", tmp_path / "hub", "someone/pairs"):
         pairs = load_image_pairs(source, resolution=8, columns=mapping)
         assert len(pairs) == 2
         item = pairs[1]  # label_0 = 0: jpg_1 (green-ish) is the chosen image
