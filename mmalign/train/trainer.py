@@ -79,6 +79,18 @@ def _cuda_rng_devices() -> list[int]:
     return []
 
 
+def _last_logged(path: Path) -> dict[str, Any]:
+    """The metrics of the latest row holding ``train/loss`` merged with the rows logged after it."""
+    from mmalign.train.logging import read_metrics
+
+    rows = read_metrics(path)
+    start = max((i for i, r in enumerate(rows) if "train/loss" in r), default=len(rows))
+    out: dict[str, Any] = {}
+    for row in rows[start:]:
+        out.update({k: v for k, v in row.items() if k != "step"})
+    return out
+
+
 class Trainer:
     """Trains ``model`` by minimising ``loss_fn(model, batch)`` over ``train_dataset`` (see module docstring).
 
@@ -382,7 +394,9 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
                    desc="train", dynamic_ncols=True)
         self.model.train()
-        last: dict[str, Any] = {}
+        # what the run reports at the end: the latest training row and the evaluations after it (a resumed run takes
+        # them from the log, so that resuming a finished run returns what the uninterrupted one returned)
+        last: dict[str, Any] = _last_logged(self.run_dir / "metrics.jsonl") if resume and self.is_main else {}
         t0, examples = time.perf_counter(), 0
         while self.step < cfg.max_steps:
             sums: dict[str, torch.Tensor] = {}

@@ -483,3 +483,15 @@ def test_lora_dropout_must_be_below_one(dropout: float) -> None:
     with pytest.raises(ValueError, match=rf"^trainer\.lora\.dropout must be in \[0.0, 1.0\), got {dropout}$"):
         load_config(DemoConfig, None, [f"trainer.lora.dropout={dropout}"])
     assert LoraOptions(dropout=0.99).dropout == 0.99
+
+
+def test_resuming_a_finished_run_returns_what_the_run_returned(tmp_path: Path) -> None:
+    """A phase of a multi-phase job that finished before a kill is resumed as a no-op: it must still report its
+    final training metrics (a job's results table reads them)."""
+    base = ["trainer.progress=false", "trainer.plots=false", "n_pairs=256", "hidden=16", "trainer.max_steps=4",
+            "trainer.log_every=1", "trainer.eval_every=2"]
+    first = run(load_config(DemoConfig, None, base), tmp_path / "r")
+    again = run(load_config(DemoConfig, None, base), tmp_path / "r", resume=True)
+    assert "train/loss" in first
+    drop = {"perf/examples_per_s"}
+    assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in first.items() if k not in drop}
