@@ -146,7 +146,8 @@ def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, l
     rates = [r["perf/examples_per_s"] for r in rows if "perf/examples_per_s" in r][1:]  # step 1 is warm-up
     step_s = [batch / r for r in rates]
     return {"side": "mmalign", "mode": mode, "samples_per_s": batch / (sum(step_s) / len(step_s)),
-            "step_s": step_s, "peak_rss_mb": _peak_mb(), "total_s": total, "loss": out.get("train/loss")}
+            "step_s": step_s, "peak_rss_mb": _peak_mb(), "total_s": total, "loss": out.get("train/loss"),
+            "ref_precompute_s": out.get("time/ref_precompute_s", 0.0)}
 
 
 def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int) -> dict:

@@ -177,6 +177,8 @@ def _scene_pairs(cfg: VLMTrainConfig, adapter: Any) -> tuple[list[Any], dict[str
 
 def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Validate data and model, build/load the model, train with the generic trainer, write artifacts."""
+    import time
+
     import numpy as np
     import torch
 
@@ -240,9 +242,11 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     ref = None
     if cfg.reference == "cache":
         probe = PairCollator(adapter, with_retrieved=cfg.method == "realign", with_segments=cfg.method == "rrpo")
+        t0 = time.perf_counter()
         ref, path, hit = reference_cache(probe, pairs, cfg.cache_dir or run_dir / "ref_cache", model_id,
                                          with_logprobs=cfg.method == "rrpo")
         stats["ref_cache/hit"] = float(hit)
+        stats["time/ref_precompute_s"] = time.perf_counter() - t0  # one-off, outside the training rate
     collator = PairCollator(adapter, with_retrieved=cfg.method == "realign", with_segments=cfg.method == "rrpo",
                             ref_cache=ref, keep_raw=online is not None)
     objective = PreferenceObjective(adapter, cfg.method, beta=cfg.beta, eps=cfg.eps, alpha=cfg.rrpo_alpha,
