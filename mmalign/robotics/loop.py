@@ -91,7 +91,8 @@ def make_venv(env: Any, n_envs: int = 1, seed: int = 0, *, subprocess: bool = Fa
 
     if n_envs < 1:
         raise ValueError(f"n_envs must be >= 1, got {n_envs}")
-    env_id = env if isinstance(env, str) and ":" not in env else resolve_env(env)
+    make = resolve_env(env)  # unknown ids and modules fail here with a clear message
+    env_id = env if isinstance(env, str) and ":" not in env else make
     venv = make_vec_env(env_id, n_envs=n_envs, seed=seed, vec_env_cls=SubprocVecEnv if subprocess else DummyVecEnv)
     if frame_stack:
         venv = VecFrameStack(venv, frame_stack, channels_order="last")
