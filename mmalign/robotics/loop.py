@@ -22,6 +22,7 @@ passed in instead of built.
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from typing import Any, Callable
 
@@ -50,7 +51,7 @@ def resolve_env(env: Any) -> Callable[[], Any]:
         except ImportError as err:
             raise ValueError(f"env {env!r}: cannot import module {module!r} ({err})") from None
     if name not in gymnasium.registry:
-        close = [k for k in gymnasium.registry if name.split("-")[0].lower() in k.lower()][:5]
+        close = difflib.get_close_matches(name, list(gymnasium.registry), n=5, cutoff=0.6)
         raise ValueError(f"env_id {env!r} is not a registered gymnasium id (similar: {close})")
     return lambda: gymnasium.make(name)
 
