@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from mmalign.config import Config, check_choice, check_nonnegative, check_positive, check_range, option
+from mmalign.core.reward_models import resolve_device
 
 __all__ = ["PebbleConfig", "run", "train_agent", "check_setup", "build_feedback", "build_teacher", "FeedbackState",
            "knn_entropy_bonus"]
@@ -195,14 +196,6 @@ def build_teacher(value: str | dict[str, Any]) -> Any:
         return TEACHERS.get(name)(**fields)
     except (TypeError, ValueError) as err:
         raise ValueError(f"teacher {name!r} with {fields}: {err}") from None
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' but CUDA is not available")
-    return torch.device(name)
 
 
 def check_setup(cfg: PebbleConfig) -> None:

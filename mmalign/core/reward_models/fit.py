@@ -21,10 +21,14 @@ __all__ = ["RewardFitConfig", "FitResult", "fit_reward_model", "evaluate", "pair
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA if present, else CPU; anything else is passed to ``torch.device``."""
+    """``"auto"`` → CUDA if present, else CPU; anything else is passed to ``torch.device``; asking for CUDA on a
+    machine without it raises ``ValueError`` (before any work, rather than at the first tensor moved there)."""
     if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available")
+    return resolved
 
 
 @dataclass(frozen=True)
