@@ -21,9 +21,8 @@ import sys
 from pathlib import Path
 
 import torch
-from _sharded import corrupt_rank1_then_resume, demo_runner, record_linear_dtypes
+from _sharded import corrupt_rank1_then_resume, demo_runner, finish_worker, record_linear_dtypes
 
-from mmalign.cli import close_process_group
 
 _run = demo_runner(["trainer.progress=false", "trainer.plots=false", "trainer.distributed=fsdp",
                     "trainer.fsdp_wrap=[Linear]", "trainer.batch_size=16", "trainer.save_every=4",
@@ -39,7 +38,7 @@ def bf16(out: Path) -> None:
     resumed = _run(out, "bf16-stop", 8, extra, resume=True)["step"]
     if int(os.environ["RANK"]) == 0:
         (out / "result_bf16.json").write_text(json.dumps({"resumed": resumed, "forward_dtypes": sorted(seen)}))
-    close_process_group()
+    finish_worker()
 
 
 def main(out: Path) -> None:
@@ -60,7 +59,7 @@ def main(out: Path) -> None:
         out, "plain-stop", 4, lambda: _run(out, "bad", 8, plain, resume=True))
     if int(os.environ["RANK"]) == 0:
         (out / "result.json").write_text(json.dumps(result))
-    close_process_group()  # as the CLI does after a job: not left to the destructors at interpreter exit
+    finish_worker()
 
 
 if __name__ == "__main__":

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
+from _sharded import finish_worker
 
-from mmalign.cli import close_process_group
 
 
 def _vlm(out: Path, name: str, trainer: dict, **job: object) -> float:
@@ -84,7 +84,7 @@ def main(out: Path) -> None:
     if int(os.environ["RANK"]) == 0:
         assert all(math.isfinite(v) for v in result["loss"].values()), result
         (out / "jobs.json").write_text(json.dumps(result))
-    close_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":

@@ -43,6 +43,25 @@ def launch(worker: Path, out: Path, *args: str) -> Path:
 
 
 # -- used inside the workers ------------------------------------------------------------------------------------------
+def finish_worker() -> None:
+    """End a worker: tear the process group down in step on every rank (the CLI's ``close_process_group``), then
+    leave without the interpreter's exit-time destructors.
+
+    DeepSpeed keeps gloo process groups referenced past ``destroy_process_group`` (``deepspeed.utils.groups``'s
+    world group, the engine's ``data_parallel_group``, each ZeRO-3 parameter's ``ds_process_group``): after it, two
+    groups' gloo threads and sockets are still alive, and would be torn down by exit-time destructors on each rank
+    on its own while the other rank may already have closed its side. Under load a worker died there ("terminate
+    called without an active exception"). The results are written before this call; ``os._exit`` skips only that
+    teardown, after flushing the output.
+    """
+    from mmalign.cli import close_process_group
+
+    close_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def demo_runner(common: list[str]) -> Callable[..., dict]:
     """``run(out, name, steps, extra, resume=False)``: the trainer's demo job with ``common`` + ``extra`` settings."""
     from mmalign.config import load_config

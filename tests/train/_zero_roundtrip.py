@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _sharded import finish_worker
 
 from mmalign.train.zero import deepspeed_config, gather_full_state, initialize
 
@@ -74,7 +75,7 @@ def main(out: Path, stage: int, device: str) -> None:
                   "device": str(next(second.module.parameters()).device),
                   "saved_step": float(opt_state["state"][0]["step"])}
         (out / "roundtrip.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":

@@ -28,9 +28,8 @@ import sys
 from pathlib import Path
 
 import torch
-from _sharded import corrupt_rank1_then_resume, demo_runner, record_linear_dtypes
+from _sharded import corrupt_rank1_then_resume, demo_runner, finish_worker, record_linear_dtypes
 
-from mmalign.cli import close_process_group
 
 _run = demo_runner(["trainer.progress=false", "trainer.plots=false", "trainer.distributed=deepspeed",
                     "trainer.batch_size=16", "trainer.save_every=4", "trainer.log_every=2", "trainer.eval_every=4",
@@ -48,7 +47,7 @@ def bf16(out: Path) -> None:
         result["resumed"][stage] = _run(out, f"b{stage}-stop", 8, extra, resume=True)["step"]
     if int(os.environ["RANK"]) == 0:
         (out / "result_bf16.json").write_text(json.dumps({**result, "forward_dtypes": sorted(seen)}))
-    close_process_group()
+    finish_worker()
 
 
 def partition_sizes() -> dict:
@@ -134,7 +133,7 @@ def main(out: Path) -> None:
         out, "z2-stop", 4, lambda: _run(out, "bad", 8, ["dropout=0.2", "trainer.zero_stage=2"], resume=True))
     if int(os.environ["RANK"]) == 0:
         (out / "result.json").write_text(json.dumps(result))
-    close_process_group()
+    finish_worker()
 
 
 if __name__ == "__main__":
