@@ -37,7 +37,15 @@ def aggregate(values: Tensor, mode: str = "mean", coef: float = 1.0) -> Tensor:
 
 
 class RewardEnsemble(nn.Module, SavePretrainedMixin):
-    """``K`` reward models with the same input signature; every method returns a leading member dim ``K``."""
+    """``K`` reward models with the same input signature; every method returns a leading member dim ``K``.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.reward_models import MLPRewardModel, RewardEnsemble
+        >>> ensemble = RewardEnsemble.build(lambda: MLPRewardModel(obs_dim=3, hidden=(8,)), size=3, seed=0)
+        >>> ensemble.segment_returns(torch.zeros(4, 5, 3)).shape  # [K members, N segments]
+        torch.Size([3, 4])
+    """
 
     def __init__(self, members: Sequence[RewardModel]) -> None:
         super().__init__()

@@ -106,6 +106,20 @@ def fit_reward_model(
     Each epoch is ``ceil(N / batch_size)`` steps; at every step each ensemble member draws ``batch_size`` pairs from
     its own index set (a bootstrap resample when ``config.bootstrap``), and the members' losses are summed under one
     Adam optimiser. Runs on ``config.device`` (``auto`` = CUDA when present); the model stays on that device.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.reward_models import MLPRewardModel, RewardFitConfig, SegmentPairs, fit_reward_model
+        >>> from mmalign.core.rng import seeded_global_rng
+        >>> g = torch.Generator().manual_seed(0)
+        >>> obs_first, obs_second = torch.randn(64, 5, 2, generator=g), torch.randn(64, 5, 2, generator=g)
+        >>> labels = (obs_first[..., 0].sum(1) > obs_second[..., 0].sum(1)).float()  # the true reward is obs[0]
+        >>> with seeded_global_rng(0):
+        ...     model = MLPRewardModel(obs_dim=2, hidden=(16,))
+        >>> config = RewardFitConfig(epochs=10, batch_size=32, lr=1e-2, device="cpu", val_fraction=0.0)
+        >>> result = fit_reward_model(model, SegmentPairs(obs_first, obs_second, labels), config=config)
+        >>> result.history[0]["train/pref_accuracy"], result.metrics["train/pref_accuracy"]
+        (0.640625, 0.921875)
     """
     # Imported here so that reward nets, ensembles and teachers import without the loss package.
     from mmalign.core.losses import bradley_terry_loss  # noqa: PLC0415

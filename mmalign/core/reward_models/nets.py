@@ -107,6 +107,14 @@ class MLPRewardModel(RewardModel):
     - ``action_squares``: the squared (standardised, weighted) actions are appended to the input, so a quadratic
       control cost ``−c·‖a‖²`` — part of every gymnasium MuJoCo locomotion/manipulation reward — is a linear
       function of the features instead of something a piecewise-linear MLP must assemble from few comparisons.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.reward_models import MLPRewardModel
+        >>> model = MLPRewardModel(obs_dim=3, act_dim=2, hidden=(16, 16))
+        >>> obs, act = torch.zeros(4, 5, 3), torch.zeros(4, 5, 2)  # 4 segments of 5 steps
+        >>> model.step_rewards(obs, act).shape, model.segment_returns(obs, act).shape
+        (torch.Size([4, 5]), torch.Size([4]))
     """
 
     input_mean: Tensor

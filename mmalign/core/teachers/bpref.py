@@ -86,6 +86,18 @@ class SimulatedHuman(Teacher):
             ``eps_equal`` > 0); can be set later by :meth:`set_return_scale` / :meth:`calibrate`.
         return_reference: the return ``b`` thresholds are measured from (0 = B-Pref); must be finite and (when non-zero)
             ``≤ return_scale`` once both are set.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.teachers import SimulatedHuman
+        >>> rewards_first = torch.tensor([[1.0, 1.0], [0.0, 0.0]])  # 2 pairs of 2-step segments
+        >>> rewards_second = torch.tensor([[0.0, 0.0], [0.5, 0.0]])
+        >>> out = SimulatedHuman()(rewards_first, rewards_second)  # the oracle: the larger true return wins
+        >>> out.labels.tolist(), out.answered.tolist()
+        ([1.0, 0.0], [True, True])
+        >>> mistaken = SimulatedHuman.preset('mistake', eps_mistake=1.0)  # flips every label
+        >>> mistaken(rewards_first, rewards_second, rng=0).labels.tolist()
+        [0.0, 1.0]
     """
 
     def __init__(
@@ -254,5 +266,13 @@ class SimulatedHuman(Teacher):
 
 
 def bpref_teacher(name: str = "oracle", **overrides: Any) -> SimulatedHuman:
-    """Build a B-Pref teacher by preset name (``oracle, stochastic, mistake, skip, myopic, equal``)."""
+    """Build a B-Pref teacher by preset name (``oracle, stochastic, mistake, skip, myopic, equal``).
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.teachers import bpref_teacher
+        >>> teacher = bpref_teacher('oracle')
+        >>> teacher(torch.tensor([[2.0]]), torch.tensor([[1.0]])).labels.tolist()
+        [1.0]
+    """
     return SimulatedHuman.preset(name, **overrides)

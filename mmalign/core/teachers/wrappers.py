@@ -19,6 +19,14 @@ class LabelFlipTeacher(Teacher):
 
     This is the noise model robust DPO (Chowdhury et al. 2024) corrects for, and AlpacaFarm's training-time
     annotator noise (``p_label_flip = 0.25``). Ties stay 0.5; skipped pairs stay skipped.
+
+    Examples:
+        >>> import torch
+        >>> from mmalign.core.teachers import LabelFlipTeacher, SimulatedHuman
+        >>> flipping = LabelFlipTeacher(SimulatedHuman(), flip_rate=0.4)
+        >>> labels = flipping(torch.ones(1000, 1), torch.zeros(1000, 1), rng=0).labels  # the oracle says 1 every time
+        >>> round(1.0 - labels.mean().item(), 2)  # about 40% flipped
+        0.4
     """
 
     def __init__(self, base: Teacher, flip_rate: float) -> None:
