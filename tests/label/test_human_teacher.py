@@ -54,7 +54,7 @@ def app_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no
     store.close()
 
 
-def test_human_teacher_returns_the_labellers_answers(app_env) -> None:  # type: ignore[no-untyped-def]
+def test_human_teacher_returns_the_labellers_answers(app_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     live, store, labeller = app_env
     teacher = TEACHERS.get("human")(url=live.url, project="run", env_id="Reacher-v5", poll_seconds=0.1, timeout=120)
     assert not teacher.needs_true_reward
@@ -64,7 +64,8 @@ def test_human_teacher_returns_the_labellers_answers(app_env) -> None:  # type: 
     worker = threading.Thread(target=_labeller, args=(store, labeller, "run", stop, ["left", "right", "equal"]))
     worker.start()
     try:
-        out = teacher(rewards, rewards, obs_first=obs[:3], obs_second=obs[3:])
+        act = np.zeros((3, 6, 2), dtype=np.float32)
+        out = teacher(rewards, rewards, obs_first=obs[:3], obs_second=obs[3:], act_first=act, act_second=act)
     finally:
         stop.set()
         worker.join()
@@ -73,9 +74,16 @@ def test_human_teacher_returns_the_labellers_answers(app_env) -> None:  # type: 
     expected = {a["query_id"]: choice_label(a["choice"], swapped(a["query_id"], a["labeller_id"])) for a in stored}
     assert out.labels.tolist() == [expected[q] for q in sorted(expected)]
     assert out.metrics["teacher/timed_out"] == 0 and out.metrics["teacher/num_answered"] == 3
-    # each posted pair became a playable clip pair
+    # each posted pair became a playable clip pair, and the run's project exports as segment preference data
     (_, _, payload, row, _, _) = next(store.queries("run"))
     assert payload["left"]["video"].endswith(".webm") and len(row["obs_first"]) == 6
+    from mmalign.data import load_preference_data, write_jsonl
+    from mmalign.label.queries import export_rows
+
+    rows, _ = export_rows("clip", store.queries("run"), stored, tmp_path / "media" / "run", tmp_path / "out")
+    write_jsonl(tmp_path / "run.jsonl", rows)
+    data = load_preference_data(tmp_path / "run.jsonl", "segment")
+    assert sorted(data.labels()) == sorted(expected.values())
 
 
 def test_unanswered_queries_time_out_as_skipped_and_leave_the_queue(app_env) -> None:  # type: ignore[no-untyped-def]

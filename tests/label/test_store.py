@@ -147,8 +147,9 @@ def test_bad_input_is_refused_before_anything_is_written(db_url: str) -> None:
 
 
 def test_killed_process_loses_no_acknowledged_answer(db_url: str, tmp_path: Path) -> None:
-    """A child answers queries and prints each acknowledged id, then dies by SIGKILL mid-loop (os._exit after a
-    commit would be too kind: the kill arrives at an arbitrary point). Everything printed must be stored."""
+    """A child answers queries, prints each acknowledged id and dies by SIGKILL (no exit handlers, no flush) after
+    the 15th; everything printed must be stored and the rest served again. Kills at arbitrary moments under load
+    are measured by scripts/bench_label_load.py."""
     store = _store(db_url, n=40)
     token = store.add_labeller("alice")
     store.close()
