@@ -36,14 +36,6 @@ class SampleConfig(Config):
     compare: bool = option(False, "also draw the base model with the same seeds (grid rows: base, tuned)")
 
     def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model must name a diffusers pipeline (a local folder or a Hub id)")
-        if self.weights and not Path(self.weights).exists():
-            raise ValueError(f"weights {self.weights!r} does not exist (a run's lora/ or unet/ folder)")
-        if self.prompts_file and not Path(self.prompts_file).is_file():
-            raise ValueError(f"prompts_file {self.prompts_file!r} is not a file")
-        if not self.prompts and not self.prompts_file:
-            raise ValueError("give prompts (prompts=[...]) or a prompts_file with one prompt per line")
         if not self.seeds:
             raise ValueError("seeds must list at least one seed")
         check_positive("steps", self.steps)
@@ -87,6 +79,15 @@ def validate(cfg: SampleConfig, resume: bool = False) -> None:
     """Prompts readable before a run folder is made; resuming is meaningless (sampling is one pass)."""
     if resume:
         raise ValueError("diffusion sample has nothing to resume: run it again with a new output folder")
+    # required inputs are checked here, not in __post_init__, so the config builds from its defaults (--help, docs)
+    if not cfg.model:
+        raise ValueError("model must name a diffusers pipeline (a local folder or a Hub id)")
+    if cfg.weights and not Path(cfg.weights).exists():
+        raise ValueError(f"weights {cfg.weights!r} does not exist (a run's lora/ or unet/ folder)")
+    if cfg.prompts_file and not Path(cfg.prompts_file).is_file():
+        raise ValueError(f"prompts_file {cfg.prompts_file!r} is not a file")
+    if not cfg.prompts and not cfg.prompts_file:
+        raise ValueError("give prompts (prompts=[...]) or a prompts_file with one prompt per line")
     read_prompts(cfg)
 
 

@@ -242,7 +242,7 @@ def test_a_newly_registered_loss_trains_through_diffusion_train(tmp_path):
 def test_sample_command_writes_images_and_a_compare_grid(tmp_path, pipe_dir):
     from PIL import Image
 
-    from mmalign.diffusion.sample import SampleConfig, run
+    from mmalign.diffusion.sample import SampleConfig, run, validate
 
     _train(pipe_dir, _pickapic(tmp_path / "data"), tmp_path / "run", trainer={"max_steps": 1, "lora": {"enabled": True}})
     (tmp_path / "prompts.txt").write_text("a green square\n\n")
@@ -254,7 +254,9 @@ def test_sample_command_writes_images_and_a_compare_grid(tmp_path, pipe_dir):
     assert len(list((tmp_path / "samples" / "images").glob("base_*.png"))) == 4
     assert Image.open(tmp_path / "samples" / "grid.png").size == (2 * 16, 4 * 16)  # 2 seeds x (2 prompts x 2 models)
     with pytest.raises(ValueError, match="give prompts"):
-        SampleConfig(model=str(pipe_dir))
+        validate(SampleConfig(model=str(pipe_dir)))
+    with pytest.raises(ValueError, match="model must name a diffusers pipeline"):
+        validate(SampleConfig(prompts=["a red circle"]))
 
 
 def test_cli_refuses_bad_pairs_before_making_a_run_folder(tmp_path, pipe_dir):
