@@ -9,8 +9,6 @@ from typing import Iterator
 
 import pytest
 
-pytest.importorskip("sqlalchemy", reason="the labelling app needs the label extra: pip install 'mmalign[label]'")
-
 # .ci/run starts a PostgreSQL server and exports this; locally: a role that may CREATE DATABASE
 PG_ENV = "MMALIGN_TEST_POSTGRES_URL"
 

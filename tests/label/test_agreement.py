@@ -6,7 +6,9 @@ import math
 
 import pytest
 
-from mmalign.label.agreement import cohen_kappa, fleiss_kappa, progress_report
+pytest.importorskip("sqlalchemy", reason="the labelling app needs: pip install 'mmalign[label]'")
+
+from mmalign.label.agreement import cohen_kappa, fleiss_kappa, progress_report  # noqa: E402
 
 
 def test_cohen_kappa_hand_value() -> None:

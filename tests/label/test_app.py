@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("starlette")
+pytest.importorskip("sqlalchemy")
 from starlette.testclient import TestClient  # noqa: E402
 
 from mmalign.label.app import CSP  # noqa: E402

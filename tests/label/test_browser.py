@@ -15,6 +15,7 @@ from typing import Any, Iterator
 import pytest
 
 pytest.importorskip("starlette")
+pytest.importorskip("sqlalchemy")
 sync_api = pytest.importorskip("playwright.sync_api", reason="browser tests need `pip install playwright`")
 
 from label_helpers import (CHROMIUM, FLAGS, SHOTS, XSS, LiveServer, auth, make_app,  # noqa: E402

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("starlette")
+pytest.importorskip("sqlalchemy")
 gymnasium = pytest.importorskip("gymnasium")
 
 from label_helpers import LiveServer, make_app  # noqa: E402

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 pytest.importorskip("starlette")
+pytest.importorskip("sqlalchemy")
 pytest.importorskip("stable_baselines3")
 sync_api = pytest.importorskip("playwright.sync_api")
 

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from mmalign.label.store import Store, StoreError, choice_label, swapped
+pytest.importorskip("sqlalchemy", reason="the labelling app needs: pip install 'mmalign[label]'")
+
+from mmalign.label.store import Store, StoreError, choice_label, swapped  # noqa: E402
 
 
 def _store(db_url: str, n: int = 3, per_query: int = 1, lease: float = 60.0) -> Store:
