@@ -6,7 +6,7 @@ import os
 import tempfile
 from pathlib import Path
 
-__all__ = ["atomic_write_text"]
+__all__ = ["atomic_write_text", "read_safetensors"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -41,3 +41,22 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def read_safetensors(path: str | Path, what: str = "weights") -> dict:
+    """The tensors of a user-given ``.safetensors`` file; ``ValueError`` naming ``what`` and the file otherwise.
+
+    A missing file, a folder, another format (a pickled ``.bin``/``.pt`` is never opened) or a truncated/corrupt
+    file each raise one clear error instead of a library traceback.
+    """
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{what}: {str(p)!r} is not a file (expected a .safetensors file)")
+    if p.suffix != ".safetensors":
+        raise ValueError(f"{what}: {str(p)!r} is not a .safetensors file (pickled formats are never loaded)")
+    try:
+        return load_file(str(p))
+    except Exception as err:  # safetensors raises several error types for truncated/corrupt files
+        raise ValueError(f"{what}: {str(p)!r} is corrupt or truncated ({type(err).__name__}: {err})") from None

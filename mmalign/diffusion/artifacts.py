@@ -118,8 +118,11 @@ def is_lora_artifact(path: str | Path) -> bool:
     if p.is_file() and p.suffix == ".safetensors":
         from safetensors import safe_open
 
-        with safe_open(str(p), framework="pt") as f:
-            return any(".lora" in k or "lora_" in k for k in f.keys())
+        try:
+            with safe_open(str(p), framework="pt") as f:
+                return any(".lora" in k or "lora_" in k for k in f.keys())
+        except Exception as err:  # safetensors raises several error types for truncated/corrupt files
+            raise ValueError(f"{str(p)!r} is corrupt or truncated ({type(err).__name__}: {err})") from None
     return False
 
 
@@ -162,7 +165,7 @@ def load_unet_weights(unet: torch.nn.Module, path: str | Path, name: str = "weig
 
     Missing, unexpected or mis-shaped tensors (another architecture) raise ``ValueError`` naming ``name`` and the path.
     """
-    from safetensors.torch import load_file
+    from mmalign.fileio import read_safetensors
 
     p = Path(path)
     if is_lora_artifact(p):
@@ -174,9 +177,14 @@ def load_unet_weights(unet: torch.nn.Module, path: str | Path, name: str = "weig
         if not ((p / "unet").is_dir() or (p / "config.json").is_file()):
             raise ValueError(f"{name} {str(p)!r} is neither a diffusers pipeline/UNet folder nor a LoRA folder "
                              f"(with {LORA_FILE})")
-        state = UNet2DConditionModel.from_pretrained(p, subfolder="unet" if (p / "unet").is_dir() else None).state_dict()
+        try:  # safetensors only: a folder of pickled .bin weights is refused, never unpickled
+            state = UNet2DConditionModel.from_pretrained(p, subfolder="unet" if (p / "unet").is_dir() else None,
+                                                         use_safetensors=True).state_dict()
+        except (OSError, EnvironmentError) as err:
+            raise ValueError(f"{name} {str(p)!r}: cannot read the UNet folder's safetensors weights: "
+                             f"{str(err)[:300]}") from None
     elif p.is_file() and p.suffix == ".safetensors":
-        state = load_file(str(p))
+        state = read_safetensors(p, name)
     else:
         raise ValueError(f"{name} must be a .safetensors file or a diffusers folder, got {str(path)!r}")
     try:

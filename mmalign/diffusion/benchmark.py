@@ -131,19 +131,19 @@ def build_model(cfg: BenchmarkConfig) -> Any:
 def pretrain_reference(cfg: BenchmarkConfig, path: Path, log: Any = print) -> Any:
     """Train (or load from ``path``) the reference model on the red-mostly pretraining distribution."""
     import torch
-    from safetensors.torch import load_file, save_file
-
+    from safetensors.torch import save_file
+    from mmalign.fileio import read_safetensors
     from mmalign.diffusion.adapter import denoising_errors
     from mmalign.diffusion.shapes import SHAPES, render, sample_reference_hues, shapes_embeddings, shapes_scheduler
 
     model = build_model(cfg)
     if path.is_file():
-        model.load_state_dict(load_file(str(path)))
+        model.load_state_dict(read_safetensors(path, "reference_path"))
         return model
     torch.manual_seed(0)
     model = build_model(cfg)
     if cfg.pretrain_init:
-        model.load_state_dict(load_file(cfg.pretrain_init))
+        model.load_state_dict(read_safetensors(cfg.pretrain_init, "pretrain_init"))
     sched, emb = shapes_scheduler(), shapes_embeddings(cfg.embed_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     warm = min(100, cfg.pretrain_steps // 10)

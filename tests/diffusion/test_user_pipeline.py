@@ -273,6 +273,25 @@ def test_cli_refuses_bad_pairs_before_making_a_run_folder(tmp_path, pipe_dir):
     assert code == 0 and (tmp_path / "run" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+def test_cli_bad_init_weights_are_one_line_errors(tmp_path, pipe_dir, capsys):
+    """A 0-byte safetensors file and a UNet folder holding only pickled .bin weights: exit 2, no traceback."""
+    from mmalign.cli import main
+
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    binunet = tmp_path / "binunet"
+    binunet.mkdir()
+    (binunet / "config.json").write_text("{}")
+    (binunet / "diffusion_pytorch_model.bin").write_bytes(b"not read")
+    path = _pickapic(tmp_path / "good")
+    for weights, message in [(tmp_path / "empty.safetensors", "is corrupt or truncated"),
+                             (binunet, "cannot read the UNet folder's safetensors weights")]:
+        code = main(["diffusion", "train", f"model={pipe_dir}", f"data={path}", f"init_weights={weights}",
+                     "trainer.max_steps=1", "--output-dir", str(tmp_path / "run")])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and "Traceback" not in err, err
+        assert not (tmp_path / "run").exists()
+
+
 def test_pair_cache_refuses_nan_labels_and_pixels_outside_the_range(tmp_path):
     from mmalign.diffusion.data import CachedPairDataset, load_pair_cache, save_pair_cache
 
