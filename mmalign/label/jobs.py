@@ -61,10 +61,6 @@ class PushConfig(_Where):
     skip_invalid: bool = option(False, "drop invalid rows (counted) instead of refusing the file")
 
     def __post_init__(self) -> None:
-        if not self.project:
-            raise ValueError("project must be set (project=NAME)")
-        if not self.data:
-            raise ValueError("data must be set (data=path/to/pairs.jsonl)")
         check_choice("kind", self.kind, ("clip", "image", "text"))
         check_positive("fps", self.fps)
         check_positive("answers_per_query", self.answers_per_query)
@@ -77,9 +73,17 @@ class ExportConfig(_Where):
     project: str = option("", "project name")
     output: str = option("", "JSONL file to write (images go to media/ beside it); refused if it exists")
 
-    def __post_init__(self) -> None:
-        if not self.project or not self.output:
-            raise ValueError("project and output must be set (project=NAME output=answers.jsonl)")
+
+def validate(cfg: _Where, resume: bool = False) -> None:
+    """Required fields, checked before a run folder is made (not in ``__post_init__``, so every config builds from
+    its defaults for ``--help`` and the docs)."""
+    if isinstance(cfg, PushConfig):
+        if not cfg.project:
+            raise ValueError("project must be set (project=NAME)")
+        if not cfg.data:
+            raise ValueError("data must be set (data=path/to/pairs.jsonl)")
+    if isinstance(cfg, ExportConfig) and (not cfg.project or not cfg.output):
+        raise ValueError("project and output must be set (project=NAME output=answers.jsonl)")
 
 
 def open_store(cfg: _Where, lease_seconds: float = 600.0) -> Any:
@@ -116,6 +120,7 @@ def push(cfg: PushConfig, run_dir: Path) -> dict[str, Any]:
     from mmalign.data import load_preference_data
     from mmalign.label.queries import DATA_KIND, rows_to_queries
 
+    validate(cfg)
     data = Path(cfg.data)
     dataset = load_preference_data(data, DATA_KIND[cfg.kind], skip_invalid=cfg.skip_invalid)
     store = open_store(cfg)
@@ -140,6 +145,7 @@ def export(cfg: ExportConfig, run_dir: Path) -> dict[str, Any]:
     from mmalign.data import load_preference_data, write_jsonl
     from mmalign.label.queries import DATA_KIND, export_rows
 
+    validate(cfg)
     out = Path(cfg.output)
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another output (nothing is overwritten)")
