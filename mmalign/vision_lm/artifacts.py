@@ -38,11 +38,14 @@ def _write(folder: Path, save: Any) -> Path:
 
 
 def save_artifacts(model: Any, processor: Any, out_dir: Path, *, merge: bool = False,
-                   push_to_hub: str = "", base_name: str | None = None) -> dict[str, str]:
+                   push_to_hub: str = "", base_name: str | None = None,
+                   state_dict: dict[str, Any] | None = None) -> dict[str, str]:
     """Write the artifacts of ``model`` into ``out_dir``; returns ``{kind: folder}`` (kinds: adapter, merged, model).
 
     ``base_name``: the base model's folder or Hub id recorded in the adapter config (default: what the model was
     loaded from). ``merge`` folds the LoRA weights into the model in place: call it on the final model only.
+    ``state_dict``: the consolidated weights when the model's own parameters are sharded (FSDP2, ZeRO-3); merging
+    needs whole parameters, so it is refused then.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -58,7 +61,10 @@ def save_artifacts(model: Any, processor: Any, out_dir: Path, *, merge: bool = F
         if base_name:
             for cfg in model.peft_config.values():
                 cfg.base_model_name_or_path = base_name
-        written["adapter"] = str(_write(out_dir / "adapter", with_processor(model.save_pretrained)))
+        written["adapter"] = str(_write(out_dir / "adapter", with_processor(
+            lambda folder: model.save_pretrained(folder, state_dict=state_dict))))
+        if merge and state_dict is not None:
+            raise ValueError("merge=true needs whole parameters; the model was trained sharded (FSDP / ZeRO-3)")
         if merge:
             merged = model.merge_and_unload()
             written["merged"] = str(_write(out_dir / "merged", with_processor(merged.save_pretrained)))
@@ -66,7 +72,8 @@ def save_artifacts(model: Any, processor: Any, out_dir: Path, *, merge: bool = F
         if merge:
             raise ValueError("merge=true needs LoRA (trainer.lora.enabled=true): a fully fine-tuned model is "
                              "already whole")
-        written["model"] = str(_write(out_dir / "model", with_processor(model.save_pretrained)))
+        written["model"] = str(_write(out_dir / "model", with_processor(
+            lambda folder: model.save_pretrained(folder, state_dict=state_dict))))
     if push_to_hub:
         from huggingface_hub import HfApi
 

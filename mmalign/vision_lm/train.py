@@ -184,7 +184,6 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
 
     from mmalign.vision_lm import methods as M
     from mmalign.vision_lm.adapter import VLExample, VLMAdapter
-    from mmalign.vision_lm.artifacts import save_artifacts
     from mmalign.vision_lm.loading import check_model_source, load_processor, load_vlm
     from mmalign.vision_lm.objectives import PairCollator, PreferenceObjective
     from mmalign.vision_lm.pairs import check_lengths
@@ -222,8 +221,13 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
             _sft_phase(cfg, adapter, model, processor, run_dir, resume)
             model = adapter.model
         base_name = str((run_dir / "base_model").resolve())  # the adapter's base: the (SFT'd) tiny model
-        model.save_pretrained(run_dir / "base_model")
-        processor.save_pretrained(run_dir / "base_model")
+        from accelerate import PartialState
+
+        state = PartialState()
+        if state.is_main_process:  # one writer when launched on several processes
+            model.save_pretrained(run_dir / "base_model")
+            processor.save_pretrained(run_dir / "base_model")
+        state.wait_for_everyone()
         model_id = f"tiny-{cfg.family}-seed{cfg.seed}-sft{cfg.sft_steps}"
     if not cfg.data:
         pairs, stats = _scene_pairs(cfg, adapter)
@@ -253,19 +257,28 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
                                     visual_weight=cfg.visual_weight, online=online,
                                     online_prob=cfg.bdhs_online_prob, seed=cfg.seed)
     trainer = _artifact_trainer()(cfg.trainer, model, list(enumerate(pairs)), objective, run_dir, collate_fn=collator)
+    if cfg.merge and trainer.strategy != "ddp":
+        raise ValueError(f"merge=true needs whole parameters; trainer.distributed={cfg.trainer.distributed} shards "
+                         "them (load run/adapter onto the base and merge there)")
     trainer.artifact_args = (processor, base_name)
     out = trainer.train(resume=resume)
-    artifacts: dict[str, str] = {}
-    if trainer.is_main:
-        artifacts = save_artifacts(trainer.unwrapped_model(), processor, run_dir, merge=cfg.merge,
-                                   push_to_hub=cfg.push_to_hub, base_name=base_name)
+    artifacts = _write_artifacts(trainer, processor, run_dir, base_name, merge=cfg.merge, push_to_hub=cfg.push_to_hub)
     return {**out, **stats, "n_pairs": len(pairs), "skipped_pairs": n_dropped,
             **{f"artifact/{k}": v for k, v in artifacts.items()}}
 
 
+def _write_artifacts(trainer: Any, processor: Any, out_dir: Path, base_name: str, **kw: Any) -> dict[str, str]:
+    """Artifacts of the trainer's model on the main process (the weights gathered first when they are sharded)."""
+    from mmalign.vision_lm.artifacts import save_artifacts
+
+    state = trainer.full_model_state() if trainer.strategy != "ddp" else None  # collective when sharded
+    if not trainer.is_main:
+        return {}
+    return save_artifacts(trainer.unwrapped_model(), processor, out_dir, base_name=base_name, state_dict=state, **kw)
+
+
 def _artifact_trainer() -> type:
     from mmalign.train import Trainer
-    from mmalign.vision_lm.artifacts import save_artifacts
 
     class ArtifactTrainer(Trainer):
         """The generic trainer that also writes loadable artifacts at every intermediate ``save_every`` checkpoint."""
@@ -274,10 +287,9 @@ def _artifact_trainer() -> type:
 
         def save(self) -> Path:
             path = super().save()
-            if self.is_main and self.step < self.cfg.max_steps:  # the final ones are written after training
+            if self.step < self.cfg.max_steps:  # the final ones are written after training
                 processor, base_name = self.artifact_args
-                save_artifacts(self.unwrapped_model(), processor, self.run_dir / "artifacts" / f"step-{self.step:06d}",
-                               base_name=base_name)
+                _write_artifacts(self, processor, self.run_dir / "artifacts" / f"step-{self.step:06d}", base_name)
             return path
 
     return ArtifactTrainer
