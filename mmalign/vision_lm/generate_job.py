@@ -43,10 +43,6 @@ class GenerateConfig(Config):
     trust_remote_code: bool = option(False, "let transformers run the model repository's own code")
 
     def __post_init__(self) -> None:
-        if not self.model_path:
-            raise ValueError("model_path must name a model folder, Hub id or adapter folder")
-        if not self.data:
-            raise ValueError("data must name the prompt rows")
         check_positive("max_new_tokens", self.max_new_tokens)
         check_positive("batch_size", self.batch_size)
         check_nonnegative("temperature", self.temperature)
@@ -67,7 +63,9 @@ def _rows(cfg: GenerateConfig) -> Any:
     from mmalign.data import load_preference_data
     from mmalign.vision_lm.loading import check_model_source
 
-    check_model_source(cfg.model_path)
+    if not cfg.data:
+        raise ValueError("data must name the prompt rows (a .jsonl/.parquet file, a datasets folder or a Hub id)")
+    check_model_source(cfg.model_path)  # an empty model_path is refused here too
     data = load_preference_data(cfg.data, "prompt", columns=cfg.columns, split=cfg.split or None,
                                 skip_invalid=cfg.skip_invalid, allow_outside=cfg.allow_outside_paths)
     if len(data) == 0:

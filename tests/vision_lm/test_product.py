@@ -357,7 +357,8 @@ def test_pope_answer_parsing_and_metrics() -> None:
 def test_shipped_user_config_loads() -> None:
     from mmalign.config import load_config
 
-    cfg = load_config(VLMTrainConfig, str(Path(__file__).parents[2] / "configs" / "vlm" / "smolvlm_rlaif_v.yaml"), [])
+    path = Path(__file__).parents[2] / "configs" / "vision_lm" / "train_smolvlm_rlaif_v.yaml"
+    cfg = load_config(VLMTrainConfig, str(path), [])
     assert cfg.columns == {"prompt": "question", "images": "image"} and cfg.trainer.lora.enabled
 
 
