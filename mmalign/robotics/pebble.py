@@ -91,9 +91,9 @@ class PebbleConfig(Config):
     normalize_act: bool = option(
         False, "standardise the reward model's action inputs with stats frozen at the first round (kept in the "
                "reward nets' buffers, saved with the model) and weight them by rm_act_weight")
-    rm_act_weight: float = option(
-        0.0, "normalize_act only: factor on the standardised actions; 0 = sqrt(obs_dim/act_dim), which gives the "
-             "action block the same total input variance as the observation block")
+    rm_act_weight: float | None = option(
+        None, "normalize_act only: factor (> 0) on the standardised actions; null = sqrt(obs_dim/act_dim), which "
+              "gives the action block the same total input variance as the observation block")
     rm_action_squares: bool = option(
         False, "append the squared (standardised) actions to the reward model's input, so a quadratic control cost "
                "is linear in the features (the first-round reward otherwise ignores the action; see "
@@ -118,9 +118,10 @@ class PebbleConfig(Config):
                      "rm_epochs", "rm_batch_size", "net_width", "batch_size", "ppo_n_steps", "eval_every",
                      "eval_episodes", "relabel_batch"):
             check_positive(name, getattr(self, name))
-        for name in ("unsup_steps", "learning_starts", "first_feedback", "recent_window", "rm_act_weight",
-                     "frame_stack"):
+        for name in ("unsup_steps", "learning_starts", "first_feedback", "recent_window", "frame_stack"):
             check_nonnegative(name, getattr(self, name))
+        if self.rm_act_weight is not None:
+            check_positive("rm_act_weight", self.rm_act_weight)
         check_positive("rm_lr", self.rm_lr)
         check_positive("learning_rate", self.learning_rate)
         check_range("gamma", self.gamma, 0.0, 1.0, low_open=True)
@@ -145,7 +146,7 @@ class PebbleConfig(Config):
                 f"label_budget must be >= rm_batch_size={self.rm_batch_size} (one reward-model batch), "
                 f"got {self.label_budget}"
             )
-        if self.rm_act_weight and not self.normalize_act:
+        if self.rm_act_weight is not None and not self.normalize_act:
             raise ValueError(f"rm_act_weight needs normalize_act=True (it weights standardised actions), "
                              f"got rm_act_weight={self.rm_act_weight} with normalize_act=False")
         if self.initial_labels > self.label_budget:
@@ -273,7 +274,7 @@ def build_feedback(cfg: PebbleConfig, observation_space: Any, action_space: Any,
     except (TypeError, ValueError) as err:
         raise ValueError(f"reward_model {name!r} with {fields}: {err}") from None
     trainer = RewardTrainer(ensemble, device=device, normalize_obs=cfg.normalize_obs, normalize_act=cfg.normalize_act,
-                            act_weight=cfg.rm_act_weight or None, reward_norm=cfg.reward_norm,
+                            act_weight=cfg.rm_act_weight, reward_norm=cfg.reward_norm,
                             label_smoothing=cfg.rm_label_smoothing, epochs=cfg.rm_epochs,
                             batch_size=cfg.rm_batch_size, lr=cfg.rm_lr, seed=cfg.seed, obs_key=key)
     schedule = FeedbackSchedule(cfg.label_budget, cfg.initial_labels, cfg.labels_per_round,

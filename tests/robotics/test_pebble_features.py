@@ -30,6 +30,8 @@ def _state(**kw) -> FeedbackState:
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match="rm_act_weight"):
         PebbleConfig(normalize_act=True, rm_act_weight=-1.0)
+    with pytest.raises(ValueError, match="rm_act_weight must be a finite number > 0"):
+        PebbleConfig(normalize_act=True, rm_act_weight=0.0)  # no sentinel: automatic is null
     with pytest.raises(ValueError, match="rm_act_weight.*normalize_act"):
         PebbleConfig(rm_act_weight=2.0)  # a weight on unstandardised actions would be silently ignored
     PebbleConfig(normalize_act=True, rm_act_weight=2.0, rm_action_squares=True)  # valid
