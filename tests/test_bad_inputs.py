@@ -88,6 +88,11 @@ NEW_RUN_CASES = [
     ("cache is a file", "robotics rapl", ["data_cache={d}/c"], _write("c", "x"), "data_cache must be a folder"),
     ("rapl resume", "robotics rapl", ["--resume"], None, "--resume is not supported by robotics.rapl"),
     ("zero count", "robotics rapl", ["num_prefs=0"], None, "num_prefs must be a finite number > 0, got 0"),
+    ("pebble env typo", "robotics pebble", ["env_id=Reachr-v5"], None, "is not a registered gymnasium id"),
+    ("pebble resume", "robotics pebble", ["--resume"], None, "not supported by robotics.pebble"),
+    ("pebble teacher", "robotics pebble", ["teacher=nobody"], None, "teacher"),
+    ("main env typo", "robotics main", ["env_id=Reachr-v5"], None, "is not a registered gymnasium id"),
+    ("main resume", "robotics main", ["--resume"], None, "not supported by robotics.main"),
 ]
 
 

@@ -118,6 +118,15 @@ def _random_curve(env_id: str, steps: list[float], episodes: int, seed: int) -> 
     return rows
 
 
+def validate(cfg: MainConfig, resume: bool = False) -> None:
+    """Before the CLI makes a run folder: ``--resume`` refused, the agent's env id, spaces and teacher checked."""
+    from mmalign.robotics.pebble import check_setup
+
+    if resume:
+        raise ValueError("resume=True is not supported by robotics.main (it runs in minutes); start a new run")
+    check_setup(cfg.effective_agent())
+
+
 def run(cfg: MainConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """Train the three agents, evaluate, render and write the report; returns summary metrics."""
     import gymnasium

@@ -441,6 +441,13 @@ def train_agent(cfg: PebbleConfig, run_dir: Path | None = None, progress: Progre
     return result
 
 
+def validate(cfg: PebbleConfig, resume: bool = False) -> None:
+    """Before the CLI makes a run folder: ``--resume`` refused, env id, spaces, teacher and reward model checked."""
+    if resume:
+        raise ValueError("resume=True is not supported by robotics.pebble (SB3 runs are short); start a new run")
+    check_setup(cfg)
+
+
 def run(cfg: PebbleConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """``mmalign robotics pebble``: train one agent, write ``curve.jsonl``, ``summary`` metrics and a curve plot."""
     run_dir = Path(run_dir)
