@@ -72,6 +72,14 @@ job(
     default_config="configs/robotics/pebble.yaml",
 )
 job(
+    "robotics.reward",
+    "mmalign.robotics.reward_job:run",
+    "mmalign.robotics.reward_job:RewardJobConfig",
+    "Bradley-Terry reward ensemble from a segment preference file (e.g. `label export`), saved as a reward-model "
+    "folder for LearnedReward-v0",
+    default_config="configs/robotics/reward.yaml",
+)
+job(
     "vlm.train",
     "mmalign.vision_lm.train:run",
     "mmalign.vision_lm.train:VLMTrainConfig",
