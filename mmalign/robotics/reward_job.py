@@ -41,6 +41,8 @@ class RewardJobConfig(Config):
     ensemble_size: int = option(3, "ensemble members (each fits its own bootstrap resample)")
     hidden: int = option(64, "hidden width")
     layers: int = option(2, "hidden layers")
+    action_squares: bool = option(True, "mlp: also feed the squared actions (control costs are quadratic; as "
+                                  "robotics.pebble's rm_action_squares)")
     normalize_obs: bool = option(True, "standardise observations with the training steps' mean/std (stored)")
     epochs: int = option(100, "Bradley–Terry epochs")
     batch_size: int = option(64, "pairs per step and member")
@@ -51,6 +53,8 @@ class RewardJobConfig(Config):
 
     def __post_init__(self) -> None:
         check_choice("model", self.model, _VECTOR_MODELS)
+        if self.action_squares and self.model != "mlp":
+            raise ValueError(f"action_squares needs model=mlp, got {self.model!r} (set action_squares=false)")
         for name in ("ensemble_size", "hidden", "layers", "epochs", "batch_size", "lr"):
             check_positive(name, getattr(self, name))
         check_range("val_fraction", self.val_fraction, 0.0, 1.0, high_open=True)
@@ -151,9 +155,10 @@ def run(cfg: RewardJobConfig, run_dir: Path) -> dict[str, Any]:
     pairs, info = load_segment_pairs(cfg)
     obs_dim, act_dim = info["obs_dim"], info["act_dim"]
     factory = REWARD_MODELS.get(cfg.model)
-    ensemble = RewardEnsemble.build(
-        lambda: factory(**{_VECTOR_MODELS[cfg.model]: obs_dim}, act_dim=act_dim, hidden=(cfg.hidden,) * cfg.layers),
-        size=cfg.ensemble_size, seed=cfg.seed)
+    kwargs: dict[str, Any] = {_VECTOR_MODELS[cfg.model]: obs_dim, "act_dim": act_dim, "hidden": (cfg.hidden,) * cfg.layers}
+    if cfg.action_squares and act_dim:
+        kwargs["action_squares"] = True
+    ensemble = RewardEnsemble.build(lambda: factory(**kwargs), size=cfg.ensemble_size, seed=cfg.seed)
     device = resolve_device(cfg.device)
     trainer = RewardTrainer(ensemble, device=device, normalize_obs=cfg.normalize_obs, seed=cfg.seed)
     n = len(pairs["y"])
