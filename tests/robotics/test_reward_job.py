@@ -18,16 +18,17 @@ from mmalign.data import write_jsonl
 from mmalign.robotics.reward_job import RewardJobConfig, validate
 from mmalign.robotics.segments import collect_episodes, random_pairs, segments_from_episodes
 
-pytest.importorskip("mujoco")
-
 LENGTH = 10
 
 
-def _reacher_segments(seed: int, episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Random-action Reacher-v5 segments: ``obs [N, H, 10]``, ``act [N, H, 2]``, true rewards ``[N, H]``."""
-    env = gym.make("Reacher-v5")
+def _pendulum_segments(seed: int, episodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Random-action Pendulum-v1 segments: ``obs [N, H, 3]``, ``act [N, H, 1]``, true rewards ``[N, H]``.
+
+    Pendulum's reward is a fixed function of the state and action (no per-episode target as in Reacher), so a few
+    hundred labelled pairs generalise to unseen episodes."""
+    env = gym.make("Pendulum-v1")
     rng = np.random.default_rng(seed)
-    eps = collect_episodes(env, lambda _obs: rng.uniform(-1, 1, 2), episodes, seed)
+    eps = collect_episodes(env, lambda _obs: rng.uniform(-2, 2, 1), episodes, seed)
     env.close()
     seg = segments_from_episodes(eps, LENGTH)
     return seg.obs, seg.act, seg.true_rewards
@@ -42,27 +43,27 @@ def _pair_rows(obs: np.ndarray, act: np.ndarray, rew: np.ndarray, num: int, seed
 
 
 @pytest.fixture(scope="module")
-def reacher_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
+def pendulum_data(tmp_path_factory: pytest.TempPathFactory) -> dict:
     folder = tmp_path_factory.mktemp("reward_job")
-    obs, act, rew = _reacher_segments(seed=0, episodes=16)  # 16 x 50 steps -> 80 segments
-    rows = _pair_rows(obs, act, rew, 400, seed=1)
+    obs, act, rew = _pendulum_segments(seed=0, episodes=4)  # 4 x 200 steps -> 80 segments
+    rows = _pair_rows(obs, act, rew, 300, seed=1)
     rows.append(dict(rows[0], label=0.5))  # a tie: a soft target
     path = folder / "pairs.jsonl"
     write_jsonl(path, rows)
-    return {"path": path, "folder": folder, "held_out": _reacher_segments(seed=1000, episodes=4)}
+    return {"path": path, "folder": folder, "held_out": _pendulum_segments(seed=1000, episodes=3)}
 
 
-def test_reward_job_end_to_end(reacher_data: dict, tmp_path: Path) -> None:
+def test_reward_job_end_to_end(pendulum_data: dict, tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert main(["robotics", "reward", "--output-dir", str(run), f"data={reacher_data['path']}",
-                 "env_id=Reacher-v5", "epochs=60", "ensemble_size=2", "seed=0"]) == 0
+    assert main(["robotics", "reward", "--output-dir", str(run), f"data={pendulum_data['path']}",
+                 "env_id=Pendulum-v1", "epochs=30", "ensemble_size=2", "seed=0"]) == 0
     folder = run / "reward_model"
     assert (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
     meta = json.loads((folder / "config.json").read_text())["meta"]
-    assert meta["env_id"] == "Reacher-v5" and meta["obs_dim"] == 10 and meta["act_dim"] == 2
+    assert meta["env_id"] == "Pendulum-v1" and meta["obs_dim"] == 3 and meta["act_dim"] == 1
     model = RewardEnsemble.from_pretrained(folder)
     extras = model.pretrained_extras
-    obs, act, rew = reacher_data["held_out"]  # segments of unseen episodes
+    obs, act, rew = pendulum_data["held_out"]  # segments of unseen episodes
     norm = (torch.as_tensor(obs) - extras["obs_mean"]) / extras["obs_std"]
     with torch.no_grad():
         pred = model.segment_returns(norm, torch.as_tensor(act)).mean(0).numpy()
@@ -71,12 +72,10 @@ def test_reward_job_end_to_end(reacher_data: dict, tmp_path: Path) -> None:
     keep = true[i] != true[j]
     accuracy = float(((pred[i] > pred[j]) == (true[i] > true[j]))[keep].mean())
     assert accuracy > 0.7, accuracy
-    # the job's own held-out split agrees
-    summary = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] \
-        if (run / "metrics.jsonl").is_file() else None
-    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
-    assert history[-1]["eval/pref_accuracy"] > 0.7, (history[-1], summary)
-    env = gym.make("mmalign/LearnedReward-v0", env_id="Reacher-v5", reward_model=str(folder))
+    summary = json.loads((run / "summary.json").read_text())  # the job's own seeded held-out split
+    assert summary["eval/pref_accuracy"] > 0.7 and summary["train/num_val_pairs"] == 60
+    assert summary["data/ties"] == 1 and summary["data/dropped_rows"] == 0
+    env = gym.make("mmalign/LearnedReward-v0", env_id="Pendulum-v1", reward_model=str(folder))
     env.reset(seed=0)
     for _ in range(5):
         _, r, _, _, info = env.step(env.action_space.sample())
@@ -88,7 +87,7 @@ def _cfg(path: Path, **kw: object) -> RewardJobConfig:
     return RewardJobConfig(data=str(path), **kw)  # type: ignore[arg-type]
 
 
-def test_bad_inputs_are_refused_naming_the_field(reacher_data: dict, tmp_path: Path) -> None:
+def test_bad_inputs_are_refused_naming_the_field(pendulum_data: dict, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nope.jsonl"):
         validate(_cfg(tmp_path / "nope.jsonl"))
     with pytest.raises(ValueError, match="data is required"):
@@ -97,26 +96,28 @@ def test_bad_inputs_are_refused_naming_the_field(reacher_data: dict, tmp_path: P
     write_jsonl(text, [{"prompt": "p", "chosen": "a", "rejected": "b"}] * 3)
     with pytest.raises(ValueError, match="obs_first"):
         validate(_cfg(text))
-    with pytest.raises(ValueError, match="InvertedPendulum-v5 .*4 and 1"):  # Reacher data, another env's spaces
-        validate(_cfg(reacher_data["path"], env_id="InvertedPendulum-v5"))
-    rows = [json.loads(line) for line in reacher_data["path"].read_text().splitlines()[:3]]
+    with pytest.raises(ValueError, match="3 observation and 1 action.*'CartPole-v1' has 4 and 2"):  # another env
+        validate(_cfg(pendulum_data["path"], env_id="CartPole-v1"))
+    with pytest.raises(ValueError, match="env_id 'NoSuchEnv-v0' cannot be made"):
+        validate(_cfg(pendulum_data["path"], env_id="NoSuchEnv-v0"))
+    rows = [json.loads(line) for line in pendulum_data["path"].read_text().splitlines()[:3]]
     one = tmp_path / "one.jsonl"
     write_jsonl(one, rows[:1])
     with pytest.raises(ValueError, match="at least 2 usable"):
         validate(_cfg(one))
-    ragged = tmp_path / "ragged.jsonl"  # row 1: 3 observation features where row 0 has 10
-    write_jsonl(ragged, [rows[0], dict(rows[1], obs_second=np.zeros((LENGTH, 3)))])
-    with pytest.raises(ValueError, match=r"row 1 field 'obs_second' has 3 features"):
+    ragged = tmp_path / "ragged.jsonl"  # row 1: 5 observation features where row 0 has 3
+    write_jsonl(ragged, [rows[0], dict(rows[1], obs_second=np.zeros((LENGTH, 5)))])
+    with pytest.raises(ValueError, match=r"row 1 field 'obs_second' has 5 features"):
         validate(_cfg(ragged))
     with pytest.raises(ValueError, match="--resume"):
-        validate(_cfg(reacher_data["path"]), resume=True)
+        validate(_cfg(pendulum_data["path"]), resume=True)
     # through the CLI: refused before any run folder is made
     assert main(["robotics", "reward", "--output-dir", str(tmp_path / "r"), f"data={one}"]) == 2
     assert not (tmp_path / "r").exists()
 
 
-def test_skipped_rows_left_out_and_counted_with_skip_invalid(reacher_data: dict, tmp_path: Path) -> None:
-    rows = [json.loads(line) for line in reacher_data["path"].read_text().splitlines()[:6]]
+def test_skipped_rows_left_out_and_counted_with_skip_invalid(pendulum_data: dict, tmp_path: Path) -> None:
+    rows = [json.loads(line) for line in pendulum_data["path"].read_text().splitlines()[:6]]
     rows[2]["label"] = float("nan")  # a skipped query
     path = tmp_path / "skips.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -125,5 +126,5 @@ def test_skipped_rows_left_out_and_counted_with_skip_invalid(reacher_data: dict,
     cfg = ["robotics", "reward", "--output-dir", str(tmp_path / "run"), f"data={path}", "skip_invalid=true",
            "epochs=2", "val_fraction=0"]
     assert main(cfg) == 0
-    summary = json.loads((tmp_path / "run" / "reward_model" / "config.json").read_text())["meta"]
-    assert summary["pairs"] == 5
+    assert json.loads((tmp_path / "run" / "reward_model" / "config.json").read_text())["meta"]["pairs"] == 5
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["data/dropped_rows"] == 1
