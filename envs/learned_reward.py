@@ -35,8 +35,9 @@ class LearnedRewardWrapper(gym.Wrapper):
 
     The reward is the member mean of each member's standardised reward (stored reward statistics; identity when
     never fitted), on the observation *before* the action (standardised with the folder's ``obs_mean``/``obs_std``)
-    and the action features (Box: clipped, Discrete: one-hot). A model whose input sizes differ from the env's is
-    refused at construction.
+    and the action features (Box: clipped, Discrete: one-hot). A pixel model whose input channels are k times the
+    env's (trained with ``frame_stack=k``) sees the last k frames stacked as SB3's ``VecFrameStack`` stacks them. A
+    model whose input sizes differ from the env's is refused at construction.
     """
 
     def __init__(self, env: gym.Env, reward_model: Any) -> None:
@@ -57,8 +58,14 @@ class LearnedRewardWrapper(gym.Wrapper):
         first = members[0]
         shape = env.observation_space.shape or ()
         self._pixels = first.obs_ndim == 3
+        self._stack = 1  # frames per reward-model input (a model trained with PebbleConfig.frame_stack = k > 1)
         if self._pixels:
             want = (first.in_channels, first.image_size, first.image_size)
+            channels_last = len(shape) == 3 and shape[0] == shape[1] == first.image_size
+            if channels_last and shape[2] != first.in_channels and first.in_channels % shape[2] == 0:
+                # channels-last frames stacked along the channels as SB3's VecFrameStack does (newest last)
+                self._stack = first.in_channels // shape[2]
+                shape = (shape[0], shape[1], first.in_channels)
             self._transpose = len(shape) == 3 and tuple(shape) != want and (shape[2], shape[0], shape[1]) == want
             got = (shape[2], shape[0], shape[1]) if self._transpose else tuple(shape)
         else:
@@ -68,11 +75,26 @@ class LearnedRewardWrapper(gym.Wrapper):
                              f"env has {tuple(shape)} and {action_dim(env.action_space)}")
         self._torch = torch
         self._obs: Any = None
+        self._frames: Any = None
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Any, dict[str, Any]]:
         obs, info = self.env.reset(seed=seed, options=options)
-        self._obs = obs
+        self._frames = None
+        self._obs = self._stacked(obs)
         return obs, info
+
+    def _stacked(self, obs: Any) -> Any:
+        """The reward model's view of ``obs``: with frame stacking, the last k frames along the channels, zeros
+        before an episode's first frame (SB3's ``VecFrameStack`` on a reset)."""
+        if self._stack == 1:
+            return obs
+        obs = np.asarray(obs)
+        c = obs.shape[-1]
+        if self._frames is None:
+            self._frames = np.zeros((*obs.shape[:-1], c * self._stack), obs.dtype)
+        self._frames = np.roll(self._frames, -c, axis=-1)
+        self._frames[..., -c:] = obs
+        return self._frames.copy()
 
     def learned_reward(self, obs: Any, action: Any) -> float:
         """The learned reward of one step (observation before the action)."""
@@ -99,7 +121,7 @@ class LearnedRewardWrapper(gym.Wrapper):
         obs, true_reward, terminated, truncated, info = self.env.step(action)
         info = dict(info)
         info["true_reward"] = float(true_reward)
-        self._obs = obs
+        self._obs = self._stacked(obs)
         return obs, reward, terminated, truncated, info
 
 

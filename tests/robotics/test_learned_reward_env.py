@@ -109,3 +109,32 @@ def test_truncated_checkpoint_names_the_file(checkpoint, tmp_path):
     cut.write_bytes(data[: len(data) - 16])  # header intact, tensor bytes missing
     with pytest.raises(ValueError, match="cut.safetensors"):
         load_reward_model(cut)
+
+
+def test_frame_stacked_pixel_model_sees_what_vec_frame_stack_gave_it(tmp_path):
+    """A CNN reward model trained with frame_stack=2 (6 input channels on 3-channel frames) drives the wrapper, which
+    stacks frames exactly as SB3's VecFrameStack (zeros before an episode's first frame, newest last)."""
+    from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack
+
+    from mmalign.core.reward_models import CNNRewardModel, RewardEnsemble
+    from mmalign.envs.learned_reward import LearnedRewardWrapper
+    from tests.robotics.pbrl_test_envs import BrightSpotEnv
+
+    torch.manual_seed(0)
+    ensemble = RewardEnsemble([CNNRewardModel(in_channels=6, image_size=36, act_dim=2, channels=(4, 8), hidden=(8,))
+                               for _ in range(2)])
+    ensemble.save_pretrained(tmp_path / "rm")
+    env = LearnedRewardWrapper(BrightSpotEnv(), tmp_path / "rm")
+    venv = VecFrameStack(DummyVecEnv([BrightSpotEnv]), 2, channels_order="last")
+    venv.seed(3)
+    stacked = venv.reset()
+    env.reset(seed=3)
+    actions = [1, 1, 0, 1, 0]
+    for a in actions:
+        want = ensemble.step_rewards(torch.as_tensor(np.transpose(stacked[0], (2, 0, 1)))[None, None],
+                                     torch.as_tensor(np.eye(2, dtype=np.float32)[a])[None, None], normalize=True)
+        _, reward, *_ = env.step(a)
+        assert reward == pytest.approx(float(want.detach().mean()), abs=1e-6)
+        stacked, *_ = venv.step(np.array([a]))
+    with pytest.raises(ValueError, match="reward model expects observations"):
+        LearnedRewardWrapper(BrightSpotEnv(size=32), tmp_path / "rm")
