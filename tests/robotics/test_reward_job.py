@@ -116,9 +116,10 @@ def test_bad_inputs_are_refused_naming_the_field(pendulum_data: dict, tmp_path: 
     assert not (tmp_path / "r").exists()
 
 
-def test_skipped_rows_left_out_and_counted_with_skip_invalid(pendulum_data: dict, tmp_path: Path) -> None:
+def test_skipped_rows_left_out_and_counted_ragged_lengths_masked(pendulum_data: dict, tmp_path: Path) -> None:
     rows = [json.loads(line) for line in pendulum_data["path"].read_text().splitlines()[:6]]
     rows[2]["label"] = float("nan")  # a skipped query
+    rows[3]["obs_first"], rows[3]["act_first"] = rows[3]["obs_first"][:4], rows[3]["act_first"][:4]  # padded, masked
     path = tmp_path / "skips.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     with pytest.raises(ValueError, match="NaN"):
