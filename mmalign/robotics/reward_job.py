@@ -155,7 +155,8 @@ def run(cfg: RewardJobConfig, run_dir: Path) -> dict[str, Any]:
     pairs, info = load_segment_pairs(cfg)
     obs_dim, act_dim = info["obs_dim"], info["act_dim"]
     factory = REWARD_MODELS.get(cfg.model)
-    kwargs: dict[str, Any] = {_VECTOR_MODELS[cfg.model]: obs_dim, "act_dim": act_dim, "hidden": (cfg.hidden,) * cfg.layers}
+    kwargs: dict[str, Any] = {_VECTOR_MODELS[cfg.model]: obs_dim, "act_dim": act_dim,
+                              "hidden": (cfg.hidden,) * cfg.layers}
     if cfg.action_squares and act_dim:
         kwargs["action_squares"] = True
     ensemble = RewardEnsemble.build(lambda: factory(**kwargs), size=cfg.ensemble_size, seed=cfg.seed)

@@ -1,4 +1,4 @@
-"""``mmalign robotics reward``: segment preference file -> reward-model folder -> LearnedReward-v0; bad inputs refused."""
+"""``mmalign robotics reward``: segment preference file -> reward folder -> LearnedReward-v0; bad inputs refused."""
 
 from __future__ import annotations
 
