@@ -441,10 +441,12 @@ class Trainer:
                 t0, examples = time.perf_counter(), 0
                 last = logger.log(self.step, reduced)
                 bar.set_postfix(loss=f"{reduced['train/loss']:.4f}")
-            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
-                self.save()
+            # evaluate before saving: a checkpoint of this step must come after all of this step's rows, or a run
+            # killed between the two resumes past the evaluation and never logs it
             if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 last.update(logger.log(self.step, self._evaluate()))
+            if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
+                self.save()
         bar.close()
         if self._checkpointed_step != self.step:  # resuming a finished run: its checkpoint is already this step
             self.save()
