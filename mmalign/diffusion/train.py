@@ -337,7 +337,7 @@ def run(cfg: DiffusionTrainConfig, run_dir: Path, resume: bool = False) -> dict[
 
     from mmalign.diffusion.adapter import make_loss_fn
     from mmalign.diffusion.models import load_training_model
-    from mmalign.train import Trainer
+    from mmalign.train import Trainer, seed_everything
 
     run_dir = Path(run_dir)
     tm = load_training_model(cfg.model, seed=cfg.trainer.seed, image_size=cfg.image_size,
@@ -358,7 +358,9 @@ def run(cfg: DiffusionTrainConfig, run_dir: Path, resume: bool = False) -> dict[
         eval_fn = _shapes_eval_fn(cfg, tm.scheduler, ref_model)
     if cfg.eval_prompts:
         eval_fn = _pipeline_eval_fn(cfg, tm.pipe, run_dir, tm.scheduler.config.prediction_type)
-    # checkpointed, so --resume redraws the same noise and VAE samples
+    # the global RNGs draw the image-pair flips/crops (num_workers=0): seeded, so that a fresh run repeats itself;
+    # they and the generators are checkpointed, so --resume redraws the same flips, noise and VAE samples
+    seed_everything(cfg.trainer.seed)
     trainer = Trainer(trainer_cfg, model, dataset, loss_fn, run_dir, eval_fn=eval_fn,
                       generators={"noise": generator, "vae": vae_generator})
     if ref_model is not None:
