@@ -84,9 +84,17 @@ def load_segment_pairs(cfg: RewardJobConfig) -> tuple[dict[str, np.ndarray], dic
         raise FileNotFoundError(f"data {cfg.data!r} does not exist")
     ds = load_preference_data(cfg.data, "segment", skip_invalid=cfg.skip_invalid, split=cfg.split or None,
                               columns=cfg.columns or None)
+    # first/second are not chosen/rejected: a row without a label is unlabelled, never "first preferred"
+    unlabelled = [i for i, row in enumerate(ds.rows) if row.get("label") is None]
+    if unlabelled and not cfg.skip_invalid:
+        rows = [ds.row_number(i) for i in unlabelled]
+        raise ValueError(f"{cfg.data}: rows {rows[:10]}{' ...' if len(rows) > 10 else ''} have no label: segment pairs "
+                         f"need label = P(first ≻ second) (skip_invalid=true leaves them out)")
+    keep = [i for i in range(len(ds.rows)) if i not in set(unlabelled)]
     sides: dict[str, list[np.ndarray]] = {k: [] for k in ("obs1", "act1", "obs2", "act2")}
     dims = {"obs": 0, "act": 0}
-    for i, row in enumerate(ds.rows):
+    for i in keep:
+        row = ds.rows[i]
         for key, field in (("obs1", "obs_first"), ("act1", "act_first"), ("obs2", "obs_second"),
                            ("act2", "act_second")):
             arr = _steps(f"{cfg.data}: row {ds.row_number(i)} field {field!r}", row[field], dims[key[:3]])
@@ -96,8 +104,8 @@ def load_segment_pairs(cfg: RewardJobConfig) -> tuple[dict[str, np.ndarray], dic
             if len(sides[a][-1]) != len(sides[o][-1]):
                 raise ValueError(f"{cfg.data}: row {ds.row_number(i)}: {field!r} has {len(sides[a][-1])} steps, the "
                                  f"observations {len(sides[o][-1])}")
-    labels = np.asarray(ds.labels(), np.float32)
-    info = {"rows": len(ds.rows), "dropped_rows": len(ds.report.dropped), "obs_dim": dims["obs"],
+    labels = np.asarray([float(ds.rows[i]["label"]) for i in keep], np.float32)
+    info = {"rows": len(keep), "dropped_rows": len(ds.report.dropped) + len(unlabelled), "obs_dim": dims["obs"],
             "act_dim": dims["act"], "ties": int((labels == 0.5).sum())}
     if len(labels) < 2:
         raise ValueError(f"{cfg.data}: needs at least 2 usable labelled pairs to fit a reward model, got {len(labels)}"

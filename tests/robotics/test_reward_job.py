@@ -111,6 +111,10 @@ def test_bad_inputs_are_refused_naming_the_field(pendulum_data: dict, tmp_path: 
         validate(_cfg(ragged))
     with pytest.raises(ValueError, match="--resume"):
         validate(_cfg(pendulum_data["path"]), resume=True)
+    unlabelled = tmp_path / "unlabelled.jsonl"  # first/second are not chosen/rejected: no label is no label
+    write_jsonl(unlabelled, [rows[0], {k: v for k, v in rows[1].items() if k != "label"}, rows[2]])
+    with pytest.raises(ValueError, match=r"rows \[1\] have no label"):
+        validate(_cfg(unlabelled))
     # through the CLI: refused before any run folder is made
     assert main(["robotics", "reward", "--output-dir", str(tmp_path / "r"), f"data={one}"]) == 2
     assert not (tmp_path / "r").exists()
