@@ -495,3 +495,28 @@ def test_resuming_a_finished_run_returns_what_the_run_returned(tmp_path: Path) -
     assert "train/loss" in first
     drop = {"perf/examples_per_s"}
     assert {k: v for k, v in again.items() if k not in drop} == {k: v for k, v in first.items() if k not in drop}
+
+
+def test_a_run_stopped_between_a_checkpoint_and_its_evaluation_logs_that_evaluation(tmp_path: Path) -> None:
+    """At a step with both, the evaluation comes before the checkpoint: a run stopped in its evaluation resumes from
+    the step before and logs every row an uninterrupted run logs."""
+    common = {"max_steps": 4, "save_every": 2, "eval_every": 2}
+    _tiny(tmp_path / "full", eval_fn=_weight_sum, **common)
+    calls: list[int] = []
+
+    def stopped_at_first(m: torch.nn.Module) -> dict[str, float]:
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt  # stands in for a kill during the step-2 evaluation
+        return _weight_sum(m)
+
+    with pytest.raises(KeyboardInterrupt):
+        _tiny(tmp_path / "stop", eval_fn=stopped_at_first, **common)
+    _tiny(tmp_path / "stop", resume=True, eval_fn=_weight_sum, **common)
+
+    def rows(run: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
+                for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(tmp_path / "stop") == rows(tmp_path / "full")
+    assert [r["step"] for r in rows(tmp_path / "full") if "eval/weight_sum" in r] == [2, 4]
