@@ -417,3 +417,17 @@ def test_full_run_with_text_encoder_writes_it(tmp_path, pipe_dir):
     with pytest.raises(ValueError, match="train_text_encoder needs a pipeline model and image-pair data"):
         _train(pipe_dir, tmp_path / "data" / "pairs.jsonl", tmp_path / "x", train_text_encoder=True,
                latent_cache=str(tmp_path / "cache"))
+
+
+def test_flipped_pairs_repeat_in_a_fresh_run(tmp_path, pipe_dir):
+    """hflip draws from the global RNGs (num_workers=0), which the job seeds: two runs log the same losses."""
+    data = _pickapic(tmp_path / "data", n=8)
+
+    def losses(run):
+        _train(pipe_dir, data, tmp_path / run, hflip=True, trainer={"max_steps": 3, "batch_size": 4})
+        rows = [json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        return [r["train/loss"] for r in rows if "train/loss" in r]
+
+    first = losses("a")
+    torch.rand(5)  # whatever drew from the global RNG before the second run
+    assert losses("b") == first
