@@ -52,8 +52,41 @@ def _text_result(run: Path) -> Any:
     return _rows(run / "text_results.jsonl"), (run / "text_table.md").read_text(), weights
 
 
+def _vlm_result(run: Path) -> Any:
+    """Both phases: the SFT phase's rows and weights, the saved base, the preference rows, weights and adapter."""
+    files = ("sft/model.safetensors", "base_model/model.safetensors", "model.safetensors",
+             "adapter/adapter_model.safetensors")
+    return [_tensors(run / f) for f in files], _rows(run / "sft" / "metrics.jsonl"), _rows(run / "metrics.jsonl")
+
+
+def _diffusion_result(run: Path) -> Any:
+    lora = sorted(run.glob("lora/*.safetensors"))
+    return _tensors(run / "model.safetensors"), [_tensors(p) for p in lora], _rows(run / "metrics.jsonl")
+
+
+def _pickapic_pipeline(inputs: Path) -> list[str]:
+    """A tiny SD pipeline folder and Pick-a-Pic pairs (image files next to the JSONL) made in ``inputs``."""
+    from PIL import Image
+
+    from mmalign.diffusion.pipeline import tiny_sd_pipeline
+
+    words = ["a", "red", "green", "circle", "square"]
+    tiny_sd_pipeline(words=words, image_size=16, text_dim=16).save_pretrained(inputs / "pipe")
+    rows = []
+    for i in range(8):
+        for side, color in (("a", (200, 20 + 10 * i, 20)), ("b", (20, 200, 20 + 10 * i))):
+            Image.new("RGB", (20, 24), color).save(inputs / f"{side}{i}.png")
+        rows.append({"caption": ["a red circle", "a green square"][i % 2], "jpg_0": f"a{i}.png",
+                     "jpg_1": f"b{i}.png", "label_0": i % 2})
+    (inputs / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return [f"model={inputs / 'pipe'}", f"data={inputs / 'pairs.jsonl'}", "trainer.lora.enabled=true",
+            "trainer.max_steps=24", "trainer.batch_size=4", "trainer.save_every=3", "trainer.log_every=1",
+            "trainer.lr=0.01", "trainer.plots=false", "trainer.cpu=true"]
+
+
 QUIET_TRAIN = ["progress=false", "plots=false"]
-JOBS: list[tuple[str, list[str], Callable[[Path], Any]]] = [
+# arguments: a list, or a function that makes the inputs in a folder and returns the list
+JOBS: list[tuple[str, list[str] | Callable[[Path], list[str]], Callable[[Path], Any]]] = [
     ("train demo", ["trainer.progress=false", "trainer.plots=false", "n_pairs=512", "hidden=32",
                     "trainer.max_steps=60", "trainer.save_every=4", "trainer.log_every=2"], _demo_result),
     ("hindsight market", ["--config", "configs/hindsight/smoke.yaml", "plots=false"], _market_result),
@@ -61,18 +94,27 @@ JOBS: list[tuple[str, list[str], Callable[[Path], Any]]] = [
                         "sft.max_steps=30", "sft.save_every=5", "sft.batch_size=16",
                         *[f"sft.{o}" for o in QUIET_TRAIN], "dpo.max_steps=10", "dpo.save_every=3",
                         "dpo.batch_size=16", *[f"dpo.{o}" for o in QUIET_TRAIN]], _text_result),
+    ("vlm train", ["n_scenes=32", "sft_steps=30", "trainer.max_steps=16", "trainer.batch_size=4",
+                   "trainer.save_every=3", "trainer.log_every=1", *[f"trainer.{o}" for o in QUIET_TRAIN]],
+     _vlm_result),
+    ("diffusion train", ["trainer.max_steps=40", "trainer.batch_size=8", "trainer.save_every=4",
+                         "trainer.log_every=2", "trainer.eval_every=10", "trainer.plots=false"], _diffusion_result),
+    ("diffusion train pickapic lora", _pickapic_pipeline, _diffusion_result),
 ]
 
 
 def _command(job: str, run: Path, args: list[str], resume: bool) -> list[str]:
-    return [sys.executable, "-m", "mmalign.cli", *job.split(), "--output-dir", str(run),
+    return [sys.executable, "-m", "mmalign.cli", *job.split()[:2], "--output-dir", str(run),
             *(["--resume"] if resume else []), *args]
 
 
 @pytest.mark.parametrize("job, args, result", JOBS, ids=[j[0] for j in JOBS])
-def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(tmp_path: Path, job: str, args: list[str],
-                                                                       result: Callable[[Path], Any]) -> None:
+def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(
+        tmp_path: Path, job: str, args: list[str] | Callable[[Path], list[str]], result: Callable[[Path], Any]) -> None:
     root = Path(__file__).resolve().parents[1]
+    if callable(args):
+        (tmp_path / "inputs").mkdir()
+        args = args(tmp_path / "inputs")
     t0 = time.monotonic()
     subprocess.run(_command(job, tmp_path / "full", args, False), check=True, env=ENV, cwd=root,
                    capture_output=True)
