@@ -1,5 +1,7 @@
 """mmalign/LearnedReward-v0: checkpoint round trip, reward = ensemble mean, wrong-space checkpoints refused."""
 
+from pathlib import Path
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -111,14 +113,16 @@ def test_truncated_checkpoint_names_the_file(checkpoint, tmp_path):
         load_reward_model(cut)
 
 
-def test_frame_stacked_pixel_model_sees_what_vec_frame_stack_gave_it(tmp_path):
+def test_frame_stacked_pixel_model_sees_what_vec_frame_stack_gave_it(tmp_path, monkeypatch):
     """A CNN reward model trained with frame_stack=2 (6 input channels on 3-channel frames) drives the wrapper, which
     stacks frames exactly as SB3's VecFrameStack (zeros before an episode's first frame, newest last)."""
     from stable_baselines3.common.vec_env import DummyVecEnv, VecFrameStack
 
     from mmalign.core.reward_models import CNNRewardModel, RewardEnsemble
     from mmalign.envs.learned_reward import LearnedRewardWrapper
-    from tests.robotics.pbrl_test_envs import BrightSpotEnv
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))
+    from pbrl_test_envs import BrightSpotEnv
 
     torch.manual_seed(0)
     ensemble = RewardEnsemble([CNNRewardModel(in_channels=6, image_size=36, act_dim=2, channels=(4, 8), hidden=(8,))
