@@ -263,13 +263,19 @@ def make_loss_fn(
     from the batch's ``captions`` by the model's text encoders each step, and by the reference's for the reference.
     """
     num_t = int(scheduler.config.num_train_timesteps)
+
+    def prepare(model: torch.nn.Module, batch: Any) -> tuple[PairBatch, PairBatch, Tensor, Tensor]:
+        """The batch as given, as the model is conditioned on it (checked), and the pairs' shared (ε, t)."""
+        pb = batch if isinstance(batch, PairBatch) else PairBatch.from_mapping(batch)
+        policy = conditioned(pb, model, embed)
+        if validate:
+            check_pair_batch(policy)
+        noise, timesteps = paired_noise_and_timesteps(pb.chosen, num_t, generator)
+        return pb, policy, noise, timesteps
+
     if method == SFT:
         def sft_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-            pb = batch if isinstance(batch, PairBatch) else PairBatch.from_mapping(batch)
-            pb = conditioned(pb, model, embed)
-            if validate:
-                check_pair_batch(pb)
-            noise, timesteps = paired_noise_and_timesteps(pb.chosen, num_t, generator)
+            _, pb, noise, timesteps = prepare(model, batch)
             # only the chosen image is seen: half the forward of a pairwise method
             err_w = denoising_errors(model, scheduler, pb.chosen, noise, timesteps, pb.encoder_hidden_states,
                                      pb.added_cond_kwargs())
@@ -283,11 +289,7 @@ def make_loss_fn(
     missing: list[bool] = []  # per err_names: does the loss leave it out? (read once: reading metrics syncs)
 
     def loss_fn(model: torch.nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
-        pb = batch if isinstance(batch, PairBatch) else PairBatch.from_mapping(batch)
-        policy = conditioned(pb, model, embed)
-        if validate:
-            check_pair_batch(policy)
-        noise, timesteps = paired_noise_and_timesteps(pb.chosen, num_t, generator)
+        pb, policy, noise, timesteps = prepare(model, batch)
         err_w, err_l = pair_denoising_errors(model, scheduler, policy, noise, timesteps)
         errs = (err_w, err_l)
         if needs_ref:
