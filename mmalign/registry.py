@@ -151,7 +151,6 @@ REGISTRIES: dict[str, Registry] = {
 # registered as lazy strings. Each domain adds its module here.
 _PLUGIN_MODULES: tuple[str, ...] = (
     "mmalign.core",
-    "mmalign.core.teachers.human",
     "mmalign.jobs",
 )
 _loaded = False

@@ -23,7 +23,8 @@ argument). Outputs are torch tensors on the rewards' device. Randomness comes on
 
 Teachers here: :class:`SimulatedHuman` (B-Pref; presets ``oracle, stochastic, mistake, skip, myopic, equal``),
 :class:`RegretTeacher` (Knox et al.), :class:`LabelFlipTeacher` (known flip rate), :class:`HindsightTeacher` (RLHS),
-:class:`RewardModelTeacher` (a learned reward model as a cheap labeller). Names in ``mmalign.registry.TEACHERS``.
+:class:`RewardModelTeacher` (a learned reward model as a cheap labeller), :class:`HumanTeacher` (people
+answering in the labelling app, ``mmalign label serve``). Names in ``mmalign.registry.TEACHERS``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import inspect
 
 from mmalign.core.teachers.base import SegmentPairBatch, Teacher, TeacherLabels, binary_entropy, from_bpref_labels
+from mmalign.core.teachers.human import HumanTeacher
 from mmalign.core.teachers.learned import RewardModelTeacher
 from mmalign.core.teachers.bpref import BPREF_PRESETS, SimulatedHuman, bpref_teacher, segment_return_scale
 from mmalign.core.teachers.regret import RegretTeacher
@@ -50,6 +52,7 @@ __all__ = [
     "HindsightTeacher",
     "HINDSIGHT_MODES",
     "RewardModelTeacher",
+    "HumanTeacher",
     "binary_entropy",
     "from_bpref_labels",
 ]
@@ -73,3 +76,4 @@ TEACHERS.register("regret", RegretTeacher)
 TEACHERS.register("label_flip", LabelFlipTeacher)
 TEACHERS.register("hindsight", HindsightTeacher)
 TEACHERS.register("reward_model", RewardModelTeacher)
+TEACHERS.register("human", HumanTeacher)

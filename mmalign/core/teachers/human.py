@@ -22,8 +22,6 @@ import json
 import math
 import os
 import time
-import urllib.error
-import urllib.request
 import uuid
 from typing import Any, Callable
 
@@ -31,7 +29,6 @@ import numpy as np
 import torch
 
 from mmalign.core.teachers.base import SegmentPairBatch, Teacher, TeacherLabels, label_metrics
-from mmalign.registry import TEACHERS
 
 __all__ = ["HumanTeacher"]
 
@@ -84,6 +81,9 @@ class HumanTeacher(Teacher):
 
     # -- HTTP ----------------------------------------------------------------------------------------------------
     def _request(self, method: str, path: str, body: Any = None) -> Any:
+        import urllib.error  # imported here: importing the teacher registry stays free of the HTTP stack
+        import urllib.request
+
         token = os.environ.get(self.token_env, "")
         if not token:
             raise RuntimeError(f"the human teacher needs the app's admin token in ${self.token_env}")
@@ -174,6 +174,3 @@ class HumanTeacher(Teacher):
                         labels.setdefault(row["query_id"], []).append(float(row["label"]))
                 return labels, sum(1 for i in open_ids if i not in labels)
             self.sleep(self.poll_seconds)
-
-
-TEACHERS.register("human", HumanTeacher)
