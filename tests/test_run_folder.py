@@ -109,3 +109,39 @@ def test_resume_needs_a_run_folder_of_this_job(tmp_path: Path, capsys: pytest.Ca
     assert main(["train", "demo", "--output-dir", str(run_dir), "--resume", *QUIET]) == 2
     assert message in capsys.readouterr().err
     assert setup == "other_job" or not run_dir.exists()
+
+
+CPL_TINY = ["oracle_steps=300", "episodes_per_level=2", "noise_levels=[0.0,1.0]", "random_episodes=2",
+            "segment_length=10", "pairs_per_segment=3", "value_samples=4", "hidden=16", "bc_steps=20",
+            "cpl_steps=20", "batch_size=8", "eval_episodes=1"]
+
+
+def test_cpl_keeps_its_trained_oracle_when_a_later_phase_fails(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """The oracle is progress (robotics.cpl's has_progress): kept, and a new run started from it gets the results of
+    an uninterrupted run; a failure before the oracle is saved still removes the folder."""
+    import json
+
+    from mmalign.robotics import cpl
+
+    assert main(["robotics", "cpl", "--output-dir", str(tmp_path / "full"), *CPL_TINY]) == 0
+    expected = json.loads((tmp_path / "full" / "results.json").read_text())["rows"]
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("no room for the dataset")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(cpl, "build_dataset", broken)
+        assert main(["robotics", "cpl", "--output-dir", str(tmp_path / "run"), *CPL_TINY]) == 2
+    err = capsys.readouterr().err
+    oracle = tmp_path / "run" / "oracle_sac.safetensors"
+    assert "no room for the dataset" in err and "was removed" not in err
+    assert f"oracle_path={oracle}" in err
+    assert oracle.is_file() and (tmp_path / "run" / "config.yaml").is_file()
+    assert main(["robotics", "cpl", "--output-dir", str(tmp_path / "again"), *CPL_TINY, f"oracle_path={oracle}"]) == 0
+    assert json.loads((tmp_path / "again" / "results.json").read_text())["rows"] == expected
+
+    with monkeypatch.context() as patch:  # before the oracle exists there is nothing to keep
+        patch.setattr(cpl, "train_oracle", broken)
+        assert main(["robotics", "cpl", "--output-dir", str(tmp_path / "early"), *CPL_TINY]) == 2
+    assert "was removed" in capsys.readouterr().err and not (tmp_path / "early").exists()

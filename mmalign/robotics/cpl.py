@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -31,7 +32,10 @@ from torch import nn
 
 from mmalign.config import Config, check_choice, check_nonnegative, check_positive, check_range, option
 
-__all__ = ["CPLConfig", "run", "validate", "build_dataset", "train_policy", "oracle_advantage_fn", "evaluate_policy"]
+__all__ = ["CPLConfig", "run", "validate", "has_progress", "build_dataset", "train_policy", "oracle_advantage_fn",
+           "evaluate_policy"]
+
+ORACLE_FILE = "oracle_sac.safetensors"
 
 
 @dataclasses.dataclass
@@ -303,11 +307,19 @@ def validate(cfg: CPLConfig, resume: bool = False) -> None:
                              f"robotics.cpl (oracle_sac.safetensors) or an SB3 .zip")
 
 
+def has_progress(run_dir: Path) -> bool:
+    """A run that trained its oracle keeps its folder when a later phase fails (see :mod:`mmalign.train.run_folder`).
+
+    The oracle is the expensive part (``oracle_steps`` of SAC); a new run reuses it with ``oracle_path``. The file is
+    written atomically, so one that exists is complete.
+    """
+    from mmalign.train.run_folder import has_progress as has_saved_rows
+
+    return (Path(run_dir) / ORACLE_FILE).is_file() or has_saved_rows(run_dir)
+
+
 def run(cfg: CPLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """``mmalign robotics cpl``: oracle, dataset, CPL/BC/%BC, evaluation; writes ``results.json`` and a table."""
-    import gymnasium
-
-    from mmalign.robotics.report import markdown_table
     from mmalign.robotics.sb3_io import load_sb3_any, save_sb3_policy
 
     validate(cfg, resume)
@@ -324,7 +336,22 @@ def run(cfg: CPLConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
         say(f"oracle loaded from {cfg.oracle_path}")
     else:
         oracle = train_oracle(cfg, say)
-        save_sb3_policy(oracle, run_dir / "oracle_sac.safetensors", cfg.env_id)
+        save_sb3_policy(oracle, run_dir / ORACLE_FILE, cfg.env_id)
+    try:
+        return _after_oracle(cfg, oracle, run_dir, say, t0)
+    except BaseException:
+        if not cfg.oracle_path and (run_dir / ORACLE_FILE).is_file():
+            print(f"[mmalign] robotics.cpl failed after training its oracle; the run folder {run_dir} is kept: a new "
+                  f"run can start from that oracle with oracle_path={run_dir / ORACLE_FILE}", file=sys.stderr)
+        raise
+
+
+def _after_oracle(cfg: CPLConfig, oracle: Any, run_dir: Path, say: Callable[[str], None], t0: float) -> dict[str, Any]:
+    """Data, policies, evaluation and the results files of a run with its oracle in hand."""
+    import gymnasium
+
+    from mmalign.robotics.report import markdown_table
+
     oracle_ret = evaluate_policy(_SB3Actor(oracle), cfg.env_id, cfg.eval_episodes, 77_000)
     say(f"oracle true return {oracle_ret[0]:.2f} ± {oracle_ret[1]:.2f}")
     data = build_dataset(cfg, oracle, say)
