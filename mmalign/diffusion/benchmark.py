@@ -166,7 +166,9 @@ def pretrain_reference(cfg: BenchmarkConfig, path: Path, log: Any = print) -> An
         if step % 100 == 0 or step == cfg.pretrain_steps - 1:
             log(f"pretrain step {step} loss {loss.item():.4f} ({time.perf_counter() - t0:.0f}s)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    tmp = path.with_name(f".{path.name}.tmp")  # a run killed while saving must not leave a truncated reference
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
     return model
 
 
@@ -254,7 +256,12 @@ def run(cfg: BenchmarkConfig, run_dir: Path, resume: bool = False) -> dict:
     out = run_dir / "results.jsonl"
     done = set()
     if out.is_file():
-        for line in out.read_text().splitlines():
+        text = out.read_text()
+        if not text.endswith("\n"):  # a run killed while appending a row: drop the cut row, its cell runs again
+            text = text[:text.rfind("\n") + 1]
+            if cfg.num_shards == 1:  # (shards share the file: another one may be appending right now)
+                out.write_text(text)
+        for line in text.splitlines():
             row = json.loads(line)
             done.add((row["setting"], row["method"], row["seed"]))
     pair_cache: dict[tuple[str, int], Any] = {}

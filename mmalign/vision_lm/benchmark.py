@@ -113,7 +113,7 @@ def evaluate(adapter: Any, test_scenes: Sequence[Any], test_images: Sequence[np.
 
 # ---------------------------------------------------------------------------------------------- training
 def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig, seed: int,
-                 run_dir: Path) -> dict[str, Any]:
+                 run_dir: Path, resume: bool = False) -> dict[str, Any]:
     """LoRA preference training of the SFT model for one table row; the adapter ends up holding the merged model."""
     import torch
 
@@ -149,17 +149,20 @@ def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig,
     trainer = Trainer(sft_trainer_config(seed, cfg.pref_steps, cfg.pref_batch_size, cfg.pref_lr, cfg.lora_r), base,
                       dataset, objective, run_dir, collate_fn=collator)
     t0 = time.perf_counter()
-    out = trainer.train()
+    out = trainer.train(resume=resume and (Path(run_dir) / "checkpoints").is_dir())
     out["time/train_s"] = time.perf_counter() - t0
     adapter.model = trainer.unwrapped_model()
     return out
 
 
 def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path,
-             on_row: Callable[[dict[str, dict[str, float]]], None] | None = None) -> dict[str, dict[str, float]]:
+             on_row: Callable[[dict[str, dict[str, float]]], None] | None = None,
+             done: dict[str, dict[str, float]] | None = None) -> dict[str, dict[str, float]]:
     """SFT + every configured row for one seed; returns {row: metrics} (row "sft" included).
 
-    ``on_row(results_so_far)`` is called after every finished row, so a caller can store partial results.
+    ``on_row(results_so_far)`` is called after every finished row, so a caller can store partial results. With
+    ``done`` (the rows an interrupted run stored) those rows are taken as they are and the SFT and preference
+    trainers resume from their checkpoints in ``run_dir``.
     """
     import copy
 
@@ -181,18 +184,24 @@ def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path,
 
     model, processor = build_tiny(cfg.family, seed, patch_size=cfg.patch_size)
     adapter = VLMAdapter(model, processor, max_length=64)
+    resume, done = done is not None, done or {}
     results: dict[str, dict[str, float]] = {}
     t0 = time.perf_counter()
     vision_acc = pretrain_vision_tower(model, sft_scenes, sft_images, processor, steps=cfg.vision_steps, seed=seed)
+    sft_dir = run_dir / f"seed{seed}" / "sft"
     train_sft(adapter, sft_examples(sft_scenes, sft_images, rng), steps=cfg.sft_steps, batch_size=cfg.batch_size,
-              lr=cfg.sft_lr, seed=seed, run_dir=run_dir / f"seed{seed}" / "sft")
+              lr=cfg.sft_lr, seed=seed, run_dir=sft_dir, resume=resume and (sft_dir / "checkpoints").is_dir())
     sft_model = adapter.model
-    results["sft"] = {**evaluate(adapter, test_scenes, test_images, sft_scenes, seed),
-                      "time/train_s": time.perf_counter() - t0, "vision/pretrain_shape_acc": vision_acc}
+    results["sft"] = done.get("sft") or {**evaluate(adapter, test_scenes, test_images, sft_scenes, seed),
+                                         "time/train_s": time.perf_counter() - t0,
+                                         "vision/pretrain_shape_acc": vision_acc}
     if on_row is not None:
         on_row(results)
     pair_cache: dict[str, tuple[list[Any], dict[str, float]]] = {}
     for row in cfg.methods:
+        if row in done:
+            results[row] = done[row]
+            continue
         source = METHOD_ROWS[row][1]
         adapter.model = sft_model
         if source not in pair_cache:
@@ -200,7 +209,7 @@ def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path,
                                              bdhs_rho=cfg.bdhs_rho, realign_top_k=cfg.realign_top_k)
         pairs, stats = pair_cache[source]
         adapter.model = copy.deepcopy(sft_model)  # each row starts from the SFT weights
-        out = train_method(row, adapter, pairs, cfg, seed, run_dir / f"seed{seed}" / row)
+        out = train_method(row, adapter, pairs, cfg, seed, run_dir / f"seed{seed}" / row, resume)
         model = adapter.model
         adapter.model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         metrics = evaluate(adapter, test_scenes, test_images, sft_scenes, seed)
@@ -212,15 +221,27 @@ def run_seed(cfg: BenchmarkConfig, seed: int, run_dir: Path,
 
 
 def run(cfg: BenchmarkConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """Run every seed; write ``results.json`` into ``run_dir``; return mean metrics per row."""
+    """Run every seed; write ``results.json`` into ``run_dir`` after every row; return mean metrics per row.
+
+    With ``resume`` the rows already in ``results.json`` are kept and only the missing ones run.
+    """
     import json
+
+    from mmalign.fileio import atomic_write_text
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    per_seed = {}
+    path = run_dir / "results.json"
+    stored = json.loads(path.read_text()) if resume and path.is_file() else {}
+    per_seed: dict[int, dict[str, dict[str, float]]] = {}
+
+    def store(results: dict[str, dict[str, float]], seed: int) -> None:
+        per_seed[seed] = dict(results)
+        atomic_write_text(path, json.dumps({str(k): v for k, v in per_seed.items()}, indent=1))
+
     for seed in cfg.seeds:
-        per_seed[seed] = run_seed(cfg, seed, run_dir)
-        (run_dir / "results.json").write_text(json.dumps({str(k): v for k, v in per_seed.items()}, indent=1))
+        per_seed[seed] = run_seed(cfg, seed, run_dir, on_row=lambda r, s=seed: store(r, s),
+                                  done=stored.get(str(seed), {}) if resume else None)
     rows = per_seed[cfg.seeds[0]].keys()
     return {f"{row}/{k}": float(np.mean([per_seed[s][row][k] for s in cfg.seeds]))
             for row in rows for k in per_seed[cfg.seeds[0]][row]
