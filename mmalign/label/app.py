@@ -292,18 +292,19 @@ class SecurityHeaders:
 
 
 def _render_states(kind: str, items: list[Any]) -> dict[int, tuple[Any, Any]]:
-    """Clips of the clip queries sent as observations (``env_id`` + ``obs_first``/``obs_second``), rendered in one
-    child process per env id (starting the renderer costs more than drawing a query)."""
+    """Clips of the clip queries sent as states (``env_id`` + recorded ``qpos_*``/``qvel_*`` or ``obs_*`` in the
+    content), rendered in one child process per env id (starting the renderer costs more than drawing a query)."""
     by_env: dict[str, list[int]] = {}
     for n, item in enumerate(items):
         if kind == "clip" and item.get("env_id"):
             by_env.setdefault(str(item["env_id"]), []).append(n)
     out: dict[int, tuple[Any, Any]] = {}
     if by_env:
-        from mmalign.label.media import render_clips
+        from mmalign.label.media import render_clips, segment_of
 
         for env_id, ns in by_env.items():
-            segs = [items[n]["content"][f"obs_{side}"] for n in ns for side in ("first", "second")]
+            segs = [segment_of(items[n].get("content") or {}, side, f"queries[{n}]") for n in ns
+                    for side in ("first", "second")]
             frames = render_clips(env_id, segs)
             for k, n in enumerate(ns):
                 out[n] = (frames[2 * k], frames[2 * k + 1])

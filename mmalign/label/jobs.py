@@ -53,7 +53,8 @@ class PushConfig(_Where):
     data: str = option("", "preference data: JSONL / JSON / Parquet / datasets folder of mmalign.data")
     kind: str = option("text", "query kind: text (prompt + answers, mmalign.data 'text'), image (caption + two "
                                "images, 'image') or clip (two segments, 'segment')")
-    env_id: str = option("", "gymnasium id to render segment observations (clip kind without frames_* columns)")
+    env_id: str = option("", "gymnasium MuJoCo id to render clip rows without frames_* columns, from their recorded "
+                             "qpos_*/qvel_* (any task) or their observations (Reacher, locomotion tasks)")
     fps: int = option(20, "frames per second of clips")
     answers_per_query: int = option(1, "labellers per query (2+ gives agreement statistics)")
     instructions: str = option("", "what labellers are asked (shown above every query)")
@@ -123,14 +124,16 @@ def push(cfg: PushConfig, run_dir: Path) -> dict[str, Any]:
     validate(cfg)
     data = Path(cfg.data)
     dataset = load_preference_data(data, DATA_KIND[cfg.kind], skip_invalid=cfg.skip_invalid)
+    # every row's clip is checked and rendered before the database is touched: a bad row creates no project
+    media = Path(cfg.folder) / "media" / cfg.project
+    queries = rows_to_queries(cfg.kind, dataset.rows, media, data if data.is_dir() else data.parent,
+                              env_id=cfg.env_id, fps=cfg.fps, id_prefix=f"{data.stem}-",
+                              reference=cfg.reference_labels,
+                              row_numbers=[dataset.row_number(i) for i in range(len(dataset.rows))])
     store = open_store(cfg)
     try:
         store.create_project(cfg.project, cfg.kind, instructions=cfg.instructions,
                              answers_per_query=cfg.answers_per_query)
-        media = Path(cfg.folder) / "media" / cfg.project
-        queries = rows_to_queries(cfg.kind, dataset.rows, media, data if data.is_dir() else data.parent,
-                                  env_id=cfg.env_id, fps=cfg.fps, id_prefix=f"{data.stem}-",
-                                  reference=cfg.reference_labels)
         ids = store.add_queries(cfg.project, queries)
         counts = store.counts(cfg.project)
     finally:
@@ -159,8 +162,15 @@ def export(cfg: ExportConfig, run_dir: Path) -> dict[str, Any]:
     if not rows:
         raise ValueError(f"project {cfg.project!r} has no answered queries to export ({stats})")
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_jsonl(out, rows)
-    load_preference_data(out, DATA_KIND[project.kind])  # what a training job will do: must pass
+    partial = out.with_name(f".{out.stem}.partial{out.suffix}")  # same suffix: mmalign.data reads it by its suffix
+    write_jsonl(partial, rows)
+    try:  # what a training job will do: must pass before the file appears under its name
+        load_preference_data(partial, DATA_KIND[project.kind])
+    except ValueError as err:
+        partial.unlink()
+        raise ValueError(f"project {cfg.project!r} does not export as {DATA_KIND[project.kind]} preference data "
+                         f"(nothing written to {out}): {err}") from None
+    partial.replace(out)
     print(f"[mmalign] wrote {len(rows)} labelled pairs to {out} (all-skipped: {stats['all_skipped']}, "
           f"unanswered: {stats['unanswered']})")
     return {"output": str(out), **stats}

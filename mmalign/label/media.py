@@ -5,9 +5,9 @@ stores one file, and :func:`media_file` serves only names of that exact form tha
 absolute paths, links out of the folder and any other name give ``None`` (the app answers 404).
 
 Clips come from frames (``uint8 [T, H, W, 3]``) or from MuJoCo states rendered offscreen
-(:func:`mmalign.robotics.render.render_states_isolated`, which needs ``mmalign[robotics]``); :func:`states_from_obs`
-recovers the states from gymnasium observations for the tasks whose observation is (a part of) ``qpos`` and
-``qvel`` — the locomotion tasks and Reacher.
+(:func:`mmalign.robotics.render.render_states_isolated`, which needs ``mmalign[robotics]``): the states recorded with
+the segment (``qpos_*``/``qvel_*``, any MuJoCo task) or recovered from its observations for the tasks that observe
+``qpos``/``qvel`` (:func:`mmalign.robotics.render.states_from_obs`).
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import io
 import re
 import subprocess
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["media_file", "save_image", "save_clip", "render_clips", "states_from_obs", "highlight"]
+__all__ = ["media_file", "save_image", "save_clip", "render_clips", "segment_of", "highlight"]
 
 _NAME = re.compile(r"^[0-9a-f]{64}\.(png|webm)$")
 MEDIA_TYPES = {".png": "image/png", ".webm": "video/webm"}
@@ -104,44 +104,15 @@ def save_clip(frames: Any, folder: Path, fps: int = 20) -> str:
     return _store(folder, proc.stdout, ".webm")
 
 
-def states_from_obs(env_id: str, obs: np.ndarray, nq: int, nv: int) -> tuple[np.ndarray, np.ndarray]:
-    """``(qpos [T, nq], qvel [T, nv])`` from gymnasium observations ``[T, obs_dim]``, for the tasks whose observation
-    is ``qpos[k:] ++ qvel`` (HalfCheetah, Hopper, Walker2d, Swimmer, InvertedPendulum ...; the excluded root
-    position is set to 0, which a tracking camera does not show) and for Reacher. Anything else raises
-    ``ValueError``: push frames (``frames_first``/``frames_second``) instead."""
-    obs = np.asarray(obs, dtype=np.float64)
-    t, d = obs.shape
-    if env_id.startswith("Reacher"):
-        # obs = cos q0, cos q1, sin q0, sin q1, target xy, qvel[:2], fingertip - target (3)
-        qpos = np.zeros((t, nq))
-        qpos[:, 0] = np.arctan2(obs[:, 2], obs[:, 0])
-        qpos[:, 1] = np.arctan2(obs[:, 3], obs[:, 1])
-        qpos[:, 2:4] = obs[:, 4:6]
-        qvel = np.zeros((t, nv))
-        qvel[:, :2] = obs[:, 6:8]
-        return qpos, qvel
-    skipped = nq + nv - d
-    if 0 <= skipped <= 2:
-        qpos = np.zeros((t, nq))
-        qpos[:, skipped:] = obs[:, : nq - skipped]
-        return qpos, obs[:, nq - skipped:].copy()
-    raise ValueError(f"cannot recover MuJoCo states of {env_id} from {d}-dimensional observations (nq={nq}, "
-                     f"nv={nv}); push rendered frames (frames_first / frames_second) instead")
+def render_clips(env_id: str, segments: Sequence[Mapping[str, Any]], *, size: int = 160) -> list[np.ndarray]:
+    """Render segments of a gymnasium MuJoCo task to frames, all in one child process. Each segment is a mapping with
+    recorded ``qpos``/``qvel`` (any MuJoCo task) or ``obs`` only (the tasks
+    :func:`~mmalign.robotics.render.states_from_obs` knows) and a ``where`` naming it in errors. Every segment's
+    states are checked before anything is drawn."""
+    from mmalign.robotics.render import mujoco_sizes, render_states_isolated, segment_states
 
-
-def render_clips(env_id: str, segments: Sequence[np.ndarray], *, size: int = 160) -> list[np.ndarray]:
-    """Render observation segments ``[T, obs_dim]`` of a gymnasium MuJoCo task to frames, all in one child process."""
-    import gymnasium
-
-    from mmalign.robotics.render import render_states_isolated
-
-    env = gymnasium.make(env_id)
-    try:
-        model = env.unwrapped.model  # type: ignore[attr-defined]
-        nq, nv = int(model.nq), int(model.nv)
-    finally:
-        env.close()
-    states = [states_from_obs(env_id, np.asarray(s), nq, nv) for s in segments]
+    nq, nv, _ = mujoco_sizes(env_id)
+    states = [segment_states(env_id, s, nq, nv, str(s.get("where", f"segment {k}"))) for k, s in enumerate(segments)]
     qpos = np.concatenate([q for q, _ in states])
     qvel = np.concatenate([v for _, v in states])
     frames, _backend = render_states_isolated(env_id, qpos, qvel, width=size, height=size)
@@ -150,6 +121,12 @@ def render_clips(env_id: str, segments: Sequence[np.ndarray], *, size: int = 160
         out.append(frames[start: start + len(q)])
         start += len(q)
     return out
+
+
+def segment_of(content: Mapping[str, Any], side: str, where: str) -> dict[str, Any]:
+    """One side (``first``/``second``) of a segment pair row as :func:`render_clips` takes it."""
+    return {"obs": content.get(f"obs_{side}"), "qpos": content.get(f"qpos_{side}"),
+            "qvel": content.get(f"qvel_{side}"), "where": f"{where} ({side} segment)"}
 
 
 def _words(text: str) -> list[str]:

@@ -19,7 +19,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-from mmalign.label.media import highlight, render_clips, save_clip, save_image
+from mmalign.label.media import highlight, render_clips, save_clip, save_image, segment_of
 
 __all__ = ["DATA_KIND", "build_payload", "rows_to_queries", "export_rows", "decode_upload"]
 
@@ -72,7 +72,8 @@ def build_payload(kind: str, content: Mapping[str, Any], media_dir: Path, base_d
     if kind == "clip":
         if clips is None:
             if content.get("frames_first") is None or content.get("frames_second") is None:
-                raise ValueError("a clip query needs frames_first/frames_second or an env_id to render obs")
+                raise ValueError("a clip query needs frames_first/frames_second, or an env_id to render its recorded "
+                                 "qpos_*/qvel_* or its observations")
             clips = (np.asarray(content["frames_first"]), np.asarray(content["frames_second"]))
         return {"fps": fps, "left": {"video": save_clip(clips[0], media_dir, fps)},
                 "right": {"video": save_clip(clips[1], media_dir, fps)}}
@@ -81,19 +82,27 @@ def build_payload(kind: str, content: Mapping[str, Any], media_dir: Path, base_d
 
 def rows_to_queries(kind: str, rows: Sequence[Mapping[str, Any]], media_dir: Path, base_dir: Path | None, *,
                     env_id: str = "", fps: int = 20, id_prefix: str = "", reference: bool = False,
-                    keep_row: bool = True) -> list[dict[str, Any]]:
+                    keep_row: bool = True, row_numbers: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Queries for :meth:`Store.add_queries` from validated rows; a row's ``label`` becomes the reference label
-    only with ``reference=True`` (then the progress view reports each labeller's agreement with it)."""
-    rendered: list[np.ndarray] | None = None
-    if kind == "clip" and any(r.get("frames_first") is None for r in rows):
-        if not env_id:
-            raise ValueError("segment rows without frames_first/frames_second need env_id to render clips")
-        segs = [np.asarray(r[f"obs_{side}"]) for r in rows for side in ("first", "second")]
-        rendered = render_clips(env_id, segs)
+    only with ``reference=True`` (then the progress view reports each labeller's agreement with it).
+
+    Clip rows are shown from ``frames_first``/``frames_second`` when given, else rendered for ``env_id`` from the
+    recorded ``qpos_*``/``qvel_*`` or from the observations (see :func:`mmalign.label.media.render_clips`); every
+    row's states are checked before anything is rendered or saved. ``row_numbers`` name the rows in errors."""
+    numbers = list(row_numbers) if row_numbers is not None else list(range(len(rows)))
+    rendered: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    if kind == "clip":
+        todo = [n for n, r in enumerate(rows) if r.get("frames_first") is None or r.get("frames_second") is None]
+        if todo and not env_id:
+            raise ValueError(f"rows {[numbers[n] for n in todo][:10]} have no frames_first/frames_second: give env_id "
+                             f"to render them from their states or observations")
+        if todo:
+            segs = [segment_of(rows[n], side, f"row {numbers[n]}") for n in todo for side in ("first", "second")]
+            frames = render_clips(env_id, segs)
+            rendered = {n: (frames[2 * k], frames[2 * k + 1]) for k, n in enumerate(todo)}
     out = []
     for n, row in enumerate(rows):
-        clips = None if rendered is None else (rendered[2 * n], rendered[2 * n + 1])
-        payload = build_payload(kind, row, media_dir, base_dir, clips=clips, fps=fps)
+        payload = build_payload(kind, row, media_dir, base_dir, clips=rendered.get(n), fps=fps)
         label = row.get("label")
         out.append({"external_id": str(row.get("id", f"{id_prefix}{n}")), "payload": payload,
                     "row": _jsonable(row) if keep_row else {},

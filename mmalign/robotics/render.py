@@ -5,6 +5,11 @@ with shadows, reflections and skybox off (software GL renders ~10x faster withou
 when ``mujoco`` is imported, so :func:`render_states_isolated` renders in a child process, trying ``MUJOCO_GL=egl``
 and then ``osmesa``; a crash of the GL stack therefore cannot take the experiment down.
 
+Any gymnasium MuJoCo task renders from states recorded while collecting (``collect_episodes(record_state=True)``
+keeps ``env.unwrapped.data.qpos``/``qvel`` per step); :func:`states_from_obs` recovers the states from the
+observations alone for the tasks whose observation is known to be ``qpos[k:] ++ qvel`` (:data:`OBS_STATE_TASKS`) and
+for Reacher, and refuses every other task with an error that says what to record instead.
+
 Run as a module (used by the child process): ``python -m mmalign.robotics.render IN.npz OUT.npz``.
 """
 
@@ -15,10 +20,16 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any, Mapping
 
 import numpy as np
 
 __all__ = [
+    "OBS_STATE_TASKS",
+    "mujoco_sizes",
+    "states_from_obs",
+    "segment_states",
+    "check_obs_renderable",
     "render_states",
     "render_states_isolated",
     "save_video",
@@ -26,12 +37,111 @@ __all__ = [
     "side_by_side",
 ]
 
-# Top-down views where the default gymnasium camera tracks a body and shows little.
-_CAMERAS: dict[str, dict[str, float]] = {
+# Gymnasium tasks whose observation is exactly ``qpos[k:] ++ qvel`` (k = 0..2 root coordinates left out). A task is
+# listed by name rather than guessed from its sizes: an observation of the same length with another layout (Pusher:
+# arm qpos, arm qvel, body positions) would be drawn as a wrong pose without any error.
+OBS_STATE_TASKS = ("HalfCheetah", "Hopper", "Walker2d", "Swimmer", "InvertedPendulum")
+
+# Fixed views where the default gymnasium camera tracks a body and shows little.
+_CAMERAS: dict[str, dict[str, Any]] = {
     "Reacher": {"distance": 0.6, "elevation": -90.0, "azimuth": 90.0},
+    "Pusher": {"distance": 2.2, "elevation": -70.0, "azimuth": 180.0, "lookat": (0.2, -0.3, -0.2)},
     "InvertedPendulum": {"distance": 2.5, "elevation": -10.0, "azimuth": 90.0},
     "InvertedDoublePendulum": {"distance": 3.5, "elevation": -10.0, "azimuth": 90.0},
 }
+
+
+def _family(env_id: str) -> str:
+    """``"HalfCheetah"`` of ``"HalfCheetah-v5"`` or ``"gymnasium_robotics:HalfCheetah-v5"``."""
+    return env_id.rsplit(":", 1)[-1].rsplit("/", 1)[-1].split("-")[0]
+
+
+def mujoco_sizes(env_id: str) -> tuple[int, int, int]:
+    """``(nq, nv, obs_dim)`` of a gymnasium MuJoCo env; ``ValueError`` for an env that cannot be made or has no MuJoCo
+    model (it cannot be rendered from states: give frames instead)."""
+    import gymnasium
+
+    try:
+        env = gymnasium.make(env_id)
+    except Exception as err:  # unknown id, missing dependency: one line naming the env
+        raise ValueError(f"env {env_id!r} cannot be made to render clips: {err}") from None
+    try:
+        model = getattr(env.unwrapped, "model", None)
+        if model is None or not hasattr(model, "nq"):
+            raise ValueError(f"env {env_id!r} is not a MuJoCo env (no env.unwrapped.model), so its segments cannot be "
+                             f"rendered from simulator states: give rendered frames (frames_first / frames_second)")
+        return int(model.nq), int(model.nv), int(np.prod(env.observation_space.shape or ()))
+    finally:
+        env.close()
+
+
+def states_from_obs(env_id: str, obs: np.ndarray, nq: int, nv: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(qpos [T, nq], qvel [T, nv])`` from gymnasium observations ``[T, obs_dim]``, for the tasks of
+    :data:`OBS_STATE_TASKS` (the excluded root position is set to 0, which their tracking camera does not show) and
+    Reacher. Any other task raises ``ValueError``: record the states while collecting instead. (Hopper and Walker2d
+    observe ``qvel`` clipped to ±10; a drawing depends on ``qpos`` only.)"""
+    obs = np.asarray(obs, dtype=np.float64)
+    if obs.ndim != 2:
+        raise ValueError(f"observations must be [steps, obs_dim], got shape {obs.shape}")
+    t, d = obs.shape
+    family = _family(env_id)
+    if family == "Reacher" and nq == nv == 4 and d in (10, 11):
+        # obs = cos q0, cos q1, sin q0, sin q1, target xy, qvel[:2], fingertip - target (3 in v4, 2 in v5)
+        qpos = np.zeros((t, nq))
+        qpos[:, 0] = np.arctan2(obs[:, 2], obs[:, 0])
+        qpos[:, 1] = np.arctan2(obs[:, 3], obs[:, 1])
+        qpos[:, 2:4] = obs[:, 4:6]
+        qvel = np.zeros((t, nv))
+        qvel[:, :2] = obs[:, 6:8]
+        return qpos, qvel
+    skipped = nq + nv - d
+    if family in OBS_STATE_TASKS and 0 <= skipped <= 2:
+        qpos = np.zeros((t, nq))
+        qpos[:, skipped:] = obs[:, : nq - skipped]
+        return qpos, obs[:, nq - skipped:].copy()
+    raise ValueError(f"cannot recover the MuJoCo state of {env_id} from its {d}-dimensional observations (nq={nq}, "
+                     f"nv={nv}; only Reacher and {', '.join(OBS_STATE_TASKS)} observe qpos/qvel): record the state "
+                     f"while collecting (collect_episodes(record_state=True); columns qpos_first/qvel_first/"
+                     f"qpos_second/qvel_second) or give rendered frames (frames_first / frames_second)")
+
+
+def segment_states(env_id: str, segment: Mapping[str, Any], nq: int, nv: int,
+                   where: str = "segment") -> tuple[np.ndarray, np.ndarray]:
+    """The ``(qpos, qvel)`` to draw one segment: its recorded ``qpos``/``qvel`` when present (checked against the
+    model's sizes and the observations' length), else recovered by :func:`states_from_obs` from ``obs``."""
+    qpos, qvel, obs = segment.get("qpos"), segment.get("qvel"), segment.get("obs")
+    if qpos is None and qvel is None:
+        if obs is None:
+            raise ValueError(f"{where}: needs recorded qpos/qvel or observations to render")
+        try:
+            return states_from_obs(env_id, np.asarray(obs), nq, nv)
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    if qpos is None or qvel is None:
+        raise ValueError(f"{where}: qpos and qvel are recorded together, got only {'qpos' if qvel is None else 'qvel'}")
+    try:
+        qpos, qvel = np.asarray(qpos, dtype=np.float64), np.asarray(qvel, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"{where}: qpos/qvel must be numeric [steps, nq] / [steps, nv] arrays") from None
+    for name, arr, width in (("qpos", qpos, nq), ("qvel", qvel, nv)):
+        if arr.ndim != 2 or arr.shape[1] != width or len(arr) == 0:
+            raise ValueError(f"{where}: {name} must be [steps, {width}] for {env_id} ({name[1:]}={width}), got shape "
+                             f"{arr.shape}")
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{where}: {name} holds NaN or inf")
+    steps = {"qpos": len(qpos), "qvel": len(qvel)}
+    if obs is not None:
+        steps["obs"] = len(np.asarray(obs))
+    if len(set(steps.values())) > 1:
+        raise ValueError(f"{where}: qpos, qvel and the observations must have one row per step, got {steps}")
+    return qpos, qvel
+
+
+def check_obs_renderable(env_id: str) -> None:
+    """Raise ``ValueError`` unless segments of ``env_id`` can be drawn from their observations alone (what a run that
+    sends only observations, e.g. the ``human`` teacher, needs)."""
+    nq, nv, obs_dim = mujoco_sizes(env_id)
+    states_from_obs(env_id, np.zeros((1, obs_dim)), nq, nv)
 
 
 def render_states(
@@ -58,6 +168,8 @@ def render_states(
         view = next((v for k, v in _CAMERAS.items() if env_id.startswith(k)), None)
         if view is not None:
             cam.distance, cam.elevation, cam.azimuth = view["distance"], view["elevation"], view["azimuth"]
+            if "lookat" in view:
+                cam.lookat[:] = view["lookat"]
         elif model.nbody > 1:  # locomotion: follow the root body so the agent stays in frame
             cam.type = mujoco.mjtCamera.mjCAMERA_TRACKING
             cam.trackbodyid = 1

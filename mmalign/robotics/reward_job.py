@@ -4,7 +4,14 @@ The file is any :mod:`mmalign.data` source of kind ``segment`` (``obs_first``, `
 ``act_second``, optional ``label`` = P(first ≻ second); ``mmalign label export`` of a clip project writes one). Labels
 ``1``/``0``/``0.5`` (or any probability) are soft Bradley–Terry targets; rows the validator rejects (a NaN label = a
 skipped query, bad shapes) refuse the file, or with ``skip_invalid=true`` are left out and counted. Segments of
-different lengths are padded and masked. Fitting is :class:`~mmalign.robotics.reward_trainer.RewardTrainer`'s
+different lengths are padded and masked.
+
+The reward model sees observations and actions only. The other columns of an export are checked and reported, never
+used: ``frames_*`` (the clips people watched; a vector model cannot read pixels), ``qpos_*``/``qvel_*`` (the
+simulator states the clips were drawn from), ``rewards_*`` (true rewards, which a reward learned from preferences
+must not see) and the labelling metadata (``id``, ``num_labels``, ``comments``). Per-step columns must have one row
+per observation (a file whose states or frames belong to other segments is refused, naming the row); every unused
+column is listed in the log and in the summary (``data/unused_columns``). Fitting is :class:`~mmalign.robotics.reward_trainer.RewardTrainer`'s
 observation standardisation plus :func:`mmalign.core.reward_models.fit_reward_model` on a seeded train / held-out
 split; the result is ``<run>/reward_model/`` (``save_pretrained``: config.json + model.safetensors), which
 ``gymnasium.make("mmalign/LearnedReward-v0", env_id=..., reward_model=<folder>)`` and
@@ -23,6 +30,10 @@ import numpy as np
 from mmalign.config import Config, check_choice, check_positive, check_range, option
 
 __all__ = ["RewardJobConfig", "validate", "run", "load_segment_pairs"]
+
+# Columns the reward model reads; the step-aligned ones of the others are checked for their step counts.
+_USED = ("obs_first", "act_first", "obs_second", "act_second", "label")
+_PER_STEP = ("rewards", "frames", "qpos", "qvel")
 
 # Vector reward models of REWARD_MODELS and the name of their input-size argument.
 _VECTOR_MODELS = {"mlp": "obs_dim", "feature_head": "feature_dim"}
@@ -104,9 +115,11 @@ def load_segment_pairs(cfg: RewardJobConfig) -> tuple[dict[str, np.ndarray], dic
             if len(sides[a][-1]) != len(sides[o][-1]):
                 raise ValueError(f"{cfg.data}: row {ds.row_number(i)}: {field!r} has {len(sides[a][-1])} steps, the "
                                  f"observations {len(sides[o][-1])}")
+        _check_unused_steps(cfg.data, ds.row_number(i), row, len(sides["obs1"][-1]), len(sides["obs2"][-1]))
     labels = np.asarray([float(ds.rows[i]["label"]) for i in keep], np.float32)
+    unused = sorted({k for i in keep for k, v in ds.rows[i].items() if k not in _USED and v is not None})
     info = {"rows": len(keep), "dropped_rows": len(ds.report.dropped) + len(unlabelled), "obs_dim": dims["obs"],
-            "act_dim": dims["act"], "ties": int((labels == 0.5).sum())}
+            "act_dim": dims["act"], "ties": int((labels == 0.5).sum()), "unused_columns": unused}
     if len(labels) < 2:
         raise ValueError(f"{cfg.data}: needs at least 2 usable labelled pairs to fit a reward model, got {len(labels)}"
                          f" ({ds.report.summary()})")
@@ -120,6 +133,19 @@ def load_segment_pairs(cfg: RewardJobConfig) -> tuple[dict[str, np.ndarray], dic
         if key.startswith("obs"):
             out["mask" + key[-1]] = np.arange(horizon)[None] < np.array([len(a) for a in values])[:, None]
     return out, info
+
+
+def _check_unused_steps(data: str, row_number: int, row: dict[str, Any], steps_first: int, steps_second: int) -> None:
+    """Per-step columns the model does not read must still describe the same steps as the observations."""
+    for side, steps in (("first", steps_first), ("second", steps_second)):
+        for stem in _PER_STEP:
+            value = row.get(f"{stem}_{side}")
+            if value is None:
+                continue
+            n = len(value) if isinstance(value, (list, tuple)) else int(np.shape(value)[0]) if np.ndim(value) else 1
+            if n != steps:
+                raise ValueError(f"{data}: row {row_number} field '{stem}_{side}' has {n} steps, the observations "
+                                 f"{steps}: the column belongs to another segment")
 
 
 def _check_env(cfg: RewardJobConfig, obs_dim: int, act_dim: int) -> None:
@@ -192,7 +218,11 @@ def run(cfg: RewardJobConfig, run_dir: Path) -> dict[str, Any]:
         fh.writelines(json.dumps(row) + "\n" for row in result.history)
     metrics = {k: float(v) for k, v in result.metrics.items()}
     summary = {**metrics, "data/rows": info["rows"], "data/dropped_rows": info["dropped_rows"],
-               "data/ties": info["ties"], "reward_model": str(folder)}
+               "data/ties": info["ties"], "data/unused_columns": ",".join(info["unused_columns"]),
+               "reward_model": str(folder)}
+    if info["unused_columns"]:
+        print(f"[mmalign] columns not used by the reward model (checked, kept in the file): "
+              f"{', '.join(info['unused_columns'])}")
     acc = metrics.get("eval/pref_accuracy")
     print(f"[mmalign] reward model from {n} pairs ({info['dropped_rows']} rows left out) -> {folder}; held-out "
           f"preference accuracy {'n/a' if acc is None else f'{acc:.3f} on {n_val} pairs'}")

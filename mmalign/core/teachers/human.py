@@ -39,7 +39,9 @@ class HumanTeacher(Teacher):
     Args:
         url: the app's address, e.g. ``http://127.0.0.1:8765``.
         project: project that receives the queries (created as a clip project if new).
-        env_id: gymnasium id whose observations the server renders (Reacher and tasks observing ``qpos``/``qvel``).
+        env_id: gymnasium id whose observations the server renders: Reacher and the tasks that observe
+            ``qpos``/``qvel`` (:data:`mmalign.robotics.render.OBS_STATE_TASKS`); any other task is refused here
+            (label it offline from recorded states with ``mmalign label push``).
         token_env: environment variable holding the app's admin token.
         timeout: seconds to wait for the answers of one call (``0`` = wait forever).
         poll_seconds: seconds between two looks at the answers.
@@ -70,6 +72,13 @@ class HumanTeacher(Teacher):
                              ("fps", fps), ("chunk", chunk)):
             if value <= 0:
                 raise ValueError(f"{field} must be > 0, got {value}")
+        from mmalign.robotics.render import check_obs_renderable  # here: gymnasium/MuJoCo load only when used
+
+        try:  # refused when the run starts, not at its first feedback round
+            check_obs_renderable(env_id)
+        except ValueError as err:
+            raise ValueError(f"env_id: the human teacher sends a run's observations, which the app draws as clips: "
+                             f"{err}") from None
         self.url, self.project, self.env_id = url.rstrip("/"), project, env_id
         self.token_env, self.timeout, self.poll_seconds = token_env, float(timeout), float(poll_seconds)
         self.max_queries, self.answers_per_query = int(max_queries), int(answers_per_query)
