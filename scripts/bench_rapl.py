@@ -1,13 +1,14 @@
-"""Benchmark RAPL vs BT-on-pixels at matched preference budgets: does RAPL with N/2 triplets reach BT with N?
+"""Benchmark RAPL as the paper means it: a pre-trained encoder aligned with few preferences, vs BT on pixels.
 
-Trains each reward on preference triplets from the point-pusher embodiment (PushAvoidPoint-v0) and measures the
-Spearman correlation between predicted and true returns on held-out rollouts of the same embodiment and of the
-2-link arm (PushAvoidArm-v0). Each (seed, method, budget) is its own run directory with a metrics.json, written as
-soon as it finishes, so a partial sweep still yields numbers and a rerun skips finished runs. Writes the sections
-``bench_rapl`` (budget comparison) and ``bench_rapl_sensitivity`` (training length) of docs/benchmarks/visuomotor.md.
+Arms per seed (PushAvoidPoint-v0 triplets, scored on held-out rollouts of the same embodiment and of the 2-link arm):
+``rapl_pre`` (encoder pre-trained time-contrastively on unlabelled frames of both embodiments, then aligned with RAPL's
+OT-BT loss), ``rapl_scratch`` (the same from random init), ``bt_pre`` (a linear per-frame BT reward head on the same
+pre-trained encoder, trained end to end) and ``bt_scratch`` (that model from random init). The claim under test:
+RAPL with a pre-trained encoder reaches BT's quality with at most 1/``--ratio`` of its preferences. Each (seed, arm,
+budget) is a run directory with a metrics.json (a rerun skips finished runs). Follows the robotics protocol
+(docs/benchmarks/robotics_protocol.md): ``--dev-seeds`` for choices, ``--report-seeds`` for the table.
 
-    MUJOCO_GL=egl python scripts/bench_rapl.py --seeds 0 1 2 --prefs 50 100 200 --epochs 32 \
-        --sensitivity-epochs 8 16 64 --sensitivity-seeds 0 --sensitivity-budget 200
+    MUJOCO_GL=egl python scripts/bench_rapl.py --dev-seeds 0 1 --report-seeds 10 11 12 13 14
 """
 
 from __future__ import annotations
@@ -15,249 +16,185 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from mmalign.robotics.protocol import add_seed_args, fmt_ci, paired_diff, seed_plan_from_args
 from mmalign.robotics.rapl import RaplConfig, run
 from doc_sections import machine, now, visuomotor_section as write_section
 
-Key = tuple[str, int, str, int]  # (length tag, seed, method, #triplets)
+ARMS = ("pre", "scratch")
+SPLITS = {"heldout": "held-out rollouts, same embodiment (point pusher)",
+          "cross": "cross-embodiment: the 2-link arm scored by the reward trained on the point pusher"}
 
 
-def _tag(length: str, value: float) -> str:
-    return f"epochs{value:g}" if length == "epochs" else f"steps{int(value)}"
+def run_one(args: argparse.Namespace, seed: int, arm: str, n: int) -> dict:
+    """One run: RAPL (if ``n`` is a RAPL budget) and BT (if a BT budget) from the arm's encoder on ``n`` triplets."""
+    run_dir = Path(args.out) / f"seed{seed}_{arm}{n}"
+    if (run_dir / "metrics.json").is_file():
+        return json.loads((run_dir / "metrics.json").read_text())
+    cfg = RaplConfig(seed=seed, num_prefs=n, train_epochs=args.epochs, n_train_traj=args.n_train,
+                     n_eval_traj=args.n_eval, data_cache=args.cache, run_rapl=n in args.rapl_budgets,
+                     run_bt_baseline=n in args.bt_budgets, bt_model="encoder",
+                     pretrain_steps=args.pretrain_steps if arm == "pre" else 0,
+                     pretrain_temperature=args.pretrain_temperature, pretrain_window=args.pretrain_window)
+    c0 = time.process_time()
+    m = run(cfg, run_dir)
+    m["time/cpu_s"] = time.process_time() - c0
+    (run_dir / "metrics.json").write_text(json.dumps(m, indent=2))
+    return m
 
 
-def plan(args: argparse.Namespace) -> list[Key]:
-    """Runs in execution order: main comparison first (RAPL@N/2 and BT@N, per seed), then the sensitivity runs."""
-    main_tag = _tag(args.train_length, args.epochs if args.train_length == "epochs" else args.train_steps)
-    jobs: list[Key] = []
-    for seed in args.seeds:
-        for n in args.prefs:
-            jobs += [(main_tag, seed, "rapl", n // 2), (main_tag, seed, "bt", n)]
-            if args.grid:
-                jobs += [(main_tag, seed, "rapl", n), (main_tag, seed, "bt", n // 2)]
-    for n in args.sensitivity_budget:
-        for seed in args.sensitivity_seeds:
-            for e in args.sensitivity_epochs:
-                jobs += [(_tag("epochs", e), seed, "rapl", n // 2), (_tag("epochs", e), seed, "bt", n)]
-    return list(dict.fromkeys(jobs))
+def score(res: dict, seed: int, arm: str, method: str, n: int, split: str) -> float | None:
+    m = res.get((seed, arm, n))
+    key = f"{split}/spearman_{'rapl' if method == 'rapl' else 'bt_pixels'}"
+    return None if m is None or key not in m else m[key]
 
 
-def run_one(key: Key, args: argparse.Namespace, out: Path) -> dict:
-    tag, seed, method, n = key
-    length = "epochs" if tag.startswith("epochs") else "steps"
-    value = float(tag[len(length):])
-    cfg = RaplConfig(seed=seed, num_prefs=n, train_length=length, train_epochs=value if length == "epochs" else 1.0,
-                     train_steps=int(value) if length == "steps" else 1, n_train_traj=args.n_train,
-                     n_eval_traj=args.n_eval, data_cache=args.cache, run_rapl=method == "rapl",
-                     run_bt_baseline=method == "bt", embed_norm=not args.no_embed_norm)
-    return run(cfg, out / tag / f"seed{seed}_{method}{n}")
+def by_seed(res: dict, seeds: tuple[int, ...], arm: str, method: str, n: int, split: str) -> dict[int, float]:
+    out = {s: score(res, s, arm, method, n, split) for s in seeds}
+    return {s: v for s, v in out.items() if v is not None}
 
 
-def load(out: Path, old: Path | None) -> dict[Key, dict]:
-    """All finished runs under ``out``; plus the fixed-100-step runs of the earlier script (one run held both
-    methods: ``old/seed{s}_prefs{n}``), if ``old`` is given."""
-    res: dict[Key, dict] = {}
-    for f in out.glob("*/seed*_*/metrics.json"):
-        seed, rest = f.parent.name[4:].split("_", 1)
-        method = "rapl" if rest.startswith("rapl") else "bt"
-        res[(f.parent.parent.name, int(seed), method, int(rest[len(method):]))] = json.loads(f.read_text())
-    for f in (old.glob("seed*_prefs*/metrics.json") if old else []):
-        seed, n = f.parent.name[4:].split("_prefs")
-        m = json.loads(f.read_text())
-        for method in ("rapl", "bt"):
-            res[("old_steps100", int(seed), method, int(n))] = m
-    return res
-
-
-def _ms(vals: list[float], fmt: str = "+.2f") -> str:
-    return f"{np.mean(vals):{fmt}} ± {np.std(vals):.2f} (n={len(vals)})" if vals else "not run"
-
-
-def comparison_rows(res: dict[Key, dict], tag: str, prefs: list[int], split: str, seeds: list[int]) -> list[str]:
+def verdict_rows(res: dict, args: argparse.Namespace, seeds: tuple[int, ...], split: str) -> list[str]:
     rows = []
-    for n in prefs:
-        ss = [s for s in seeds if (tag, s, "rapl", n // 2) in res and (tag, s, "bt", n) in res]
-        r = [res[(tag, s, "rapl", n // 2)][f"{split}/spearman_rapl"] for s in ss]
-        b = [res[(tag, s, "bt", n)][f"{split}/spearman_bt_pixels"] for s in ss]
-        if not ss:
-            rows.append(f"| {n // 2} vs {n} | not run | | | | | |")
+    for n in args.bt_budgets:
+        k = n // args.ratio
+        if k not in args.rapl_budgets or k * args.ratio != n:
             continue
-        d = [x - y for x, y in zip(r, b)]
-        acc_r = [res[(tag, s, "rapl", n // 2)].get("rapl/final_pref_accuracy", float("nan")) for s in ss]
-        acc_b = [res[(tag, s, "bt", n)].get("bt/final_pref_accuracy", float("nan")) for s in ss]
-        steps = (res[(tag, ss[0], "rapl", n // 2)].get("train/steps"), res[(tag, ss[0], "bt", n)].get("train/steps"))
-        verdict = "**met**" if np.mean(r) >= np.mean(b) else "**not met**"
-        rows.append(f"| {n // 2} vs {n} | {_ms(r)} | {_ms(b)} | {' / '.join(f'{x:+.2f}' for x in d)} "
-                    f"({sum(x >= 0 for x in d)}/{len(d)} seeds ≥ 0) | {verdict} | "
-                    f"{_ms(acc_r, '.2f')} / {_ms(acc_b, '.2f')} | {steps[0]:.0f} / {steps[1]:.0f} |")
+        r = by_seed(res, seeds, "pre", "rapl", k, split)
+        for arm in ARMS:
+            b = by_seed(res, seeds, arm, "bt", n, split)
+            d = paired_diff(r, b)
+            if not d.diffs:
+                continue
+            low, high = d.mean - d.half_width, d.mean + d.half_width
+            verdict = ("**holds**" if low >= -args.margin else "**fails** (BT better)" if high < 0
+                       else "not shown")
+            rows.append(f"| RAPL-pre@{k} vs BT-{arm}@{n} | {fmt_ci(list(r.values()))} | {fmt_ci(list(b.values()))} "
+                        f"| {d} | {verdict} |")
     return rows
 
 
-def budget_rows(res: dict[Key, dict], tag: str, seeds: list[int]) -> list[str]:
-    """Each method at every budget it was run at (the learning curves behind the pairwise comparison)."""
-    budgets = sorted({k[3] for k in res if k[0] == tag and k[1] in seeds})
+def curve_rows(res: dict, args: argparse.Namespace, seeds: tuple[int, ...], split: str) -> list[str]:
     rows = []
-    for n in budgets:
-        cells = []
-        for split in ("heldout", "cross"):
-            for method, key in (("rapl", "rapl"), ("bt", "bt_pixels")):
-                cells.append(_ms([res[(tag, s, method, n)][f"{split}/spearman_{key}"] for s in seeds
-                                  if (tag, s, method, n) in res]))
+    for n in sorted(set(args.rapl_budgets) | set(args.bt_budgets)):
+        cells = [fmt_ci(list(by_seed(res, seeds, arm, method, n, split).values()))
+                 if n in (args.rapl_budgets if method == "rapl" else args.bt_budgets) else "–"
+                 for method in ("rapl", "bt") for arm in ARMS]
         rows.append(f"| {n} | " + " | ".join(cells) + " |")
     return rows
 
 
-def main_section(res: dict[Key, dict], args: argparse.Namespace, tag: str) -> str:
-    what = (f"{args.epochs:g} epochs (passes over the labelled triplets; steps = ceil({args.epochs:g} · N / 8), "
-            "shuffled batches without replacement)" if args.train_length == "epochs"
-            else f"a fixed {args.train_steps} steps at every budget")
-    # the unaligned-OT and task-reward scores do not depend on the budget: take them from the smallest RAPL runs
-    ref = [m for k, m in res.items() if k[0] == tag and k[1] in args.seeds and k[2] == "rapl"
-           and k[3] == min(args.prefs) // 2]
-    head = ("| RAPL vs BT triplets | RAPL@N/2 ρ | BT@N ρ | RAPL − BT per seed | must-show | final train pref. acc. "
-            "RAPL / BT | steps RAPL / BT |")
-    norm = ("without embedding normalisation (`embed_norm=false`, RAPL's code)" if args.no_embed_norm
-            else "with embedding normalisation (`embed_norm=true`)")
+def pretrain_effect_rows(res: dict, args: argparse.Namespace, seeds: tuple[int, ...], split: str) -> list[str]:
+    rows = []
+    for method, budgets in (("rapl", args.rapl_budgets), ("bt", args.bt_budgets)):
+        for n in budgets:
+            d = paired_diff(by_seed(res, seeds, "pre", method, n, split),
+                            by_seed(res, seeds, "scratch", method, n, split))
+            if d.diffs:
+                rows.append(f"| {method.upper()}@{n} | {d} | {d.verdict.replace('a', 'pre', 1).replace('b', 'scratch')} |")
+    return rows
+
+
+def section(res: dict, args: argparse.Namespace, plan) -> str:  # noqa: ANN001
+    seeds = plan.seeds
+    runs = [m for (s, _, _), m in res.items() if s in seeds]
+    cpu_h = sum(m.get("time/cpu_s", m.get("time/total_s", 0.0)) for m in runs) / 3600
+    ref = {}
+    for split in SPLITS:
+        for arm in ARMS:
+            k = min(args.rapl_budgets)
+            ref[(split, arm)] = [res[(s, arm, k)][f"{split}/spearman_unaligned_ot"] for s in seeds
+                                 if (s, arm, k) in res]
+        ref[(split, "task")] = [res[(s, "pre", min(args.rapl_budgets))][f"{split}/spearman_task_reward"]
+                                for s in seeds if (s, "pre", min(args.rapl_budgets)) in res]
+    pre_acc = [m["pretrain/final_accuracy"] for m in runs if "pretrain/final_accuracy" in m]
     lines = [
-        f"## RAPL vs BT-on-pixels at matched preference budgets, RAPL {norm} (`scripts/bench_rapl.py`)",
+        "## RAPL with a pre-trained encoder vs BT on pixels (`scripts/bench_rapl.py`)",
         "",
-        f"Command: `MUJOCO_GL=egl python scripts/bench_rapl.py {args.cmdline}`; seeds {args.seeds}; {now()}; "
-        f"{machine()}; shared {os.cpu_count()}-core CPU ({args.load}; each run single-threaded); every (seed, method, "
-        f"budget) is one run with its own metrics.json under "
-        f"`{args.out}/{tag}/`.",
+        f"Command: `MUJOCO_GL=egl OMP_NUM_THREADS=1 nice -n 10 python scripts/bench_rapl.py {args.cmdline}`; "
+        f"{plan.describe()}; {now()}; {machine()}; shared {os.cpu_count()}-core CPU, each run single-threaded; "
+        f"CPU time of this table {cpu_h:.2f} h ({len(runs)} runs under `{args.out}/`).",
         "",
-        f"Setup: {args.n_train} scripted PushAvoidPoint-v0 rollouts (30 frames, 64x64) for triplets, {args.n_eval} "
-        f"held-out rollouts per embodiment; tiny random-init CNN encoder (32-d head) {norm}, OT with cosine cost, "
-        "reg 0.05, 50 Sinkhorn iterations, every 2nd frame; 6 preferred demos (top true return); noiseless simulated "
-        "human. "
-        f"**Training length: {what}, identical rule for RAPL and the BT pixel reward model (core CNNRewardModel), "
-        "Adam 1e-3, batch 8.** Equal epochs rather than early stopping because early stopping needs a labelled "
-        "validation split carved out of the same preference budget (5 of 25 triplets at the smallest budget, too "
-        "few to pick a stopping step reliably), and equal passes per triplet is the reference code's rule (100 "
-        "epochs); the sensitivity section below checks that the verdict does not hinge on the epoch count. "
-        "ρ = Spearman correlation of predicted vs true return, mean ± population std (ddof 0) over the seeds that "
-        "have both runs (n); must-show met when the mean RAPL@N/2 ρ ≥ the mean BT@N ρ. Train acc. = mean batch "
-        "preference accuracy of the last 20 steps.",
-        "",
-        "### Held-out rollouts, same embodiment (point pusher)",
-        "",
-        head,
-        "|---|---|---|---|---|---|---|",
-        *comparison_rows(res, tag, args.prefs, "heldout", args.seeds),
-        "",
-        "### Cross-embodiment: reward trained on the point pusher scores the 2-link arm",
-        "",
-        head,
-        "|---|---|---|---|---|---|---|",
-        *comparison_rows(res, tag, args.prefs, "cross", args.seeds),
-        "",
-        "Each method at every budget it was run at (ρ, mean ± std over seeds; `not run` = not in the plan):",
-        "",
-        "| #triplets | RAPL held-out | BT held-out | RAPL cross | BT cross |",
-        "|---|---|---|---|---|",
-        *budget_rows(res, tag, args.seeds),
-        "",
-        "Reference rewards at the same seeds (independent of the budget): "
-        + "; ".join(f"{split} unaligned-OT ρ {_ms([m[f'{split}/spearman_unaligned_ot'] for m in ref])}, hand-written "
-                    f"task reward ρ {_ms([m[f'{split}/spearman_task_reward'] for m in ref])}"
-                    for split in ("heldout", "cross")) + ".",
+        f"Setup: {args.n_train} scripted PushAvoidPoint-v0 rollouts (30 frames, 64x64) for triplets; {args.n_eval} "
+        "held-out rollouts per embodiment. Encoder: tiny CNN + 32-d head with embedding normalisation. "
+        f"**Pre-training (no preferences):** {args.pretrain_steps} Adam steps of time-contrastive InfoNCE "
+        f"(positives 1–{args.pretrain_window} steps apart, the rollout's far frames and other rollouts as negatives, "
+        f"τ {args.pretrain_temperature:g}, 32 rollouts × 2 anchors per step) on the frames of the {args.n_train} "
+        "training rollouts plus 80 unlabelled 2-link-arm rollouts (none of them held out); final in-batch accuracy "
+        f"{fmt_ci(pre_acc)}. **Alignment:** RAPL's OT-BT triplet loss (cosine cost, reg 0.05, 50 Sinkhorn "
+        "iterations, every 2nd frame), reward = OT similarity to the 6 top-return demos. **BT:** linear per-frame "
+        "reward head on the same encoder (pre-trained or random init), trained end to end with BT on each triplet's "
+        f"two candidates. All arms train {args.epochs:g} epochs (Adam 1e-3, batch 8); noiseless simulated human. "
+        "ρ = Spearman correlation of predicted and true return; mean ± 95% t half-width over seeds; paired "
+        f"differences over seeds. Verdict rule (fixed before the reporting run): the claim **holds** when the 95% "
+        f"interval of RAPL-pre@N/{args.ratio} − BT@N lies above −{args.margin:g} ρ (non-inferiority margin), **fails** "
+        "when it lies below 0, else is **not shown**.",
     ]
+    for split, title in SPLITS.items():
+        lines += ["", f"### Verdict, {title}", "",
+                  "| comparison | RAPL-pre ρ | BT ρ | RAPL − BT (paired) | equal quality at 1/5 of the preferences |",
+                  "|---|---|---|---|---|", *verdict_rows(res, args, seeds, split)]
+    for split in SPLITS:
+        lines += ["", f"Every arm at every budget, {split} ρ (– = not run at that budget):", "",
+                  "| #triplets | RAPL-pre | RAPL-scratch | BT-pre | BT-scratch |", "|---|---|---|---|---|",
+                  *curve_rows(res, args, seeds, split)]
+    lines += ["", "Effect of pre-training at equal budget (pre − scratch, paired, held-out ρ):", "",
+              "| method@triplets | pre − scratch | 95% interval says |", "|---|---|---|",
+              *pretrain_effect_rows(res, args, seeds, "heldout")]
+    lines += ["", "Zero-preference references: " + "; ".join(
+        f"{split}: OT with the pre-trained encoder {fmt_ci(ref[(split, 'pre')])}, with the random encoder "
+        f"{fmt_ci(ref[(split, 'scratch')])}, hand-written task reward {fmt_ci(ref[(split, 'task')])}"
+        for split in SPLITS) + "."]
     return "\n".join(lines)
-
-
-def sensitivity_section(res: dict[Key, dict], args: argparse.Namespace) -> str:
-    lines = [
-        "## RAPL vs BT: sensitivity to the training length (`scripts/bench_rapl.py`)",
-        "",
-        "Same command and setup as above; RAPL@N/2 vs BT@N triplets, held-out ρ, both trained for E epochs "
-        "(steps = ceil(E · N / 8)). Row `fixed 100 steps` = the earlier benchmark (2026-11-24 03:21 UTC, one run "
-        "per seed trained both methods for 100 steps of with-replacement batches, i.e. 800 / N epochs). "
-        "Mean ± std over the seeds run; a row appears only where both runs of a seed finished (the plan may be run "
-        "in parts, e.g. `--sensitivity-epochs 8 64 --sensitivity-budget 100` as its own process).",
-    ]
-    for n in args.sensitivity_budget:
-        lines += ["", *sensitivity_rows(res, args, n)]
-    return "\n".join(lines)
-
-
-def sensitivity_rows(res: dict[Key, dict], args: argparse.Namespace, n: int) -> list[str]:
-    tags = ["old_steps100"] + [_tag("epochs", e) for e in sorted({*args.sensitivity_epochs, args.epochs})]
-    lines = [
-        f"| training length | RAPL@{n // 2} ρ | BT@{n} ρ | RAPL − BT per seed | train acc. RAPL / BT "
-        "| steps RAPL / BT |",
-        "|---|---|---|---|---|---|",
-    ]
-    for tag in tags:
-        ss = sorted(s for (t, s, m, k) in res if t == tag and m == "rapl" and k == n // 2 and (t, s, "bt", n) in res)
-        if not ss:
-            continue
-        r = [res[(tag, s, "rapl", n // 2)]["heldout/spearman_rapl"] for s in ss]
-        b = [res[(tag, s, "bt", n)]["heldout/spearman_bt_pixels"] for s in ss]
-        acc = ([res[(tag, s, "rapl", n // 2)].get("rapl/final_pref_accuracy", np.nan) for s in ss],
-               [res[(tag, s, "bt", n)].get("bt/final_pref_accuracy", np.nan) for s in ss])
-        steps = "100 / 100" if tag == "old_steps100" else " / ".join(
-            f"{res[(tag, ss[0], m, k)]['train/steps']:.0f}" for m, k in (("rapl", n // 2), ("bt", n)))
-        label = "fixed 100 steps" if tag == "old_steps100" else f"{tag[6:]} epochs"
-        bt_acc = "n/a" if tag == "old_steps100" else _ms(acc[1], ".2f")
-        diffs = " / ".join(f"{x - y:+.2f}" for x, y in zip(r, b))
-        lines.append(f"| {label} (seeds {ss}) | {_ms(r)} | {_ms(b)} | {diffs} | {_ms(acc[0], '.2f')} / {bt_acc} "
-                     f"| {steps} |")
-    return lines
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2], help="seeds of the main comparison")
-    ap.add_argument("--prefs", type=int, nargs="+", default=[50, 100, 200],
-                    help="BT budgets N; RAPL is trained on N/2 triplets")
-    ap.add_argument("--grid", action="store_true", help="also RAPL@N and BT@N/2 (full method x budget grid)")
-    ap.add_argument("--train-length", choices=("epochs", "steps"), default="epochs")
-    ap.add_argument("--epochs", type=float, default=32.0, help="passes over the triplets (--train-length epochs)")
-    ap.add_argument("--train-steps", type=int, default=100, help="fixed steps (--train-length steps)")
-    ap.add_argument("--sensitivity-epochs", type=float, nargs="*", default=[])
-    ap.add_argument("--sensitivity-seeds", type=int, nargs="*", default=[])
-    ap.add_argument("--sensitivity-budget", type=int, nargs="+", default=[200],
-                    help="BT budgets N of the sensitivity runs (RAPL at N/2)")
+    add_seed_args(ap, dev_default=(0, 1))
+    ap.add_argument("--rapl-budgets", type=int, nargs="+", default=[10, 20, 40])
+    ap.add_argument("--bt-budgets", type=int, nargs="+", default=[10, 20, 40, 50, 100, 200])
+    ap.add_argument("--ratio", type=int, default=5, help="verdict compares RAPL@N/ratio with BT@N")
+    ap.add_argument("--margin", type=float, default=0.05, help="non-inferiority margin in ρ of the verdict")
+    ap.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
+    ap.add_argument("--pretrain-steps", type=int, default=1000)
+    ap.add_argument("--pretrain-temperature", type=float, default=0.1)
+    ap.add_argument("--pretrain-window", type=int, default=2)
+    ap.add_argument("--epochs", type=float, default=32.0, help="passes over the triplets (every arm)")
     ap.add_argument("--n-train", type=int, default=160)
     ap.add_argument("--n-eval", type=int, default=80)
-    ap.add_argument("--out", default="runs/bench_rapl_budget")
-    ap.add_argument("--cache", default="runs/bench_rapl/cache", help="rendered-rollout cache (shared across runs)")
-    ap.add_argument("--old-runs", default="runs/bench_rapl", help="fixed-100-step runs of the earlier benchmark")
-    ap.add_argument("--no-write", action="store_true", help="do not write the docs sections")
-    ap.add_argument("--from-runs", action="store_true", help="only rebuild the docs from finished runs under --out")
-    ap.add_argument("--cmdline", default="", help="command line to print in the docs (default: this one)")
-    ap.add_argument("--no-embed-norm", action="store_true",
-                    help="RAPL encoder without embedding normalisation (RaplConfig.embed_norm=False, RAPL's code)")
-    ap.add_argument("--section", default="bench_rapl", help="docs section key of the budget comparison")
-    ap.add_argument("--load", default="load not recorded", help="machine-load note printed in the docs")
+    ap.add_argument("--out", default="runs/bench_rapl_pre")
+    ap.add_argument("--cache", default="runs/bench_rapl_pre/cache", help="rendered rollouts and pre-trained encoders")
+    ap.add_argument("--section", default="bench_rapl", help="docs section key")
+    ap.add_argument("--no-write", action="store_true", help="do not write the docs section")
+    ap.add_argument("--from-runs", action="store_true", help="only rebuild the docs from finished runs")
     args = ap.parse_args()
-    if args.epochs <= 0 or args.train_steps <= 0 or any(e <= 0 for e in args.sensitivity_epochs):
-        ap.error(f"epochs and steps must be > 0, got --epochs {args.epochs} --train-steps {args.train_steps} "
-                 f"--sensitivity-epochs {args.sensitivity_epochs}")
+    try:
+        plan = seed_plan_from_args(args)
+    except ValueError as err:
+        ap.error(str(err))
     torch.set_num_threads(1)
-    out = Path(args.out)
-    if not args.from_runs:
-        for key in plan(args):
-            if (out / key[0] / f"seed{key[1]}_{key[2]}{key[3]}" / "metrics.json").is_file():
-                continue
-            m = run_one(key, args, out)
-            print(key, json.dumps({k: round(v, 3) for k, v in m.items()}), flush=True)
-    old = Path(args.old_runs) if args.old_runs and Path(args.old_runs).is_dir() else None
-    res = load(out, old)
-    (out / "results.json").write_text(json.dumps({"_".join(map(str, k)): m for k, m in res.items()}, indent=1))
-    if args.no_write:
-        return
-    import sys
-
-    args.cmdline = args.cmdline or " ".join(a for a in sys.argv[1:] if a not in ("--from-runs", "--no-write"))
-    tag = _tag(args.train_length, args.epochs if args.train_length == "epochs" else args.train_steps)
-    write_section(args.section, main_section(res, args, tag))
-    if args.sensitivity_epochs:
-        write_section("bench_rapl_sensitivity", sensitivity_section(res, args))
+    res: dict[tuple[int, str, int], dict] = {}
+    for seed in plan.seeds:
+        for arm in args.arms:
+            for n in sorted(set(args.rapl_budgets) | set(args.bt_budgets)):
+                if args.from_runs:
+                    f = Path(args.out) / f"seed{seed}_{arm}{n}" / "metrics.json"
+                    if f.is_file():
+                        res[(seed, arm, n)] = json.loads(f.read_text())
+                    continue
+                res[(seed, arm, n)] = m = run_one(args, seed, arm, n)
+                print(seed, arm, n, json.dumps({k: round(v, 3) for k, v in m.items() if "spearman" in k}), flush=True)
+    print(section(res, args, plan))
+    if args.no_write or not plan.reporting:
+        return  # a development run informs choices; it is never written as the reported table
+    args.cmdline = " ".join(a for a in sys.argv[1:] if a not in ("--from-runs", "--no-write"))
+    write_section(args.section, section(res, args, plan))
 
 
 if __name__ == "__main__":

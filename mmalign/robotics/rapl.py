@@ -46,6 +46,15 @@ class RaplConfig(Config):
     encoder: str = option("tiny_cnn", "tiny_cnn | resnet18 | open_clip")
     weights_path: str = option("", "local pretrained encoder weights ('' = random init)")
     embed_dim: int = option(32, "projection-head output size")
+    pretrain_steps: int = option(0, "time-contrastive pre-training steps of the encoder on unlabelled frames of both "
+                                 "embodiments before any preference (0 = align the random init; rapl_pretrain.py)")
+    pretrain_cross_traj: int = option(80, "rollouts of cross_env_id (not the held-out ones) whose frames join the "
+                                      "training rollouts' frames in pre-training (0 = training embodiment only)")
+    pretrain_window: int = option(2, "pre-training positives are 1..window steps from their anchor")
+    pretrain_temperature: float = option(0.1, "InfoNCE temperature of the pre-training loss")
+    pretrain_batch: int = option(64, "frame pairs per pre-training step")
+    bt_model: str = option("cnn", "BT pixel baseline: 'cnn' (core CNNRewardModel) or 'encoder' (a linear per-frame "
+                           "reward head on the RAPL encoder, pretrained when pretrain_steps > 0)")
     embed_norm: bool = option(True, "standardise each embedding dimension (batch stats in training, stats of the "
                               "training frames afterwards); False = RAPL's code (see encoders.FrameEncoder)")
     reg: float = option(0.05, "entropic regularisation of the Sinkhorn plan (RAPL code: 1.0)")
@@ -71,12 +80,16 @@ class RaplConfig(Config):
 
     def __post_init__(self) -> None:
         for name in ("n_train_traj", "n_eval_traj", "steps", "image_size", "frame_stride", "num_prefs",
-                     "anchor_pool", "embed_dim", "sinkhorn_iters", "train_steps", "batch_size"):
+                     "anchor_pool", "embed_dim", "sinkhorn_iters", "train_steps", "batch_size", "pretrain_window",
+                     "pretrain_batch"):
             check_positive(name, getattr(self, name))
         check_choice("encoder", self.encoder, ("tiny_cnn", "resnet18", "open_clip"))
         check_choice("train_length", self.train_length, ("epochs", "steps"))
+        check_choice("bt_model", self.bt_model, ("cnn", "encoder"))
+        check_nonnegative("pretrain_steps", self.pretrain_steps)
+        check_nonnegative("pretrain_cross_traj", self.pretrain_cross_traj)
         check_positive("train_epochs", self.train_epochs)
-        for name in ("reg", "similarity_scale", "lr", "teacher_beta"):
+        for name in ("reg", "similarity_scale", "lr", "teacher_beta", "pretrain_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)!r}")
         check_nonnegative("policy_timesteps", self.policy_timesteps)
@@ -184,25 +197,41 @@ def train_rapl_encoder(
     return log
 
 
+def _bt_input(model: Any, frames: np.ndarray, stride: int) -> Any:
+    """Frames as the BT model takes them: ``(N, T', 3, H, W)`` for the core CNN, uint8 ``(N, T', H, W, 3)`` for an
+    :class:`~mmalign.robotics.rapl_pretrain.EncoderReward`."""
+    from mmalign.robotics.rapl_pretrain import EncoderReward, base_encoder
+
+    x = _frames_tensor(frames, stride)
+    return x if isinstance(model, EncoderReward) else x.permute(0, 1, 4, 2, 3)
+
+
 def train_bt_pixels(
-    frames: np.ndarray, triplets: np.ndarray, labels: np.ndarray, cfg: RaplConfig, log: list | None = None
+    frames: np.ndarray, triplets: np.ndarray, labels: np.ndarray, cfg: RaplConfig, log: list | None = None,
+    model: Any = None,
 ) -> Any:
-    """Plain RLHF baseline: the core CNN reward model trained with BT on the triplets' two candidates, for the same
-    number of steps as RAPL on the same triplets (:func:`num_train_steps`); per-step metrics go to ``log``."""
+    """Plain RLHF baseline: a pixel reward model (``model``, default the core CNN reward model) trained with BT on
+    the triplets' two candidates, for the same number of steps as RAPL on the same triplets
+    (:func:`num_train_steps`); per-step metrics go to ``log``. An
+    :class:`~mmalign.robotics.rapl_pretrain.EncoderReward` is left in ``eval()`` mode with its embedding
+    normalisation calibrated on all of ``frames``."""
     import torch
 
     from mmalign.core.losses.preference import bradley_terry_loss
     from mmalign.core.reward_models.nets import CNNRewardModel
     from mmalign.core.rng import seeded_global_rng
 
-    with seeded_global_rng(cfg.seed):  # seeded init without reseeding the caller's global RNG
-        model = CNNRewardModel(image_size=cfg.image_size, channels=(16, 32, 32), hidden=(64,), output_activation=None)
+    if model is None:
+        with seeded_global_rng(cfg.seed):  # seeded init without reseeding the caller's global RNG
+            model = CNNRewardModel(image_size=cfg.image_size, channels=(16, 32, 32), hidden=(64,),
+                                   output_activation=None)
+    model.train()
     gen = torch.Generator().manual_seed(cfg.seed + 1)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     pairs, lab = torch.from_numpy(triplets[:, 1:]), torch.from_numpy(labels).float()
     for step, idx in enumerate(_batches(len(pairs), cfg, gen)):
-        x = _frames_tensor(frames[pairs[idx].reshape(-1).numpy()], cfg.frame_stride).permute(0, 1, 4, 2, 3)
-        ret = model.segment_returns(x).reshape(-1, 2)
+        ret = model.segment_returns(_bt_input(model, frames[pairs[idx].reshape(-1).numpy()],
+                                              cfg.frame_stride)).reshape(-1, 2)
         loss, metrics = bradley_terry_loss(ret[:, 0], ret[:, 1], lab[idx])
         opt.zero_grad()
         loss.backward()
@@ -210,6 +239,13 @@ def train_bt_pixels(
         if log is not None:
             log.append({"step": step, "train/loss": loss.item(),
                         "train/pref_accuracy": float(metrics["train/pref_accuracy"])})
+    from mmalign.robotics.rapl_pretrain import EncoderReward
+
+    if isinstance(model, EncoderReward):
+        from mmalign.robotics.encoders import calibrate_embedding_norm
+
+        calibrate_embedding_norm(model.encoder, _frames_tensor(frames, cfg.frame_stride))
+    model.eval()
     return model
 
 
@@ -220,8 +256,7 @@ def bt_returns(model: Any, frames: np.ndarray, stride: int, chunk: int = 32) -> 
     out = []
     with torch.no_grad():
         for i in range(0, len(frames), chunk):
-            x = _frames_tensor(frames[i : i + chunk], stride).permute(0, 1, 4, 2, 3)
-            out.append(model.segment_returns(x))
+            out.append(model.segment_returns(_bt_input(model, frames[i : i + chunk], stride)))
     return torch.cat(out).numpy()
 
 
@@ -392,8 +427,10 @@ def run(cfg: RaplConfig, run_dir: Path, resume: bool = False) -> dict[str, float
 
     validate(cfg, resume)
 
-    from mmalign.robotics.encoders import build_encoder, calibrate_embedding_norm
+    from mmalign.core.rng import seeded_global_rng
+    from mmalign.robotics.encoders import calibrate_embedding_norm
     from mmalign.robotics.rapl_data import label_triplets, make_triplets
+    from mmalign.robotics.rapl_pretrain import EncoderReward, base_encoder
 
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -409,9 +446,16 @@ def run(cfg: RaplConfig, run_dir: Path, resume: bool = False) -> dict[str, float
                                  "train/steps": float(num_train_steps(len(triplets), cfg))}
     demos = train.frames[demo_idx]
     scorers: dict[str, OTRewardModel] = {}
+    base = None
+    if cfg.run_rapl or cfg.bt_model == "encoder":
+        def pretrain_frames() -> np.ndarray:  # only rendered when the cache has no pre-trained weights
+            cross = cfg.pretrain_cross_traj if cfg.cross_env_id else 0
+            extra = [_collect(cfg.cross_env_id, cross, cfg.seed + 3000, cfg).frames] if cross else []
+            return np.concatenate([train.frames, *extra])
+
+        base = base_encoder(cfg, pretrain_frames, metrics)
     if cfg.run_rapl:
-        unaligned = build_encoder(cfg.encoder, cfg.embed_dim, cfg.image_size, cfg.weights_path or None,
-                                  embed_norm=cfg.embed_norm)
+        unaligned = copy.deepcopy(base)
         calibrate_embedding_norm(unaligned, _frames_tensor(train.frames, cfg.frame_stride))
         aligned = copy.deepcopy(unaligned)
         t1 = time.time()
@@ -425,7 +469,11 @@ def run(cfg: RaplConfig, run_dir: Path, resume: bool = False) -> dict[str, float
     bt_model = None
     if cfg.run_bt_baseline:
         t1, bt_log = time.time(), []
-        bt_model = train_bt_pixels(train.frames, triplets, labels, cfg, log=bt_log)
+        model = None
+        if cfg.bt_model == "encoder":
+            with seeded_global_rng(cfg.seed):
+                model = EncoderReward(copy.deepcopy(base))
+        bt_model = train_bt_pixels(train.frames, triplets, labels, cfg, log=bt_log, model=model)
         metrics["bt/train_s"] = time.time() - t1
         metrics["bt/final_pref_accuracy"] = _final_accuracy(bt_log)
         (run_dir / "bt_train.jsonl").write_text("\n".join(json.dumps(r) for r in bt_log) + "\n")
