@@ -157,8 +157,9 @@ def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[An
     """Supervised per-cell pre-training of a tiny VLM's vision tower (stand-in for CLIP / SigLIP pre-training).
 
     Real VLMs start from a pretrained vision encoder; a from-scratch 2-layer ViT inside the LLaVA wiring learns
-    far too slowly on a shared CPU. With ``patch_size`` = grid cell, patch token ``k`` of the whole-image view is
-    classified into the (shape or empty, colour, size) of cell ``k`` by a linear head that is thrown away afterwards.
+    far too slowly on a shared CPU. Every patch token of the whole-image view is classified into the (shape or
+    empty, colour, size) of the grid cell it lies in (one or several patches per cell) by a linear head that is
+    thrown away afterwards; ``scenes`` give the labels (pass only what the pixels show).
     Any family of :mod:`mmalign.vision_lm.families` (the view: see ``whole_image_patch_features``). Returns the final
     training accuracy of the shape head.
     """
@@ -171,9 +172,13 @@ def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[An
 
     tower, pix, tower_features = whole_image_patch_features(model, processor, images)
     cfg = tower.config
-    cells = (cfg.image_size // cfg.patch_size) ** 2
-    if cells != S.GRID * S.GRID:
-        raise ValueError(f"pretrain_vision_tower needs one patch per grid cell ({S.GRID * S.GRID}), got {cells}")
+    side = cfg.image_size // cfg.patch_size  # patches per row
+    if side % S.GRID:
+        raise ValueError(f"pretrain_vision_tower needs a whole number of patches per grid cell ({S.GRID} cells per "
+                         f"row), got {side} patches per row")
+    # patch k (row-major) lies in grid cell cell_of[k]; with several patches per cell each is labelled by its cell
+    per = side // S.GRID
+    cell_of = torch.as_tensor([(k // side) // per * S.GRID + (k % side) // per for k in range(side * side)])
     n_out = (len(S.SHAPES) + 1) + len(S.COLORS) + len(S.SIZES)
     # Seeded: torch's global generator starts from a different seed in every process, which made the whole
     # benchmark (vision tower -> SFT -> every method) differ from run to run.
@@ -181,6 +186,7 @@ def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[An
         head = torch.nn.Linear(cfg.hidden_size, n_out)
     params = list(tower.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=lr)
+    cells = S.GRID * S.GRID
     shape_t = torch.full((len(scenes), cells), len(S.SHAPES), dtype=torch.long)
     color_t = torch.full((len(scenes), cells), -100, dtype=torch.long)
     size_t = torch.full((len(scenes), cells), -100, dtype=torch.long)
@@ -189,6 +195,7 @@ def pretrain_vision_tower(model: Any, scenes: Sequence[Any], images: Sequence[An
             shape_t[i, o.cell] = S.SHAPES.index(o.shape)
             color_t[i, o.cell] = S.COLORS.index(o.color)
             size_t[i, o.cell] = S.SIZES.index(o.size)
+    shape_t, color_t, size_t = shape_t[:, cell_of], color_t[:, cell_of], size_t[:, cell_of]
     rng = np.random.default_rng(seed)
     ce = torch.nn.functional.cross_entropy
     acc = 0.0
