@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import inspect
 import json
 import os
 import sys
@@ -103,6 +104,9 @@ def run_job(
     # Under torchrun / accelerate launch every process runs this; only the main one checks and writes the folder.
     main_process = int(os.environ.get("RANK", "0")) == 0
     job = entry.load()
+    if resume and "resume" not in inspect.signature(job).parameters:
+        raise ValueError(f"--resume is not supported by {name} (it keeps no progress to continue from); start a new "
+                         f"run in a new --output-dir")
     module = sys.modules.get(job.__module__)
     validate = getattr(module, "validate", None)
     if validate is not None:

@@ -145,3 +145,14 @@ def test_cpl_keeps_its_trained_oracle_when_a_later_phase_fails(tmp_path: Path, c
         patch.setattr(cpl, "train_oracle", broken)
         assert main(["robotics", "cpl", "--output-dir", str(tmp_path / "early"), *CPL_TINY]) == 2
     assert "was removed" in capsys.readouterr().err and not (tmp_path / "early").exists()
+
+
+@pytest.mark.parametrize("job", [["vlm", "generate"], ["label", "export"]])
+def test_resume_of_a_job_without_progress_is_refused_before_anything(tmp_path: Path, job: list[str],
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """Jobs whose run takes no ``resume`` refuse --resume in one line (it used to reach the job as a TypeError)."""
+    (tmp_path / "run").mkdir()
+    assert main([*job, "--resume", "--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"--resume is not supported by {'.'.join(job)}" in err and "Traceback" not in err
+    assert list((tmp_path / "run").iterdir()) == []
