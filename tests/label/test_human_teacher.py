@@ -114,3 +114,11 @@ def test_human_teacher_checks_its_fields_and_the_token(monkeypatch: pytest.Monke
     r = np.zeros((1, 2), dtype=np.float32)
     with pytest.raises(RuntimeError, match="MMALIGN_LABEL_ADMIN_TOKEN"):
         human(env_id="Reacher-v5")(r, r, obs_first=np.zeros((1, 2, 11)), obs_second=np.zeros((1, 2, 11)))
+
+
+def test_human_teacher_is_registered_with_the_core_teachers() -> None:
+    import mmalign.registry as registry
+    from mmalign.core.teachers import HumanTeacher
+
+    assert TEACHERS.get("human") is HumanTeacher
+    assert "mmalign.core.teachers.human" not in registry._PLUGIN_MODULES  # no plugin of its own
