@@ -1,10 +1,13 @@
 """CPL vs BC vs %BC with dense (and optionally sparse) regret labels, several seeds, one shared oracle per task.
 
-    .venv/bin/python scripts/bench_cpl.py --task Reacher-v5 --seeds 0 1 2 --out runs/bench_cpl \\
+    .venv/bin/python scripts/bench_cpl.py --task Reacher-v5 --report-seeds 5 6 7 8 9 --out runs/bench_cpl \\
         --doc docs/benchmarks/robotics_cpl.md
 
 The oracle SAC is trained once (seed 0, ``--oracle-steps``) and saved; each seed then draws its own rollouts,
-labels and policy initialisation (``mmalign robotics cpl oracle_path=...``). Writes a mean ± std table.
+labels and policy initialisation (``mmalign robotics cpl oracle_path=...``). Writes a table of mean ± 95% t
+half-width over seeds and each method's paired difference to CPL. Seeds follow the robotics protocol
+(docs/benchmarks/robotics_protocol.md): ``--dev-seeds`` for choices, ``--report-seeds`` (disjoint) for a table
+written with ``--doc``.
 """
 
 from __future__ import annotations
@@ -23,11 +26,11 @@ def main() -> None:
     import torch
 
     from mmalign.robotics.cpl import CPLConfig, run
+    from mmalign.robotics.protocol import add_seed_args, fmt_ci, paired_diff, seed_plan_from_args
     from mmalign.robotics.report import markdown_table
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="Reacher-v5")
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--densities", nargs="+", default=["dense"])
     p.add_argument("--oracle-steps", type=int, default=15000)
     p.add_argument("--noise-levels", nargs="+", type=float, default=None, help="override CPLConfig.noise_levels")
@@ -35,7 +38,15 @@ def main() -> None:
     p.add_argument("--oracle", default=None, help="reuse this oracle SAC (.safetensors, or an SB3 .zip) instead of training one in --out")
     p.add_argument("--out", default="runs/bench_cpl")
     p.add_argument("--doc", default=None)
+    add_seed_args(p, dev_default=(0, 1, 2))
     args = p.parse_args()
+    try:
+        plan = seed_plan_from_args(args)
+    except ValueError as err:
+        p.error(str(err))
+    if args.doc and not plan.reporting:
+        p.error("--doc writes a reported table: give --report-seeds (disjoint from --dev-seeds)")
+    args.seeds = list(plan.seeds)
     torch.set_num_threads(1)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,14 +74,18 @@ def main() -> None:
     for density in args.densities:
         methods = [r["method"] for r in results[(density, args.seeds[0])]["rows"]]
         for m in methods:
-            vals = np.array([next(r["true_return"] for r in results[(density, s)]["rows"] if r["method"] == m)
-                             for s in args.seeds])
-            table.append({"labels": density, "method": m, "true return (mean ± std over seeds)":
-                          f"{vals.mean():.2f} ± {vals.std():.2f}", "per seed": ", ".join(f"{v:.2f}" for v in vals)})
+            vals = {s: next(r["true_return"] for r in results[(density, s)]["rows"] if r["method"] == m)
+                    for s in args.seeds}
+            cpl = {s: next(r["true_return"] for r in results[(density, s)]["rows"] if r["method"] == "CPL")
+                   for s in args.seeds} if "CPL" in methods else {}
+            table.append({"labels": density, "method": m, "true return": fmt_ci(list(vals.values()), ".2f"),
+                          "CPL − method (paired)": str(paired_diff(cpl, vals)) if cpl and m != "CPL" else "-",
+                          "per seed": ", ".join(f"{v:.2f}" for v in vals.values())})
     agree = [results[k]["label_return_agreement"] for k in results]
     text = "\n".join([
         "## Offline CPL vs BC vs %BC (scripts/bench_cpl.py)", "",
-        f"Command: `.venv/bin/python scripts/bench_cpl.py --task {args.task} --seeds {' '.join(map(str, args.seeds))} "
+        f"Command: `.venv/bin/python scripts/bench_cpl.py --task {args.task} "
+        f"{'--report' if plan.reporting else '--dev'}-seeds {' '.join(map(str, args.seeds))} "
         f"--densities {' '.join(args.densities)} --oracle-steps {args.oracle_steps}"
         + (f" --oracle {args.oracle}" if args.oracle else "")
         + "".join(f" --{k.replace('_', '-')} {' '.join(f'{x:g}' for x in v)}" for k, v in overrides.items())
@@ -80,7 +95,8 @@ def main() -> None:
         f"({args.oracle_steps} steps, seed 0{', loaded with --oracle' if args.oracle else ''}); per seed: own "
         f"rollouts, regret labels, policy init. Other fields: `CPLConfig` defaults. Machine: {platform.platform()}, "
         f"shared 2-core CPU with other jobs running. "
-        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+        f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {plan.describe()}; ± = 95% t half-width "
+        "over seeds.", "",
         markdown_table(table), "",
         f"Regret labels agree with the true partial-return order on {np.mean(agree):.3f} of decisive pairs "
         f"(they are not the same preference model: that is the point of the regret teacher).", "",

@@ -2,16 +2,19 @@
 
 Each (task, seed) trains one true-reward SAC and one learned-reward SAC per teacher; results are appended to a
 JSON-lines file as they finish (so a partial sweep is never lost) and summarised as Markdown (mean ± std over
-seeds of the final true return, of ``learned / true`` normalised by the uniformly random policy (the issue's
-measure) and by the untrained deterministic policy of the same seed (stricter)) plus a plot per task.
+seeds of the final true return, of ``learned / true`` normalised by the untrained deterministic policy of the same
+seed (the headline, stricter) and by the uniformly random policy) plus a plot per task. Seeds follow the robotics
+protocol (docs/benchmarks/robotics_protocol.md): settings are chosen on ``--dev-seeds``; a table written with
+``--doc`` holds only ``--report-seeds`` runs (disjoint from the development seeds), mean ± 95% t half-width.
 
-    .venv/bin/python scripts/bench_pbrl.py --tasks Reacher-v5 Pusher-v5 --teachers oracle mistake --seeds 0 1 2 \\
+    .venv/bin/python scripts/bench_pbrl.py --tasks Reacher-v5 Pusher-v5 --teachers oracle mistake --dev-seeds 0 1 2 \\
         --steps 10000 --labels 1000 --out runs/bench_pbrl      # defaults: reward standardised, recent 3k candidates
-    .venv/bin/python scripts/bench_pbrl.py --tasks Pusher-v5 Reacher-v5 --teachers oracle --seeds 0 1 2 --labels 1000 \
+    .venv/bin/python scripts/bench_pbrl.py --tasks Pusher-v5 Reacher-v5 --teachers oracle --report-seeds 5 6 7 8 9 --labels 1000 \
         --rounds 9 --normalize-act --action-squares --out runs/bench_pbrl_fix   # the headline recipe (pebble.yaml)
     .venv/bin/python scripts/bench_pbrl.py --tasks Reacher-v5 --teachers oracle --selector routing --tag routing \\
         --labels 400 --no-true --out runs/bench_pbrl           # a variant, reported as its own row "oracle [routing]"
-    .venv/bin/python scripts/bench_pbrl.py --summarize runs/bench_pbrl --doc docs/benchmarks/robotics_feedback.md
+    .venv/bin/python scripts/bench_pbrl.py --summarize runs/bench_pbrl --report-seeds 5 6 7 8 9 \\
+        --doc docs/benchmarks/robotics_feedback.md
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+from mmalign.robotics.protocol import add_seed_args, seed_plan_from_args
 
 TASK_DEFAULTS = {
     # segment length, eval episodes, first feedback, feedback every
@@ -62,7 +67,7 @@ def run_sweep(args: argparse.Namespace) -> None:
     if log.exists():
         done = {(r["task"], r["seed"], r["teacher"]) for r in map(json.loads, log.read_text().splitlines())}
     for task in args.tasks:
-        for seed in args.seeds:
+        for seed in args.plan.seeds:
             for teacher in (["true"] if not args.no_true else []) + list(args.teachers):
                 name = teacher if teacher == "true" or not args.tag else f"{teacher} [{args.tag}]"
                 if (task, seed, name) in done:
@@ -93,7 +98,7 @@ def run_sweep(args: argparse.Namespace) -> None:
                        "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}}
                 with open(log, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
-    summarize(out, args.doc, args.key)
+    summarize(out, args.doc, args.key, args.plan)
 
 
 def unique_rows(path: Path) -> list[dict]:
@@ -119,10 +124,16 @@ def _teacher_key(name: str) -> tuple[int, str]:
     return (TEACHER_ORDER.index(base) if base in TEACHER_ORDER else len(TEACHER_ORDER), name)
 
 
-def summarize(out: Path, doc: str | None, key: str = "bench_pbrl") -> str:
+def summarize(out: Path, doc: str | None, key: str = "bench_pbrl", plan: object = None) -> str:
+    """Tables of the runs in ``out`` whose seed is in ``plan.seeds`` (all runs when ``plan`` is None)."""
+    from mmalign.robotics.protocol import fmt_ci
     from mmalign.robotics.report import markdown_table, plot_curves
 
     rows = unique_rows(out / "results.jsonl")
+    if plan is not None:
+        rows = [r for r in rows if r["seed"] in plan.seeds]
+        if not rows:
+            raise SystemExit(f"{out / 'results.jsonl'} has no run on seeds {list(plan.seeds)}")
     lines = []
     for task in sorted({r["task"] for r in rows}):
         rand = random_return(task)
@@ -139,7 +150,6 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl") -> str:
             # per seed in the order of the "seeds" column; "–" where the seed has no true-reward run to pair with
             by_seed = dict(zip((r["seed"] for r in paired), norm))
             per_seed = ", ".join(f"{by_seed[r['seed']]:.2f}" if r["seed"] in by_seed else "–" for r in sel)
-            n_note = f" (n={len(norm)})" if len(norm) != len(sel) else ""
             # Stricter: relative to the untrained deterministic policy of the same seed (step-0 evaluation), which
             # on Reacher/Pusher already scores far above the uniformly random policy (it outputs near-zero actions).
             # Undefined where true-reward SAC itself did not clearly beat that policy (gain < 10% of true − rand).
@@ -149,12 +159,10 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl") -> str:
             agree = [r["labels"].get("labels/agreement_with_true_return", np.nan) for r in sel]
             cpu = [r["cpu_s"] for r in sel if r.get("cpu_s") is not None and np.isfinite(r["cpu_s"])]
             table.append({"teacher": teacher, "seeds": ",".join(str(r["seed"]) for r in sel),
-                          "final true return": f"{finals.mean():.2f} ± {finals.std():.2f}",
-                          "(learned−rand)/(true−rand)": (f"{np.mean(norm):.3f} ± {np.std(norm):.3f}{n_note}"
-                                                         if norm else "-"),
-                          "per seed": per_seed if teacher != "true" else "-",
-                          "(learned−init)/(true−init)": (
-                              f"{np.mean(init):.2f} ± {np.std(init):.2f} (n={len(init)})" if init else "-"),
+                          "final true return": fmt_ci(finals, ".2f"),
+                          "(learned−init)/(true−init)": fmt_ci(init, ".2f") if init else "-",
+                          "(learned−rand)/(true−rand)": fmt_ci(norm, ".3f") if norm else "-",
+                          "per seed (rand)": per_seed if teacher != "true" else "-",
                           "queries": int(round(float(np.mean([r["labels"].get("labels/queries", 0) for r in sel])))),
                           "answered": int(round(float(np.mean([r["labels"].get("labels/answered", 0) for r in sel])))),
                           "ties": int(round(float(np.mean([r["labels"].get("labels/ties", 0) for r in sel])))),
@@ -184,9 +192,10 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl") -> str:
         header = (f"Tables written by `scripts/bench_pbrl.py --summarize {out}`. Machine: {platform.platform()}, "
                   f"{platform.processor() or 'cpu'}; shared {os.cpu_count()}-core CPU with other jobs running (wall "
                   f"times are inflated; CPU s is process time). Date: "
-                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. ± = population std over seeds (ddof 0); "
-                  "a normalised score pairs each seed with the same seed's true-reward run (n= where fewer seeds than "
-                  "the row's have one).\n\n")
+                  f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {plan.describe() if plan else ''}. "
+                  "± = 95% t half-width over seeds; a normalised score pairs each seed with the same seed's "
+                  "true-reward run; the `init` score (against the untrained policy) is the headline, undefined where "
+                  "true-reward SAC did not beat the untrained policy by 10% of its gain over random.\n\n")
         from doc_sections import write_marked_section
 
         write_marked_section(doc, key, header + text)
@@ -198,7 +207,6 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["Reacher-v5", "Pusher-v5"])
     p.add_argument("--teachers", nargs="*", default=["oracle", "stochastic", "mistake", "skip", "equal", "myopic"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--labels", type=int, default=1000, help="query budget (a quarter in the first round)")
     p.add_argument("--rounds", type=int, default=7)
@@ -227,9 +235,16 @@ def main() -> None:
     p.add_argument("--doc", default=None, help="also write the Markdown section to this file")
     p.add_argument("--summarize", default=None, help="only summarise the results in this folder")
     p.add_argument("--key", default="bench_pbrl", help="marker key of the section written into --doc")
+    add_seed_args(p, dev_default=(0, 1, 2))
     args = p.parse_args()
+    try:
+        args.plan = seed_plan_from_args(args)
+    except ValueError as err:
+        p.error(str(err))
+    if args.doc and not args.plan.reporting:
+        p.error("--doc writes a reported table: give --report-seeds (disjoint from --dev-seeds)")
     if args.summarize:
-        summarize(Path(args.summarize), args.doc, args.key)
+        summarize(Path(args.summarize), args.doc, args.key, args.plan)
     else:
         run_sweep(args)
 

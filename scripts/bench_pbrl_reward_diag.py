@@ -3,9 +3,11 @@
 Fits the pipeline's reward ensemble (:class:`mmalign.robotics.pebble.FeedbackState`, one feedback round with the
 oracle teacher on random-policy segments, exactly as the first PEBBLE round) and measures, on fresh random-policy
 segments, how much of the true labels the control cost decides and how much the learned reward depends on the
-actions themselves (accuracy and segment returns with every action replaced by zero).
+actions themselves (accuracy and segment returns with every action replaced by zero). A development diagnostic under
+the robotics protocol (docs/benchmarks/robotics_protocol.md): it informs choices, so it runs on ``--dev-seeds``
+(``--report-seeds``, disjoint, for a reported table).
 
-    .venv/bin/python scripts/bench_pbrl_reward_diag.py --tasks Reacher-v5 Pusher-v5 --labels 250 --seeds 0 1 2 \\
+    .venv/bin/python scripts/bench_pbrl_reward_diag.py --tasks Reacher-v5 Pusher-v5 --labels 250 --dev-seeds 0 1 2 \\
         [--normalize-act] [--action-squares] [--segment-length 10] --doc docs/benchmarks/robotics_feedback.md
 """
 
@@ -15,6 +17,8 @@ import argparse
 import time
 
 import numpy as np
+
+from mmalign.robotics.protocol import add_seed_args, seed_plan_from_args
 
 CTRL_WEIGHT = {"Reacher-v5": 1.0, "Pusher-v5": 0.1}  # gymnasium v5 defaults (reward_control_weight)
 
@@ -70,7 +74,6 @@ def main() -> None:
     p.add_argument("--tasks", nargs="+", default=["Reacher-v5", "Pusher-v5"])
     p.add_argument("--labels", type=int, default=250)
     p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0], help="data/model seeds; the table shows the mean")
     p.add_argument("--lr", type=float, default=3e-4, help="reward-model learning rate")
     p.add_argument("--steps", type=int, default=1000, help="random-policy env steps the labelled segments come from")
     p.add_argument("--segment-length", type=int, default=25)
@@ -79,7 +82,13 @@ def main() -> None:
     p.add_argument("--act-weight", type=float, default=0.0, help="PebbleConfig.rm_act_weight (0 = balanced)")
     p.add_argument("--action-squares", action="store_true", help="PebbleConfig.rm_action_squares")
     p.add_argument("--doc", default=None)
+    add_seed_args(p, dev_default=(0,))
     args = p.parse_args()
+    try:
+        plan = seed_plan_from_args(args)
+    except ValueError as err:
+        p.error(str(err))
+    args.seeds = list(plan.seeds)
     opts = dict(normalize_act=args.normalize_act, rm_act_weight=args.act_weight if args.normalize_act else 0.0,
                 rm_action_squares=args.action_squares, rm_hidden=args.rm_hidden)
     results = {}
@@ -99,9 +108,9 @@ def main() -> None:
                      f" --segment-length {args.segment_length}" if args.segment_length != 25 else "",
                      f" --rm-hidden {args.rm_hidden}" if args.rm_hidden != 64 else ""])
     text = (f"Command: `python scripts/bench_pbrl_reward_diag.py --tasks {' '.join(args.tasks)} --labels {args.labels} "
-            f"--epochs {args.epochs} --seeds {' '.join(map(str, args.seeds))} --steps {args.steps} --lr {args.lr:g}"
+            f"--epochs {args.epochs} {'--report' if plan.reporting else '--dev'}-seeds {' '.join(map(str, args.seeds))} --steps {args.steps} --lr {args.lr:g}"
             f"{flags}` (one oracle round of {args.labels} labels on {args.steps} random-policy steps, {args.epochs} "
-            f"epochs; tested on segments of 2,000 other random-policy steps). Date: {date}.\n\n" + "\n".join(lines))
+            f"epochs; tested on segments of 2,000 other random-policy steps); {plan.describe()}. Date: {date}.\n\n" + "\n".join(lines))
     print(text)
     if args.doc:
         from doc_sections import write_marked_section

@@ -7,7 +7,10 @@ target labels; the source reward applied without transfer; the true reward; beha
 offline AWR on the unlabelled target rollouts (the paper's offline setting) and online PPO. Writes a section of
 docs/benchmarks/visuomotor.md.
 
-    MUJOCO_GL=egl python scripts/bench_pearl.py --seeds 0 1 2 --offline-steps 2000 --policy-timesteps 10000
+    MUJOCO_GL=egl python scripts/bench_pearl.py --report-seeds 5 6 7 8 9 --offline-steps 2000 --policy-timesteps 10000
+
+Seeds follow the robotics protocol (docs/benchmarks/robotics_protocol.md): ``--dev-seeds`` for choices,
+``--report-seeds`` (disjoint) for the written table; cells are mean ± 95% t half-width over seeds.
 
 PPO runs as its own variant (``ppo``: the landmark/entropic pipeline again, same seeds, hence the same rewards) so
 that it can be run separately; ``--variants`` picks what to run, ``--reuse`` loads runs whose metrics.json exists.
@@ -25,12 +28,12 @@ import numpy as np
 import torch
 
 from mmalign.robotics.pearl import PearlConfig, run
+from mmalign.robotics.protocol import add_seed_args, fmt_ci, paired_diff, seed_plan_from_args
 from doc_sections import machine, now, visuomotor_section as write_section
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--offline-steps", type=int, default=2000, help="AWR gradient steps (0 = no offline policies)")
     ap.add_argument("--policy-timesteps", type=int, default=10000, help="PPO timesteps (0 = no PPO policies)")
     ap.add_argument("--variants", nargs="+", default=None, help="variants to run (default: all)")
@@ -40,7 +43,13 @@ def main() -> None:
     ap.add_argument("--no-write", action="store_true")
     ap.add_argument("--from-runs", action="store_true",
                     help="only rebuild the docs section from the metrics.json files already under --out")
+    add_seed_args(ap, dev_default=(0, 1, 2))
     args = ap.parse_args()
+    try:
+        plan = seed_plan_from_args(args)
+    except ValueError as err:
+        ap.error(str(err))
+    args.seeds = list(plan.seeds)
     warnings.simplefilter("ignore")  # POT's inner-Sinkhorn convergence warnings (iterations are capped on purpose)
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -65,26 +74,23 @@ def main() -> None:
             res.setdefault(name, []).append(m)
             print(name, seed, json.dumps({k: round(v, 3) for k, v in m.items()}), flush=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
-    if args.no_write:
-        return
+    if args.no_write or not plan.reporting:
+        return  # a development run is never written as the reported table
 
     def ms(name: str, key: str) -> str:
         v = [m[key] for m in res.get(name, []) if key in m]
-        if not v:
-            return "not run"
-        return (f"{np.mean(v):+.2f} ± {np.std(v):.2f}" if "spearman" in key or "return" in key else
-                f"{np.mean(v):.2f} ± {np.std(v):.2f}" if "moved" in key else
-                f"{np.mean(v):.3f} ± {np.std(v):.3f}") + f" (n={len(v)})"
+        return fmt_ci(v, "+.2f" if "spearman" in key or "return" in key else ".2f" if "moved" in key else ".3f")
 
     cfg = PearlConfig()
     lines = [
         "## PEARL cross-task transfer (`scripts/bench_pearl.py`)",
         "",
-        f"Command: `MUJOCO_GL=egl python scripts/bench_pearl.py --seeds {' '.join(map(str, args.seeds))} "
+        f"Command: `MUJOCO_GL=egl python scripts/bench_pearl.py --dev-seeds {' '.join(map(str, plan.dev))} "
+        f"--report-seeds {' '.join(map(str, plan.report))} "
         f"--offline-steps {args.offline_steps} --policy-timesteps {args.policy_timesteps}`{args.note}; "
-        f"seeds {args.seeds}; {now()}; "
+        f"{plan.describe()}; {now()}; "
         f"{machine()}; shared {os.cpu_count()}-core CPU with other jobs running (1-min load average "
-        f"{os.getloadavg()[0]:.1f} when this section was written); n = seeds per cell; ± = population std (ddof 0).",
+        f"{os.getloadavg()[0]:.1f} when this section was written); n = seeds per cell; ± = 95% t half-width.",
         "",
         f"Source: PushAvoidPoint-v0 ({cfg.n_source} scripted rollouts, {cfg.num_source_prefs} pairs labelled by a "
         f"noiseless simulated human). Target: PushAvoidPointRight-v0 (scene rotated by -90 degrees, larger zones; "
@@ -95,7 +101,7 @@ def main() -> None:
         f"{cfg.reward_steps} Adam steps; PEARL = core `gaussian_bt_loss` (prior std {cfg.prior_std}, KL "
         f"{cfg.kl_coef}), `pearl_bt` = plain BT on the same transferred labels, `true_labels` = Gaussian reward on "
         "the target pairs' true labels (oracle), `no_transfer` = Gaussian reward trained on the source task and "
-        f"applied to the target as is. Held-out: {cfg.n_eval} target rollouts. Mean ± std over seeds.",
+        f"applied to the target as is. Held-out: {cfg.n_eval} target rollouts.",
         "",
         "| GW metric / solver | label accuracy | valid pairs | PEARL (Gaussian) ρ | PEARL-BT ρ | true labels ρ | "
         "no transfer ρ | GW time (s) |",
@@ -126,9 +132,10 @@ def main() -> None:
                          f"{ms('landmark/entropic', f'offline/puck_moved_{key}')} |")
         diffs = []
         for key, label in rows[1:3] + rows[4:]:
-            d = [m["offline/true_return_pearl"] - m[f"offline/true_return_{key}"] for m in pol]
-            diffs.append(f"{label} " + ", ".join(f"{x:+.2f}" for x in d))
-        lines += ["", "Per-seed differences of PEARL's true return (PEARL minus): " + "; ".join(diffs) + "."]
+            d = paired_diff({i: m["offline/true_return_pearl"] for i, m in enumerate(pol)},
+                            {i: m[f"offline/true_return_{key}"] for i, m in enumerate(pol)})
+            diffs.append(f"{label} {d} (per seed " + ", ".join(f"{x:+.2f}" for x in d.diffs) + ")")
+        lines += ["", "Paired differences of PEARL's true return (PEARL minus): " + "; ".join(diffs) + "."]
     ppo = res.get("ppo", [])
     if ppo and "policy/true_return_pearl" in ppo[0]:
         lines += ["", f"Target-task policies, online PPO ({args.policy_timesteps} steps, state observations, 30-step "

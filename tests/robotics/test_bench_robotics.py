@@ -1,0 +1,157 @@
+"""Robotics benchmark scripts (bench_pbrl, bench_rapl, bench_pearl, bench_cpl): the seed protocol's flags, pairing
+by seed, duplicate rows, 95% t-intervals and the lines written into the docs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import pytest
+
+from mmalign.robotics.protocol import seed_plan
+
+
+def _pbrl_row(seed: int, teacher: str, final: float, init: float = -20.0, **labels: float) -> dict:
+    return {"task": "Reacher-v5", "seed": seed, "teacher": teacher, "steps": 1000, "final_true_return": final,
+            "curve": [{"step": 0, "eval/true_return": init}, {"step": 1000, "eval/true_return": final}],
+            "labels": {"labels/agreement_with_true_return": 1.0, **labels}, "wall_s": 1.0, "cpu_s": 1.0}
+
+
+@pytest.fixture()
+def pbrl(load_script, monkeypatch):
+    mod = load_script("bench_pbrl")
+    monkeypatch.setattr(mod, "random_return", lambda task: -40.0)  # no env rollout in a unit test
+    return mod
+
+
+def _table_row(text: str, teacher: str) -> list[str]:
+    line = next(ln for ln in text.splitlines() if ln.startswith(f"| {teacher} |"))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def _write(tmp_path, rows) -> None:  # noqa: ANN001
+    (tmp_path / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_pbrl_duplicates_counted_once_and_t_intervals(pbrl, tmp_path):
+    """A second row for the same (task, seed, teacher) is ignored; spreads are 95% t half-widths."""
+    _write(tmp_path, [_pbrl_row(s, "true", -10.0) for s in (0, 1)]
+           + [_pbrl_row(0, "oracle", -16.0), _pbrl_row(1, "oracle", -13.0), _pbrl_row(1, "oracle", -40.0)])
+    cells = _table_row(pbrl.summarize(tmp_path, None), "oracle")
+    # finals -16, -13: s/sqrt(2) = 1.5, t_{0.975,1} = 12.706 -> 19.06; init-normalised (−16+20)/10, (−13+20)/10
+    assert cells[1] == "0,1" and cells[2] == "-14.50 ± 19.06 (n=2)"
+    assert cells[3] == "0.55 ± 1.91 (n=2)"
+    assert cells[4] == "0.850 ± 0.635 (n=2)" and cells[5] == "0.80, 0.90"  # random-normalised (−16+40)/30, ...
+
+
+def test_pbrl_pairs_seeds_and_filters_to_the_plan(pbrl, tmp_path):
+    _write(tmp_path, [_pbrl_row(0, "true", -10.0), _pbrl_row(2, "true", -10.0), _pbrl_row(0, "oracle", -16.0),
+                      _pbrl_row(1, "oracle", -13.0), _pbrl_row(2, "oracle", -13.0),
+                      _pbrl_row(0, "equal", -10.0, **{"labels/ties": 3.0}),
+                      _pbrl_row(2, "equal", -10.0, **{"labels/ties": 4.0}), _pbrl_row(0, "label_flip", -10.0)])
+    text = pbrl.summarize(tmp_path, None)
+    cells = _table_row(text, "oracle")
+    assert cells[1] == "0,1,2" and cells[4] == "0.850 ± 0.635 (n=2)"  # n counts the seeds paired with a true run
+    assert cells[5] == "0.80, –, 0.90"  # the seed without a true-reward run shows '–'
+    assert _table_row(text, "equal")[8] == "4"  # mean 3.5 ties rounds
+    order = [ln.split("|")[1].strip() for ln in text.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert order == ["true", "oracle", "equal", "label_flip"]
+    only_2 = pbrl.summarize(tmp_path, None, plan=seed_plan([0, 1], [2], sized_down="test"))
+    assert _table_row(only_2, "oracle")[1] == "2"
+    with pytest.raises(SystemExit, match="no run on seeds"):
+        pbrl.summarize(tmp_path, None, plan=seed_plan([0], [7], sized_down="test"))
+
+
+def test_pbrl_doc_needs_reporting_seeds_and_states_the_protocol(pbrl, tmp_path, monkeypatch):
+    _write(tmp_path, [_pbrl_row(s, t, -10.0 - (t == "oracle")) for s in (5, 6) for t in ("true", "oracle")])
+    doc = tmp_path / "doc.md"
+    monkeypatch.setattr(sys, "argv", ["bench_pbrl.py", "--summarize", str(tmp_path), "--doc", str(doc)])
+    with pytest.raises(SystemExit):
+        pbrl.main()  # development seeds only: no reported table
+    assert not doc.exists()
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(sys, "argv", ["bench_pbrl.py", "--summarize", str(tmp_path), "--doc", str(doc),
+                                      "--report-seeds", "5", "6", "--sized-down", "unit test"])
+    pbrl.main()
+    text = doc.read_text()
+    assert "shared 16-core CPU" in text and "95% t half-width" in text
+    assert "reporting seeds [5, 6] (n=2), disjoint from the development seeds [0, 1, 2]" in text
+
+
+def _rapl_metrics(rapl: float | None, bt: float | None) -> dict:
+    m = {"heldout/spearman_unaligned_ot": 0.1, "heldout/spearman_task_reward": 0.2, "cross/spearman_unaligned_ot": 0.1,
+         "cross/spearman_task_reward": 0.2, "time/cpu_s": 360.0}
+    for split in ("heldout", "cross"):
+        if rapl is not None:
+            m[f"{split}/spearman_rapl"] = rapl
+        if bt is not None:
+            m[f"{split}/spearman_bt_pixels"] = bt
+    return m
+
+
+def test_rapl_verdict_is_a_paired_non_inferiority_test(load_script, monkeypatch):
+    rapl = load_script("bench_rapl")
+    args = argparse.Namespace(rapl_budgets=[10], bt_budgets=[10, 50], ratio=5, margin=0.05, n_train=160, n_eval=80,
+                              pretrain_steps=500, pretrain_window=2, pretrain_temperature=0.1, epochs=32.0,
+                              out="runs/x", cmdline="--report-seeds 5 6 7")
+    seeds = (5, 6, 7)
+    res = {}
+    for s, (r, bp, bs) in zip(seeds, [(0.80, 0.70, 0.60), (0.82, 0.75, 0.62), (0.78, 0.74, 0.58)]):
+        res[(s, "pre", 10)] = _rapl_metrics(r, 0.5)
+        res[(s, "scratch", 10)] = _rapl_metrics(0.6, 0.4)
+        res[(s, "pre", 50)] = _rapl_metrics(None, bp)
+        res[(s, "scratch", 50)] = _rapl_metrics(None, bs)
+    rows = rapl.verdict_rows(res, args, seeds, "heldout")
+    assert len(rows) == 2 and rows[0].startswith("| RAPL-pre@10 vs BT-pre@50 | +0.80 ± 0.05 (n=3) |")
+    assert "(n=3, 3/3 seeds > 0)" in rows[0] and rows[0].endswith("**holds** |")
+    # BT clearly better on every seed: the claim fails
+    worse = {**res, **{(s, "pre", 50): _rapl_metrics(None, 0.95 + 0.01 * i) for i, s in enumerate(seeds)}}
+    assert rapl.verdict_rows(worse, args, seeds, "heldout")[0].endswith("**fails** (BT better) |")
+    curves = rapl.curve_rows(res, args, seeds, "heldout")
+    assert curves[1].startswith("| 50 | – | – | +0.73")  # RAPL not run at 50
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    text = rapl.section(res, args, seed_plan([0, 1], list(seeds), sized_down="unit test"))
+    assert "CPU time of this table 1.20 h (12 runs" in text and "shared 16-core CPU" in text
+    assert "sized down" in text and "non-inferiority" in text
+
+
+def test_rapl_script_refuses_overlapping_seeds(load_script, monkeypatch):
+    rapl = load_script("bench_rapl")
+    monkeypatch.setattr(sys, "argv", ["bench_rapl.py", "--dev-seeds", "0", "1", "--report-seeds", "1", "2", "3", "4",
+                                      "5"])
+    with pytest.raises(SystemExit):
+        rapl.main()
+
+
+def test_pearl_section_states_the_measured_load_and_protocol(load_script, tmp_path, monkeypatch):
+    pearl = load_script("bench_pearl")
+    for seed, acc in ((5, 0.7), (6, 0.8)):
+        run_dir = tmp_path / "landmark_entropic" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"pearl/label_accuracy": acc, "reward/spearman_pearl": 0.5}))
+    written = {}
+    monkeypatch.setattr(pearl, "write_section", lambda name, body: written.update({name: body}))
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.25, 0.0, 0.0))
+    monkeypatch.setattr(sys, "argv", ["bench_pearl.py", "--report-seeds", "5", "6", "--sized-down", "unit test",
+                                      "--from-runs", "--out", str(tmp_path)])
+    pearl.main()
+    text = written["bench_pearl"]
+    assert "shared 16-core CPU" in text and "1-min load average 3.2 when this section was written" in text
+    # 0.75 ± t_{0.975,1} * 0.05 = 0.635
+    assert "| landmark/entropic | 0.750 ± 0.635 (n=2) |" in text and "95% t half-width" in text
+    written.clear()
+    monkeypatch.setattr(sys, "argv", ["bench_pearl.py", "--dev-seeds", "5", "6", "--from-runs", "--out",
+                                      str(tmp_path)])
+    pearl.main()
+    assert not written  # a development run writes no table
+
+
+def test_cpl_script_refuses_a_doc_without_reporting_seeds(load_script, monkeypatch, tmp_path):
+    cpl = load_script("bench_cpl")
+    monkeypatch.setattr(sys, "argv", ["bench_cpl.py", "--out", str(tmp_path / "o"), "--doc", str(tmp_path / "d.md")])
+    with pytest.raises(SystemExit):
+        cpl.main()
+    assert not (tmp_path / "o").exists()  # refused before any work
