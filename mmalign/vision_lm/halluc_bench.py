@@ -1,0 +1,201 @@
+"""One seed of the hallucination testbed: base model, gates, each method's LoRA preference run, diagnostics.
+
+``scripts/bench_halluc.py`` runs seeds and reports. Per seed: weak-evidence scenes (:mod:`weak_scenes`), the cached
+base model (:mod:`halluc_base`), its metrics and gates; only when every gate passes (or ``force``) each method row of
+:data:`benchmark.METHOD_ROWS` is trained from the base with LoRA on pairs built from fresh train-split scenes, then
+evaluated. Per-method diagnostics test each paper's mechanism: how often BDHS's image-hidden "rejected" answer is in
+fact correct for the image, how often Re-Align's retrieval refill is in fact wrong for it, and the token-level KL of
+every trained model to the base (RRPO claims less divergence than DPO).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from mmalign.config import Config, check_choice, check_positive, option
+from mmalign.vision_lm import halluc_base as H
+from mmalign.vision_lm.benchmark import METHOD_ROWS
+
+__all__ = ["HallucBenchConfig", "PRIMARY_METRICS", "baseline_of", "answer_correct", "pair_diagnostics",
+           "token_kl", "run_seed"]
+
+PRIMARY_METRICS = ("partner_balanced_acc", "pope_adversarial_acc", "pope_random_acc")
+
+
+def baseline_of(row: str) -> str:
+    """The row a method is compared with: DPO on the same pairs (flipped pairs for the flipped rows)."""
+    return "dpo_flipped" if row.endswith("_flipped") else "dpo"
+
+
+@dataclass
+class HallucBenchConfig(Config):
+    """The hallucination testbed's benchmark; ``primary_metric`` is declared here, before any run."""
+
+    base: H.BaseConfig = option(factory=H.BaseConfig, help="scenes and training of the base model")
+    primary_metric: str = option("partner_balanced_acc", f"the one metric verdicts are read from, {PRIMARY_METRICS}")
+    report_seeds: list[int] = option(list(range(10)), "seeds of the reported numbers (never used for tuning)")
+    dev_seeds: list[int] = option([100, 101], "seeds for tuning the base model and the methods' settings")
+    methods: list[str] = option(["dpo", "realign", "bdhs_offline", "rrpo", "dpo_flipped", "robust_dpo_flipped"],
+                                f"rows, from {list(METHOD_ROWS)}")
+    n_test_scenes: int = option(2000, "balanced test scenes per seed (half prior-violating)")
+    n_pref_scenes: int = option(256, "fresh train-split scenes the preference pairs are built from")
+    pref_steps: int = option(50, "preference-training optimizer steps per method")
+    pref_lr: float = option(1e-3, "preference-training learning rate (LoRA)")
+    pref_batch_size: int = option(16, "pairs per preference-training step")
+    beta: float = option(0.1, "DPO beta (also Re-Align's, RRPO's)")
+    rrpo_alpha: float = option(0.01, "RRPO token-wise KL weight")
+    flip_rate: float = option(0.2, "swapped fraction in the *_flipped rows (robust DPO's eps)")
+    bdhs_rho: float = option(0.99, "BDHS: fraction of image tokens hidden")
+    realign_top_k: int = option(5, "Re-Align: retrieved images tried per example")
+    lora_r: int = option(16, "LoRA rank")
+    n_kl_scenes: int = option(200, "test scenes whose ground-truth answers score the token KL to the base")
+
+    def __post_init__(self) -> None:
+        if isinstance(self.base, dict):
+            self.base = H.BaseConfig(**self.base)
+        check_choice("primary_metric", self.primary_metric, PRIMARY_METRICS)
+        bad = [m for m in self.methods if m not in METHOD_ROWS]
+        if bad:
+            raise ValueError(f"methods must be among {list(METHOD_ROWS)}, got unknown {bad}")
+        missing = sorted({baseline_of(m) for m in self.methods} - set(self.methods))
+        if missing:
+            raise ValueError(f"methods must include each row's DPO baseline, missing {missing}")
+        overlap = sorted(set(self.report_seeds) & set(self.dev_seeds))
+        if overlap:
+            raise ValueError(f"report_seeds and dev_seeds must not overlap, both hold {overlap}")
+        for name in ("n_test_scenes", "n_pref_scenes", "pref_steps", "pref_lr", "pref_batch_size", "beta",
+                     "lora_r", "n_kl_scenes"):
+            check_positive(name, getattr(self, name))
+        if self.n_test_scenes % 2:
+            raise ValueError(f"n_test_scenes must be even (half prior-violating), got {self.n_test_scenes}")
+
+    def method_config(self, seed: int) -> Any:
+        """The :class:`benchmark.BenchmarkConfig` whose preference settings ``train_method`` reads."""
+        from mmalign.vision_lm.benchmark import BenchmarkConfig
+
+        return BenchmarkConfig(seeds=[seed], methods=list(self.methods), pref_steps=self.pref_steps,
+                               pref_lr=self.pref_lr, pref_batch_size=self.pref_batch_size, beta=self.beta,
+                               rrpo_alpha=self.rrpo_alpha, flip_rate=self.flip_rate, bdhs_rho=self.bdhs_rho,
+                               realign_top_k=self.realign_top_k, lora_r=self.lora_r,
+                               patch_size=self.base.patch_size)
+
+
+def answer_correct(prompt: str, answer: str, scene: Any) -> bool:
+    """Whether ``answer`` is true of ``scene`` (ground truth): a yes/no answer matches; a caption mentions at least
+    one object and only present shapes with attributes some object of that shape has."""
+    from mmalign.vision_lm import scenes as S
+
+    words = prompt.split()
+    if "?" in words:
+        shape = words[words.index("?") - 1]
+        return answer.strip() == ("yes" if shape in scene.shapes else "no")
+    mentions = S.parse_caption(answer)
+    return bool(mentions) and all(
+        any(o.shape == sh and size in (None, o.size) and color in (None, o.color) for o in scene.objects)
+        for size, color, sh in mentions)
+
+
+def pair_diagnostics(source: str, pairs: Sequence[Any], scenes: Sequence[Any], images: Sequence[Any]) -> dict:
+    """Mechanism checks of a pair set: the fraction of rejected answers that are correct for their image (BDHS
+    assumes they are not), overall and for captions / yes-no answers separately."""
+    index = {id(im): k for k, im in enumerate(images)}
+    flags: dict[str, list[bool]] = {"all": [], "caption": [], "yesno": []}
+    for p in pairs:
+        scene = scenes[index[id(p.images[0])]]
+        ok = answer_correct(p.prompt, p.rejected, scene)
+        flags["all"].append(ok)
+        flags["yesno" if "?" in p.prompt.split() else "caption"].append(ok)
+    return {f"diag/{source}_rejected_correct_{k}": float(np.mean(v)) for k, v in flags.items() if v}
+
+
+def token_kl(adapter: Any, reference: Any, examples: Sequence[Any], batch_size: int = 64) -> float:
+    """Mean over response tokens of KL(pi_ref(.|prefix) || pi_theta(.|prefix)) on ``examples`` (their ground-truth
+    responses as prefixes); ``adapter.model`` is pi_theta, ``reference`` the base model."""
+    import torch
+
+    policy = adapter.model
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(examples), batch_size):
+            batch = adapter.encode(examples[start:start + batch_size])
+            _, mask, logits_p = adapter.token_logps(batch, return_logits=True)
+            adapter.model = reference
+            try:
+                _, _, logits_r = adapter.token_logps(batch, return_logits=True)
+            finally:
+                adapter.model = policy
+            lr, lp = logits_r.log_softmax(-1), logits_p.log_softmax(-1)
+            kl = (lr.exp() * (lr - lp)).sum(-1)
+            total += float((kl * mask).sum())
+            count += int(mask.sum())
+    return total / max(count, 1)
+
+
+def _kl_examples(data: H.TestbedData, n: int) -> list[Any]:
+    from mmalign.vision_lm import scenes as S
+    from mmalign.vision_lm.adapter import VLExample
+
+    out = []
+    for scene, img in list(zip(data.test, data.test_images))[:n]:
+        out.append(VLExample(H.DESCRIBE, S.caption(scene.scene), [img]))
+        if scene.partner:
+            out.append(VLExample(f"<image> {S.question(scene.partner)}",
+                                 "yes" if scene.partner in scene.shapes else "no", [img]))
+    return out
+
+
+def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path | None,
+             force: bool = False, on_row: Any = None) -> dict[str, Any]:
+    """``{"base": metrics, "gates": {gate: passed}, "rows": {row: metrics}, "cpu_s": ...}`` for one seed.
+
+    Rows are trained only when every gate passes, or with ``force`` (then the result is marked ``forced``).
+    """
+    from mmalign.vision_lm.benchmark import train_method
+    from mmalign.vision_lm.testbed import build_pairs
+
+    t0 = time.process_time()
+    gen = cfg.base.generator()
+    data = H.make_data(cfg.base, seed, cfg.n_pref_scenes, cfg.n_test_scenes)
+    adapter, info = H.build_base(cfg.base, seed, data, cache_dir)
+    base_model = adapter.model
+    out: dict[str, Any] = {"base": H.evaluate(adapter, data, seed, gen), "base_info": info, "rows": {}}
+    out["gates"] = H.gates(out["base"])
+    out["forced"] = force and not all(out["gates"].values())
+    if not all(out["gates"].values()) and not force:
+        out["cpu_s"] = time.process_time() - t0
+        return out
+    kl_examples = _kl_examples(data, cfg.n_kl_scenes)
+    pref_plain = [s.scene for s in data.pref]
+    mcfg = cfg.method_config(seed)
+    pair_cache: dict[str, tuple[list[Any], dict[str, float]]] = {}
+    for row in cfg.methods:
+        source = METHOD_ROWS[row][1]
+        adapter.model = base_model
+        if source not in pair_cache:
+            pairs, stats = build_pairs(source, adapter, pref_plain, data.pref_images, seed=seed,
+                                       bdhs_rho=cfg.bdhs_rho, realign_top_k=cfg.realign_top_k)
+            stats = {**stats, **pair_diagnostics(source, pairs, pref_plain, data.pref_images)}
+            pair_cache[source] = (pairs, stats)
+        pairs, stats = pair_cache[source]
+        adapter.model = copy.deepcopy(base_model)
+        t_row = time.process_time()
+        res = train_method(row, adapter, pairs, mcfg, seed, run_dir / f"seed{seed}" / row)
+        model = adapter.model
+        adapter.model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+        adapter.model.eval()
+        metrics = H.evaluate(adapter, data, seed, gen)
+        metrics["diag/token_kl_to_base"] = token_kl(adapter, base_model, kl_examples)
+        out["rows"][row] = {**metrics, **stats, "n_pairs": float(len(pairs)),
+                            "train/pref_accuracy": float(res.get("train/pref_accuracy", float("nan"))),
+                            "cpu_s": time.process_time() - t_row}
+        if on_row is not None:
+            on_row(out)
+    adapter.model = base_model
+    out["cpu_s"] = time.process_time() - t0
+    return out

@@ -1,0 +1,212 @@
+"""Hallucination testbed: base-model gates, then each method vs DPO (paired, Holm) -> docs/benchmarks/vision_lm.md.
+
+    nice -n 10 python scripts/bench_halluc.py --seeds dev [key=value ...]      # tuning seeds: gates only table
+    nice -n 10 python scripts/bench_halluc.py --seeds report [key=value ...]   # report seeds: gates + verdicts
+
+Per seed (:func:`mmalign.vision_lm.halluc_bench.run_seed`): weak-evidence scenes, the base model (built once per
+seed and cached under ``runs/halluc_base``), its gates, and, only when every seed's base passes every gate, each
+method's LoRA run and diagnostics. One JSON file per seed in the run dir (finished seeds are skipped on a re-run;
+seeds may run as parallel processes with ``--only-seed``). The page gets the gates section (always) and the results
+section (verdict per paper claim, method table, paired comparison with DPO, diagnostics) only when the gates pass;
+otherwise the script says so, writes no preference row, and exits with status 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mmalign.config import load_config
+from mmalign.vision_lm import halluc_base as H
+from mmalign.vision_lm import stats
+from mmalign.vision_lm.halluc_bench import HallucBenchConfig, baseline_of, run_seed
+from doc_sections import machine, write_marked_section
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "benchmarks" / "vision_lm.md"
+TITLE = "# Vision-language: hallucination testbed"
+ROW_NAMES = {"dpo": "DPO (rule-corrupted pairs)", "dpo_flipped": "DPO, flipped labels",
+             "robust_dpo_flipped": "robust DPO (eps = flip rate), flipped labels", "realign": "Re-Align (rDPO)",
+             "bdhs_offline": "BDHS offline", "bdhs_online": "BDHS online", "bdhs_mixed": "BDHS Mixed-DPO",
+             "rrpo": "RRPO"}
+# paper claim -> (row, what the paper reports)
+CLAIMS = {
+    "Re-Align: rDPO beats DPO on the same data (POPE)": ("realign", "Table 4: POPE-r +0.47 / +1.62 over DPO"),
+    "BDHS: image-hidden rejected answers beat DPO's pairs": ("bdhs_offline", "POPE 88.75 vs 88.09 (DPO, POVID)"),
+    "RRPO: beats DPO and diverges less from the reference": ("rrpo", "token KL ~1 vs ~20 for DPO"),
+    "robust DPO: recovers from flipped labels": ("robust_dpo_flipped", "unbiased loss under flip rate eps"),
+}
+MIN_EFFECT = 0.01  # a gain whose 95% interval lies below this is read as "not reproduced", not "inconclusive"
+BASE_COLS = [("pope_random_acc", "POPE-r"), ("pope_popular_acc", "POPE-p"), ("pope_adversarial_acc", "POPE-a"),
+             ("blank_pope_random_acc", "blank POPE-r"), ("partner_balanced_acc", "partner bal. acc"),
+             ("partner_yes_ratio", "partner yes"), ("bayes_partner_balanced_acc", "Bayes bal. acc")]
+ROW_COLS = [("partner_balanced_acc", "partner bal. acc"), ("partner_f1", "partner F1"),
+            ("partner_yes_ratio", "partner yes"), ("partner_violating_yes", "halluc. rate"),
+            ("partner_visible_recall", "visible recall"), ("pope_adversarial_acc", "POPE-a"),
+            ("pope_random_acc", "POPE-r"), ("diag/token_kl_to_base", "token KL")]
+
+
+def ci(values: list[float], digits: int = 3) -> str:
+    m, h = stats.mean_ci(values)
+    return f"{m:.{digits}f}" if math.isnan(h) else f"{m:.{digits}f} ± {h:.{digits}f}"
+
+
+def yes_ratio_key(primary: str) -> str:
+    return "partner_yes_ratio" if primary.startswith("partner") else primary.replace("_acc", "_yes_ratio")
+
+
+def gates_passed(results: dict[str, dict]) -> bool:
+    return bool(results) and all(all(r["gates"].values()) for r in results.values())
+
+
+def gate_section(results: dict[str, dict], cfg: HallucBenchConfig, header: str) -> str:
+    seeds = sorted(results, key=int)
+    lines = ["## Base model and gates", "", header, "",
+             "| seed | " + " | ".join(c for _, c in BASE_COLS) + " | gates | base CPU s |",
+             "|---|" + "---|" * (len(BASE_COLS) + 2)]
+    for s in seeds:
+        r = results[s]
+        failed = [g for g, ok in r["gates"].items() if not ok]
+        lines.append(f"| {s} | " + " | ".join(f"{r['base'][k]:.3f}" for k, _ in BASE_COLS)
+                     + f" | {'pass' if not failed else 'FAIL: ' + '; '.join(failed)} | "
+                     f"{r['base_info'].get('build_cpu_s', float('nan')):.0f} |")
+    lines.append("| mean ± 95% CI | " + " | ".join(ci([results[s]["base"][k] for s in seeds]) for k, _ in BASE_COLS)
+                 + " | | |")
+    lines.append("")
+    if gates_passed(results):
+        lines.append("Every seed's base model passes every gate.")
+    else:
+        lines.append("**The base model fails the gates: no preference row is reported.**")
+    return "\n".join(lines)
+
+
+def comparisons(results: dict[str, dict], cfg: HallucBenchConfig) -> list[dict]:
+    """Each non-baseline row vs its DPO baseline on the primary metric: paired test, Holm over all rows."""
+    seeds = sorted(results, key=int)
+    key, yes_key = cfg.primary_metric, yes_ratio_key(cfg.primary_metric)
+    out = []
+    for row in cfg.methods:
+        base = baseline_of(row)
+        if row == base:
+            continue
+        a = [results[s]["rows"][row][key] for s in seeds]
+        b = [results[s]["rows"][base][key] for s in seeds]
+        kl = stats.paired_test([results[s]["rows"][row]["diag/token_kl_to_base"] for s in seeds],
+                               [results[s]["rows"][base]["diag/token_kl_to_base"] for s in seeds])
+        out.append({"row": row, "base": base, **stats.paired_test(a, b), "kl": kl,
+                    "yes_ratio": float(np.mean([results[s]["rows"][row][yes_key] for s in seeds]))})
+    for c, p in zip(out, stats.holm([c["p"] for c in out])):
+        c["p_holm"] = p
+        c["verdict"] = stats.verdict(c["diff"], p, c["yes_ratio"])
+    return out
+
+
+def claim_verdict(c: dict, rrpo_kl: bool) -> str:
+    if c["verdict"] == "better" and (not rrpo_kl or (c["kl"]["diff"] < 0 and c["kl"]["p"] < 0.05)):
+        return "reproduced"
+    if c["verdict"] in ("worse", "yes-ratio shift"):
+        return "not reproduced"
+    if not math.isnan(c["half_width"]) and c["diff"] + c["half_width"] < MIN_EFFECT:
+        return "not reproduced"
+    return "inconclusive"
+
+
+def results_section(results: dict[str, dict], cfg: HallucBenchConfig, header: str) -> str:
+    seeds = sorted(results, key=int)
+    comps = {c["row"]: c for c in comparisons(results, cfg)}
+    key = cfg.primary_metric
+    lines = ["## Verdicts per paper claim", "", header, "",
+             f"Primary metric (declared in the config before the runs): `{key}`. Each method minus DPO on the same "
+             f"pairs, per seed (n = {len(seeds)}); mean ± 95% t-interval, two-sided paired t-test, Holm-corrected over "
+             f"the {len(comps)} comparisons. A gain with the method's yes-ratio outside {stats.YES_RATIO_BAND} does "
+             f"not count; a gain whose interval lies below {MIN_EFFECT} is read as not reproduced.", "",
+             "| claim | paper | Δ vs DPO | p (Holm) | yes-ratio | Δ token KL | verdict |", "|---|---|---|---|---|---|---|"]
+    for claim, (row, paper) in CLAIMS.items():
+        if row not in comps:
+            lines.append(f"| {claim} | {paper} | not run | | | | - |")
+            continue
+        c = comps[row]
+        lines.append(f"| {claim} | {paper} | {c['diff']:+.3f} ± {c['half_width']:.3f} | {c['p_holm']:.3f} | "
+                     f"{c['yes_ratio']:.2f} | {c['kl']['diff']:+.3f} ± {c['kl']['half_width']:.3f} | "
+                     f"{claim_verdict(c, row == 'rrpo')} |")
+    lines += ["", "### Methods (mean ± 95% CI over seeds)", "",
+              "| method | " + " | ".join(c for _, c in ROW_COLS) + " | pairs |", "|---|" + "---|" * (len(ROW_COLS) + 1)]
+    lines.append("| base (SFT) | " + " | ".join(ci([results[s]["base"][k] for s in seeds]) if k in
+                                                   results[seeds[0]]["base"] else "0" for k, _ in ROW_COLS) + " | - |")
+    for row in cfg.methods:
+        r = [results[s]["rows"][row] for s in seeds]
+        lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(ci([x[k] for x in r]) for k, _ in ROW_COLS)
+                     + f" | {np.mean([x['n_pairs'] for x in r]):.0f} |")
+    lines += ["", "### Mechanism diagnostics", "", "| diagnostic | mean ± 95% CI |", "|---|---|"]
+    diag_keys = sorted({k for s in seeds for row in cfg.methods for k in results[s]["rows"][row]
+                        if k.startswith(("diag/", "realign/", "bdhs/")) and k != "diag/token_kl_to_base"})
+    for k in diag_keys:
+        vals = [results[s]["rows"][row][k] for s in seeds for row in cfg.methods if k in results[s]["rows"][row]][
+            : len(seeds)]
+        lines.append(f"| `{k}` | {ci(vals)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", default=str(ROOT / "configs" / "vision_lm" / "benchmark_halluc.yaml"))
+    ap.add_argument("--seeds", choices=("dev", "report"), default="dev")
+    ap.add_argument("--only-seed", type=int, default=None, help="run this one seed (parallel processes); no page")
+    ap.add_argument("--run-dir", default=None, help="default runs/bench_halluc_<dev|report>")
+    ap.add_argument("--cache-dir", default=str(ROOT / "runs" / "halluc_base"))
+    ap.add_argument("--force", action="store_true",
+                    help="train the rows even when a gate fails (stored for diagnosis; never written to the page)")
+    ap.add_argument("--no-doc", action="store_true", help="print the sections instead of writing the page")
+    ap.add_argument("overrides", nargs="*", help="key=value overrides of HallucBenchConfig (base.<field>=...)")
+    args = ap.parse_args(argv)
+    cfg = load_config(HallucBenchConfig, args.config, args.overrides)
+    seeds = cfg.dev_seeds if args.seeds == "dev" else cfg.report_seeds
+    if args.only_seed is not None:
+        if args.only_seed not in seeds:
+            raise ValueError(f"--only-seed {args.only_seed} is not among the {args.seeds} seeds {seeds}")
+        seeds = [args.only_seed]
+    run_dir = Path(args.run_dir or ROOT / "runs" / f"bench_halluc_{args.seeds}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for seed in seeds:
+        store = run_dir / f"seed{seed}.json"
+        if store.exists():
+            continue
+        t0 = time.perf_counter()
+        res = run_seed(cfg, seed, run_dir, Path(args.cache_dir), force=args.force,
+                       on_row=lambda r: (run_dir / f"partial-seed{seed}.json").write_text(json.dumps(r, indent=1)))
+        res["wall_s"] = time.perf_counter() - t0
+        store.write_text(json.dumps(res, indent=1))
+        (run_dir / f"partial-seed{seed}.json").unlink(missing_ok=True)
+        print(f"seed {seed}: gates {res['gates']}, CPU {res['cpu_s']:.0f} s, wall {res['wall_s']:.0f} s", flush=True)
+    if args.only_seed is not None:
+        return 0
+    results = {str(s): json.loads((run_dir / f"seed{s}.json").read_text()) for s in seeds}
+    cpu = sum(r["cpu_s"] + r["base_info"].get("build_cpu_s", 0.0) * 0 for r in results.values())
+    cmd = " ".join(["python scripts/bench_halluc.py", f"--seeds {args.seeds}", *args.overrides])
+    header = (f"Command: `nice -n 10 {cmd}`; {args.seeds} seeds {seeds}; {cfg.n_test_scenes} test scenes per seed "
+              f"(half prior-violating); machine: {machine()}, CPU only, 1 torch thread, shared 2-core machine; "
+              f"CPU time {cpu / 60:.1f} min in all ({cpu / len(seeds) / 60:.1f} min per seed, base builds "
+              "included where not cached).")
+    sections = [("halluc_gates", gate_section(results, cfg, header))]
+    ok = gates_passed(results)
+    if ok and all(cfg.methods and set(cfg.methods) <= set(r["rows"]) for r in results.values()):
+        sections.append(("halluc_results", results_section(results, cfg, header)))
+    for key, body in sections:
+        if args.no_doc:
+            print(body)
+        else:
+            write_marked_section(DOC, key, body, TITLE)
+    if not ok:
+        print("the base model fails the gates: preference rows are not reported", file=sys.stderr)
+        return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

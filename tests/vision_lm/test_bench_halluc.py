@@ -1,0 +1,119 @@
+"""scripts/bench_halluc.py: refuses preference rows when a gate fails; verdicts from paired, Holm-corrected tests;
+the real per-seed pipeline on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mmalign.vision_lm import halluc_base as H
+
+PASS = {"pope_random_acc": 0.9, "pope_popular_acc": 0.9, "pope_adversarial_acc": 0.7, "blank_pope_random_acc": 0.5,
+        "partner_balanced_acc": 0.7, "partner_yes_ratio": 0.6, "bayes_partner_balanced_acc": 0.92}
+
+
+@pytest.fixture(scope="module")
+def bench(load_script):
+    return load_script("bench_halluc")
+
+
+def _row(primary: float, yes: float = 0.5, kl: float = 0.1) -> dict:
+    return {"partner_balanced_acc": primary, "partner_f1": primary, "partner_yes_ratio": yes,
+            "partner_violating_yes": 0.3, "partner_visible_recall": 0.9, "pope_adversarial_acc": 0.7,
+            "pope_random_acc": 0.9, "diag/token_kl_to_base": kl, "n_pairs": 10.0,
+            "diag/corrupt_rejected_correct_all": 0.0}
+
+
+def _fake_run_seed(shift: dict[str, float], base: dict[str, float]):
+    def run(cfg, seed, run_dir, cache_dir, force=False, on_row=None):
+        gates = H.gates(base)
+        rows = {}
+        if all(gates.values()) or force:
+            for m in cfg.methods:
+                noise = 0.01 * ((seed * 7 + len(m)) % 3 - 1)  # differs per seed and row: a real paired spread
+                rows[m] = _row(0.7 + shift.get(m, 0.0) + noise, yes=0.5 if m != "bdhs_offline" else 0.8,
+                               kl=0.1 if m != "rrpo" else 0.01)
+        return {"base": base, "base_info": {"build_cpu_s": 1.0}, "gates": gates, "rows": rows, "cpu_s": 2.0,
+                "forced": False}
+    return run
+
+
+def _args(tmp_path, *extra):
+    return ["--seeds", "report", "--run-dir", str(tmp_path / "runs"), "--cache-dir", str(tmp_path / "cache"),
+            "report_seeds=[0,1,2,3,4]", "dev_seeds=[9]", *extra]
+
+
+def test_failed_gate_refuses_preference_rows(bench, tmp_path, monkeypatch):
+    doc = tmp_path / "vision_lm.md"
+    monkeypatch.setattr(bench, "DOC", doc)
+    monkeypatch.setattr(bench, "run_seed", _fake_run_seed({}, {**PASS, "pope_random_acc": 0.6}))
+    assert bench.main(_args(tmp_path)) == 3
+    text = doc.read_text()
+    assert "FAIL: pope_random_violating >= 0.85" in text and "no preference row is reported" in text
+    assert "halluc_results" not in text and "Verdicts" not in text
+    seed0 = json.loads((tmp_path / "runs" / "seed0.json").read_text())
+    assert seed0["rows"] == {}
+
+
+def test_verdicts_from_holm_corrected_paired_differences(bench, tmp_path, monkeypatch):
+    doc = tmp_path / "vision_lm.md"
+    monkeypatch.setattr(bench, "DOC", doc)
+    shift = {"realign": 0.05, "bdhs_offline": 0.05, "rrpo": 0.05, "robust_dpo_flipped": 0.0}
+    monkeypatch.setattr(bench, "run_seed", _fake_run_seed(shift, PASS))
+    assert bench.main(_args(tmp_path)) == 0
+    text = doc.read_text()
+    lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
+    assert lines["Re-Align: rDPO beats DPO on the same data (POPE)"].endswith("| reproduced |")
+    # BDHS's gain comes with a yes-ratio of 0.8: it does not count
+    assert lines["BDHS: image-hidden rejected answers beat DPO's pairs"].endswith("| not reproduced |")
+    assert "| 0.80 |" in lines["BDHS: image-hidden rejected answers beat DPO's pairs"]
+    assert lines["RRPO: beats DPO and diverges less from the reference"].endswith("| reproduced |")
+    robust = lines["robust DPO: recovers from flipped labels"]
+    assert robust.endswith("| not reproduced |") or robust.endswith("| inconclusive |")
+    assert "Every seed's base model passes every gate." in text and "n = 5" in text
+    assert "Holm-corrected over the 4 comparisons" in text
+
+
+def test_config_refuses_overlapping_seeds_and_missing_baseline():
+    from mmalign.vision_lm.halluc_bench import HallucBenchConfig
+
+    with pytest.raises(ValueError, match="overlap"):
+        HallucBenchConfig(report_seeds=[0, 1], dev_seeds=[1])
+    with pytest.raises(ValueError, match="baseline"):
+        HallucBenchConfig(methods=["rrpo"])
+    with pytest.raises(ValueError, match="primary_metric"):
+        HallucBenchConfig(primary_metric="chair_i")
+
+
+def test_answer_correct_and_diagnostics():
+    from mmalign.vision_lm.halluc_bench import answer_correct, pair_diagnostics
+    from mmalign.vision_lm.objectives import PrefPair
+    from mmalign.vision_lm.scenes import Scene, SceneObject
+
+    scene = Scene((SceneObject("circle", "red", "big", 0), SceneObject("bar", "blue", "small", 3)))
+    assert answer_correct("<image> is there a bar ?", "yes", scene)
+    assert not answer_correct("<image> is there a square ?", "yes", scene)
+    assert answer_correct("<image> describe :", "a big red circle .", scene)  # incomplete but true
+    assert not answer_correct("<image> describe :", "a big blue circle .", scene)  # wrong colour
+    assert not answer_correct("<image> describe :", "a big red circle and a square .", scene)  # hallucinated
+    img = object()
+    pairs = [PrefPair("<image> is there a bar ?", "yes", "no", [img]),
+             PrefPair("<image> describe :", "a big red circle and a small blue bar .", "a big red circle .", [img])]
+    d = pair_diagnostics("bdhs", pairs, [scene], [img])
+    assert d == {"diag/bdhs_rejected_correct_all": 0.5, "diag/bdhs_rejected_correct_caption": 1.0,
+                 "diag/bdhs_rejected_correct_yesno": 0.0}
+
+
+def test_run_seed_tiny_pipeline(tmp_path):
+    """The real pipeline end to end on a tiny config, forced past the gates (an untrained base fails them)."""
+    from mmalign.vision_lm.halluc_bench import HallucBenchConfig, run_seed
+
+    cfg = HallucBenchConfig(base=H.BaseConfig(n_train_scenes=24, vision_steps=2, sft_epochs=1, text_dim=32,
+                                              patch_size=16),
+                            methods=["dpo", "rrpo", "bdhs_offline"], n_test_scenes=16, n_pref_scenes=8,
+                            pref_steps=2, pref_batch_size=4, n_kl_scenes=4, report_seeds=[0], dev_seeds=[1])
+    out = run_seed(cfg, 0, tmp_path, None, force=True)
+    assert set(out["rows"]) == {"dpo", "rrpo", "bdhs_offline"}
+    assert out["rows"]["dpo"]["diag/token_kl_to_base"] >= 0
+    assert 0 <= out["rows"]["bdhs_offline"]["diag/bdhs_rejected_correct_all"] <= 1
