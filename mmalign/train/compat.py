@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Callable
 
 from mmalign.train.checkpoint import CheckpointError
 from mmalign.train.config import TrainerConfig
 
-__all__ = ["check_launch", "_lr_lambda", "_fingerprint", "_legacy_fingerprint", "_check_max_steps"]
+__all__ = ["process_state", "check_launch", "_lr_lambda", "_fingerprint", "_legacy_fingerprint", "_check_max_steps"]
 
 
 def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -51,6 +52,31 @@ def _legacy_fingerprint(cfg: TrainerConfig) -> str:
     """The fingerprint of checkpoints written before the global-batch form (per-process batch settings)."""
     keep = {k: v for k, v in cfg.to_dict().items() if k not in _FREE | _SHARDING}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def process_state(cpu: bool = False) -> Any:
+    """accelerate's process state (``PartialState``), created the way the trainer needs it.
+
+    accelerate keeps one state per process, set by whichever call creates it first. On a machine without a GPU it
+    joins a torchrun/gloo process group only when created with ``cpu=True``; created without, every process reads
+    itself as the only one (rank 0 of 1), and a later ``Accelerator(cpu=True)`` silently reuses that state. Every
+    mmalign call site therefore goes through this function (``cpu``: the config's ``trainer.cpu``).
+    """
+    import torch
+    from accelerate import PartialState
+
+    has_accel = torch.cuda.is_available() or (
+        getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    )
+    state = PartialState(cpu=cpu or not has_accel)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if state.num_processes != launched:
+        raise RuntimeError(
+            f"launched on {launched} processes (WORLD_SIZE) but accelerate's process state sees "
+            f"{state.num_processes}: it was created earlier in this process without cpu=True on a machine without a "
+            f"GPU; create it through mmalign.train.compat.process_state() (or Accelerator(cpu=True)) first"
+        )
+    return state
 
 
 def check_launch(cfg: TrainerConfig, distributed_type: str) -> None:

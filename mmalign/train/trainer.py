@@ -37,6 +37,7 @@ from mmalign.train.checkpoint import (
     unshare_tensors,
 )
 from mmalign.train.compat import (  # noqa: F401  (check_launch, _legacy_fingerprint: re-exported)
+    process_state,
     _check_max_steps,
     _fingerprint,
     _legacy_fingerprint,
@@ -128,11 +129,8 @@ class Trainer:
         self.generators = dict(generators or {})
         self.collate_fn = collate_fn or _default_collate
         self.dataset = train_dataset
-        # Without a GPU, accelerate only joins a torchrun/gloo process group when told cpu=True.
-        has_accel = torch.cuda.is_available() or (
-            getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-        )
-        use_cpu = cfg.cpu or not has_accel
+        # the process state first: without a GPU, accelerate only joins a torchrun/gloo group when told cpu=True
+        use_cpu = process_state(cfg.cpu).device.type == "cpu"
         self.accelerator = Accelerator(mixed_precision=resolve_mixed_precision(cfg.mixed_precision, use_cpu),
                                        cpu=use_cpu)
         acc = self.accelerator

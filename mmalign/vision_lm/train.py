@@ -221,9 +221,9 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
             _sft_phase(cfg, adapter, model, processor, run_dir, resume)
             model = adapter.model
         base_name = str((run_dir / "base_model").resolve())  # the adapter's base: the (SFT'd) tiny model
-        from accelerate import PartialState
+        from mmalign.train.compat import process_state
 
-        state = PartialState()
+        state = process_state(cfg.trainer.cpu)
         if state.is_main_process:  # one writer when launched on several processes
             model.save_pretrained(run_dir / "base_model")
             processor.save_pretrained(run_dir / "base_model")

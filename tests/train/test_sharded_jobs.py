@@ -9,10 +9,6 @@ from pathlib import Path
 import pytest
 from _sharded import launch
 
-# Known intermittent failure (about 1 run in 3 on an idle machine): in the FSDP vlm job both workers sometimes run
-# save_checkpoint's rank-0 branch (one then finds step-*.tmp already renamed). Kept out of the default run until
-# the cause (suspected: the trainer's accelerate state not seeing the torchrun process group) is fixed.
-pytestmark = pytest.mark.slow
 
 WORKER = Path(__file__).with_name("_jobs_worker.py")
 needs_deepspeed = pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
