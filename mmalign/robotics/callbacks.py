@@ -8,7 +8,8 @@ Both are ordinary ``BaseCallback`` s, so they sit in a ``CallbackList`` next to 
     model.learn(10_000, callback=CallbackList([PreferenceFeedbackCallback(feedback, sampler), EvalCallback(...)]))
 
 :class:`PreferenceFeedbackCallback` keeps the true rewards and episode ends of every stored transition beside the
-agent's buffer (the buffer's own rewards are learned ones), runs a
+agent's buffer (the buffer's own rewards are learned ones) — and, for a teacher that draws segments
+(``teacher.wants_states``, people in the labelling app), the MuJoCo ``qpos``/``qvel`` before each transition —, runs a
 :class:`~mmalign.robotics.feedback.PreferenceFeedback` round on the schedule (off-policy agents: after a step;
 on-policy agents: at the end of a rollout), and for off-policy agents **relabels the whole replay buffer in place**
 with the refitted reward. Rounds stop when the label budget is spent, and a round due when training has already
@@ -75,6 +76,9 @@ class PreferenceFeedbackCallback(BaseCallback):
         self.record_s = 0.0
         self.pending_row: int | None = None  # off-policy: buffer row of the transition in flight at a round
         self.skipped_after_end = 0  # rounds due at the last step (never asked: no step would learn from them)
+        self.record_states = bool(getattr(feedback.teacher, "wants_states", False))
+        self.qpos: np.ndarray | None = None  # [buffer_size, n_envs, nq] when recorded
+        self.qvel: np.ndarray | None = None
 
     @property
     def off_policy(self) -> bool:
@@ -95,6 +99,10 @@ class PreferenceFeedbackCallback(BaseCallback):
         shape = (buf.buffer_size, buf.n_envs)
         self.true_rewards = np.zeros(shape, np.float32)
         self.ends = np.zeros(shape, bool)
+        if self.record_states:  # the state the env is in now is the one of the first stored observation
+            self.last_state = self._read_states()
+            self.qpos = np.zeros((*shape, self.last_state[0].shape[1]), np.float32)
+            self.qvel = np.zeros((*shape, self.last_state[1].shape[1]), np.float32)
 
     def _on_step(self) -> bool:
         t0 = time.process_time()
@@ -104,6 +112,10 @@ class PreferenceFeedbackCallback(BaseCallback):
         if pos < buf.buffer_size:
             self.true_rewards[pos] = [info.get("true_reward", 0.0) for info in infos]
             self.ends[pos] = dones
+            if self.qpos is not None and self.qvel is not None:
+                self.qpos[pos], self.qvel[pos] = self.last_state
+        if self.record_states:  # after the step (and any auto-reset): the state of the next stored observation
+            self.last_state = self._read_states()
         self.record_s += time.process_time() - t0
         if self.off_policy and self.num_timesteps >= self.next_feedback:
             self._feedback()
@@ -131,7 +143,8 @@ class PreferenceFeedbackCallback(BaseCallback):
             return
         buf = self._buffer()
         num = 2 * fb.round_size() * self.candidate_factor
-        segs = self.sampler.from_buffer(buf, self.true_rewards, self.ends, num, fb.rng, self.to_features)
+        segs = self.sampler.from_buffer(buf, self.true_rewards, self.ends, num, fb.rng, self.to_features,
+                                        qpos=self.qpos, qvel=self.qvel)
         metrics = fb.feedback_round(segs)
         if fb.trainer.reward_norm:
             size = buf.buffer_size if getattr(buf, "full", False) else buf.pos
@@ -149,6 +162,15 @@ class PreferenceFeedbackCallback(BaseCallback):
             self.progress(f"step {self.num_timesteps:>7}: feedback round {fb.rounds}, queries "
                           f"{fb.queries_used}/{fb.schedule.label_budget}, reward-model accuracy "
                           f"{metrics.get('train/pref_accuracy', float('nan')):.3f}")
+
+    def _read_states(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(qpos [n_envs, nq], qvel [n_envs, nv])`` of every env now (``env.unwrapped.data``)."""
+        try:
+            data = self.training_env.get_attr("data")
+        except AttributeError:
+            raise ValueError(f"teacher {type(self.feedback.teacher).__name__} draws segments from MuJoCo states, but "
+                             f"the env has no MuJoCo data (env.unwrapped.data)") from None
+        return np.stack([d.qpos for d in data]), np.stack([d.qvel for d in data])
 
     def _observations(self, buf: Any) -> Any:
         """The buffer's observations as the reward model sees them (the ``obs_key`` entry of dict observations)."""

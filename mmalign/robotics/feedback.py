@@ -212,9 +212,12 @@ class PreferenceFeedback:
             teacher_metrics = {"teacher/answered_fraction": float(ok.mean()) if ok.size else math.nan}
         else:
             i, j = self.selector.select(segs, num, self.rng, self.trainer)
+            states = {} if segs.qpos is None or segs.qvel is None else {  # recorded for a teacher that draws them
+                "qpos_first": segs.qpos[i], "qpos_second": segs.qpos[j],
+                "qvel_first": segs.qvel[i], "qvel_second": segs.qvel[j]}
             out = self.teacher(
                 raw[i], raw[j], obs_first=segs.obs[i], obs_second=segs.obs[j],
-                act_first=segs.act[i], act_second=segs.act[j], rng=self.teacher_rng,
+                act_first=segs.act[i], act_second=segs.act[j], rng=self.teacher_rng, **states,
             )
             ok = out.answered.cpu().numpy()
             y = out.labels.cpu().numpy()

@@ -203,16 +203,17 @@ class SegmentSampler:
         self.length, self.recent, self.obs_key = length, recent, obs_key or None
 
     def from_buffer(self, buffer: Any, true_rewards: np.ndarray, ends: np.ndarray, num: int,
-                    rng: np.random.Generator, action_features: Callable[[np.ndarray], np.ndarray] | None = None
-                    ) -> Segments:
-        """``num`` segments (with replacement) of ``buffer`` (see :func:`segments_from_buffer`)."""
+                    rng: np.random.Generator, action_features: Callable[[np.ndarray], np.ndarray] | None = None,
+                    qpos: np.ndarray | None = None, qvel: np.ndarray | None = None) -> Segments:
+        """``num`` segments (with replacement) of ``buffer`` (see :func:`segments_from_buffer`); ``qpos``/``qvel``:
+        MuJoCo states kept beside the buffer (same ``[buffer_size, n_envs, ...]`` layout), cut with the segments."""
         if isinstance(buffer.observations, dict):
             if self.obs_key not in buffer.observations:
                 raise ValueError(f"dict observations need obs_key, one of {list(buffer.observations)}, got "
                                  f"{self.obs_key!r}")
             buffer = _KeyView(buffer, self.obs_key)
         return segments_from_buffer(buffer, true_rewards, ends, self.length, num, rng,
-                                    unscale_action=action_features, recent=self.recent)
+                                    unscale_action=action_features, recent=self.recent, qpos=qpos, qvel=qvel)
 
 
 class _KeyView:

@@ -122,3 +122,35 @@ def test_human_teacher_is_registered_with_the_core_teachers() -> None:
 
     assert TEACHERS.get("human") is HumanTeacher
     assert "mmalign.core.teachers.human" not in registry._PLUGIN_MODULES  # no plugin of its own
+
+
+def test_pebble_run_asks_about_a_task_drawn_from_recorded_states(app_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Pusher does not observe its full state: the run records qpos/qvel beside its buffer for the human teacher, and
+    each posted pair carries the states of exactly the steps its observations come from."""
+    from mmalign.cli import run_job
+
+    live, store, labeller = app_env
+    stop = threading.Event()
+    worker = threading.Thread(target=_labeller, args=(store, labeller, "pusher-run", stop, ["left", "right", "equal"]))
+    worker.start()
+    try:
+        overrides = ["env_id=Pusher-v5", "total_steps=120", "learning_starts=40", "first_feedback=60",
+                     "feedback_every=40", "label_budget=4", "initial_labels=2", "labels_per_round=2", "rm_batch_size=2",
+                     "rm_epochs=1", "eval_every=120", "eval_episodes=1", "batch_size=16", "segment_length=5",
+                     "candidate_factor=1", "net_width=16", "rm_hidden=16", "save_reward_model=false", "teacher=human",
+                     f"teacher.url={live.url}", "teacher.project=pusher-run", "teacher.env_id=Pusher-v5",
+                     "teacher.poll_seconds=0.1", "teacher.timeout=120"]
+        summary = run_job("robotics.pebble", None, overrides, str(tmp_path / "run"))
+    finally:
+        stop.set()
+        worker.join()
+    assert summary["labels/queries"] == 4 and summary["labels/answered"] == 4 and summary["labels/ties"] == 1
+    rows = [row for _qid, _ext, _payload, row, _ref, _n in store.queries("pusher-run")]
+    assert len(rows) == 4
+    for row in rows:
+        for side in ("first", "second"):
+            obs, qpos, qvel = (np.asarray(row[f"{k}_{side}"]) for k in ("obs", "qpos", "qvel"))
+            assert qpos.shape == (5, 11) and qvel.shape == (5, 11)
+            # Pusher observes the arm's joint positions and velocities: the recorded states are those of each step
+            np.testing.assert_allclose(obs[:, :7], qpos[:, :7], atol=1e-5)
+            np.testing.assert_allclose(obs[:, 7:14], qvel[:, :7], atol=1e-4)

@@ -57,9 +57,13 @@ def test_tasks_whose_state_is_not_observed_are_refused_with_what_to_record() -> 
         mujoco_sizes("NoSuchTask-v0")
     from mmalign.registry import TEACHERS
 
-    # a run that sends only observations is refused when it starts, not at its first feedback round
-    with pytest.raises(ValueError, match=r"env_id: the human teacher sends.*Pusher-v5"):
-        TEACHERS.get("human")(env_id="Pusher-v5")
+    with pytest.raises(ValueError, match=r"env_id: the human teacher shows MuJoCo.*'Pendulum-v1' is not a MuJoCo"):
+        TEACHERS.get("human")(env_id="Pendulum-v1")  # refused when a run starts, not at its first feedback round
+    # without states, a task whose observations cannot be drawn is refused before anything is posted
+    r = np.zeros((1, 3), np.float32)
+    with pytest.raises(ValueError, match=r"no qpos_\*/qvel_\* states.*Pusher-v5"):
+        TEACHERS.get("human")(env_id="Pusher-v5", url="http://127.0.0.1:9")(
+            r, r, obs_first=np.zeros((1, 3, 23)), obs_second=np.zeros((1, 3, 23)))
 
 
 def test_clips_from_recorded_states_and_from_observations() -> None:

@@ -8,6 +8,7 @@ A teacher is called on ``N`` pairs of ``H``-step segments, vectorised (no loop o
                   mask_first=None, mask_second=None,        # [N, H] bool, False = padded step (None = all valid)
                   obs_first=None, obs_second=None,          # [N, H, ...] (needed by RegretTeacher, learned teachers)
                   act_first=None, act_second=None,          # [N, H, ...]
+                  qpos_first=None, qvel_first=None, ...     # [N, H, nq] / [N, H, nv] MuJoCo states (human teacher)
                   rng=seed_or_torch_Generator)              # required iff teacher.stochastic
     out.labels    # [N] float32 P(first ≻ second) in [0, 1]; 0.5 = tie; NaN where skipped
     out.answered  # [N] bool; False = skipped (never silently 0.5): train on labels[answered]

@@ -66,6 +66,10 @@ class SegmentPairBatch:
     obs_second: Tensor | None = None
     act_first: Tensor | None = None
     act_second: Tensor | None = None
+    qpos_first: Tensor | None = None  # [N, H, nq] MuJoCo states, for teachers that draw the segments (people)
+    qpos_second: Tensor | None = None
+    qvel_first: Tensor | None = None  # [N, H, nv]
+    qvel_second: Tensor | None = None
 
     @property
     def num_pairs(self) -> int:
@@ -89,6 +93,10 @@ class SegmentPairBatch:
         obs_second: ArrayLike | None = None,
         act_first: ArrayLike | None = None,
         act_second: ArrayLike | None = None,
+        qpos_first: ArrayLike | None = None,
+        qpos_second: ArrayLike | None = None,
+        qvel_first: ArrayLike | None = None,
+        qvel_second: ArrayLike | None = None,
     ) -> "SegmentPairBatch":
         """Convert (zero-copy for numpy) and validate; raises ``ValueError`` naming the bad argument."""
         r1 = _to_float_tensor("rewards_first", rewards_first)
@@ -111,6 +119,10 @@ class SegmentPairBatch:
             ("obs_second", obs_second, r2),
             ("act_first", act_first, r1),
             ("act_second", act_second, r2),
+            ("qpos_first", qpos_first, r1),
+            ("qpos_second", qpos_second, r2),
+            ("qvel_first", qvel_first, r1),
+            ("qvel_second", qvel_second, r2),
         ):
             if value is None:
                 extras[name] = None
@@ -125,7 +137,7 @@ class SegmentPairBatch:
 
 
 _FIELDS = ("rewards_first", "rewards_second", "mask_first", "mask_second", "obs_first", "obs_second",
-           "act_first", "act_second")
+           "act_first", "act_second", "qpos_first", "qpos_second", "qvel_first", "qvel_second")
 
 
 def _check_finite_rows(name: str, value: Tensor) -> None:
@@ -238,6 +250,9 @@ class Teacher(ABC):
     #: Whether labels are computed from the true per-step rewards (simulated humans); a human labeller or a
     #: learned reward model does not, and can run on an env without a reward.
     needs_true_reward: bool = True
+    #: Whether the teacher draws the segments from MuJoCo states (``qpos_*``/``qvel_*``): a run records them only
+    #: for a teacher that asks.
+    wants_states: bool = False
 
     def __call__(
         self,
@@ -250,11 +265,16 @@ class Teacher(ABC):
         obs_second: ArrayLike | None = None,
         act_first: ArrayLike | None = None,
         act_second: ArrayLike | None = None,
+        qpos_first: ArrayLike | None = None,
+        qpos_second: ArrayLike | None = None,
+        qvel_first: ArrayLike | None = None,
+        qvel_second: ArrayLike | None = None,
         rng: torch.Generator | int | None = None,
     ) -> TeacherLabels:
         """Label ``N`` segment pairs; see the module docstring of :mod:`mmalign.core.teachers`."""
         batch = SegmentPairBatch.build(
-            rewards_first, rewards_second, mask_first, mask_second, obs_first, obs_second, act_first, act_second
+            rewards_first, rewards_second, mask_first, mask_second, obs_first, obs_second, act_first, act_second,
+            qpos_first, qpos_second, qvel_first, qvel_second,
         )
         return self.label_batch(batch, rng=rng)
 

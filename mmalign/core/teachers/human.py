@@ -1,7 +1,9 @@
 """A person as the teacher: segment pairs go to the labelling app (``mmalign label serve``), labels come back.
 
-Each call posts its ``N`` pairs as clip queries to a project of the app (the server renders the observations of
-``env_id`` to side-by-side videos), then polls the app until every query has ``answers_per_query`` answers or
+Each call posts its ``N`` pairs as clip queries to a project of the app (the server draws them for ``env_id`` as
+side-by-side videos: from the MuJoCo states ``qpos_*``/``qvel_*`` when the call passes them — a run records them
+for this teacher, :attr:`wants_states` —, else from the observations, which works only for the tasks that observe
+``qpos``/``qvel``, :data:`mmalign.robotics.render.OBS_STATE_TASKS`, and Reacher), then polls the app until every query has ``answers_per_query`` answers or
 ``timeout`` seconds have passed. What comes back follows the teacher contract of :mod:`mmalign.core.teachers`:
 
 - ``left`` / ``right`` / ``equal`` → label ``1`` / ``0`` / ``0.5`` (P(first ≻ second); the app undoes any side swap);
@@ -32,6 +34,10 @@ from mmalign.core.teachers.base import SegmentPairBatch, Teacher, TeacherLabels,
 
 __all__ = ["HumanTeacher"]
 
+# fields of a pair sent to the app: drawn (states or observations) and kept as the query's row (exported)
+_POSTED = ("obs_first", "obs_second", "act_first", "act_second", "qpos_first", "qpos_second", "qvel_first",
+           "qvel_second")
+
 
 class HumanTeacher(Teacher):
     """Labels from people through the labelling app; see the module docstring for budget, timeout and skips.
@@ -39,9 +45,7 @@ class HumanTeacher(Teacher):
     Args:
         url: the app's address, e.g. ``http://127.0.0.1:8765``.
         project: project that receives the queries (created as a clip project if new).
-        env_id: gymnasium id whose observations the server renders: Reacher and the tasks that observe
-            ``qpos``/``qvel`` (:data:`mmalign.robotics.render.OBS_STATE_TASKS`); any other task is refused here
-            (label it offline from recorded states with ``mmalign label push``).
+        env_id: the gymnasium MuJoCo task the segments come from (a non-MuJoCo env is refused here).
         token_env: environment variable holding the app's admin token.
         timeout: seconds to wait for the answers of one call (``0`` = wait forever).
         poll_seconds: seconds between two looks at the answers.
@@ -54,6 +58,7 @@ class HumanTeacher(Teacher):
 
     name = "human"
     needs_true_reward = False  # people look at the clips; the env's reward is never used
+    wants_states = True  # a run records qpos/qvel for this teacher, so every MuJoCo task can be drawn
 
     def __init__(
         self, url: str = "http://127.0.0.1:8765", project: str = "pebble", env_id: str = "",
@@ -72,13 +77,13 @@ class HumanTeacher(Teacher):
                              ("fps", fps), ("chunk", chunk)):
             if value <= 0:
                 raise ValueError(f"{field} must be > 0, got {value}")
-        from mmalign.robotics.render import check_obs_renderable  # here: gymnasium/MuJoCo load only when used
+        from mmalign.robotics.render import mujoco_sizes  # here: gymnasium/MuJoCo load only when used
 
         try:  # refused when the run starts, not at its first feedback round
-            check_obs_renderable(env_id)
+            self._nq, self._nv, _ = mujoco_sizes(env_id)
         except ValueError as err:
-            raise ValueError(f"env_id: the human teacher sends a run's observations, which the app draws as clips: "
-                             f"{err}") from None
+            raise ValueError(f"env_id: the human teacher shows MuJoCo segments as clips: {err}") from None
+        self._obs_drawable: bool | None = None  # whether observations alone can be drawn (checked at first need)
         self.url, self.project, self.env_id = url.rstrip("/"), project, env_id
         self.token_env, self.timeout, self.poll_seconds = token_env, float(timeout), float(poll_seconds)
         self.max_queries, self.answers_per_query = int(max_queries), int(answers_per_query)
@@ -121,6 +126,9 @@ class HumanTeacher(Teacher):
         n = batch.num_pairs
         if batch.obs_first is None or batch.obs_second is None:
             raise ValueError("the human teacher needs obs_first/obs_second (people watch the segments)")
+        if batch.qpos_first is None or batch.qvel_first is None or batch.qpos_second is None \
+                or batch.qvel_second is None:
+            self._check_obs_drawable()
         room = n if self.max_queries == 0 else max(0, min(n, self.max_queries - self.posted))
         labels = torch.full((n,), math.nan, dtype=torch.float32)
         answered = torch.zeros(n, dtype=torch.bool)
@@ -141,6 +149,21 @@ class HumanTeacher(Teacher):
         return TeacherLabels(labels.to(batch.rewards_first.device), answered.to(batch.rewards_first.device),
                              metrics, labels.clone().to(batch.rewards_first.device))
 
+    def _check_obs_drawable(self) -> None:
+        """Without states the server draws the observations: refuse before posting when it cannot."""
+        if self._obs_drawable is None:
+            from mmalign.robotics.render import check_obs_renderable
+
+            try:
+                check_obs_renderable(self.env_id)
+                self._obs_drawable = True
+            except ValueError as err:
+                self._obs_drawable = False
+                self._obs_error = str(err)
+        if not self._obs_drawable:
+            raise ValueError(f"the human teacher got no qpos_*/qvel_* states to draw the segments, and "
+                             f"{self._obs_error}")
+
     def _post(self, batch: SegmentPairBatch, room: int) -> list[int]:
         def arr(t: torch.Tensor | None, k: int) -> Any:
             return None if t is None else t[k].detach().cpu().numpy().astype(np.float64).tolist()
@@ -149,11 +172,10 @@ class HumanTeacher(Teacher):
         for start in range(0, room, self.chunk):
             items = []
             for k in range(start, min(room, start + self.chunk)):
-                obs1, obs2 = arr(batch.obs_first, k), arr(batch.obs_second, k)
+                content = {name: arr(getattr(batch, name), k) for name in _POSTED}
+                content = {name: value for name, value in content.items() if value is not None}
                 items.append({"external_id": f"{self._run}-{self.posted + k}", "env_id": self.env_id,
-                              "fps": self.fps, "content": {"obs_first": obs1, "obs_second": obs2},
-                              "row": {"obs_first": obs1, "obs_second": obs2, "act_first": arr(batch.act_first, k),
-                                      "act_second": arr(batch.act_second, k)}})
+                              "fps": self.fps, "content": content, "row": content})
             ids += self._request("POST", f"/api/projects/{self.project}/queries", {"queries": items})["query_ids"]
         self.posted += room
         return [int(i) for i in ids]
