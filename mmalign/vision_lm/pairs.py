@@ -7,23 +7,24 @@ confined to the data folder); this module adds what needs the model's processor:
 - labels: a pair with label ``l`` < 0.5 is trained the other way round (chosen and rejected swapped, with their
   images) with label ``1 − l``; soft labels stay soft targets (see :mod:`mmalign.vision_lm.objectives`);
 - RRPO phrase tags (``chosen_tagged`` / ``rejected_tagged`` with ``<MASK>…</MASK>``) become segment ids;
-- the out-of-vocabulary rate of prompts and responses (tokens the tokenizer maps to its unknown token), refused
-  above ``max_oov_rate``;
-- over-long pairs (prompt with image tokens + response > ``max_length``) raise naming the row, or are dropped and
-  counted with ``skip_invalid``.
+- one tokenising pass (:func:`scan_pairs`, once the model's adapter exists) that encodes every pair as training will
+  and gives both the length check (over-long pairs raise naming the row, or are dropped and counted with
+  ``skip_invalid``) and the out-of-vocabulary rate (tokens the tokenizer maps to its unknown token; the job refuses
+  it above ``max_oov_rate``).
 
 Images stay :class:`~mmalign.data.LazyImage` references; the collator decodes them per batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 from mmalign.data import DataValidationError, LazyImage, PreferenceDataset
 from mmalign.vision_lm.objectives import PairCollator, PrefPair, decoded
 from mmalign.vision_lm.prompts import format_prompt, response_text
 
-__all__ = ["pairs_from_data", "oov_rate", "check_lengths"]
+__all__ = ["pairs_from_data", "PairScan", "scan_pairs"]
 
 
 def _lazy(values: Any, data: PreferenceDataset) -> list[LazyImage] | None:
@@ -64,41 +65,46 @@ def pairs_from_data(data: PreferenceDataset, processor: Any, *, image_token: str
     return pairs
 
 
-def oov_rate(pairs: Sequence[PrefPair], tokenizer: Any) -> tuple[float, list[str]]:
-    """Fraction of prompt and response tokens that are the tokenizer's unknown token, and up to 10 such words.
+@dataclass
+class PairScan:
+    """What :func:`scan_pairs` found: the pairs that fit ``max_length`` (with their row numbers), how many were
+    dropped, and the out-of-vocabulary rate of their prompt and response tokens with up to 10 such words."""
 
-    0 for tokenizers without an unknown token (byte-level BPE cannot be out of vocabulary).
+    pairs: list[PrefPair]
+    rows: list[int]
+    dropped: int
+    oov_rate: float
+    oov_words: list[str]
+
+
+def _unknown(ids: Any, unk: int | None) -> int:
+    return 0 if unk is None else int((ids == unk).sum())
+
+
+def scan_pairs(adapter: Any, pairs: list[PrefPair], rows: Sequence[int], *, with_retrieved: bool,
+               skip_invalid: bool, source: str = "") -> PairScan:
+    """The one tokenising pass over the data before training: lengths and unknown tokens of every pair.
+
+    Each pair is encoded as the collator will encode it in training (images decoded, the processor run, responses
+    tokenized with EOS, one pair at a time), so the length check is exact: an over-long branch (prompt with its image
+    tokens + response > ``adapter.max_length``) raises :class:`DataValidationError` naming every such row (``rows``:
+    each pair's row number in the user's data), or with ``skip_invalid`` the pair is dropped and counted. The same
+    token ids give the out-of-vocabulary rate: the fraction of prompt and response tokens (image placeholders
+    excluded) that are the tokenizer's unknown token, 0 for tokenizers without one (byte-level BPE).
     """
-    unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None:
-        return 0.0, []
-    total = unknown = 0
-    words: list[str] = []
-    for p in pairs:
-        for text in (p.prompt, p.chosen, p.rejected):
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            total += len(ids)
-            n = sum(1 for t in ids if t == unk)
-            unknown += n
-            if n and len(words) < 10:
-                words += [w for w in text.split() if tokenizer.convert_tokens_to_ids(w) == unk][: 10 - len(words)]
-    return (unknown / total if total else 0.0), words
+    import torch
 
-
-def check_lengths(adapter: Any, pairs: list[PrefPair], rows: Sequence[int], *, with_retrieved: bool,
-                  skip_invalid: bool, source: str = "") -> tuple[list[PrefPair], list[int], int]:
-    """Pairs whose every branch fits ``adapter.max_length`` (encoded one at a time, images decoded per pair).
-
-    ``rows``: each pair's row number in the user's data. Over-long pairs raise :class:`DataValidationError` naming
-    every such row, or with ``skip_invalid`` are dropped; returns ``(kept pairs, their rows, number dropped)``.
-    """
     probe = PairCollator(adapter, with_retrieved=with_retrieved)
+    tokenizer = adapter.tokenizer
+    unk = getattr(tokenizer, "unk_token_id", None)
     old, adapter.skip_invalid = adapter.skip_invalid, False
     kept, kept_rows, problems = [], [], []
+    total = unknown = 0
+    words: list[str] = []
     try:
         for pair, row in zip(pairs, rows):
             try:
-                probe([(0, decoded(pair))])
+                batch = probe([(0, decoded(pair))])
             except ValueError as err:
                 if "max_length" not in str(err):
                     raise
@@ -106,8 +112,18 @@ def check_lengths(adapter: Any, pairs: list[PrefPair], rows: Sequence[int], *, w
                 continue
             kept.append(pair)
             kept_rows.append(row)
+            chosen, rejected = batch["chosen"], batch["rejected"]
+            text = ~torch.isin(chosen.input_ids[0], torch.tensor(adapter.image_token_ids))
+            prompt = chosen.input_ids[0][text & ~chosen.response_mask[0] & chosen.attention_mask[0].bool()]
+            responses = [b.input_ids[0][b.response_mask[0]] for b in (chosen, rejected)]
+            n = _unknown(prompt, unk) + sum(_unknown(r, unk) for r in responses)
+            total += len(prompt) + sum(len(r) for r in responses)
+            unknown += n
+            if n and len(words) < 10:
+                words += [w for t in (pair.prompt, pair.chosen, pair.rejected) for w in t.split()
+                          if tokenizer.convert_tokens_to_ids(w) == unk][: 10 - len(words)]
     finally:
         adapter.skip_invalid = old
     if problems and not skip_invalid:
         raise DataValidationError(problems, len(pairs), source)
-    return kept, kept_rows, len(problems)
+    return PairScan(kept, kept_rows, len(problems), unknown / total if total else 0.0, words[:10])

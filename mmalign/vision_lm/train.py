@@ -94,9 +94,11 @@ class VLMTrainConfig(Config):
 
 
 def prepare_pairs(cfg: VLMTrainConfig, processor: Any) -> tuple[list[Any], list[int], dict[str, float]]:
-    """Read, validate and template the user's data (before any model is built): ``(pairs, row numbers, stats)``."""
+    """Read, validate and template the user's data (before any model is built): ``(pairs, row numbers, stats)``.
+
+    Nothing is tokenized here: lengths and unknown tokens come from the one encoding pass of :func:`_check_pairs`."""
     from mmalign.data import load_preference_data
-    from mmalign.vision_lm.pairs import oov_rate, pairs_from_data
+    from mmalign.vision_lm.pairs import pairs_from_data
     from mmalign.vision_lm.prompts import image_token_of
 
     image_token = image_token_of(processor)
@@ -115,12 +117,8 @@ def prepare_pairs(cfg: VLMTrainConfig, processor: Any) -> tuple[list[Any], list[
         if soft:
             raise ValueError(f"method {cfg.method!r} has no soft-label form; rows {soft[:10]} of {cfg.data} have "
                              "labels strictly between 0 and 1")
-    rate, words = oov_rate(pairs, getattr(processor, "tokenizer", processor))
-    if rate > cfg.max_oov_rate:
-        raise ValueError(f"{rate:.1%} of the prompt/response tokens of {cfg.data} are unknown to the tokenizer "
-                         f"(max_oov_rate={cfg.max_oov_rate}); e.g. {words[:10]}: wrong tokenizer or data?")
     stats = {"data/rows": float(data.report.total), "data/invalid_rows": float(data.report.total - data.report.kept),
-             "data/oov_rate": rate, "data/soft_labels": float(sum(p.label < 1 for p in pairs))}
+             "data/soft_labels": float(sum(p.label < 1 for p in pairs))}
     return pairs, rows, stats
 
 
@@ -186,7 +184,6 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     from mmalign.vision_lm.adapter import VLExample, VLMAdapter
     from mmalign.vision_lm.loading import check_model_source, load_processor, load_vlm
     from mmalign.vision_lm.objectives import PairCollator, PreferenceObjective
-    from mmalign.vision_lm.pairs import check_lengths
     from mmalign.vision_lm.refcache import reference_cache
 
     run_dir = Path(run_dir)
@@ -214,8 +211,7 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     adapter = VLMAdapter(model, processor, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
     n_dropped = 0
     if cfg.data:
-        pairs, rows, n_dropped = check_lengths(adapter, pairs, rows, with_retrieved=cfg.method == "realign",
-                                               skip_invalid=cfg.skip_invalid, source=cfg.data)
+        pairs, rows, n_dropped, stats["data/oov_rate"] = _check_pairs(cfg, adapter, pairs, rows)
     if not cfg.model_path:
         if cfg.sft_steps > 0:
             _sft_phase(cfg, adapter, model, processor, run_dir, resume)
@@ -232,8 +228,7 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     if not cfg.data:
         pairs, stats = _scene_pairs(cfg, adapter)
         if cfg.skip_invalid:
-            pairs, _, n_dropped = check_lengths(adapter, pairs, list(range(len(pairs))),
-                                                with_retrieved=cfg.method == "realign", skip_invalid=True)
+            pairs, _, n_dropped, _ = _check_pairs(cfg, adapter, pairs, list(range(len(pairs))))
     online = None
     if cfg.bdhs_online_prob > 0:
         g, brng = torch.Generator().manual_seed(cfg.seed + 5), np.random.default_rng(cfg.seed + 6)
@@ -265,6 +260,21 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     artifacts = _write_artifacts(trainer, processor, run_dir, base_name, merge=cfg.merge, push_to_hub=cfg.push_to_hub)
     return {**out, **stats, "n_pairs": len(pairs), "skipped_pairs": n_dropped,
             **{f"artifact/{k}": v for k, v in artifacts.items()}}
+
+
+def _check_pairs(cfg: VLMTrainConfig, adapter: Any, pairs: list[Any], rows: list[int]
+                 ) -> tuple[list[Any], list[int], int, float]:
+    """Lengths and unknown tokens of every pair in one encoding pass (see :func:`~mmalign.vision_lm.pairs.scan_pairs`):
+    ``(kept pairs, their rows, number dropped, OOV rate)``; too many unknown tokens refuse the data."""
+    from mmalign.vision_lm.pairs import scan_pairs
+
+    scan = scan_pairs(adapter, pairs, rows, with_retrieved=cfg.method == "realign", skip_invalid=cfg.skip_invalid,
+                      source=cfg.data)
+    if cfg.data and scan.oov_rate > cfg.max_oov_rate:
+        raise ValueError(f"{scan.oov_rate:.1%} of the prompt/response tokens of {cfg.data} are unknown to the "
+                         f"tokenizer (max_oov_rate={cfg.max_oov_rate}); e.g. {scan.oov_words}: wrong tokenizer or "
+                         "data?")
+    return scan.pairs, scan.rows, scan.dropped, scan.oov_rate
 
 
 def _write_artifacts(trainer: Any, processor: Any, out_dir: Path, base_name: str, **kw: Any) -> dict[str, str]:

@@ -87,7 +87,7 @@ def test_jsonl_pairs_with_tags_and_overlong_rows(llava, images, tmp_path):
 
     from mmalign.data import DataValidationError
     from mmalign.vision_lm.adapter import VLMAdapter
-    from mmalign.vision_lm.pairs import check_lengths
+    from mmalign.vision_lm.pairs import scan_pairs
 
     _, imgs = images
     Image.fromarray(imgs[0]).save(tmp_path / "a.png")
@@ -103,12 +103,12 @@ def test_jsonl_pairs_with_tags_and_overlong_rows(llava, images, tmp_path):
     pairs, rownums, stats = prepare_pairs(cfg, llava.processor)
     assert pairs[0].chosen == "a big red circle ." and pairs[0].chosen_segments == [0, 0, 1, 0, 0]
     assert pairs[0].rejected_segments == [0, 0, 1, 0, 0] and pairs[0].retrieved_images[0].load().size == (32, 32)
-    assert stats["data/oov_rate"] == 0 and rownums == [0, 1]
+    assert rownums == [0, 1]
     short = VLMAdapter(llava.model, llava.processor, max_length=40)
     with pytest.raises(DataValidationError, match="row 1: over-long pair"):
-        check_lengths(short, pairs, rownums, with_retrieved=False, skip_invalid=False)
-    kept, kept_rows, dropped = check_lengths(short, pairs, rownums, with_retrieved=False, skip_invalid=True)
-    assert dropped == 1 and kept == pairs[:1] and kept_rows == [0]
+        scan_pairs(short, pairs, rownums, with_retrieved=False, skip_invalid=False)
+    scan = scan_pairs(short, pairs, rownums, with_retrieved=False, skip_invalid=True)
+    assert scan.dropped == 1 and scan.pairs == pairs[:1] and scan.rows == [0] and scan.oov_rate == 0
     (tmp_path / "bad.jsonl").write_text(json.dumps({"prompt": "x"}))
     with pytest.raises(DataValidationError, match="missing field 'chosen'"):
         prepare_pairs(_cfg(data=str(tmp_path / "bad.jsonl")), llava.processor)
