@@ -153,6 +153,16 @@ def results_section(results: dict[str, dict], cfg: HallucBenchConfig, header: st
     return "\n".join(lines)
 
 
+def refusal_section(results: dict[str, dict]) -> str:
+    """The claims table when no preference row may be reported (a gate failed, or rows are missing)."""
+    failed = sorted({g for r in results.values() for g, ok in r["gates"].items() if not ok})
+    why = ("the base model fails " + "; ".join(failed)) if failed else "the method rows have not run on every seed"
+    lines = ["## Verdicts per paper claim", "", f"Not tested: {why} (see the gates below), so the script reports "
+             "no preference row.", "", "| claim | paper | verdict |", "|---|---|---|"]
+    lines += [f"| {claim} | {paper} | not tested |" for claim, (_, paper) in CLAIMS.items()]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "vision_lm" / "benchmark_halluc.yaml"))
@@ -193,10 +203,12 @@ def main(argv: list[str] | None = None) -> int:
               f"(half prior-violating); machine: {machine()}, CPU only, 1 torch thread, shared 2-core machine; "
               f"CPU time {cpu / 60:.1f} min in all ({cpu / len(seeds) / 60:.1f} min per seed, base builds "
               "included where not cached).")
-    sections = [("halluc_gates", gate_section(results, cfg, header))]
     ok = gates_passed(results)
     if ok and all(cfg.methods and set(cfg.methods) <= set(r["rows"]) for r in results.values()):
-        sections.append(("halluc_results", results_section(results, cfg, header)))
+        verdicts = results_section(results, cfg, header)
+    else:
+        verdicts = refusal_section(results)
+    sections = [("halluc_results", verdicts), ("halluc_gates", gate_section(results, cfg, header))]
     for key, body in sections:
         if args.no_doc:
             print(body)

@@ -51,7 +51,9 @@ def test_failed_gate_refuses_preference_rows(bench, tmp_path, monkeypatch):
     assert bench.main(_args(tmp_path)) == 3
     text = doc.read_text()
     assert "FAIL: pope_random_violating >= 0.85" in text and "no preference row is reported" in text
-    assert "halluc_results" not in text and "Verdicts" not in text
+    assert "Not tested: the base model fails pope_random_violating >= 0.85" in text
+    assert "| robust DPO: recovers from flipped labels | unbiased loss under flip rate eps | not tested |" in text
+    assert "Δ vs DPO" not in text and "### Methods" not in text
     seed0 = json.loads((tmp_path / "runs" / "seed0.json").read_text())
     assert seed0["rows"] == {}
 
