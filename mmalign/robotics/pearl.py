@@ -63,6 +63,9 @@ class PearlConfig(Config):
     awr_beta: float = option(1.0, "AWR temperature on standardised advantages")
     policy_timesteps: int = option(0, "online PPO timesteps per target policy (0 = skip PPO policies)")
     policy_eval_episodes: int = option(20, "deterministic evaluation episodes per target policy")
+    label_flip: float = option(0.0, "probability that the simulated human's label of a pair is flipped (source "
+                               "pairs, and the target pairs of the true-label rewards): label noise for the Gaussian "
+                               "vs BT robustness comparison")
     seed: int = option(0, "seed of data, labels and training")
 
     def __post_init__(self) -> None:
@@ -76,6 +79,8 @@ class PearlConfig(Config):
         check_nonnegative("policy_timesteps", self.policy_timesteps)
         check_nonnegative("offline_policy_steps", self.offline_policy_steps)
         check_nonnegative("offline_rollouts", self.offline_rollouts)
+        if not 0.0 <= self.label_flip < 0.5:
+            raise ValueError(f"label_flip must be in [0, 0.5), got {self.label_flip!r}")
         if self.gw_solver == "batched" and min(self.n_source, self.n_target) // self.gw_chunks < 2:
             raise ValueError(f"gw_chunks={self.gw_chunks} leaves fewer than 2 trajectories per GW problem "
                              f"(n_source={self.n_source}, n_target={self.n_target}); lower gw_chunks")
@@ -261,6 +266,11 @@ def _true_labels(returns: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     return np.where(d > 0, 1.0, np.where(d < 0, 0.0, 0.5))
 
 
+def _flip(labels: np.ndarray, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """Each label replaced by ``1 - label`` with probability ``rate`` (a tie stays a tie)."""
+    return np.where(rng.random(len(labels)) < rate, 1.0 - labels, labels) if rate else labels
+
+
 def _reward_stats(net: Any, feats: np.ndarray) -> tuple[float, float]:
     """Mean and std of the learned per-step mean reward over target rollouts ``feats (N, T, 4)``.
 
@@ -302,7 +312,9 @@ def run(cfg: PearlConfig, run_dir: Path, resume: bool = False) -> dict[str, floa
     tgt = collect_trajectories(cfg.target_env_id, cfg.n_target, cfg.seed + 1, cfg.steps, render=False)
     ev = collect_trajectories(cfg.target_env_id, cfg.n_eval, cfg.seed + 2, cfg.steps, render=False)
     src_pairs = _random_pairs(cfg.n_source, cfg.num_source_prefs, rng)
-    src_labels = _true_labels(src.true_returns, src_pairs)  # simulated human on the source task only
+    noise = np.random.default_rng(cfg.seed + 7919)  # own stream: label_flip=0 leaves every other draw as it was
+    # simulated human on the source task only
+    src_labels = _flip(_true_labels(src.true_returns, src_pairs), cfg.label_flip, noise)
     metrics: dict[str, float] = {"data/collect_s": time.time() - t0}
 
     t1 = time.time()
@@ -337,12 +349,14 @@ def run(cfg: PearlConfig, run_dir: Path, resume: bool = False) -> dict[str, floa
     metrics["pearl/label_accuracy"] = float(((transferred > 0.5) == (truth > 0.5))[decided].mean())
     metrics["pearl/label_valid_fraction"] = float(keep.mean())
     metrics["pearl/label_mean_abs_margin"] = float(np.abs(transferred - 0.5).mean())
+    noisy_truth = _flip(truth, cfg.label_flip, noise)  # what a noisy human would answer on the target pairs
 
     f_tgt, f_ev, f_src = step_features(tgt.positions), step_features(ev.positions), step_features(src.positions)
     nets = {
         "pearl": train_reward(f_tgt, tgt_pairs, transferred, cfg, gaussian=True, seed=cfg.seed),
         "pearl_bt": train_reward(f_tgt, tgt_pairs, transferred, cfg, gaussian=False, seed=cfg.seed),
-        "true_labels": train_reward(f_tgt, tgt_pairs, truth, cfg, gaussian=True, seed=cfg.seed),
+        "true_labels": train_reward(f_tgt, tgt_pairs, noisy_truth, cfg, gaussian=True, seed=cfg.seed),
+        "true_labels_bt": train_reward(f_tgt, tgt_pairs, noisy_truth, cfg, gaussian=False, seed=cfg.seed),
         "no_transfer": train_reward(f_src, src_pairs, src_labels, cfg, gaussian=True, seed=cfg.seed),
     }
     for name, net in nets.items():

@@ -147,3 +147,26 @@ def test_reward_and_awr_training_leave_the_callers_global_rng_alone() -> None:
     x = (torch.as_tensor(o) - torch.as_tensor(o).mean(0)) / torch.as_tensor(o).std(0).clamp_min(1e-3)
     with torch.no_grad():
         np.testing.assert_allclose(act(o), torch.tanh(policy(x)).numpy(), atol=1e-6)
+
+
+def test_label_flip_noise() -> None:
+    from mmalign.robotics.pearl import _flip
+
+    labels = np.array([1.0, 0.0, 0.5] * 2000)
+    assert _flip(labels, 0.0, np.random.default_rng(0)) is labels
+    noisy = _flip(labels, 0.3, np.random.default_rng(0))
+    changed = noisy != labels
+    assert 0.27 < changed[labels != 0.5].mean() < 0.33  # flips at the rate
+    assert (noisy[labels == 0.5] == 0.5).all() and set(np.unique(noisy)) == {0.0, 0.5, 1.0}
+    with pytest.raises(ValueError, match="label_flip"):
+        PearlConfig(label_flip=0.5)
+
+
+def test_label_flip_run_adds_noise_only_to_labels(tmp_path) -> None:
+    cfg = dict(n_source=16, n_target=16, n_eval=10, steps=8, num_source_prefs=60, num_target_pairs=40,
+               reward_steps=5, batch_size=8)
+    clean = run(PearlConfig(**cfg), tmp_path / "clean")
+    noisy = run(PearlConfig(label_flip=0.3, **cfg), tmp_path / "noisy")
+    assert clean["pearl/label_valid_fraction"] == noisy["pearl/label_valid_fraction"]  # same data and pairs
+    assert clean["reward/spearman_task_reward"] == noisy["reward/spearman_task_reward"]
+    assert "reward/spearman_true_labels_bt" in noisy
