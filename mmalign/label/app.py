@@ -293,10 +293,13 @@ class SecurityHeaders:
 
 def _render_states(kind: str, items: list[Any]) -> dict[int, tuple[Any, Any]]:
     """Clips of the clip queries sent as states (``env_id`` + recorded ``qpos_*``/``qvel_*`` or ``obs_*`` in the
-    content), rendered in one child process per env id (starting the renderer costs more than drawing a query)."""
+    content, no ``frames_*``: given frames are shown as given, as by ``label push``), rendered in one child process
+    per env id (starting the renderer costs more than drawing a query)."""
     by_env: dict[str, list[int]] = {}
     for n, item in enumerate(items):
-        if kind == "clip" and item.get("env_id"):
+        content = item.get("content") or {}
+        framed = content.get("frames_first") is not None and content.get("frames_second") is not None
+        if kind == "clip" and item.get("env_id") and not framed:
             by_env.setdefault(str(item["env_id"]), []).append(n)
     out: dict[int, tuple[Any, Any]] = {}
     if by_env:
