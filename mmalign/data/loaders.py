@@ -18,7 +18,7 @@ from typing import Any, Mapping, Sequence
 from mmalign.data.columns import map_columns
 from mmalign.data.validation import KINDS, ValidationReport, validate_rows
 
-__all__ = ["PreferenceDataset", "load_preference_data", "read_rows", "write_jsonl", "is_hub_id"]
+__all__ = ["PreferenceDataset", "load_preference_data", "read_rows", "write_jsonl", "is_hub_id", "hub_folder"]
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?$")
@@ -32,7 +32,7 @@ class PreferenceDataset:
     rows: list[Mapping[str, Any]]
     report: ValidationReport
     source: str = ""
-    base_dir: Path | None = None  # the folder relative media paths resolve against (None: Hub data sets)
+    base_dir: Path | None = None  # the folder relative media paths resolve against and are confined to
     allow_outside: bool = False  # media paths may leave base_dir
 
     def __len__(self) -> int:
@@ -95,6 +95,22 @@ def _load_dataset(name: str, split: str | None) -> list[dict[str, Any]]:
     return _arrow_rows(_pick_split(ds, split, name))
 
 
+def hub_folder(name: str) -> Path:
+    """The local folder of Hub data set ``name`` that its media paths resolve against and may not leave.
+
+    ``datasets.load_dataset`` downloads a Hub data set's files into the Hugging Face Hub cache, a snapshot folder per
+    revision (``<cache>/datasets--owner--name/snapshots/<commit>``); relative paths in its rows name files of that
+    repository, so they resolve against the snapshot of the revision loaded (``main``). Without one in the cache, the
+    repository's cache folder (which then holds no file): every path is refused unless ``allow_outside``.
+    """
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(name, repo_type="dataset", local_files_only=True))
+    except Exception:  # noqa: BLE001  (no local snapshot: nothing a path could name is known to be the data set's)
+        return Path(constants.HF_HUB_CACHE) / f"datasets--{name.replace('/', '--')}"
+
+
 def read_rows(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
     """Raw rows of a ``.jsonl``/``.json`` file, a ``.parquet`` file, a ``datasets.save_to_disk`` folder, a folder of
     data files in a Hub data set layout, or a Hub id (see the module docstring)."""
@@ -152,14 +168,15 @@ def load_preference_data(
     """Read, map columns, and validate preference data; bad rows raise (listing every one) unless ``skip_invalid``.
 
     ``columns``: ``{expected field: column}`` (see :mod:`mmalign.data.columns`). Media paths resolve against the data
-    file's folder (a data folder itself) and may not leave it unless ``allow_outside``. ``image_token``: the model's
+    file's folder (a data folder itself; a Hub data set's local snapshot, see :func:`hub_folder`) and may not leave it
+    unless ``allow_outside``. ``image_token``: the model's
     placeholder counted in string prompts. Nothing is decoded: image values stay bytes or paths.
     """
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
     hub = is_hub_id(path)
     rows = map_columns(read_rows(path, split), columns, source=str(path))
-    base = None if hub else (Path(path) if Path(path).is_dir() else Path(path).parent)
+    base = hub_folder(str(path)) if hub else (Path(path) if Path(path).is_dir() else Path(path).parent)
     kept, report = validate_rows(kind, rows, skip_invalid=skip_invalid, base_dir=base, source=str(path),
                                  allow_outside=allow_outside, image_token=image_token)
     if report.dropped:

@@ -35,7 +35,9 @@ def resolve_media_path(value: str | Path, base_dir: Path | None, *, allow_outsid
 
     ``base_dir`` None (rows built in Python, no data file) leaves the path as given. Otherwise the path, with every
     symlink resolved, must lie inside ``base_dir`` (itself resolved): ``../x.png``, ``/etc/x.png`` or a link
-    pointing out of the folder raise :class:`PathEscapeError` naming the path, unless ``allow_outside``.
+    pointing out of the folder raise :class:`PathEscapeError` naming the path, unless ``allow_outside``. A Hub data
+    set's snapshot folder in the Hub cache (``datasets--owner--name/snapshots/<commit>``) confines to its repository
+    folder: the snapshot's files are links into that repository's ``blobs/``.
     """
     path = Path(value)
     if base_dir is None:
@@ -44,6 +46,8 @@ def resolve_media_path(value: str | Path, base_dir: Path | None, *, allow_outsid
     if allow_outside:
         return full
     root = base_dir.resolve()
+    if root.parent.name == "snapshots" and root.parent.parent.name.startswith("datasets--"):
+        root = root.parent.parent  # a Hub cache snapshot: its files are links into the repository's blobs/ folder
     real = full.resolve()
     if not real.is_relative_to(root):
         how = "an absolute path" if path.is_absolute() else "a link" if ".." not in path.parts else "a '..' path"

@@ -198,3 +198,69 @@ def test_prompt_rows_for_generation_and_evaluation(tmp_path: Path) -> None:
     kept = load_preference_data(tmp_path / "pope.jsonl", "prompt", columns={"prompt": "question", "images": "image"},
                                 skip_invalid=True)
     assert len(kept) == 1 and kept.rows[0]["answer"] == "yes" and kept.rows[0]["images"] == ["a.png"]
+
+
+def _hub_repo(root: Path, rows: list[dict], images: dict[str, bytes]) -> Path:
+    """A data set repository as the Hub cache lays it out: snapshots/<commit>/<file> links into blobs/."""
+    repo = root / "datasets--me--prefs"
+    snap = repo / "snapshots" / "c0ffee"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("c0ffee")
+    files = {"data/train.jsonl": "\n".join(json.dumps(r) for r in rows).encode(), **images}
+    for i, (name, content) in enumerate(files.items()):
+        blob = repo / "blobs" / f"blob{i}"
+        blob.parent.mkdir(parents=True, exist_ok=True)
+        blob.write_bytes(content)
+        (snap / name).parent.mkdir(parents=True, exist_ok=True)
+        (snap / name).symlink_to(os.path.relpath(blob, (snap / name).parent))
+    return snap
+
+
+@pytest.mark.parametrize("source", ["hub_id", "hub_layout_folder"])
+def test_hub_data_set_image_paths_are_confined_to_its_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             source: str) -> None:
+    """A Hub data set whose image column holds paths: they resolve against its local folder (the snapshot in the
+    Hub cache for a Hub id, the folder itself for a local copy) and may not leave it unless allow_outside."""
+    import huggingface_hub.constants
+
+    from mmalign.data import loaders
+
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(_png_bytes(COLORS[0]))
+    rows = [{"prompt": "p", "chosen": "c", "rejected": "r", "images": ["images/a.png"]},
+            {"prompt": "p", "chosen": "c", "rejected": "r", "images": ["../../../../secret.png"]},
+            {"prompt": "p", "chosen": "c", "rejected": "r", "images": [str(secret)]}]
+    cache = tmp_path / "hub"
+    snap = _hub_repo(cache, rows, {"images/a.png": _png_bytes(COLORS[1])})
+    if source == "hub_id":
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+        # what datasets.load_dataset returns for it (offline tests cannot ask the Hub): the snapshot's rows
+        monkeypatch.setattr(loaders, "_load_dataset", lambda name, split: loaders.read_rows(snap / "data/train.jsonl"))
+        name: str | Path = "me/prefs"
+        assert loaders.hub_folder("me/prefs") == snap
+    else:
+        name = snap
+    with pytest.raises(DataValidationError) as err:
+        load_preference_data(name, "text")
+    assert [i for i, _ in err.value.problems] == [1, 2]
+    assert all("outside the data folder" in why for _, why in err.value.problems)
+    kept = load_preference_data(name, "text", skip_invalid=True)
+    assert len(kept) == 1 and kept.base_dir == snap
+    assert tuple(np.asarray(LazyImage(kept.rows[0]["images"][0], kept.base_dir).load())[0, 0]) == COLORS[1]
+    everything = load_preference_data(name, "text", allow_outside=True)
+    assert len(everything) == 3 and tuple(np.asarray(LazyImage(
+        everything.rows[2]["images"][0], everything.base_dir, allow_outside=True).load())[0, 0]) == COLORS[0]
+
+
+def test_a_hub_data_set_without_a_local_snapshot_refuses_every_path(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    from mmalign.data import loaders
+
+    (tmp_path / "a.png").write_bytes(_png_bytes(COLORS[0]))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(loaders, "_load_dataset", lambda name, split: [
+        {"prompt": "p", "chosen": "c", "rejected": "r", "images": [str(tmp_path / "a.png")]}])
+    with pytest.raises(DataValidationError, match="row 0: .*outside the data folder"):
+        load_preference_data("me/prefs", "text")
