@@ -11,9 +11,11 @@ used: ``frames_*`` (the clips people watched; a vector model cannot read pixels)
 simulator states the clips were drawn from), ``rewards_*`` (true rewards, which a reward learned from preferences
 must not see) and the labelling metadata (``id``, ``num_labels``, ``comments``). Per-step columns must have one row
 per observation (a file whose states or frames belong to other segments is refused, naming the row); every unused
-column is listed in the log and in the summary (``data/unused_columns``). Fitting is :class:`~mmalign.robotics.reward_trainer.RewardTrainer`'s
-observation standardisation plus :func:`mmalign.core.reward_models.fit_reward_model` on a seeded train / held-out
-split; the result is ``<run>/reward_model/`` (``save_pretrained``: config.json + model.safetensors), which
+column is listed in the log and in the summary (``data/unused_columns``).
+
+Fitting is :class:`~mmalign.robotics.reward_trainer.RewardTrainer`'s observation standardisation plus
+:func:`mmalign.core.reward_models.fit_reward_model` on a seeded train / held-out split; the result is
+``<run>/reward_model/`` (``save_pretrained``: config.json + model.safetensors), which
 ``gymnasium.make("mmalign/LearnedReward-v0", env_id=..., reward_model=<folder>)`` and
 :class:`~mmalign.robotics.LearnedRewardWrapper` load to train any agent.
 """

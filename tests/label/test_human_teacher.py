@@ -124,7 +124,8 @@ def test_human_teacher_is_registered_with_the_core_teachers() -> None:
     assert "mmalign.core.teachers.human" not in registry._PLUGIN_MODULES  # no plugin of its own
 
 
-def test_pebble_run_asks_about_a_task_drawn_from_recorded_states(app_env, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pebble_run_asks_about_a_task_drawn_from_recorded_states(  # type: ignore[no-untyped-def]
+        app_env, tmp_path: Path) -> None:
     """Pusher does not observe its full state: the run records qpos/qvel beside its buffer for the human teacher, and
     each posted pair carries the states of exactly the steps its observations come from."""
     from mmalign.cli import run_job
