@@ -12,6 +12,7 @@ docs/benchmarks/visuomotor.md.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
 import numpy as np
@@ -21,16 +22,12 @@ from mmalign.robotics.ot import cosine_cost, ot_plan
 from doc_sections import machine, now, visuomotor_section as write_section
 
 
-def _time(fn, repeats: int) -> tuple[float, object]:  # noqa: ANN001
-    out = fn()  # warm-up
-    best = float("inf")
-    for _ in range(repeats):
-        t = time.perf_counter()
-        out = fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t)
-    return best, out
+def _once(fn) -> tuple[float, object]:  # noqa: ANN001
+    t = time.perf_counter()
+    out = fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, out
 
 
 def main() -> None:
@@ -52,7 +49,6 @@ def main() -> None:
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randn(args.pairs, args.frames, args.dim, generator=g)
     y = torch.randn(args.pairs, args.frames, args.dim, generator=g)
-    rows = []
     cost_np = cosine_cost(x, y).double().numpy()
     a = np.full(args.frames, 1.0 / args.frames)
 
@@ -62,44 +58,67 @@ def main() -> None:
         return np.stack([ot.sinkhorn(a, a, c, args.reg, method="sinkhorn_log", numItermax=args.iters, stopThr=0.0)
                          for c in cost_np[:k]])
 
-    torch.set_num_threads(1)
-    t_loop, plans_loop = _time(loop, 1)
-    t_loop *= args.pairs / k  # per-pair cost is constant, so the loop time scales linearly with the pair count
-    scaled = f", timed on {k} pairs and scaled x{args.pairs / k:g}" if k != args.pairs else ""
-    rows.append((f"NumPy POT `ot.sinkhorn` per-pair loop (float64{scaled})", "cpu", 1, t_loop))
+    systems: list[tuple[str, str, int, object]] = [
+        (f"NumPy POT `ot.sinkhorn` per-pair loop (float64{', timed on %d pairs and scaled x%g' % (k, args.pairs / k) if k != args.pairs else ''})",
+         "cpu", 1, loop)]
     for threads in args.threads:
-        torch.set_num_threads(threads)
         for dtype in (torch.float32, torch.float64):
             def ours(dtype: torch.dtype = dtype) -> torch.Tensor:
                 return ot_plan(cosine_cost(x.to(dtype), y.to(dtype)), args.reg, args.iters)
 
-            t, plans = _time(ours, args.repeats)
-            err = float(np.abs(plans[:k].double().numpy() - plans_loop).max())
-            rows.append((f"mmalign `ot_plan` = POT `ot.batch.solve_batch` log-Sinkhorn (torch {str(dtype)[6:]}; "
-                         f"max |plan diff| {err:.1e})", "cpu", threads, t))
+            systems.append((f"mmalign `ot_plan` = POT `ot.batch.solve_batch` log-Sinkhorn (torch {str(dtype)[6:]})",
+                            "cpu", threads, ours))
     if torch.cuda.is_available():
         xc, yc = x.cuda(), y.cuda()
-        t, _ = _time(lambda: ot_plan(cosine_cost(xc, yc), args.reg, args.iters), args.repeats)
-        rows.append(("mmalign `ot_plan` (POT batch, torch float32)", torch.cuda.get_device_name(), 0, t))
+        systems.append(("mmalign `ot_plan` (POT batch, torch float32)", torch.cuda.get_device_name(), 0,
+                        lambda: ot_plan(cosine_cost(xc, yc), args.reg, args.iters)))
+    # interleaved rounds (loop, batched, batched, ...) so that load changes hit every system alike; each round gives
+    # one speed-up per system (loop time of that round / the system's time), reported as the median over rounds
+    times: list[list[float]] = [[] for _ in systems]
+    errs: list[float] = [0.0 for _ in systems]
+    for _, _, threads, fn in systems[1:]:  # warm-up of the torch paths
+        torch.set_num_threads(max(threads, 1))
+        fn()
+    for _ in range(args.repeats):
+        plans_loop = None
+        for i, (_, _, threads, fn) in enumerate(systems):
+            torch.set_num_threads(max(threads, 1))
+            t, out = _once(fn)
+            if i == 0:
+                t *= args.pairs / k  # per-pair cost is constant: the loop time scales linearly with the pair count
+                plans_loop = out
+            else:
+                errs[i] = max(errs[i], float(np.abs(out[:k].double().cpu().numpy() - plans_loop).max()))
+            times[i].append(t)
+    loop_t = np.array(times[0])
+    rows = []
+    for i, (name, device, threads, _) in enumerate(systems):
+        t = np.array(times[i])
+        err = f"; max abs plan diff {errs[i]:.1e}" if i else ""
+        rows.append((name.replace(")", err + ")", 1) if i and name.endswith(")") else name, device, threads,
+                     float(np.median(t)), float(np.median(loop_t / t)), float((loop_t / t).min()),
+                     float((loop_t / t).max())))
     for r in rows:
-        print(f"{r[0]:<75} {r[1]:>6} threads={r[2]} {r[3] * 1e3:9.1f} ms  x{t_loop / r[3]:.1f}")
+        print(f"{r[0]:<95} {r[1]:>6} threads={r[2]} {r[3] * 1e3:9.1f} ms  x{r[4]:.1f} [{r[5]:.1f}, {r[6]:.1f}]")
     if args.no_write:
         return
     lines = [
         "## Batched OT speed (`scripts/bench_ot.py`)",
         "",
         f"Command: `python scripts/bench_ot.py --pairs {args.pairs} --frames {args.frames} --dim {args.dim} "
-        f"--threads {' '.join(map(str, args.threads))} --loop-pairs {args.loop_pairs}`; seed {args.seed}; {now()}; {machine()}; shared 2-core "
+        f"--threads {' '.join(map(str, args.threads))} --loop-pairs {args.loop_pairs} --repeats {args.repeats}`; seed {args.seed}; {now()}; {machine()}; shared 2-core "
         "CPU with other engineers' jobs running (absolute times are noisy; ratios within the run are the point). "
         f"Problem: {args.pairs} pairs of {args.frames}x{args.frames} OT, cosine cost of {args.dim}-d features "
         f"(cost computation included), reg {args.reg}, {args.iters} log-domain Sinkhorn iterations (fixed, no early "
-        f"stop), best of {args.repeats} (the loop: 1 run). GPU: "
+        f"stop); {args.repeats} interleaved rounds (loop, then each batched variant, per round); time = median "
+        "over rounds, speed-up = median (min–max) over rounds of the round's loop time / the variant's time; "
+        f"1-min load average {os.getloadavg()[0]:.1f} at the end. GPU: "
         f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none available to this run'}.",
         "",
-        "| solver | device | torch threads | time (ms) | speed-up vs loop |",
+        "| solver | device | torch threads | time (ms) | speed-up vs loop (min–max) |",
         "|---|---|---|---|---|",
     ]
-    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3] * 1e3:.1f} | {t_loop / r[3]:.1f}x |" for r in rows]
+    lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3] * 1e3:.1f} | {r[4]:.1f}x ({r[5]:.1f}–{r[6]:.1f}) |" for r in rows]
     write_section("bench_ot", "\n".join(lines))
 
 

@@ -38,10 +38,11 @@ def run_one(args: argparse.Namespace, seed: int, arm: str, n: int) -> dict:
     if (run_dir / "metrics.json").is_file():
         return json.loads((run_dir / "metrics.json").read_text())
     cfg = RaplConfig(seed=seed, num_prefs=n, train_epochs=args.epochs, n_train_traj=args.n_train,
-                     n_eval_traj=args.n_eval, data_cache=args.cache, run_rapl=n in args.rapl_budgets,
+                     n_eval_traj=args.n_eval, image_size=args.image_size, data_cache=args.cache, run_rapl=n in args.rapl_budgets,
                      run_bt_baseline=n in args.bt_budgets, bt_model="encoder",
                      pretrain_steps=args.pretrain_steps if arm == "pre" else 0,
-                     pretrain_temperature=args.pretrain_temperature, pretrain_window=args.pretrain_window)
+                     pretrain_temperature=args.pretrain_temperature, pretrain_window=args.pretrain_window,
+                     pretrain_cross_traj=args.pretrain_cross)
     c0 = time.process_time()
     m = run(cfg, run_dir)
     m["time/cpu_s"] = time.process_time() - c0
@@ -121,12 +122,14 @@ def section(res: dict, args: argparse.Namespace, plan) -> str:  # noqa: ANN001
         f"{plan.describe()}; {now()}; {machine()}; shared {os.cpu_count()}-core CPU, each run single-threaded; "
         f"CPU time of this table {cpu_h:.2f} h ({len(runs)} runs under `{args.out}/`).",
         "",
-        f"Setup: {args.n_train} scripted PushAvoidPoint-v0 rollouts (30 frames, 64x64) for triplets; {args.n_eval} "
+        f"Setup: {args.n_train} scripted PushAvoidPoint-v0 rollouts (30 frames, {args.image_size}x{args.image_size}) "
+        f"for triplets; {args.n_eval} "
         "held-out rollouts per embodiment. Encoder: tiny CNN + 32-d head with embedding normalisation. "
         f"**Pre-training (no preferences):** {args.pretrain_steps} Adam steps of time-contrastive InfoNCE "
         f"(positives 1–{args.pretrain_window} steps apart, the rollout's far frames and other rollouts as negatives, "
         f"τ {args.pretrain_temperature:g}, 32 rollouts × 2 anchors per step) on the frames of the {args.n_train} "
-        "training rollouts plus 80 unlabelled 2-link-arm rollouts (none of them held out); final in-batch accuracy "
+        f"training rollouts plus {args.pretrain_cross} unlabelled 2-link-arm rollouts (none of them held out); final "
+        "in-batch accuracy "
         f"{fmt_ci(pre_acc)}. **Alignment:** RAPL's OT-BT triplet loss (cosine cost, reg 0.05, 50 Sinkhorn "
         "iterations, every 2nd frame), reward = OT similarity to the 6 top-return demos. **BT:** linear per-frame "
         "reward head on the same encoder (pre-trained or random init), trained end to end with BT on each triplet's "
@@ -168,6 +171,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=float, default=32.0, help="passes over the triplets (every arm)")
     ap.add_argument("--n-train", type=int, default=160)
     ap.add_argument("--n-eval", type=int, default=80)
+    ap.add_argument("--image-size", type=int, default=64, help="rendered frame size (pixels)")
+    ap.add_argument("--pretrain-cross", type=int, default=80, help="unlabelled 2-link-arm rollouts in pre-training")
     ap.add_argument("--out", default="runs/bench_rapl_pre")
     ap.add_argument("--cache", default="runs/bench_rapl_pre/cache", help="rendered rollouts and pre-trained encoders")
     ap.add_argument("--section", default="bench_rapl", help="docs section key")
@@ -180,16 +185,19 @@ def main() -> None:
         ap.error(str(err))
     torch.set_num_threads(1)
     res: dict[tuple[int, str, int], dict] = {}
-    for seed in plan.seeds:
-        for arm in args.arms:
-            for n in sorted(set(args.rapl_budgets) | set(args.bt_budgets)):
-                if args.from_runs:
-                    f = Path(args.out) / f"seed{seed}_{arm}{n}" / "metrics.json"
-                    if f.is_file():
-                        res[(seed, arm, n)] = json.loads(f.read_text())
-                    continue
-                res[(seed, arm, n)] = m = run_one(args, seed, arm, n)
-                print(seed, arm, n, json.dumps({k: round(v, 3) for k, v in m.items() if "spearman" in k}), flush=True)
+    keys = [(seed, arm, n) for seed in plan.seeds for arm in args.arms
+            for n in sorted(set(args.rapl_budgets) | set(args.bt_budgets))]
+    # the runs the verdict needs first (every seed), then the rest: a run cut short still yields the verdict
+    verdict_bt = {n for n in args.bt_budgets if n % args.ratio == 0 and n // args.ratio in args.rapl_budgets}
+    keys.sort(key=lambda k: (not (k[1] == "pre" or k[2] in verdict_bt), k[0]))
+    for seed, arm, n in keys:
+        if args.from_runs:
+            f = Path(args.out) / f"seed{seed}_{arm}{n}" / "metrics.json"
+            if f.is_file():
+                res[(seed, arm, n)] = json.loads(f.read_text())
+            continue
+        res[(seed, arm, n)] = m = run_one(args, seed, arm, n)
+        print(seed, arm, n, json.dumps({k: round(v, 3) for k, v in m.items() if "spearman" in k}), flush=True)
     print(section(res, args, plan))
     if args.no_write or not plan.reporting:
         return  # a development run informs choices; it is never written as the reported table

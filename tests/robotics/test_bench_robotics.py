@@ -94,6 +94,7 @@ def _rapl_metrics(rapl: float | None, bt: float | None) -> dict:
 def test_rapl_verdict_is_a_paired_non_inferiority_test(load_script, monkeypatch):
     rapl = load_script("bench_rapl")
     args = argparse.Namespace(rapl_budgets=[10], bt_budgets=[10, 50], ratio=5, margin=0.05, n_train=160, n_eval=80,
+                              image_size=32, pretrain_cross=60,
                               pretrain_steps=500, pretrain_window=2, pretrain_temperature=0.1, epochs=32.0,
                               out="runs/x", cmdline="--report-seeds 5 6 7")
     seeds = (5, 6, 7)
