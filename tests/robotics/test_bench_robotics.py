@@ -156,3 +156,23 @@ def test_cpl_script_refuses_a_doc_without_reporting_seeds(load_script, monkeypat
     with pytest.raises(SystemExit):
         cpl.main()
     assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_pearl_noise_sweep_table_pairs_gaussian_and_bt(load_script, tmp_path, monkeypatch):
+    pearl = load_script("bench_pearl")
+    keys = ("pearl/label_accuracy", "reward/spearman_pearl", "reward/spearman_pearl_bt", "reward/spearman_true_labels",
+            "reward/spearman_true_labels_bt", "reward/spearman_no_transfer")
+    for seed, g in ((10, 0.6), (11, 0.7)):
+        run_dir = tmp_path / "noise_raw_flip0.2" / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        vals = dict(zip(keys, (0.6, g, g - 0.1, 0.8, 0.8, 0.0)))
+        (run_dir / "metrics.json").write_text(json.dumps({**vals, "time/cpu_s": 1800.0}))
+    written = {}
+    monkeypatch.setattr(pearl, "write_section", lambda name, body: written.update({name: body}))
+    monkeypatch.setattr(sys, "argv", ["bench_pearl.py", "--flips", "0.2", "--report-seeds", "10", "11", "--sized-down",
+                                      "unit test", "--from-runs", "--out", str(tmp_path)])
+    pearl.main()
+    text = written["bench_pearl_noise"]
+    row = next(ln for ln in text.splitlines() if ln.startswith("| raw | 0.2 |"))
+    assert "+0.10 ± 0.00 (n=2, 2/2 seeds > 0)" in row and "+0.65 ± 0.64 (n=2)" in row
+    assert "CPU time of this table 1.00 h (2 runs)" in text
