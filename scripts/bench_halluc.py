@@ -163,6 +163,38 @@ def refusal_section(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespace, run_dir: Path) -> int:
+    """``--base-only``: one tuning row per seed (base metrics, gates, build CPU time) -> section halluc_tuning."""
+    log = run_dir / "tuning.jsonl"
+    for seed in seeds:
+        data = H.make_data(cfg.base, seed, 1, cfg.n_test_scenes)
+        adapter, info = H.build_base(cfg.base, seed, data, Path(args.cache_dir))
+        row = {"overrides": args.overrides, "seed": seed, "base": H.evaluate(adapter, data, seed, cfg.base.generator()),
+               "info": info}
+        row["gates"] = H.gates(row["base"])
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({k: row[k] for k in ("overrides", "seed", "gates")}), flush=True)
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    cols = BASE_COLS[:5]
+    lines = ["## What it took to pass the gates", "",
+             f"Each row: `nice -n 10 python scripts/bench_halluc.py --seeds dev --base-only --only-seed SEED "
+             f"<overrides>` (base model only, {cfg.n_test_scenes} test scenes; dev seeds, never report seeds); "
+             f"machine: {machine()}, 1 torch thread. CPU s = the base model's build time.", "",
+             "| overrides | seed | " + " | ".join(c for _, c in cols) + " | gates passed | CPU s |",
+             "|---|---|" + "---|" * (len(cols) + 2)]
+    for r in rows:
+        lines.append(f"| `{' '.join(r['overrides']) or '(config)'}` | {r['seed']} | "
+                     + " | ".join(f"{r['base'][k]:.3f}" for k, _ in cols)
+                     + f" | {sum(r['gates'].values())}/{len(r['gates'])} | {r['info'].get('build_cpu_s', 0):.0f} |")
+    body = "\n".join(lines)
+    if args.no_doc:
+        print(body)
+    else:
+        write_marked_section(DOC, "halluc_tuning", body, TITLE)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(ROOT / "configs" / "vision_lm" / "benchmark_halluc.yaml"))
@@ -173,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="train the rows even when a gate fails (stored for diagnosis; never written to the page)")
     ap.add_argument("--no-doc", action="store_true", help="print the sections instead of writing the page")
+    ap.add_argument("--base-only", action="store_true",
+                    help="build and gate the base model of each seed (a tuning attempt): append one row per seed to "
+                         "<run-dir>/tuning.jsonl and rewrite the page's tuning table from every row there")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of HallucBenchConfig (base.<field>=...)")
     args = ap.parse_args(argv)
     cfg = load_config(HallucBenchConfig, args.config, args.overrides)
@@ -183,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [args.only_seed]
     run_dir = Path(args.run_dir or ROOT / "runs" / f"bench_halluc_{args.seeds}")
     run_dir.mkdir(parents=True, exist_ok=True)
+    if args.base_only:
+        return tuning(cfg, seeds, args, run_dir)
     for seed in seeds:
         store = run_dir / f"seed{seed}.json"
         if store.exists():

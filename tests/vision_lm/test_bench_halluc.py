@@ -119,3 +119,18 @@ def test_run_seed_tiny_pipeline(tmp_path):
     assert set(out["rows"]) == {"dpo", "rrpo", "bdhs_offline"}
     assert out["rows"]["dpo"]["diag/token_kl_to_base"] >= 0
     assert 0 <= out["rows"]["bdhs_offline"]["diag/bdhs_rejected_correct_all"] <= 1
+
+
+def test_base_only_appends_tuning_rows(bench, tmp_path, monkeypatch):
+    doc = tmp_path / "vision_lm.md"
+    monkeypatch.setattr(bench, "DOC", doc)
+    monkeypatch.setattr(bench.H, "build_base", lambda cfg, seed, data, cache: (None, {"build_cpu_s": 12.0}))
+    monkeypatch.setattr(bench.H, "evaluate", lambda ad, data, seed, gen: dict(PASS, pope_random_acc=0.4 + seed / 1000))
+    args = ["--seeds", "dev", "--run-dir", str(tmp_path / "runs"), "--base-only", "dev_seeds=[101,102]",
+            "n_test_scenes=4", "base.n_train_scenes=2"]
+    assert bench.main(args) == 0
+    assert bench.main([*args, "base.sft_epochs=9"]) == 0  # a second attempt adds rows, keeps the first
+    rows = [ln for ln in doc.read_text().splitlines() if ln.startswith("| `")]
+    assert len(rows) == 4
+    assert rows[0].startswith("| `dev_seeds=[101,102] n_test_scenes=4 base.n_train_scenes=2` | 101 | 0.501 |")
+    assert "base.sft_epochs=9" in rows[3] and rows[3].endswith("| 2/3 | 12 |")
