@@ -4,7 +4,9 @@ A source is a local file (``.jsonl``, ``.json``, ``.parquet``), a folder written
 folder laid out like a Hub data set repository (data files that ``datasets.load_dataset`` reads, e.g. a local
 copy of one), or a Hub id (``owner/name``) loaded with ``datasets.load_dataset`` (from the local cache only when
 ``HF_HUB_OFFLINE=1``). Images stay encoded (bytes or paths) in the rows: ``datasets`` sources are read in Arrow
-format so that their Image columns are not decoded; see :mod:`mmalign.data.media` for lazy decoding.
+format so that their Image columns are not decoded; see :mod:`mmalign.data.media` for lazy decoding. Embedded image
+bytes (Parquet, ``datasets``) do not stay in the rows: they are moved to a temporary file as the rows are read, and
+the rows hold references read per use (:mod:`mmalign.data.spill`).
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from mmalign.data.columns import map_columns
+from mmalign.data.spill import SpillFile, spill_media
 from mmalign.data.validation import KINDS, ValidationReport, validate_rows
 
 __all__ = ["PreferenceDataset", "load_preference_data", "read_rows", "write_jsonl", "is_hub_id", "hub_folder"]
@@ -58,9 +61,19 @@ def is_hub_id(source: str | Path) -> bool:
             and bool(_HUB_ID.match(text)))
 
 
+def _spilled_rows(batches: Iterable[Any]) -> list[dict[str, Any]]:
+    """Rows of Arrow record batches / tables, with embedded media bytes moved to a spill file (see
+    :mod:`mmalign.data.spill`) batch by batch, so that the data set's encoded images are never all in memory."""
+    store = SpillFile()
+    rows = []
+    for batch in batches:
+        rows += [{k: spill_media(v, store) for k, v in row.items()} for row in batch.to_pylist()]
+    return rows
+
+
 def _arrow_rows(ds: Any) -> list[dict[str, Any]]:
     """Rows of a ``datasets.Dataset`` with Image columns left encoded (``{"bytes", "path"}``), not decoded to PIL."""
-    return ds.with_format("arrow")[:].to_pylist()
+    return _spilled_rows(ds.with_format("arrow").iter(batch_size=512))
 
 
 def _pick_split(ds: Any, split: str | None, where: str) -> Any:
@@ -157,7 +170,7 @@ def read_rows(path: str | Path, split: str | None = None) -> list[dict[str, Any]
         except ImportError as err:
             raise ImportError("reading Parquet needs `pip install pyarrow`") from err
         # batch by batch: one whole-file Arrow table next to its Python rows nearly doubled the peak memory
-        return [row for batch in pq.ParquetFile(path).iter_batches(batch_size=512) for row in batch.to_pylist()]
+        return _spilled_rows(pq.ParquetFile(path).iter_batches(batch_size=512))
     raise ValueError(f"unsupported data file {path}: expected .jsonl, .json, .parquet or a datasets folder")
 
 

@@ -264,3 +264,46 @@ def test_a_hub_data_set_without_a_local_snapshot_refuses_every_path(tmp_path: Pa
         {"prompt": "p", "chosen": "c", "rejected": "r", "images": [str(tmp_path / "a.png")]}])
     with pytest.raises(DataValidationError, match="row 0: .*outside the data folder"):
         load_preference_data("me/prefs", "text")
+
+
+@pytest.mark.parametrize("source", ["parquet_bytes", "datasets_folder", "hub_layout"])
+def test_embedded_image_bytes_are_held_on_disk_not_in_the_rows(tmp_path: Path, source: str) -> None:
+    """Rows of sources with embedded images hold references to a spill file; the bytes read back are the same."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from mmalign.data.spill import SpilledBytes
+
+    rng = np.random.default_rng(0)
+    blobs = []
+    for _ in range(3):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())  # noise: a few KB each, over the spill threshold
+    rows = [{"prompt": "What colour?", "chosen": "red", "rejected": "blue", "images": [{"bytes": b, "path": None}]}
+            for b in blobs]
+    tmp_path.mkdir(exist_ok=True)
+    if source == "parquet_bytes":
+        name: Path = tmp_path / "pairs.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), name)
+    else:
+        from datasets import Dataset, Features, Image as HFImage, List, Value
+
+        feats = Features({"prompt": Value("string"), "chosen": Value("string"), "rejected": Value("string"),
+                          "images": List(HFImage())})
+        ds = Dataset.from_list(rows, features=feats)
+        if source == "datasets_folder":
+            name = tmp_path / "ds"
+            ds.save_to_disk(str(name))
+        else:
+            name = tmp_path / "hub"
+            (name / "data").mkdir(parents=True)
+            ds.to_parquet(str(name / "data" / "train.parquet"))
+    data = load_preference_data(name, "text")
+    held = [r["images"][0]["bytes"] for r in data.rows]
+    assert all(isinstance(h, SpilledBytes) for h in held)
+    assert [bytes(h) for h in held] == blobs and held[0].store is held[2].store
+    for r, b in zip(data.rows, blobs):
+        assert np.array_equal(np.asarray(LazyImage(r["images"][0], data.base_dir).load()),
+                              np.asarray(Image.open(io.BytesIO(b)).convert("RGB")))
