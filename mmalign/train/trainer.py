@@ -6,9 +6,10 @@ the domain, which typically calls a pure core loss. Data order is a pure functio
 resumed from a checkpoint sees exactly the batches an uninterrupted run would have seen. With ``num_workers > 0`` the
 worker processes' torch, numpy and python RNGs are seeded before every micro-batch from (seed, step, micro-batch,
 rank), so random augmentation in ``__getitem__``/``collate_fn`` resumes exactly too (and does not depend on the number
-of workers); with ``num_workers=0`` items are loaded in the main process from its checkpointed global RNGs. Multi-GPU
-and multi-node runs go through ``accelerate launch`` or ``torchrun`` with no code change: each process takes its
-shard of every global batch. ``distributed="fsdp"`` shards parameters, gradients and optimizer state with torch FSDP2
+of workers); with ``num_workers=0`` items are loaded in the main process from its global RNGs, which a fresh run
+seeds from ``cfg.seed`` and a checkpoint saves and restores. Multi-GPU and multi-node runs go through
+``accelerate launch`` or ``torchrun`` with no code change: each process takes its shard of every global batch.
+``distributed="fsdp"`` shards parameters, gradients and optimizer state with torch FSDP2
 (applied by the trainer, see :mod:`mmalign.train.fsdp`); ``distributed="deepspeed"`` hands model and optimizer to
 DeepSpeed ZeRO (:mod:`mmalign.train.zero`). Checkpoints are consolidated in every case, so a run may resume on a
 different number of processes or with another strategy as long as the global batch is the same.
@@ -366,6 +367,11 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if resume:
             self._resume()
+        if self._checkpointed_step is None:
+            # a fresh run, or a resume before the first checkpoint: the global RNGs (dropout, augmentation loaded in
+            # this process) start from cfg.seed whatever the job drew before, as a resumed run restores them; so two
+            # runs of the same settings are the same run, and a job may run its phases in any order or skip some
+            seed_everything(cfg.seed)
         logger = MetricsLogger(self.run_dir, enabled=self.is_main)
         if resume:
             logger.truncate_after(self.step)

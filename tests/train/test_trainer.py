@@ -520,3 +520,33 @@ def test_a_run_stopped_between_a_checkpoint_and_its_evaluation_logs_that_evaluat
 
     assert rows(tmp_path / "stop") == rows(tmp_path / "full")
     assert [r["step"] for r in rows(tmp_path / "full") if "eval/weight_sum" in r] == [2, 4]
+
+
+def test_a_fresh_run_seeds_the_global_rngs_from_cfg_seed(tmp_path: Path) -> None:
+    """Dropout and augmentation loaded in the main process draw from the global torch/numpy/python RNGs: whatever the
+    job drew before, a fresh run starts them from cfg.seed (as a resumed run restores them)."""
+    import random
+
+    import numpy as np
+
+    np.random.seed(1), random.seed(1)
+    a = _tiny(tmp_path / "a", dataset=_Augmented(), max_steps=4)
+    np.random.seed(2), random.seed(2), torch.rand(5)  # the job drew something else before training
+    b = _tiny(tmp_path / "b", dataset=_Augmented(), max_steps=4)
+    assert _same_weights(a, b)
+    # a run killed before its first checkpoint and resumed starts the same way
+    (tmp_path / "early").mkdir()
+    np.random.seed(3), random.seed(3)
+    assert _same_weights(a, _tiny(tmp_path / "early", resume=True, dataset=_Augmented(), max_steps=4))
+
+
+def test_the_global_rngs_of_a_resumed_run_are_the_checkpointed_ones(tmp_path: Path) -> None:
+    """The fresh-run seeding leaves a resume from a checkpoint alone: it continues the checkpointed streams."""
+    import random
+
+    import numpy as np
+
+    full = _tiny(tmp_path / "full", dataset=_Augmented(), max_steps=4)
+    _tiny(tmp_path / "stop", dataset=_Augmented(), max_steps=2)
+    np.random.seed(9), random.seed(9)
+    assert _same_weights(full, _tiny(tmp_path / "stop", resume=True, dataset=_Augmented(), max_steps=4))
