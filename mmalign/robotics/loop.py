@@ -228,8 +228,25 @@ class PreferenceLoop:
         return self.feedback.trainer.save_pretrained(folder, **meta)
 
 
-def check_teacher_env(teacher: Any, venv: Any) -> None:
-    """A teacher that labels from the true reward needs an env that has one (``metadata["has_true_reward"]``)."""
+def check_teacher_env(teacher: Any, venv: Any, env_id: str = "", states: bool = True) -> None:
+    """A teacher that labels from the true reward needs an env that has one (``metadata["has_true_reward"]``); a
+    teacher that shows people clips (``wants_states``, e.g. ``human``) needs a MuJoCo task, the run's own, and when
+    the run passes no simulator states (``states=False``) a task drawn from its observations."""
+    if getattr(teacher, "wants_states", False):
+        from mmalign.robotics.render import check_obs_renderable, mujoco_sizes
+
+        shown = getattr(teacher, "env_id", "")
+        if env_id and shown != env_id:
+            raise ValueError(f"teacher.env_id={shown!r} but the run trains on {env_id!r}: people would watch clips "
+                             f"drawn as another task; set teacher.env_id={env_id}")
+        try:
+            mujoco_sizes(shown)
+            if not states:
+                check_obs_renderable(shown)
+        except ValueError as err:
+            raise ValueError(f"teacher.env_id: the {type(teacher).__name__} shows MuJoCo segments as clips"
+                             f"{'' if states else ' from observations (this run passes no simulator states)'}: "
+                             f"{err}") from None
     if not getattr(teacher, "needs_true_reward", True):
         return
     metadata = venv.get_attr("metadata", [0])[0] if hasattr(venv, "get_attr") else getattr(venv, "metadata", {})

@@ -231,7 +231,9 @@ def check_setup(cfg: PebbleConfig) -> None:
                                  f"reward_model=cnn")
             if name != "mlp" and (cfg.normalize_act or cfg.rm_action_squares):
                 raise ValueError(f"normalize_act and rm_action_squares need reward_model=mlp, got {name!r}")
-            check_teacher_env(build_teacher(cfg.teacher), _MetaView(env))
+            # the routing selector's rounds pass no simulator states to the teacher
+            check_teacher_env(build_teacher(cfg.teacher), _MetaView(env), cfg.env_id,
+                              states=cfg.selector != "routing")
         if cfg.frame_stack and kind != "image":
             raise ValueError(f"frame_stack is for image observations; {cfg.env_id} has {env.observation_space}")
     finally:

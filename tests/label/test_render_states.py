@@ -55,15 +55,6 @@ def test_tasks_whose_state_is_not_observed_are_refused_with_what_to_record() -> 
         check_obs_renderable("Pendulum-v1")
     with pytest.raises(ValueError, match=r"'NoSuchTask-v0' cannot be made"):
         mujoco_sizes("NoSuchTask-v0")
-    from mmalign.registry import TEACHERS
-
-    with pytest.raises(ValueError, match=r"env_id: the human teacher shows MuJoCo.*'Pendulum-v1' is not a MuJoCo"):
-        TEACHERS.get("human")(env_id="Pendulum-v1")  # refused when a run starts, not at its first feedback round
-    # without states, a task whose observations cannot be drawn is refused before anything is posted
-    r = np.zeros((1, 3), np.float32)
-    with pytest.raises(ValueError, match=r"no qpos_\*/qvel_\* states.*Pusher-v5"):
-        TEACHERS.get("human")(env_id="Pusher-v5", url="http://127.0.0.1:9")(
-            r, r, obs_first=np.zeros((1, 3, 23)), obs_second=np.zeros((1, 3, 23)))
 
 
 def test_clips_from_recorded_states_and_from_observations() -> None:
@@ -143,3 +134,23 @@ def test_app_renders_posted_states_and_refuses_unobserved_ones(tmp_path: Path) -
             video = client.get(f"/media/p/{q['payload'][side]['video']}", headers=auth(labeller))
             assert video.status_code == 200 and video.content[:4] == b"\x1a\x45\xdf\xa3"  # a WebM (EBML) file
     store.close()
+
+
+def test_a_run_checks_its_human_teachers_task_before_it_starts() -> None:
+    """The core teacher knows no simulator: the robotics run checks what people will be shown, before any work."""
+    from mmalign.config import load_config
+    from mmalign.robotics.pebble import PebbleConfig, check_setup
+
+    def setup(env_id: str, shown: str, *extra: str) -> None:
+        check_setup(load_config(PebbleConfig, None, [f"env_id={env_id}", "teacher=human", f"teacher.env_id={shown}",
+                                                     *extra]))
+
+    with pytest.raises(ValueError, match=r"teacher.env_id: the HumanTeacher shows MuJoCo.*'Pendulum-v1' is not a MuJoCo"):
+        setup("Pendulum-v1", "Pendulum-v1")
+    with pytest.raises(ValueError, match=r"teacher.env_id='Reacher-v5' but the run trains on 'Pusher-v5'"):
+        setup("Pusher-v5", "Reacher-v5")
+    # the routing selector passes no simulator states: Pusher cannot be drawn from its observations
+    with pytest.raises(ValueError, match=r"from observations \(this run passes no simulator states\).*Pusher-v5"):
+        setup("Pusher-v5", "Pusher-v5", "selector=routing")
+    setup("Pusher-v5", "Pusher-v5")  # states are recorded for the teacher: any MuJoCo task
+    setup("HalfCheetah-v5", "HalfCheetah-v5", "selector=routing")  # drawn from its observations

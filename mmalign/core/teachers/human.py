@@ -3,8 +3,9 @@
 Each call posts its ``N`` pairs as clip queries to a project of the app (the server draws them for ``env_id`` as
 side-by-side videos: from the MuJoCo states ``qpos_*``/``qvel_*`` when the call passes them — a run records them
 for this teacher, :attr:`wants_states` —, else from the observations, which works only for the tasks that observe
-``qpos``/``qvel``, :data:`mmalign.robotics.render.OBS_STATE_TASKS`, and Reacher), then polls the app until every query has ``answers_per_query`` answers or
-``timeout`` seconds have passed. What comes back follows the teacher contract of :mod:`mmalign.core.teachers`:
+``qpos``/``qvel``, :data:`mmalign.robotics.render.OBS_STATE_TASKS`, and Reacher; a run checks its teacher's task before
+it starts, the app refuses a query it cannot draw), then polls the app until every query has
+``answers_per_query`` answers or ``timeout`` seconds have passed. What comes back follows the teacher contract of :mod:`mmalign.core.teachers`:
 
 - ``left`` / ``right`` / ``equal`` → label ``1`` / ``0`` / ``0.5`` (P(first ≻ second); the app undoes any side swap);
   several answers to one query are averaged (a soft label);
@@ -77,13 +78,6 @@ class HumanTeacher(Teacher):
                              ("fps", fps), ("chunk", chunk)):
             if value <= 0:
                 raise ValueError(f"{field} must be > 0, got {value}")
-        from mmalign.robotics.render import mujoco_sizes  # here: gymnasium/MuJoCo load only when used
-
-        try:  # refused when the run starts, not at its first feedback round
-            self._nq, self._nv, _ = mujoco_sizes(env_id)
-        except ValueError as err:
-            raise ValueError(f"env_id: the human teacher shows MuJoCo segments as clips: {err}") from None
-        self._obs_drawable: bool | None = None  # whether observations alone can be drawn (checked at first need)
         self.url, self.project, self.env_id = url.rstrip("/"), project, env_id
         self.token_env, self.timeout, self.poll_seconds = token_env, float(timeout), float(poll_seconds)
         self.max_queries, self.answers_per_query = int(max_queries), int(answers_per_query)
@@ -126,9 +120,6 @@ class HumanTeacher(Teacher):
         n = batch.num_pairs
         if batch.obs_first is None or batch.obs_second is None:
             raise ValueError("the human teacher needs obs_first/obs_second (people watch the segments)")
-        if batch.qpos_first is None or batch.qvel_first is None or batch.qpos_second is None \
-                or batch.qvel_second is None:
-            self._check_obs_drawable()
         room = n if self.max_queries == 0 else max(0, min(n, self.max_queries - self.posted))
         labels = torch.full((n,), math.nan, dtype=torch.float32)
         answered = torch.zeros(n, dtype=torch.bool)
@@ -148,21 +139,6 @@ class HumanTeacher(Teacher):
                         "teacher/wait_seconds": time.monotonic() - t0})
         return TeacherLabels(labels.to(batch.rewards_first.device), answered.to(batch.rewards_first.device),
                              metrics, labels.clone().to(batch.rewards_first.device))
-
-    def _check_obs_drawable(self) -> None:
-        """Without states the server draws the observations: refuse before posting when it cannot."""
-        if self._obs_drawable is None:
-            from mmalign.robotics.render import check_obs_renderable
-
-            try:
-                check_obs_renderable(self.env_id)
-                self._obs_drawable = True
-            except ValueError as err:
-                self._obs_drawable = False
-                self._obs_error = str(err)
-        if not self._obs_drawable:
-            raise ValueError(f"the human teacher got no qpos_*/qvel_* states to draw the segments, and "
-                             f"{self._obs_error}")
 
     def _post(self, batch: SegmentPairBatch, room: int) -> list[int]:
         def arr(t: torch.Tensor | None, k: int) -> Any:
