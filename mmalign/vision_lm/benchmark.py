@@ -113,8 +113,11 @@ def evaluate(adapter: Any, test_scenes: Sequence[Any], test_images: Sequence[np.
 
 # ---------------------------------------------------------------------------------------------- training
 def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig, seed: int,
-                 run_dir: Path, resume: bool = False) -> dict[str, Any]:
-    """LoRA preference training of the SFT model for one table row; the adapter ends up holding the merged model."""
+                 run_dir: Path, resume: bool = False, eval_fn: Callable[[Any], dict[str, Any]] | None = None,
+                 eval_every: int = 0) -> dict[str, Any]:
+    """LoRA preference training of the SFT model for one table row; the adapter ends up holding the merged model.
+
+    ``eval_fn`` / ``eval_every``: the trainer's evaluation hook (logged to ``run_dir/metrics.jsonl``)."""
     import torch
 
     from mmalign.train import Trainer
@@ -146,8 +149,9 @@ def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig,
                             keep_raw=online is not None)
     dataset = list(enumerate(pairs))
     base = adapter.model
-    trainer = Trainer(sft_trainer_config(seed, cfg.pref_steps, cfg.pref_batch_size, cfg.pref_lr, cfg.lora_r), base,
-                      dataset, objective, run_dir, collate_fn=collator)
+    trainer = Trainer(sft_trainer_config(seed, cfg.pref_steps, cfg.pref_batch_size, cfg.pref_lr, cfg.lora_r,
+                                         eval_every), base, dataset, objective, run_dir, collate_fn=collator,
+                      eval_fn=eval_fn)
     t0 = time.perf_counter()
     out = trainer.train(resume=resume and (Path(run_dir) / "checkpoints").is_dir())
     out["time/train_s"] = time.perf_counter() - t0

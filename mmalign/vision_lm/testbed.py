@@ -85,7 +85,7 @@ def question_chosen(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np
     return out
 
 
-def sft_trainer_config(seed: int, steps: int, batch: int, lr: float, lora_r: int = 0) -> Any:
+def sft_trainer_config(seed: int, steps: int, batch: int, lr: float, lora_r: int = 0, eval_every: int = 0) -> Any:
     """The trainer settings of the testbed's SFT and LoRA preference runs (CPU, cosine schedule, no plots)."""
     from mmalign.train import TrainerConfig
 
@@ -94,7 +94,7 @@ def sft_trainer_config(seed: int, steps: int, batch: int, lr: float, lora_r: int
     return TrainerConfig.from_dict({
         "seed": seed, "max_steps": steps, "batch_size": batch, "lr": lr, "lr_schedule": "cosine",
         "warmup_steps": min(20, steps // 10), "log_every": max(1, steps // 10), "cpu": True, "progress": False,
-        "plots": False, "keep_checkpoints": 1, "lora": lora, "mixed_precision": "no",
+        "plots": False, "keep_checkpoints": 1, "lora": lora, "mixed_precision": "no", "eval_every": eval_every,
     })
 
 
