@@ -150,6 +150,16 @@ def _kl_examples(data: H.TestbedData, n: int) -> list[Any]:
     return out
 
 
+def _logged(path: Path, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every row of a trainer's ``metrics.jsonl`` that holds ``key``."""
+    import json
+
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [(int(r["step"]), float(r[key])) for r in rows if key in r]
+
+
 def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path | None,
              force: bool = False, on_row: Any = None) -> dict[str, Any]:
     """``{"base": metrics, "gates": {gate: passed}, "rows": {row: metrics}, "cpu_s": ...}`` for one seed.
@@ -171,6 +181,15 @@ def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path |
         out["cpu_s"] = time.process_time() - t0
         return out
     kl_examples = _kl_examples(data, cfg.n_kl_scenes)
+    few = kl_examples[: max(2, len(kl_examples) // 4)]
+
+    def kl_during(model: Any) -> dict[str, float]:
+        """Token KL of the policy being trained (LoRA active) to the base, on a quarter of the KL examples."""
+        from mmalign.vision_lm.adapter import VLMAdapter
+
+        return {"eval/token_kl_to_base": token_kl(VLMAdapter(model, adapter.processor, max_length=96), base_model,
+                                                  few)}
+
     pref_plain = [s.scene for s in data.pref]
     mcfg = cfg.method_config(seed)
     pair_cache: dict[str, tuple[list[Any], dict[str, float]]] = {}
@@ -185,12 +204,16 @@ def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path |
         pairs, stats = pair_cache[source]
         adapter.model = copy.deepcopy(base_model)
         t_row = time.process_time()
-        res = train_method(row, adapter, pairs, mcfg, seed, run_dir / f"seed{seed}" / row)
+        row_dir = run_dir / f"seed{seed}" / row
+        res = train_method(row, adapter, pairs, mcfg, seed, row_dir, eval_fn=kl_during,
+                           eval_every=max(1, cfg.pref_steps // 2))
         model = adapter.model
         adapter.model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         adapter.model.eval()
         metrics = H.evaluate(adapter, data, seed, gen)
         metrics["diag/token_kl_to_base"] = token_kl(adapter, base_model, kl_examples)
+        during = _logged(row_dir / "metrics.jsonl", "eval/token_kl_to_base")
+        metrics.update({f"diag/token_kl_step{step}": v for step, v in during})
         out["rows"][row] = {**metrics, **stats, "n_pairs": float(len(pairs)),
                             "train/pref_accuracy": float(res.get("train/pref_accuracy", float("nan"))),
                             "cpu_s": time.process_time() - t_row}

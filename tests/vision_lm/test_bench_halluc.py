@@ -22,7 +22,7 @@ def _row(primary: float, yes: float = 0.5, kl: float = 0.1) -> dict:
     return {"partner_balanced_acc": primary, "partner_f1": primary, "partner_yes_ratio": yes,
             "partner_violating_yes": 0.3, "partner_visible_recall": 0.9, "pope_adversarial_acc": 0.7,
             "pope_random_acc": 0.9, "diag/token_kl_to_base": kl, "n_pairs": 10.0,
-            "diag/corrupt_rejected_correct_all": 0.0}
+            "diag/corrupt_rejected_correct_all": 0.0, "diag/token_kl_step25": kl / 2}
 
 
 def _fake_run_seed(shift: dict[str, float], base: dict[str, float]):
@@ -75,6 +75,9 @@ def test_verdicts_from_holm_corrected_paired_differences(bench, tmp_path, monkey
     assert robust.endswith("| not reproduced |") or robust.endswith("| inconclusive |")
     assert "Every seed's base model passes every gate." in text and "n = 5" in text
     assert "Holm-corrected over the 4 comparisons" in text
+    diag = [ln for ln in text.splitlines() if "`diag/" in ln]
+    assert sum("corrupt_rejected_correct_all" in ln for ln in diag) == 1  # shared pair set: shown once
+    assert sum("token_kl_step25" in ln for ln in diag) == 6  # per method
 
 
 def test_config_refuses_overlapping_seeds_and_missing_baseline():
@@ -119,6 +122,7 @@ def test_run_seed_tiny_pipeline(tmp_path):
     assert set(out["rows"]) == {"dpo", "rrpo", "bdhs_offline"}
     assert out["rows"]["dpo"]["diag/token_kl_to_base"] >= 0
     assert 0 <= out["rows"]["bdhs_offline"]["diag/bdhs_rejected_correct_all"] <= 1
+    assert {"diag/token_kl_step1", "diag/token_kl_step2"} <= set(out["rows"]["rrpo"])  # during and after training
 
 
 def test_base_only_appends_tuning_rows(bench, tmp_path, monkeypatch):
