@@ -550,3 +550,53 @@ def test_the_global_rngs_of_a_resumed_run_are_the_checkpointed_ones(tmp_path: Pa
     _tiny(tmp_path / "stop", dataset=_Augmented(), max_steps=2)
     np.random.seed(9), random.seed(9)
     assert _same_weights(full, _tiny(tmp_path / "stop", resume=True, dataset=_Augmented(), max_steps=4))
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("where", ["final evaluation", "final weights", "plots"])
+def test_a_run_stopped_in_its_final_writes_finishes_them_on_resume(tmp_path: Path, monkeypatch, where: str) -> None:
+    """Stopped after its last checkpoint (in the final evaluation, the model.safetensors write or the plots), the
+    resumed run ends with the uninterrupted run's weights, metrics rows and files."""
+    import safetensors.torch
+
+    import mmalign.train.trainer as trainer_mod
+
+    common = dict(max_steps=3, save_every=2, eval_every=2, eval_fn=_weight_sum, plots=True)
+    _tiny(tmp_path / "full", **common)
+    calls = {"eval": 0}
+
+    def final_eval(m: torch.nn.Module) -> dict[str, float]:
+        calls["eval"] += 1
+        if calls["eval"] == 2:  # the evaluations run at step 2 and at the end
+            raise _Stop
+        return _weight_sum(m)
+
+    real_save = safetensors.torch.save_file
+    with monkeypatch.context() as patch:
+        if where == "final evaluation":
+            common_stop = {**common, "eval_fn": final_eval}
+        else:
+            common_stop = common
+            if where == "final weights":
+                patch.setattr(safetensors.torch, "save_file", lambda tensors, path, **kw: real_save(
+                    tensors, path, **kw) if ".model.safetensors.tmp" not in str(path) else (_ for _ in ()).throw(_Stop))
+            else:
+                patch.setattr(trainer_mod, "plot_metrics", lambda *a, **kw: (_ for _ in ()).throw(_Stop))
+        with pytest.raises(_Stop):
+            _tiny(tmp_path / "stop", **common_stop)
+    assert latest_checkpoint(tmp_path / "stop" / "checkpoints").name == "step-00000003"
+    _tiny(tmp_path / "stop", resume=True, **common)
+
+    def rows(run: Path) -> list[dict]:
+        return [{k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
+                for x in (run / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(tmp_path / "stop") == rows(tmp_path / "full")
+    full, stop = _weights(tmp_path / "full"), _weights(tmp_path / "stop")
+    assert full.keys() == stop.keys() and all(torch.equal(full[k], stop[k]) for k in full)
+    assert sorted(p.name for p in (tmp_path / "stop" / "plots").iterdir()) == sorted(
+        p.name for p in (tmp_path / "full" / "plots").iterdir())
+    assert not list((tmp_path / "stop").glob(".*.tmp"))
