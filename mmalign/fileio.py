@@ -1,12 +1,13 @@
-"""Writing a file so that a reader (or a crash) never sees it half written."""
+"""Writing a file so that a reader (or a crash) never sees it half written, and reading back what a crash left."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["atomic_write_text", "read_safetensors"]
+__all__ = ["atomic_write_text", "read_appended_rows", "read_safetensors"]
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -35,6 +36,33 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def read_appended_rows(path: str | Path, truncate: bool = True) -> list[dict[str, Any]]:
+    """The complete rows of a JSONL file that a run appends to row by row (``[]`` if there is none yet).
+
+    A last line cut short by a kill is left out and, with ``truncate``, dropped from the file too, so that the rows
+    appended after it start on a line of their own (pass ``truncate=False`` while other processes may be appending).
+    A broken row elsewhere is an error naming it.
+    """
+    import json
+
+    path = Path(path)
+    if not path.is_file():
+        return []
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    if truncate and len(complete) != len(data):
+        with path.open("r+b") as fh:
+            fh.truncate(len(complete))
+    rows = []
+    for number, line in enumerate(complete.decode().splitlines(), 1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path} row {number} is not valid JSON ({err}); remove that line to resume") from None
+    return rows
 
 
 def _umask() -> int:

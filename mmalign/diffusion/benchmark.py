@@ -247,6 +247,7 @@ def run(cfg: BenchmarkConfig, run_dir: Path, resume: bool = False) -> dict:
     import torch
 
     from mmalign.diffusion.scorers import shape_hue
+    from mmalign.fileio import read_appended_rows
 
     torch.set_num_threads(cfg.threads)
     run_dir = Path(run_dir)
@@ -254,16 +255,8 @@ def run(cfg: BenchmarkConfig, run_dir: Path, resume: bool = False) -> dict:
     ref_path = Path(cfg.reference_path) if cfg.reference_path else run_dir / "reference.safetensors"
     reference = pretrain_reference(cfg, ref_path).eval()
     out = run_dir / "results.jsonl"
-    done = set()
-    if out.is_file():
-        text = out.read_text()
-        if not text.endswith("\n"):  # a run killed while appending a row: drop the cut row, its cell runs again
-            text = text[:text.rfind("\n") + 1]
-            if cfg.num_shards == 1:  # (shards share the file: another one may be appending right now)
-                out.write_text(text)
-        for line in text.splitlines():
-            row = json.loads(line)
-            done.add((row["setting"], row["method"], row["seed"]))
+    # a row cut by a kill is dropped (its cell runs again); shards share the file: another may be appending now
+    done = {(row["setting"], row["method"], row["seed"]) for row in read_appended_rows(out, cfg.num_shards == 1)}
     pair_cache: dict[tuple[str, int], Any] = {}
     claims = run_dir / "claims"
     if cfg.num_shards > 1:

@@ -313,23 +313,11 @@ def _run_in_worker(job: tuple[dict[str, Any], tuple]) -> dict[str, Any]:
 
 
 def read_rows(path: Path) -> list[dict[str, Any]]:
-    """The complete rows of ``results.jsonl``; a last line cut short by a kill is dropped from the file too, so the
-    rows appended after it start on a line of their own."""
-    if not path.is_file():
-        return []
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    if len(complete) != len(data):
-        with path.open("r+b") as fh:
-            fh.truncate(len(complete))
-    rows = []
-    for number, line in enumerate(complete.decode().splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path} row {number} is not valid JSON ({err}); remove that line to resume") from None
-    return rows
+    """The complete rows of ``results.jsonl`` (:func:`mmalign.fileio.read_appended_rows`: a last line cut short by a
+    kill is dropped from the file too, so the rows appended after it start on a line of their own)."""
+    from mmalign.fileio import read_appended_rows
+
+    return read_appended_rows(path)
 
 
 def run(cfg: HindsightMarketConfig, run_dir: Path, resume: bool = False) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+"""Jobs that resume by result row: a row cut short by a kill is dropped and its cell runs again."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mmalign.fileio import read_appended_rows
+
+
+def test_a_cut_last_row_is_left_out_and_dropped_from_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "rows.jsonl"
+    assert read_appended_rows(path) == []
+    path.write_text('{"a": 1}\n{"a": 2}\n{"a": ')
+    assert read_appended_rows(path, truncate=False) == [{"a": 1}, {"a": 2}]
+    assert path.read_text().endswith('{"a": ')  # left alone: another process may be appending
+    assert read_appended_rows(path) == [{"a": 1}, {"a": 2}]
+    assert path.read_text() == '{"a": 1}\n{"a": 2}\n'
+
+
+def test_diffusion_benchmark_resumes_past_a_cut_row(tmp_path: Path) -> None:
+    from mmalign.diffusion.benchmark import BenchmarkConfig, run
+
+    cfg = BenchmarkConfig(size=8, channels=[8, 16], embed_dim=8, pretrain_steps=2, pretrain_batch=4, num_pairs=8,
+                          finetune_steps=1, finetune_batch=4, settings=["style_90"], methods=["mapo"], seeds=[0],
+                          samples_per_class=1, sample_steps=2)
+    run(cfg, tmp_path)
+    rows = (tmp_path / "results.jsonl").read_text().splitlines()
+    assert [json.loads(r)["method"] for r in rows] == ["reference", "mapo"]
+    assert not list(tmp_path.glob(".*.tmp"))  # the reference was written through a temporary file
+    (tmp_path / "results.jsonl").write_text(rows[0] + "\n" + rows[1][:20])  # killed while appending the mapo row
+    run(cfg, tmp_path, resume=True)
+    again = (tmp_path / "results.jsonl").read_text().splitlines()
+    strip = lambda r: {k: v for k, v in json.loads(r).items() if k != "seconds"}  # noqa: E731
+    assert [strip(r) for r in again] == [strip(r) for r in rows]
