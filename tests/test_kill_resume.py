@@ -1,8 +1,9 @@
 """SIGKILL at random moments, then the same command (``--resume`` once the run folder exists): the result equals an
-uninterrupted run's, for every resumable job of the runs area (slow: each job runs six times).
+uninterrupted run's, for every resumable job (slow: each job runs six times; the benchmark jobs resume by row).
 
-Moments are drawn from a seeded generator as fractions of the uninterrupted run's wall time, so they fall in
-different phases (imports, data, SFT, DPO, between result rows, inside checkpoint writes); whatever the moment, the
+One moment is drawn in each fifth of the uninterrupted run's wall time (from a generator seeded by the job's name),
+so every phase is hit somewhere across the jobs: imports, data, SFT, DPO, between result rows, inside checkpoint
+writes, and, in the last fifth, the final checkpoint, evaluation and artifact writing. Whatever the moment, the
 comparison must hold, so the test does not depend on timing for its verdict.
 """
 
@@ -14,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -64,6 +66,19 @@ def _diffusion_result(run: Path) -> Any:
     return _tensors(run / "model.safetensors"), [_tensors(p) for p in lora], _rows(run / "metrics.jsonl")
 
 
+def _vlm_benchmark_result(run: Path) -> Any:
+    """Every row of every seed (timings left out) and the weights the SFT and row trainers ended with."""
+    per_seed = json.loads((run / "results.json").read_text())
+    rows = {seed: {row: {k: v for k, v in m.items() if not any(t in k for t in _TIMING)} for row, m in r.items()}
+            for seed, r in per_seed.items()}
+    weights = {str(p.relative_to(run)): _tensors(p) for p in sorted(run.glob("seed*/*/model.safetensors"))}
+    return json.dumps(rows, sort_keys=True), weights
+
+
+def _diffusion_benchmark_result(run: Path) -> Any:
+    return _rows(run / "results.jsonl"), _tensors(run / "reference.safetensors")
+
+
 def _pickapic_pipeline(inputs: Path) -> list[str]:
     """A tiny SD pipeline folder and Pick-a-Pic pairs (image files next to the JSONL) made in ``inputs``."""
     from PIL import Image
@@ -100,7 +115,20 @@ JOBS: list[tuple[str, list[str] | Callable[[Path], list[str]], Callable[[Path], 
     ("diffusion train", ["trainer.max_steps=40", "trainer.batch_size=8", "trainer.save_every=4",
                          "trainer.log_every=2", "trainer.eval_every=10", "trainer.plots=false"], _diffusion_result),
     ("diffusion train pickapic lora", _pickapic_pipeline, _diffusion_result),
+    ("vlm benchmark", ["seeds=[0]", "methods=[dpo,bdhs_online]", "n_sft_scenes=32", "sft_steps=12", "batch_size=8",
+                       "n_pref_scenes=16", "pref_steps=6", "pref_batch_size=4", "n_test_scenes=8", "vision_steps=10",
+                       "lora_r=2"], _vlm_benchmark_result),
+    ("diffusion benchmark", ["size=8", "channels=[8,16]", "embed_dim=8", "pretrain_steps=150", "pretrain_batch=16",
+                             "num_pairs=8", "finetune_steps=25", "finetune_batch=4", "settings=[style_90,safety]",
+                             "methods=[sft,mapo,dpo_500+lora2,sftdpo_500]", "seeds=[0]", "samples_per_class=2",
+                             "sample_steps=4"], _diffusion_benchmark_result),
 ]
+
+
+def kill_moments(name: str, kills: int = KILLS) -> list[float]:
+    """One fraction of the run's wall time in each of ``kills`` equal slices of it, the last slice included."""
+    rng = np.random.default_rng(zlib.crc32(name.encode()))
+    return [(k + rng.uniform(0.02, 0.98)) / kills for k in range(kills)]
 
 
 def _command(job: str, run: Path, args: list[str], resume: bool) -> list[str]:
@@ -120,16 +148,17 @@ def test_sigkill_at_random_moments_resumes_to_the_uninterrupted_result(
                    capture_output=True)
     wall = time.monotonic() - t0
     expected = result(tmp_path / "full")
-    rng = np.random.default_rng(20)
-    for k, fraction in enumerate(rng.uniform(0.05, 0.95, size=KILLS)):
+    for k, fraction in enumerate(kill_moments(job)):
         run = tmp_path / f"killed-{k}"
         proc = subprocess.Popen(_command(job, run, args, False), env=ENV, cwd=root, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
             proc.wait(timeout=fraction * wall)
+            print(f"{job}: kill {k} at {fraction:.2f} of {wall:.1f}s came after the run ended")
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
             proc.wait()
+            print(f"{job}: killed {k} at {fraction:.2f} of {wall:.1f}s")
         # the same command again: a run that made its folder continues with --resume, one that did not starts anew
         again = subprocess.run(_command(job, run, args, (run / "config.yaml").is_file()), env=ENV, cwd=root,
                                capture_output=True, text=True)
