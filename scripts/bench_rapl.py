@@ -198,10 +198,10 @@ def main() -> None:
             continue
         res[(seed, arm, n)] = m = run_one(args, seed, arm, n)
         print(seed, arm, n, json.dumps({k: round(v, 3) for k, v in m.items() if "spearman" in k}), flush=True)
+    args.cmdline = " ".join(a for a in sys.argv[1:] if a not in ("--from-runs", "--no-write"))
     print(section(res, args, plan))
     if args.no_write or not plan.reporting:
         return  # a development run informs choices; it is never written as the reported table
-    args.cmdline = " ".join(a for a in sys.argv[1:] if a not in ("--from-runs", "--no-write"))
     write_section(args.section, section(res, args, plan))
 
 

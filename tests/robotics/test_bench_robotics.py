@@ -176,3 +176,16 @@ def test_pearl_noise_sweep_table_pairs_gaussian_and_bt(load_script, tmp_path, mo
     row = next(ln for ln in text.splitlines() if ln.startswith("| raw | 0.2 |"))
     assert "+0.10 ± 0.00 (n=2, 2/2 seeds > 0)" in row and "+0.65 ± 0.64 (n=2)" in row
     assert "CPU time of this table 1.00 h (2 runs)" in text
+
+
+def test_rapl_development_run_prints_and_writes_nothing(load_script, tmp_path, monkeypatch):
+    rapl = load_script("bench_rapl")
+    run_dir = tmp_path / "seed0_pre10"
+    run_dir.mkdir()
+    (run_dir / "metrics.json").write_text(json.dumps({**_rapl_metrics(0.7, 0.6), "pretrain/final_accuracy": 0.9}))
+    written = {}
+    monkeypatch.setattr(rapl, "write_section", lambda name, body: written.update({name: body}))
+    monkeypatch.setattr(sys, "argv", ["bench_rapl.py", "--dev-seeds", "0", "--rapl-budgets", "10", "--bt-budgets", "10",
+                                      "--from-runs", "--out", str(tmp_path)])
+    rapl.main()
+    assert not written
