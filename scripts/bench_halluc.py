@@ -126,7 +126,8 @@ def results_section(results: dict[str, dict], cfg: HallucBenchConfig, header: st
              f"pairs, per seed (n = {len(seeds)}); mean ± 95% t-interval, two-sided paired t-test, Holm-corrected over "
              f"the {len(comps)} comparisons. A gain with the method's yes-ratio outside {stats.YES_RATIO_BAND} does "
              f"not count; a gain whose interval lies below {MIN_EFFECT} is read as not reproduced.", "",
-             "| claim | paper | Δ vs DPO | p (Holm) | yes-ratio | Δ token KL | verdict |", "|---|---|---|---|---|---|---|"]
+             "| claim | paper | Δ vs DPO | p (Holm) | yes-ratio | Δ token KL | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for claim, (row, paper) in CLAIMS.items():
         if row not in comps:
             lines.append(f"| {claim} | {paper} | not run | | | | - |")

@@ -154,7 +154,6 @@ def _train_loop(adapter: Any, batches: list[Any], params: list[Any], epochs: int
 def build_base(cfg: BaseConfig, seed: int, data: TestbedData, cache_dir: Path | None = None) -> tuple[Any, dict]:
     """``(adapter, info)``: the seed's base model, loaded from ``cache_dir`` when built before, else trained (and
     stored there). ``info`` holds the training losses, the vision tower's shape accuracy and the build CPU time."""
-    import torch
     from safetensors.torch import load_model, save_model
 
     from mmalign.core.rng import seeded_global_rng
