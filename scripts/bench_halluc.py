@@ -35,12 +35,15 @@ ROW_NAMES = {"dpo": "DPO (rule-corrupted pairs)", "dpo_flipped": "DPO, flipped l
              "robust_dpo_flipped": "robust DPO (eps = flip rate), flipped labels", "realign": "Re-Align (rDPO)",
              "bdhs_offline": "BDHS offline", "bdhs_online": "BDHS online", "bdhs_mixed": "BDHS Mixed-DPO",
              "rrpo": "RRPO"}
-# paper claim -> (row, what the paper reports)
+# paper claim -> (row, compared on: "primary" metric or "kl" = token KL to the base, lower is the claim; paper)
 CLAIMS = {
-    "Re-Align: rDPO beats DPO on the same data (POPE)": ("realign", "Table 4: POPE-r +0.47 / +1.62 over DPO"),
-    "BDHS: image-hidden rejected answers beat DPO's pairs": ("bdhs_offline", "POPE 88.75 vs 88.09 (DPO, POVID)"),
-    "RRPO: beats DPO and diverges less from the reference": ("rrpo", "token KL ~1 vs ~20 for DPO"),
-    "robust DPO: recovers from flipped labels": ("robust_dpo_flipped", "unbiased loss under flip rate eps"),
+    "Re-Align: rDPO beats DPO on the same data": ("realign", "primary", "Table 4: POPE-r +0.47 / +1.62 over DPO"),
+    "BDHS: image-hidden rejected answers beat DPO's pairs": ("bdhs_offline", "primary",
+                                                             "POPE 88.75 vs 88.09 (DPO, POVID pairs)"),
+    "RRPO: less hallucination than DPO": ("rrpo", "primary", "better than DPO on hallucination benchmarks"),
+    "RRPO: diverges less from the reference than DPO": ("rrpo", "kl", "token KL ~1 vs ~20 for DPO"),
+    "robust DPO: recovers from flipped labels": ("robust_dpo_flipped", "primary",
+                                                 "unbiased DPO loss under flip rate eps"),
 }
 MIN_EFFECT = 0.01  # a gain whose 95% interval lies below this is read as "not reproduced", not "inconclusive"
 BASE_COLS = [("pope_random_acc", "POPE-r"), ("pope_popular_acc", "POPE-p"), ("pope_adversarial_acc", "POPE-a"),
@@ -86,56 +89,58 @@ def gate_section(results: dict[str, dict], cfg: HallucBenchConfig, header: str) 
     return "\n".join(lines)
 
 
-def comparisons(results: dict[str, dict], cfg: HallucBenchConfig) -> list[dict]:
-    """Each non-baseline row vs its DPO baseline on the primary metric: paired test, Holm over all rows."""
+def comparisons(results: dict[str, dict], cfg: HallucBenchConfig) -> dict[str, dict]:
+    """Each claim of :data:`CLAIMS` whose row ran: the row minus its DPO baseline, paired over seeds, Holm over all
+    claims. For a "kl" claim the difference is in token KL to the base (the claim is a negative difference)."""
     seeds = sorted(results, key=int)
-    key, yes_key = cfg.primary_metric, yes_ratio_key(cfg.primary_metric)
-    out = []
-    for row in cfg.methods:
-        base = baseline_of(row)
-        if row == base:
+    yes_key = yes_ratio_key(cfg.primary_metric)
+    out = {}
+    for claim, (row, kind, _) in CLAIMS.items():
+        if row not in cfg.methods:
             continue
-        a = [results[s]["rows"][row][key] for s in seeds]
-        b = [results[s]["rows"][base][key] for s in seeds]
-        kl = stats.paired_test([results[s]["rows"][row]["diag/token_kl_to_base"] for s in seeds],
-                               [results[s]["rows"][base]["diag/token_kl_to_base"] for s in seeds])
-        out.append({"row": row, "base": base, **stats.paired_test(a, b), "kl": kl,
-                    "yes_ratio": float(np.mean([results[s]["rows"][row][yes_key] for s in seeds]))})
-    for c, p in zip(out, stats.holm([c["p"] for c in out])):
+        key = cfg.primary_metric if kind == "primary" else "diag/token_kl_to_base"
+        test = stats.paired_test([results[s]["rows"][row][key] for s in seeds],
+                                 [results[s]["rows"][baseline_of(row)][key] for s in seeds])
+        out[claim] = {"row": row, "kind": kind, **test,
+                      "yes_ratio": float(np.mean([results[s]["rows"][row][yes_key] for s in seeds]))}
+    for c, p in zip(out.values(), stats.holm([c["p"] for c in out.values()])):
         c["p_holm"] = p
-        c["verdict"] = stats.verdict(c["diff"], p, c["yes_ratio"])
+        if c["kind"] == "kl":  # lower KL is the claim; the yes-ratio rule does not apply to a divergence
+            c["verdict"] = "no difference" if math.isnan(p) or p >= 0.05 else "better" if c["diff"] < 0 else "worse"
+        else:
+            c["verdict"] = stats.verdict(c["diff"], p, c["yes_ratio"])
     return out
 
 
-def claim_verdict(c: dict, rrpo_kl: bool) -> str:
-    if c["verdict"] == "better" and (not rrpo_kl or (c["kl"]["diff"] < 0 and c["kl"]["p"] < 0.05)):
+def claim_verdict(c: dict) -> str:
+    if c["verdict"] == "better":
         return "reproduced"
     if c["verdict"] in ("worse", "yes-ratio shift"):
         return "not reproduced"
-    if not math.isnan(c["half_width"]) and c["diff"] + c["half_width"] < MIN_EFFECT:
+    if c["kind"] == "primary" and not math.isnan(c["half_width"]) and c["diff"] + c["half_width"] < MIN_EFFECT:
         return "not reproduced"
     return "inconclusive"
 
 
 def results_section(results: dict[str, dict], cfg: HallucBenchConfig, header: str) -> str:
     seeds = sorted(results, key=int)
-    comps = {c["row"]: c for c in comparisons(results, cfg)}
+    comps = comparisons(results, cfg)
     key = cfg.primary_metric
     lines = ["## Verdicts per paper claim", "", header, "",
              f"Primary metric (declared in the config before the runs): `{key}`. Each method minus DPO on the same "
              f"pairs, per seed (n = {len(seeds)}); mean ± 95% t-interval, two-sided paired t-test, Holm-corrected over "
-             f"the {len(comps)} comparisons. A gain with the method's yes-ratio outside {stats.YES_RATIO_BAND} does "
-             f"not count; a gain whose interval lies below {MIN_EFFECT} is read as not reproduced.", "",
-             "| claim | paper | Δ vs DPO | p (Holm) | yes-ratio | Δ token KL | verdict |",
-             "|---|---|---|---|---|---|---|"]
-    for claim, (row, paper) in CLAIMS.items():
-        if row not in comps:
-            lines.append(f"| {claim} | {paper} | not run | | | | - |")
+             f"the {len(comps)} claims. A gain with the method's yes-ratio outside {stats.YES_RATIO_BAND} does "
+             f"not count; a gain whose interval lies below {MIN_EFFECT} is read as not reproduced. The RRPO "
+             "divergence claim is read on the token KL to the base (lower = the claim).", "",
+             "| claim | paper | Δ vs DPO | p (Holm) | yes-ratio | verdict |", "|---|---|---|---|---|---|"]
+    for claim, (row, kind, paper) in CLAIMS.items():
+        if claim not in comps:
+            lines.append(f"| {claim} | {paper} | not run | | | - |")
             continue
-        c = comps[row]
-        lines.append(f"| {claim} | {paper} | {c['diff']:+.3f} ± {c['half_width']:.3f} | {c['p_holm']:.3f} | "
-                     f"{c['yes_ratio']:.2f} | {c['kl']['diff']:+.3f} ± {c['kl']['half_width']:.3f} | "
-                     f"{claim_verdict(c, row == 'rrpo')} |")
+        c = comps[claim]
+        what = "" if kind == "primary" else " (token KL)"
+        lines.append(f"| {claim} | {paper} | {c['diff']:+.3f} ± {c['half_width']:.3f}{what} | {c['p_holm']:.3f} | "
+                     f"{c['yes_ratio']:.2f} | {claim_verdict(c)} |")
     lines += ["", "### Methods (mean ± 95% CI over seeds)", "",
               "| method | " + " | ".join(c for _, c in ROW_COLS) + " | pairs |", "|---|" + "---|" * (len(ROW_COLS) + 1)]
     lines.append("| base (SFT) | " + " | ".join(ci([results[s]["base"][k] for s in seeds]) if k in
@@ -167,7 +172,7 @@ def refusal_section(results: dict[str, dict]) -> str:
     why = ("the base model fails " + "; ".join(failed)) if failed else "the method rows have not run on every seed"
     lines = ["## Verdicts per paper claim", "", f"Not tested: {why} (see the gates below), so the script reports "
              "no preference row.", "", "| claim | paper | verdict |", "|---|---|---|"]
-    lines += [f"| {claim} | {paper} | not tested |" for claim, (_, paper) in CLAIMS.items()]
+    lines += [f"| {claim} | {paper} | not tested |" for claim, (_, _, paper) in CLAIMS.items()]
     return "\n".join(lines)
 
 

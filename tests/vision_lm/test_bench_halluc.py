@@ -52,7 +52,7 @@ def test_failed_gate_refuses_preference_rows(bench, tmp_path, monkeypatch):
     text = doc.read_text()
     assert "FAIL: pope_random_violating >= 0.85" in text and "no preference row is reported" in text
     assert "Not tested: the base model fails pope_random_violating >= 0.85" in text
-    assert "| robust DPO: recovers from flipped labels | unbiased loss under flip rate eps | not tested |" in text
+    assert "| robust DPO: recovers from flipped labels | unbiased DPO loss under flip rate eps | not tested |" in text
     assert "Δ vs DPO" not in text and "### Methods" not in text
     seed0 = json.loads((tmp_path / "runs" / "seed0.json").read_text())
     assert seed0["rows"] == {}
@@ -66,15 +66,17 @@ def test_verdicts_from_holm_corrected_paired_differences(bench, tmp_path, monkey
     assert bench.main(_args(tmp_path)) == 0
     text = doc.read_text()
     lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
-    assert lines["Re-Align: rDPO beats DPO on the same data (POPE)"].endswith("| reproduced |")
+    assert lines["Re-Align: rDPO beats DPO on the same data"].endswith("| reproduced |")
     # BDHS's gain comes with a yes-ratio of 0.8: it does not count
     assert lines["BDHS: image-hidden rejected answers beat DPO's pairs"].endswith("| not reproduced |")
     assert "| 0.80 |" in lines["BDHS: image-hidden rejected answers beat DPO's pairs"]
-    assert lines["RRPO: beats DPO and diverges less from the reference"].endswith("| reproduced |")
+    assert lines["RRPO: less hallucination than DPO"].endswith("| reproduced |")
+    assert lines["RRPO: diverges less from the reference than DPO"].endswith("| reproduced |")
+    assert "-0.090 ± 0.000 (token KL)" in lines["RRPO: diverges less from the reference than DPO"]
     robust = lines["robust DPO: recovers from flipped labels"]
     assert robust.endswith("| not reproduced |") or robust.endswith("| inconclusive |")
     assert "Every seed's base model passes every gate." in text and "n = 5" in text
-    assert "Holm-corrected over the 4 comparisons" in text
+    assert "Holm-corrected over the 5 claims" in text
     diag = [ln for ln in text.splitlines() if "`diag/" in ln]
     assert sum("corrupt_rejected_correct_all" in ln for ln in diag) == 1  # shared pair set: shown once
     assert sum("token_kl_step25" in ln for ln in diag) == 6  # per method
