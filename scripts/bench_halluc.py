@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.only_seed is not None:
         return 0
     results = {str(s): json.loads((run_dir / f"seed{s}.json").read_text()) for s in seeds}
-    cpu = sum(r["cpu_s"] + r["base_info"].get("build_cpu_s", 0.0) * 0 for r in results.values())
+    cpu = sum(r["cpu_s"] for r in results.values())  # per seed: process CPU time of run_seed, base build included
     cmd = " ".join(["python scripts/bench_halluc.py", f"--seeds {args.seeds}", *args.overrides])
     header = (f"Command: `nice -n 10 {cmd}`; {args.seeds} seeds {seeds}; {cfg.n_test_scenes} test scenes per seed "
               f"(half prior-violating); machine: {machine()}, CPU only, 1 torch thread, shared 2-core machine; "
