@@ -33,3 +33,17 @@ def test_diffusion_benchmark_resumes_past_a_cut_row(tmp_path: Path) -> None:
     again = (tmp_path / "results.jsonl").read_text().splitlines()
     strip = lambda r: {k: v for k, v in json.loads(r).items() if k != "seconds"}  # noqa: E731
     assert [strip(r) for r in again] == [strip(r) for r in rows]
+
+
+def test_vlm_benchmark_resumed_after_its_last_row_keeps_every_row(tmp_path: Path) -> None:
+    """Regression (found by a kill in the last fifth of the run): a resume of a run whose rows were all stored wrote
+    back the SFT row alone."""
+    from mmalign.vision_lm.benchmark import BenchmarkConfig, run
+
+    cfg = BenchmarkConfig(seeds=[0], methods=["dpo"], n_sft_scenes=16, sft_steps=2, batch_size=8, n_pref_scenes=8,
+                          pref_steps=2, pref_batch_size=4, n_test_scenes=4, vision_steps=2, lora_r=2)
+    first = run(cfg, tmp_path)
+    stored = (tmp_path / "results.json").read_text()
+    assert list(json.loads(stored)["0"]) == ["sft", "dpo"]
+    assert run(cfg, tmp_path, resume=True) == first
+    assert (tmp_path / "results.json").read_text() == stored

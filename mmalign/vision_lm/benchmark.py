@@ -237,10 +237,11 @@ def run(cfg: BenchmarkConfig, run_dir: Path, resume: bool = False) -> dict[str, 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / "results.json"
     stored = json.loads(path.read_text()) if resume and path.is_file() else {}
-    per_seed: dict[int, dict[str, dict[str, float]]] = {}
+    per_seed: dict[int, dict[str, dict[str, float]]] = {int(k): v for k, v in stored.items()}
 
     def store(results: dict[str, dict[str, float]], seed: int) -> None:
-        per_seed[seed] = dict(results)
+        # over the stored rows: a resumed seed reports its rows one by one, and the file must never hold fewer
+        per_seed[seed] = {**stored.get(str(seed), {}), **results}
         atomic_write_text(path, json.dumps({str(k): v for k, v in per_seed.items()}, indent=1))
 
     for seed in cfg.seeds:
