@@ -237,14 +237,19 @@ def smoke(model_dir: Path, data: Path, work: Path) -> dict:
             "params_m": sum(p.numel() for p in base.parameters()) / 1e6}
 
 
-def _child(args: argparse.Namespace, side: str, mode: str) -> dict:
+# glibc's default mmap threshold, fixed (as `vlm train` fixes it on the CPU): the environment variable sets it in TRL's
+# process before Python starts, for the extra TRL run that shows what the allocator setting alone is worth there
+FIXED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+
+
+def _child(args: argparse.Namespace, side: str, mode: str, env: dict[str, str] | None = None) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--mode", mode, "--work", str(args.work), "--steps",
            str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
         return {"side": side, "mode": mode, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return json.loads(line[len("RESULT "):])
+    return {**json.loads(line[len("RESULT "):]), **({"allocator": "fixed"} if env else {})}
 
 
 def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict], lazy: dict | None) -> None:
@@ -350,6 +355,8 @@ def main() -> None:
     ap.add_argument("--lazy-pairs", type=int, default=20000)
     ap.add_argument("--lazy-distinct", type=int, default=200)
     ap.add_argument("--modes", default="lora,full")
+    ap.add_argument("--trl-fixed-allocator", action="store_true",
+                    help="one more TRL run per mode with glibc's mmap threshold fixed as vlm train fixes it")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: smoke, compare, lazy")
     ap.add_argument("--side", choices=["mmalign", "trl", "lazy"], default=None, help="internal: one child run")
     ap.add_argument("--mode", default="lora")
@@ -383,6 +390,10 @@ def main() -> None:
                     results["runs"].append(_child(args, side, mode))
                     saved.write_text(json.dumps(results))
                     print(results["runs"][-1], flush=True)
+            if args.trl_fixed_allocator:
+                results["runs"].append(_child(args, "trl", mode, FIXED_ALLOCATOR))
+                saved.write_text(json.dumps(results))
+                print(results["runs"][-1], flush=True)
     if "lazy" not in skip:
         lazy_file = args.work / "lazy.parquet"
         if not lazy_file.is_file():

@@ -275,17 +275,20 @@ class PreferenceObjective:
         names = ["chosen", "rejected"] + (["retrieved"] if self.method == "realign" else [])
         branches = [batch[n] for n in names]
         kl = self.method == "rrpo"
-        policy = self._scores(branches, kl)
         if all(f"ref/{n}/tokens" in batch for n in names) and (not kl or "ref/chosen/logprobs" in batch):
             ref_tokens = [batch[f"ref/{n}/tokens"] for n in names]
             ref_chosen_lp = batch.get("ref/chosen/logprobs")
         else:
+            # the reference pass (no grad) runs before the policy pass: its transient activations are freed before
+            # the policy's saved activations build up, instead of adding to their peak
             self.adapter.model = unwrap_model(model)
             with self.adapter.reference():
                 ref = self._scores(branches, kl)
             self.adapter.model = model
             ref_tokens = [r[0] for r in ref]
             ref_chosen_lp = torch.log_softmax(ref[0][2], -1) if kl else None
+            del ref
+        policy = self._scores(branches, kl)
         pol_sum = [p[0].sum(1) for p in policy]
         ref_sum = [r.sum(1) for r in ref_tokens]
         labels = batch.get("labels")

@@ -187,6 +187,8 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     from mmalign.vision_lm.refcache import reference_cache
 
     run_dir = Path(run_dir)
+    if cfg.trainer.cpu or not torch.cuda.is_available():
+        _return_freed_heap_memory()
     # 1. everything the user passed is checked before any model is built or trained
     if cfg.model_path:
         local = check_model_source(cfg.model_path)
@@ -260,6 +262,29 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     artifacts = _write_artifacts(trainer, processor, run_dir, base_name, merge=cfg.merge, push_to_hub=cfg.push_to_hub)
     return {**out, **stats, "n_pairs": len(pairs), "skipped_pairs": n_dropped,
             **{f"artifact/{k}": v for k, v in artifacts.items()}}
+
+
+def _return_freed_heap_memory() -> bool:
+    """Training on the CPU: let glibc give freed activation memory back to the OS instead of keeping it.
+
+    On the CPU every activation is a heap block. glibc serves blocks from 128 KiB up with their own ``mmap`` (unmapped
+    on free), but raises that threshold to the size of each such block freed, up to 32 MiB: after the first step,
+    activations come from the heap, whose freed blocks stay in the process and fragment, so each step's peak adds
+    to the last one's leftovers. Fixing the threshold at its default (``mallopt(M_MMAP_THRESHOLD)``, which turns the
+    raising off) keeps them returned (peak RSS measured in docs/benchmarks/vlm_training.md). Returns whether the
+    setting was made (False outside glibc).
+    """
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_mmap_threshold = -3  # from malloc.h
+    return libc.mallopt(m_mmap_threshold, 128 * 1024) == 1
 
 
 def _check_pairs(cfg: VLMTrainConfig, adapter: Any, pairs: list[Any], rows: list[int]

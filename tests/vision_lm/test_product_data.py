@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_product import CONV, TEMPLATE, _qwen, cfg, pairs_file, tiny_folder  # noqa: I001  (tests dir on sys.path)
+from test_product import TEMPLATE, _qwen, cfg, pairs_file, tiny_folder  # noqa: I001  (tests dir on sys.path)
+
+from mmalign.vision_lm.train import run
 
 # TEMPLATE with Qwen2-VL's image and video placeholders
 VIDEO_TEMPLATE = TEMPLATE.replace(
@@ -98,3 +100,30 @@ def test_one_tokenising_pass_gives_lengths_and_unknown_tokens(tmp_path: Path,
     words = 3 * (1 + 5 + 5) + 7 * 8  # prompt "describe"; responses + EOS; row 1's chosen is 8 x 7 tokens
     assert scan.dropped == 0 and scan.oov_rate == pytest.approx(8 / (words - 5), abs=0.02)
     assert scan.oov_words[0] == "zebra"
+
+
+def test_reference_pass_runs_first_without_grad_and_cpu_heap_memory_is_returned(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per step: the reference forward (LoRA disabled, no grad) comes before the policy forward, so its transient
+    memory is freed before the policy's saved activations build up; a CPU run fixes glibc's mmap threshold."""
+    import platform
+
+    import torch
+
+    from mmalign.vision_lm.adapter import VLMAdapter
+    from mmalign.vision_lm.train import _return_freed_heap_memory
+
+    grad_modes: list[bool] = []
+    token_logps = VLMAdapter.token_logps
+
+    def recorded(self, *a, **k):
+        grad_modes.append(torch.is_grad_enabled())
+        return token_logps(self, *a, **k)
+
+    monkeypatch.setattr(VLMAdapter, "token_logps", recorded)
+    model_dir = tiny_folder("llava", tmp_path / "model")
+    out = run(cfg(model_dir, pairs_file(tmp_path / "data"), trainer={"max_steps": 2}), tmp_path / "run")
+    assert out["step"] == 2
+    assert grad_modes[-4:] == [False, True, False, True]  # per step: reference, then policy (the scan only encodes)
+    if platform.libc_ver()[0] == "glibc":
+        assert _return_freed_heap_memory()
