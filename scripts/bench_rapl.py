@@ -98,7 +98,8 @@ def pretrain_effect_rows(res: dict, args: argparse.Namespace, seeds: tuple[int, 
             d = paired_diff(by_seed(res, seeds, "pre", method, n, split),
                             by_seed(res, seeds, "scratch", method, n, split))
             if d.diffs:
-                rows.append(f"| {method.upper()}@{n} | {d} | {d.verdict.replace('a', 'pre', 1).replace('b', 'scratch')} |")
+                says = {"a > b": "pre > scratch", "a < b": "pre < scratch"}.get(d.verdict, d.verdict)
+                rows.append(f"| {method.upper()}@{n} | {d} | {says} |")
     return rows
 
 
