@@ -93,6 +93,14 @@ NEW_RUN_CASES = [
     ("pebble teacher", "robotics pebble", ["teacher=nobody"], None, "teacher"),
     ("main env typo", "robotics main", ["env_id=Reachr-v5"], None, "is not a registered gymnasium id"),
     ("main resume", "robotics main", ["--resume"], None, "not supported by robotics.main"),
+    ("missing pretrain_init", "diffusion benchmark", ["pretrain_init={d}/none.safetensors"], None,
+     "pretrain_init: '{d}/none.safetensors' is not a file"),
+    ("pickled pretrain_init", "diffusion benchmark", ["pretrain_init={d}/w.pt"], _pickled_weights,
+     "is not a .safetensors file (pickled formats are never loaded)"),
+    ("foreign reference", "diffusion benchmark", ["reference_path={d}/plain.safetensors"], _plain_tensors,
+     "reference_path: '{d}/plain.safetensors' does not hold this benchmark's model"),
+    ("reference in no folder", "diffusion benchmark", ["reference_path={d}/no/r.safetensors"], None,
+     "and its folder"),
 ]
 
 
@@ -105,6 +113,7 @@ def test_a_broken_input_fails_before_work(tmp_path: Path, capsys: pytest.Capture
     argv = [*job.split(), "--output-dir", str(run_dir), *(a.replace("{d}", str(tmp_path)) for a in args)]
     assert main(argv) == 2
     err = capsys.readouterr().err
+    message = message.replace("{d}", str(tmp_path))
     assert message in err and err.startswith("mmalign: error: ") and "Traceback" not in err, err
     assert not run_dir.exists()  # nothing made, nothing trained, no results
     assert not (tmp_path / "ran").exists()  # no planted pickle ran

@@ -128,22 +128,46 @@ def build_model(cfg: BenchmarkConfig) -> Any:
     return build_tiny_unet(cfg.size, tuple(cfg.channels), cfg.embed_dim)
 
 
+def _load_weights(model: Any, path: str | Path, what: str) -> None:
+    """Load a user-given weights file into ``model``; a wrong file is one error naming ``what`` and the file."""
+    from mmalign.fileio import read_safetensors
+
+    try:
+        model.load_state_dict(read_safetensors(path, what))
+    except RuntimeError as err:  # other tensor names or shapes (e.g. another embed_dim or image size)
+        raise ValueError(f"{what}: {str(path)!r} does not hold this benchmark's model ({str(err).splitlines()[0]}; "
+                         f"check size / embed_dim against the run that wrote it)") from None
+
+
+def validate(cfg: BenchmarkConfig, resume: bool = False) -> None:
+    """Before the CLI makes a run folder: the weights files a user names load into this configuration's model, and a
+    reference cache path that does not exist yet can be written."""
+    if cfg.pretrain_init:
+        _load_weights(build_model(cfg), cfg.pretrain_init, "pretrain_init")
+    if cfg.reference_path:
+        path = Path(cfg.reference_path)
+        if path.exists():
+            _load_weights(build_model(cfg), path, "reference_path")
+        elif not path.parent.is_dir():
+            raise ValueError(f"reference_path: {cfg.reference_path!r} does not exist, and its folder "
+                             f"{str(path.parent)!r} does not either (the reference is trained and cached there)")
+
+
 def pretrain_reference(cfg: BenchmarkConfig, path: Path, log: Any = print) -> Any:
     """Train (or load from ``path``) the reference model on the red-mostly pretraining distribution."""
     import torch
     from safetensors.torch import save_file
-    from mmalign.fileio import read_safetensors
     from mmalign.diffusion.adapter import denoising_errors
     from mmalign.diffusion.shapes import SHAPES, render, sample_reference_hues, shapes_embeddings, shapes_scheduler
 
     model = build_model(cfg)
     if path.is_file():
-        model.load_state_dict(read_safetensors(path, "reference_path"))
+        _load_weights(model, path, "reference_path")
         return model
     torch.manual_seed(0)
     model = build_model(cfg)
     if cfg.pretrain_init:
-        model.load_state_dict(read_safetensors(cfg.pretrain_init, "pretrain_init"))
+        _load_weights(model, cfg.pretrain_init, "pretrain_init")
     sched, emb = shapes_scheduler(), shapes_embeddings(cfg.embed_dim)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.pretrain_lr, weight_decay=0.0)
     warm = min(100, cfg.pretrain_steps // 10)
