@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from mmalign.fileio import read_appended_rows
 
 
@@ -47,3 +49,20 @@ def test_vlm_benchmark_resumed_after_its_last_row_keeps_every_row(tmp_path: Path
     assert list(json.loads(stored)["0"]) == ["sft", "dpo"]
     assert run(cfg, tmp_path, resume=True) == first
     assert (tmp_path / "results.json").read_text() == stored
+
+
+def test_sharded_diffusion_benchmark_names_cells_claimed_by_a_killed_worker(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A worker killed after claiming a cell leaves its claim: the others skip that cell, and say so (never silently)."""
+    from mmalign.diffusion.benchmark import BenchmarkConfig, run
+
+    cfg = BenchmarkConfig(size=8, channels=[8, 16], embed_dim=8, pretrain_steps=2, pretrain_batch=4, num_pairs=8,
+                          finetune_steps=1, finetune_batch=4, settings=["style_90"], methods=["mapo"], seeds=[0],
+                          samples_per_class=1, sample_steps=2, num_shards=2, shard=0)
+    (tmp_path / "claims").mkdir()
+    (tmp_path / "claims" / "style_90-mapo-0").touch()  # the killed worker's claim
+    summary = run(cfg, tmp_path)
+    assert summary["cells/pending"] == 1.0
+    assert "1 cell(s) claimed by other workers have no row yet (style_90-mapo-0)" in capsys.readouterr().out
+    (tmp_path / "claims" / "style_90-mapo-0").unlink()  # as the message says
+    assert run(cfg, tmp_path, resume=True)["cells/pending"] == 0.0

@@ -69,7 +69,8 @@ class BenchmarkConfig(Config):
     threads: int = option(1, "torch CPU threads")
     shard: int = option(0, "id of this worker when num_shards > 1")
     num_shards: int = option(1, "number of worker processes sharing the run folder; > 1: cells are claimed "
-                                "dynamically through run_dir/claims (clear it before restarting killed workers)")
+                                "dynamically through run_dir/claims (a killed worker's claims are named at the end "
+                                "of the run: delete them, then --resume)")
 
     def __post_init__(self) -> None:
         check_range("size", self.size, 8, 64)
@@ -307,7 +308,17 @@ def run(cfg: BenchmarkConfig, run_dir: Path, resume: bool = False) -> dict:
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps(row), flush=True)
-    return summarize(out)
+    summary = summarize(out)
+    if cfg.num_shards > 1:
+        stored = {(r["setting"], r["method"], r["seed"]) for r in read_appended_rows(out, False)}
+        pending = [c for c in _cells(cfg) if c not in stored]
+        summary["cells/pending"] = float(len(pending))
+        if pending:  # claimed by a worker still running, or by one that was killed: never dropped without a word
+            names = ", ".join("-".join(map(str, c)) for c in pending[:10])
+            print(f"[diffusion benchmark] {len(pending)} cell(s) claimed by other workers have no row yet ({names}); "
+                  f"once every worker has finished, these were claimed by killed workers: delete their files in "
+                  f"{claims} and run again with --resume", flush=True)
+    return summary
 
 
 def unique_rows(results: Path) -> list[dict]:
