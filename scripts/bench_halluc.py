@@ -218,6 +218,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--force", action="store_true",
                     help="train the rows even when a gate fails (stored for diagnosis; never written to the page)")
     ap.add_argument("--no-doc", action="store_true", help="print the sections instead of writing the page")
+    ap.add_argument("--no-run", action="store_true",
+                    help="never train: write the page from the stored seed files (a seed still running counts with "
+                         "its partial file: its base, gates and finished rows)")
     ap.add_argument("--base-only", action="store_true",
                     help="build and gate the base model of each seed (a tuning attempt): append one row per seed to "
                          "<run-dir>/tuning.jsonl and rewrite the page's tuning table from every row there")
@@ -235,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
         return tuning(cfg, seeds, args, run_dir)
     for seed in seeds:
         store = run_dir / f"seed{seed}.json"
-        if store.exists():
+        if store.exists() or args.no_run:
             continue
         t0 = time.perf_counter()
         res = run_seed(cfg, seed, run_dir, Path(args.cache_dir), force=args.force,
@@ -246,13 +249,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"seed {seed}: gates {res['gates']}, CPU {res['cpu_s']:.0f} s, wall {res['wall_s']:.0f} s", flush=True)
     if args.only_seed is not None:
         return 0
-    results = {str(s): json.loads((run_dir / f"seed{s}.json").read_text()) for s in seeds}
-    cpu = sum(r["cpu_s"] for r in results.values())  # per seed: process CPU time of run_seed, base build included
+    results, running = {}, []
+    for s in seeds:
+        done, part = run_dir / f"seed{s}.json", run_dir / f"partial-seed{s}.json"
+        if done.exists():
+            results[str(s)] = json.loads(done.read_text())
+        elif part.exists():  # only with --no-run: the loop above runs every missing seed otherwise
+            results[str(s)] = json.loads(part.read_text())
+            running.append(s)
+        else:
+            raise ValueError(f"--no-run: seed {s} has no seed{s}.json or partial-seed{s}.json in {run_dir}")
+    # per seed: process CPU time of run_seed, base build included (a seed still running has none yet)
+    finished = [r["cpu_s"] for s, r in results.items() if int(s) not in running]
+    cpu = sum(finished)
     cmd = " ".join(["python scripts/bench_halluc.py", f"--seeds {args.seeds}", *args.overrides])
     header = (f"Command: `nice -n 10 {cmd}`; {args.seeds} seeds {seeds}; {cfg.n_test_scenes} test scenes per seed "
               f"(half prior-violating); machine: {machine()}, CPU only, 1 torch thread, shared 2-core machine; "
-              f"CPU time {cpu / 60:.1f} min in all ({cpu / len(seeds) / 60:.1f} min per seed, base builds "
-              "included where not cached).")
+              f"CPU time {cpu / 60:.1f} min for the {len(finished)} finished seeds "
+              f"({cpu / max(len(finished), 1) / 60:.1f} min per seed, base builds included where not cached)"
+              + (f"; seeds {running} were still running (their base, gates and finished rows are counted)."
+                 if running else "."))
     ok = gates_passed(results)
     if ok and all(cfg.methods and set(cfg.methods) <= set(r["rows"]) for r in results.values()):
         verdicts = results_section(results, cfg, header)

@@ -140,3 +140,25 @@ def test_base_only_appends_tuning_rows(bench, tmp_path, monkeypatch):
     assert len(rows) == 4
     assert rows[0].startswith("| `dev_seeds=[101,102] n_test_scenes=4 base.n_train_scenes=2` | 101 | 0.501 |")
     assert "base.sft_epochs=9" in rows[3] and rows[3].endswith("| 2/3 | 12 |")
+
+
+def test_no_run_writes_from_stored_and_partial_seed_files(bench, tmp_path, monkeypatch):
+    doc = tmp_path / "vision_lm.md"
+    monkeypatch.setattr(bench, "DOC", doc)
+    monkeypatch.setattr(bench, "run_seed", lambda *a, **k: pytest.fail("--no-run must not train"))
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    fake = _fake_run_seed({}, PASS)
+    cfg = bench.load_config(bench.HallucBenchConfig, bench.ROOT / "configs/vision_lm/benchmark_halluc.yaml", [])
+    (runs / "seed0.json").write_text(json.dumps(fake(cfg, 0, runs, None)))
+    part = fake(cfg, 1, runs, None)
+    del part["cpu_s"]
+    part["rows"] = {"dpo": part["rows"]["dpo"]}  # a seed still running: one row so far
+    (runs / "partial-seed1.json").write_text(json.dumps(part))
+    args = ["--seeds", "report", "--run-dir", str(runs), "--no-run", "dev_seeds=[9]"]
+    assert bench.main([*args, "report_seeds=[0,1]"]) == 0
+    text = doc.read_text()
+    assert "seeds [1] were still running" in text and "for the 1 finished seeds" in text
+    assert "the method rows have not run on every seed" in text  # no verdicts from an incomplete seed
+    with pytest.raises(ValueError, match="seed 2 has no"):
+        bench.main([*args, "report_seeds=[0,1,2]"])
