@@ -63,6 +63,8 @@ class VLMTrainConfig(Config):
     bdhs_rho: float = option(0.99, "BDHS fraction of image tokens hidden from attention")
     max_length: int = option(2048, "longest prompt + response in tokens; longer pairs fail or are skipped")
     skip_invalid: bool = option(False, "drop (and count) invalid rows and over-long pairs instead of raising")
+    cpu_return_memory: bool = option(True, "on the CPU (glibc), give freed activation memory back to the OS at once: "
+                                           "lower peak memory, more page faults per step")
     seed: int = option(0, "seed of scene generation, pair building and online sampling")
     trainer: TrainerConfig = option(factory=lambda: TrainerConfig.from_dict(
         {"max_steps": 50, "batch_size": 8, "lr": 1e-3, "lora": {"enabled": True, "r": 16, "alpha": 32.0}}),
@@ -187,7 +189,7 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     from mmalign.vision_lm.refcache import reference_cache
 
     run_dir = Path(run_dir)
-    if cfg.trainer.cpu or not torch.cuda.is_available():
+    if cfg.cpu_return_memory and (cfg.trainer.cpu or not torch.cuda.is_available()):
         _return_freed_heap_memory()
     # 1. everything the user passed is checked before any model is built or trained
     if cfg.model_path:
