@@ -131,7 +131,7 @@ def section(res: dict, args: argparse.Namespace, plan) -> str:  # noqa: ANN001
         f"τ {args.pretrain_temperature:g}, 32 rollouts × 2 anchors per step) on the frames of the {args.n_train} "
         f"training rollouts plus {args.pretrain_cross} unlabelled 2-link-arm rollouts (none of them held out); final "
         "in-batch accuracy "
-        f"{fmt_ci(pre_acc)}. **Alignment:** RAPL's OT-BT triplet loss (cosine cost, reg 0.05, 50 Sinkhorn "
+        f"{fmt_ci(pre_acc, '.2f')}. **Alignment:** RAPL's OT-BT triplet loss (cosine cost, reg 0.05, 50 Sinkhorn "
         "iterations, every 2nd frame), reward = OT similarity to the 6 top-return demos. **BT:** linear per-frame "
         "reward head on the same encoder (pre-trained or random init), trained end to end with BT on each triplet's "
         f"two candidates. All arms train {args.epochs:g} epochs (Adam 1e-3, batch 8); noiseless simulated human. "
