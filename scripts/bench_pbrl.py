@@ -32,11 +32,11 @@ import numpy as np
 from mmalign.robotics.protocol import add_seed_args, seed_plan_from_args
 
 TASK_DEFAULTS = {
-    # segment length, eval episodes, first feedback, feedback every
+    # segment length, eval episodes (>= 10 everywhere: the robotics seed protocol)
     "Reacher-v5": dict(segment_length=25, eval_episodes=10),
-    "InvertedDoublePendulum-v5": dict(segment_length=25, eval_episodes=5),
-    "HalfCheetah-v5": dict(segment_length=25, eval_episodes=2),
-    "Pusher-v5": dict(segment_length=25, eval_episodes=5),
+    "InvertedDoublePendulum-v5": dict(segment_length=25, eval_episodes=10),
+    "HalfCheetah-v5": dict(segment_length=25, eval_episodes=10),
+    "Pusher-v5": dict(segment_length=25, eval_episodes=10),
 }
 
 
