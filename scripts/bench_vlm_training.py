@@ -128,8 +128,10 @@ def _peak_mb() -> float:
 
 
 # ---------------------------------------------------------------------------------------------- the two sides
-def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int) -> dict:
-    """mmalign's product path (vlm train's run(): data -> adapter -> loss -> trainer -> artifacts), timed per step."""
+def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int,
+                 return_memory: bool = True) -> dict:
+    """mmalign's product path (vlm train's run(): data -> adapter -> loss -> trainer -> artifacts), timed per step;
+    ``return_memory=False`` runs it with ``cpu_return_memory=false`` (glibc's own mmap threshold)."""
     import torch
 
     from mmalign.vision_lm.train import VLMTrainConfig, run
@@ -138,7 +140,7 @@ def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, l
     lora = {"enabled": mode == "lora", "r": 16, "alpha": 32.0, "target_modules": LORA_TARGETS}
     cfg = VLMTrainConfig.from_dict({
         "model_path": model_dir, "data": data, "method": "dpo", "beta": 0.1, "dtype": "float32",
-        "reference": "lora" if mode == "lora" else "cache", "max_length": 4096,
+        "reference": "lora" if mode == "lora" else "cache", "max_length": 4096, "cpu_return_memory": return_memory,
         "trainer": {"max_steps": steps, "batch_size": batch, "lr": lr, "lr_schedule": "constant", "log_every": 1,
                     "progress": False, "plots": False, "cpu": True, "lora": lora, "keep_checkpoints": 1}})
     with tempfile.TemporaryDirectory() as tmp:
@@ -150,7 +152,8 @@ def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, l
     step_s = [batch / r for r in rates]
     return {"side": "mmalign", "mode": mode, "samples_per_s": batch / (sum(step_s) / len(step_s)),
             "step_s": step_s, "peak_rss_mb": _peak_mb(), "total_s": total, "loss": out.get("train/loss"),
-            "ref_precompute_s": out.get("time/ref_precompute_s", 0.0)}
+            "ref_precompute_s": out.get("time/ref_precompute_s", 0.0),
+            **({} if return_memory else {"allocator": "glibc"})}
 
 
 def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int) -> dict:
@@ -288,9 +291,11 @@ def smoke(model_dir: Path, data: Path, work: Path) -> dict:
 FIXED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
-def _child(args: argparse.Namespace, side: str, mode: str, env: dict[str, str] | None = None) -> dict:
+def _child(args: argparse.Namespace, side: str, mode: str, env: dict[str, str] | None = None,
+           glibc: bool = False) -> dict:
     cmd = [sys.executable, __file__, "--side", side, "--mode", mode, "--work", str(args.work), "--steps",
-           str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)]
+           str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)] + \
+        (["--glibc-allocator"] if glibc else [])
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
@@ -312,7 +317,9 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
              "word-level tokenizer of the same vocabulary size; generated conversational pairs with embedded 512x512 "
              "PNG images, one per pair, not split into tiles (64 image tokens). fp32 on CPU.", "",
              f"Command: `python scripts/bench_vlm_training.py --work {args.work} --rounds {args.rounds} --steps "
-             f"{args.steps} --batch {args.batch} --threads {args.threads} --lazy-pairs {args.lazy_pairs}`. "
+             f"{args.steps} --batch {args.batch} --threads {args.threads} --lazy-pairs {args.lazy_pairs}"
+             f"{' --trl-fixed-allocator' if args.trl_fixed_allocator else ''}"
+             f"{' --mmalign-glibc-allocator' if args.mmalign_glibc_allocator else ''}`. "
              f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load average "
              f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, transformers "
              f"{transformers.__version__}, TRL {trl.__version__}. Seeds: model 0, data 0, trainer 0.", ""]
@@ -361,10 +368,12 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                              f"{peak:.0f} | {', '.join(f'{x:.0f}' for x in ref) or '-'} | "
                              f"{np.mean([r['total_s'] for r in ok]):.0f} |")
             if len(got) == 2:
-                mm = [r for r in runs if r["mode"] == mode and r["side"] == "mmalign" and "error" not in r]
+                mm = [r for r in runs if r["mode"] == mode and r["side"] == "mmalign" and "error" not in r
+                      and "allocator" not in r]
                 tr = [r for r in runs if r["mode"] == mode and r["side"] == "trl" and "error" not in r
                       and "allocator" not in r]
-                fixed = [r for r in runs if r["mode"] == mode and r.get("allocator") and "error" not in r]
+                fixed = [r for r in runs if r["mode"] == mode and r.get("allocator") == "fixed" and "error" not in r]
+                glibc = [r for r in runs if r["mode"] == mode and r.get("allocator") == "glibc" and "error" not in r]
                 # each round's A and B ran back to back: their ratio is what the interleaving makes comparable
                 ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(mm, tr)]
                 sp = float(np.exp(np.mean(np.log(ratios))))
@@ -379,6 +388,11 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                     verdicts.append(f"  TRL with the same allocator setting (one run, `MALLOC_MMAP_THRESHOLD_=131072` "
                                     f"in its environment): peak RSS {f['peak_rss_mb']:.0f} MB, {f['samples_per_s']:.4f} "
                                     f"samples/s; mmalign's peak is {got['mmalign'][1] / f['peak_rss_mb']:.2f}x of it.")
+                if glibc:
+                    g = glibc[0]
+                    verdicts.append(f"  mmalign with `cpu_return_memory=false` (one run, glibc's own threshold): peak "
+                                    f"RSS {g['peak_rss_mb']:.0f} MB ({g['peak_rss_mb'] / got['trl'][1]:.2f}x TRL's), "
+                                    f"{g['samples_per_s']:.4f} samples/s.")
         lines += ["", *verdicts, "",
                   "The machine was shared with other jobs and its load changed between rounds, so absolute rates "
                   "differ from round to round; the ratio of the two back-to-back runs of a round is the comparable "
@@ -401,8 +415,13 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
             lines += [f"Profile: `python scripts/bench_vlm_training.py --side profile --mode {prof['mode']} --steps 2 "
                       f"--batch 1 --threads {args.threads} --work {args.work}`; peak RSS {prof['peak_rss_mb']:.0f} MB.",
                       "", "| phase | RSS at start MB | max RSS until the next phase MB |", "|---|---|---|"]
+            phases = prof["phases"]
+            first = next((i for i, ph in enumerate(phases) if ph["phase"] != "collate"), len(phases))
+            if first > 1:  # the data check's collations before training: one row for them all
+                lines.append(f"| data check: {first - 1} collations | {phases[0]['rss_start_mb']:.0f} | "
+                             f"{max(ph['rss_max_mb'] for ph in phases[:first - 1]):.0f} |")
             lines += [f"| {ph['phase']} | {ph['rss_start_mb']:.0f} | {ph['rss_max_mb']:.0f} |"
-                      for ph in prof["phases"]]
+                      for ph in phases[max(first - 1, 0):]]
             lines.append("")
     if lazy:
         lines += ["## Lazy pass over a large Parquet file", "",
@@ -434,6 +453,10 @@ def main() -> None:
     ap.add_argument("--modes", default="lora,full")
     ap.add_argument("--trl-fixed-allocator", action="store_true",
                     help="one more TRL run per mode with glibc's mmap threshold fixed as vlm train fixes it")
+    ap.add_argument("--mmalign-glibc-allocator", action="store_true",
+                    help="one more mmalign run per mode with cpu_return_memory=false")
+    ap.add_argument("--glibc-allocator", action="store_true", help="internal: the mmalign child runs with "
+                    "cpu_return_memory=false")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: smoke, compare, lazy, profile")
     ap.add_argument("--side", choices=["mmalign", "trl", "lazy", "profile"], default=None, help="internal: one child run")
     ap.add_argument("--mode", default="lora")
@@ -447,9 +470,10 @@ def main() -> None:
         print("RESULT " + json.dumps(lazy_pass(str(args.work / "lazy.parquet"), 64)))
         return
     if args.side:
+        kw = {"return_memory": not args.glibc_allocator} if args.side == "mmalign" else {}
         fn = side_mmalign if args.side == "mmalign" else side_trl
         print("RESULT " + json.dumps(fn(str(model_dir), str(data), args.mode, args.steps, args.batch, 1e-5,
-                                        args.threads)))
+                                        args.threads, **kw)))
         return
     args.work.mkdir(parents=True, exist_ok=True)
     if not (model_dir / "config.json").is_file():
@@ -473,6 +497,10 @@ def main() -> None:
                     print(results["runs"][-1], flush=True)
             if args.trl_fixed_allocator:
                 results["runs"].append(_child(args, "trl", mode, FIXED_ALLOCATOR))
+                saved.write_text(json.dumps(results))
+                print(results["runs"][-1], flush=True)
+            if args.mmalign_glibc_allocator:
+                results["runs"].append(_child(args, "mmalign", mode, glibc=True))
                 saved.write_text(json.dumps(results))
                 print(results["runs"][-1], flush=True)
     if "lazy" not in skip:
