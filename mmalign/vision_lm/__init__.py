@@ -15,5 +15,8 @@ Modules (import them directly; this package imports nothing heavy):
 - ``methods``: Re-Align pair builder (image index + masked refilling), BDHS sampling, RRPO phrase alignment.
 - testbed (not used on a user's model): ``tiny`` and ``families`` (tiny random-init LLaVA / LLaVA-NeXT / Idefics3 /
   SmolVLM with offline-built processors), ``scenes`` (procedural scenes with planted priors), ``testbed`` (SFT and
-  scene pairs), ``benchmark`` (CHAIR/POPE benchmark), ``perf`` (tokens/s and MFU of DPO steps).
+  scene pairs), ``benchmark`` (CHAIR/POPE benchmark), ``perf`` (tokens/s and MFU of DPO steps); the hallucination
+  testbed: ``weak_scenes`` (weak evidence where the prior speaks, Bayes-optimal answers), ``halluc_base`` (the
+  cached, gated base model), ``halluc_bench`` (one seed's method rows and diagnostics), ``stats`` (t-intervals,
+  paired tests, Holm).
 """
