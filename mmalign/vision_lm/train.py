@@ -63,8 +63,8 @@ class VLMTrainConfig(Config):
     bdhs_rho: float = option(0.99, "BDHS fraction of image tokens hidden from attention")
     max_length: int = option(2048, "longest prompt + response in tokens; longer pairs fail or are skipped")
     skip_invalid: bool = option(False, "drop (and count) invalid rows and over-long pairs instead of raising")
-    cpu_return_memory: bool = option(True, "on the CPU (glibc), give freed activation memory back to the OS at once: "
-                                           "lower peak memory, more page faults per step")
+    cpu_return_memory: bool = option(False, "on the CPU (glibc), give freed activation memory back to the OS at "
+                                            "once: a lower peak, slower steps (page faults)")
     seed: int = option(0, "seed of scene generation, pair building and online sampling")
     trainer: TrainerConfig = option(factory=lambda: TrainerConfig.from_dict(
         {"max_steps": 50, "batch_size": 8, "lr": 1e-3, "lora": {"enabled": True, "r": 16, "alpha": 32.0}}),
@@ -267,14 +267,14 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
 
 
 def _return_freed_heap_memory() -> bool:
-    """Training on the CPU: let glibc give freed activation memory back to the OS instead of keeping it.
+    """Training on the CPU with ``cpu_return_memory``: glibc gives freed activation memory back to the OS at once.
 
     On the CPU every activation is a heap block. glibc serves blocks from 128 KiB up with their own ``mmap`` (unmapped
     on free), but raises that threshold to the size of each such block freed, up to 32 MiB: after the first step,
     activations come from the heap, whose freed blocks stay in the process and fragment, so each step's peak adds
     to the last one's leftovers. Fixing the threshold at its default (``mallopt(M_MMAP_THRESHOLD)``, which turns the
-    raising off) keeps them returned (peak RSS measured in docs/benchmarks/vlm_training.md). Returns whether the
-    setting was made (False outside glibc).
+    raising off) keeps them returned, at the price of page faults on every fresh block (peak RSS and step rates with
+    and without it in docs/benchmarks/vlm_training.md). Returns whether the setting was made (False outside glibc).
     """
     import ctypes
     import platform
