@@ -1,4 +1,8 @@
-"""Offline VLM hallucination benchmark: every method x seeds -> mean +- std table in docs/benchmarks/vision_lm.md.
+"""The ``vlm benchmark`` job over seeds: every method x seeds -> mean +- std tables in ``runs/bench_vlm/results.md``.
+
+Its base model is not checked for grounding, so these tables cannot test the papers' claims: the verdicts come from
+the hallucination testbed (``scripts/bench_halluc.py``, docs/benchmarks/vision_lm.md). Use this script to compare
+methods or families on the job's own scenes.
 
     nice -n 10 .venv/bin/python scripts/bench_vlm.py --config configs/vision_lm/benchmark.yaml [key=value ...]
     nice -n 10 .venv/bin/python scripts/bench_vlm.py --family idefics3 [key=value ...]
@@ -6,8 +10,8 @@
 Runs :func:`mmalign.vision_lm.benchmark.run_seed` per seed (tiny VLM, vision-tower pre-training, SFT, each
 method's pairs and LoRA preference training, CHAIR/POPE on the prior-violating test split), stores raw numbers in
 ``runs/bench_vlm/results-seed<N>.json`` (one file per seed: seeds may run as parallel processes; finished seeds are
-skipped on a re-run; the table is written from every seed file present) and writes the "Results" section of the
-Markdown page (between ``<!-- results:start -->`` and ``<!-- results:end -->``). ``--family`` (default: the
+skipped on a re-run; the table is written from every seed file present) and writes the "Results" section of that
+Markdown file (between ``<!-- results:start -->`` and ``<!-- results:end -->``). ``--family`` (default: the
 config's, ``llava``) picks another tiny architecture; a non-LLaVA family defaults to its own run dir
 (``runs/bench_vlm_<family>``) and page section (``results_<family>``).
 """
@@ -28,7 +32,7 @@ from mmalign.vision_lm.families import FAMILIES
 from doc_sections import write_marked_section
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks" / "vision_lm.md"
+DOC = ROOT / "runs" / "bench_vlm" / "results.md"  # not a docs page: see the module docstring
 COLUMNS = [
     ("eval/chair_i", "CHAIR_i ↓"), ("eval/chair_s", "CHAIR_s ↓"), ("eval/attr_error", "attr err ↓"),
     ("eval/recall", "recall ↑"), ("eval/caption_len", "len"),
@@ -93,6 +97,7 @@ def write_section(results: dict[str, dict], cfg: BenchmarkConfig, argv: list[str
     missing = [r for r in cfg.methods if r not in rows]
     if missing:
         lines += ["", f"Not run in every seed (did not fit the time budget): {', '.join(missing)}."]
+    DOC.parent.mkdir(parents=True, exist_ok=True)
     write_marked_section(DOC, section, "\n".join(lines[1:]), "# Vision-language benchmarks")
 
 
@@ -124,6 +129,7 @@ def write_family_comparison(run_dirs: dict[str, Path], methods: list[str]) -> No
                 n_note = f" (n={len(seeds)})" if len(seeds) < len(res) else ""  # not every seed ran the method
                 cells.append(fmt([res[s][m][key] - res[s]["sft"][key] for s in seeds]) + n_note if seeds else "-")
         lines.append(f"| {ROW_NAMES.get(m, m)} | " + " | ".join(cells) + " |")
+    DOC.parent.mkdir(parents=True, exist_ok=True)
     write_marked_section(DOC, "results_families", "\n".join(lines), "# Vision-language benchmarks")
 
 
