@@ -179,7 +179,7 @@ def refusal_section(results: dict[str, dict]) -> str:
 def tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespace, run_dir: Path) -> int:
     """``--base-only``: one tuning row per seed (base metrics, gates, build CPU time) -> section halluc_tuning."""
     log = run_dir / "tuning.jsonl"
-    for seed in seeds:
+    for seed in [] if args.no_run else seeds:  # --no-run: only rewrite the table from tuning.jsonl
         data = H.make_data(cfg.base, seed, 1, cfg.n_test_scenes)
         adapter, info = H.build_base(cfg.base, seed, data, Path(args.cache_dir))
         row = {"overrides": args.overrides, "seed": seed, "base": H.evaluate(adapter, data, seed, cfg.base.generator()),

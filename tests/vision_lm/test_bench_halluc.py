@@ -140,6 +140,11 @@ def test_base_only_appends_tuning_rows(bench, tmp_path, monkeypatch):
     assert len(rows) == 4
     assert rows[0].startswith("| `dev_seeds=[101,102] n_test_scenes=4 base.n_train_scenes=2` | 101 | 0.501 |")
     assert "base.sft_epochs=9" in rows[3] and rows[3].endswith("| 2/3 | 12 |")
+    # --no-run: rewrite the table from tuning.jsonl (rows of parallel --no-doc processes) without building
+    monkeypatch.setattr(bench.H, "build_base", lambda *a: pytest.fail("--no-run must not build"))
+    doc.write_text("")
+    assert bench.main([*args, "--no-run"]) == 0
+    assert [ln for ln in doc.read_text().splitlines() if ln.startswith("| `")] == rows
 
 
 def test_no_run_writes_from_stored_and_partial_seed_files(bench, tmp_path, monkeypatch):
