@@ -84,7 +84,7 @@ def run_sweep(args: argparse.Namespace) -> None:
                     eval_every=args.eval_every, save_reward_model=False, rm_epochs=args.rm_epochs,
                     selector=args.selector, rm_label_smoothing=args.label_smoothing, reward_norm=args.reward_norm,
                     normalize_act=args.normalize_act,
-                    rm_act_weight=args.act_weight if args.normalize_act else 0.0,
+                    rm_act_weight=(args.act_weight or None) if args.normalize_act else None,  # None = automatic
                     rm_action_squares=args.action_squares,
                     feedback_every=args.feedback_every, **extra,
                 )

@@ -89,7 +89,8 @@ def main() -> None:
     except ValueError as err:
         p.error(str(err))
     args.seeds = list(plan.seeds)
-    opts = dict(normalize_act=args.normalize_act, rm_act_weight=args.act_weight if args.normalize_act else 0.0,
+    opts = dict(normalize_act=args.normalize_act,  # rm_act_weight None = automatic
+                rm_act_weight=(args.act_weight or None) if args.normalize_act else None,
                 rm_action_squares=args.action_squares, rm_hidden=args.rm_hidden)
     results = {}
     for t in args.tasks:

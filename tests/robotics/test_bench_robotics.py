@@ -189,3 +189,24 @@ def test_rapl_development_run_prints_and_writes_nothing(load_script, tmp_path, m
                                       "--from-runs", "--out", str(tmp_path)])
     rapl.main()
     assert not written
+
+
+def test_pbrl_sweep_builds_valid_configs_for_the_headline_recipe(pbrl, tmp_path, monkeypatch):
+    """Regression: --normalize-act without --act-weight passed rm_act_weight=0.0, which PebbleConfig refuses
+    (None means automatic); the sweep crashed before its first run."""
+    import mmalign.robotics.pebble as pebble
+
+    seen = []
+
+    def fake_train(cfg, progress=None):  # noqa: ANN001, ANN202
+        seen.append(cfg)
+        return {"final_true_return": -10.0, "curve": [{"step": 0, "eval/true_return": -20.0},
+                                                      {"step": 1000, "eval/true_return": -10.0}], "labels": {}}
+
+    monkeypatch.setattr(pebble, "train_agent", fake_train)
+    monkeypatch.setattr(sys, "argv", ["bench_pbrl.py", "--tasks", "Reacher-v5", "--teachers", "oracle",
+                                      "--dev-seeds", "0", "--normalize-act", "--action-squares", "--out",
+                                      str(tmp_path)])
+    pbrl.main()
+    assert len(seen) == 2 and seen[1].normalize_act and seen[1].rm_act_weight is None
+    assert seen[1].eval_episodes == 10
