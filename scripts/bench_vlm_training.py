@@ -426,7 +426,7 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                   "build up. Full fine-tuning adds gradients (0.92 GB) and AdamW's two moments (1.84 GB) on both "
                   "sides; TRL also keeps a reference copy (0.92 GB).", ""]
         if prof:
-            lines += [f"Profile: `python scripts/bench_vlm_training.py --side profile --mode {prof['mode']} --steps 2 "
+            lines += [f"Profile (mmalign with `cpu_return_memory=true`): `python scripts/bench_vlm_training.py --side profile --mode {prof['mode']} --steps 2 "
                       f"--batch 1 --threads {args.threads} --work {args.work}`; peak RSS {prof['peak_rss_mb']:.0f} MB.",
                       "", "| phase | RSS at start MB | max RSS until the next phase MB |", "|---|---|---|"]
             phases = prof["phases"]
@@ -449,8 +449,8 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                   f"{lazy['peak_rss_mb']:.0f} MB (RSS before {lazy['rss_before_mb']:.0f} MB). The rows hold "
                   "neither decoded pixels (decoded, the images alone would take "
                   f"{lazy['decoded_mpix'] * 3:.0f} MB) nor the encoded bytes: as the file is read, 512 rows at a "
-                  "time, each image's bytes move to a temporary file and the row keeps a reference read per batch "
-                  "(with the bytes kept in the rows, the same pass peaked at 1233 MB).", ""]
+                  "time, each image's bytes move to a temporary file and the row keeps a reference read per batch.",
+                  ""]
     DOC.write_text("\n".join(lines))
 
 
