@@ -389,7 +389,8 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                 if fixed:
                     f = fixed[0]
                     verdicts.append(f"  TRL with the same allocator setting (one run, `MALLOC_MMAP_THRESHOLD_=131072` "
-                                    f"in its environment): peak RSS {f['peak_rss_mb']:.0f} MB, {f['samples_per_s']:.4f} "
+                                    f"in its environment): peak RSS {f['peak_rss_mb']:.0f} MB, "
+                                    f"{f['samples_per_s']:.4f} "
                                     f"samples/s; mmalign's peak is {got['mmalign'][1] / f['peak_rss_mb']:.2f}x of it.")
                 if glibc:
                     g = glibc[0]
@@ -426,7 +427,8 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                   "build up. Full fine-tuning adds gradients (0.92 GB) and AdamW's two moments (1.84 GB) on both "
                   "sides; TRL also keeps a reference copy (0.92 GB).", ""]
         if prof:
-            lines += [f"Profile (mmalign with `cpu_return_memory=true`): `python scripts/bench_vlm_training.py --side profile --mode {prof['mode']} --steps 2 "
+            lines += [f"Profile (mmalign with `cpu_return_memory=true`): `python scripts/bench_vlm_training.py "
+                      f"--side profile --mode {prof['mode']} --steps 2 "
                       f"--batch 1 --threads {args.threads} --work {args.work}`; peak RSS {prof['peak_rss_mb']:.0f} MB.",
                       "", "| phase | RSS at start MB | max RSS until the next phase MB |", "|---|---|---|"]
             phases = prof["phases"]
@@ -472,7 +474,8 @@ def main() -> None:
     ap.add_argument("--glibc-allocator", action="store_true", help="internal: the mmalign child runs with "
                     "cpu_return_memory=false")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: smoke, compare, lazy, profile")
-    ap.add_argument("--side", choices=["mmalign", "trl", "lazy", "profile"], default=None, help="internal: one child run")
+    ap.add_argument("--side", choices=["mmalign", "trl", "lazy", "profile"], default=None,
+                    help="internal: one child run")
     ap.add_argument("--mode", default="lora")
     args = ap.parse_args()
     model_dir, data = args.work / "smolvlm256m", args.work / "pairs.parquet"

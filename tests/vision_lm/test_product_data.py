@@ -102,8 +102,8 @@ def test_one_tokenising_pass_gives_lengths_and_unknown_tokens(tmp_path: Path,
     assert scan.oov_words[0] == "zebra"
 
 
-def test_reference_pass_runs_first_without_grad_and_cpu_heap_memory_is_returned(tmp_path: Path,
-                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_reference_pass_runs_first_without_grad_and_cpu_heap_memory_is_returned(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per step: the reference forward (LoRA disabled, no grad) comes before the policy forward, so its transient
     memory is freed before the policy's saved activations build up; a CPU run fixes glibc's mmap threshold."""
     import platform
