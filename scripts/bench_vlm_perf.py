@@ -8,7 +8,7 @@ data); mmalign precomputes them once into a safetensors cache (the time for that
     .venv/bin/pip install --no-deps --target /work/trl-site trl
     PYTHONPATH=/work/trl-site .venv/bin/python scripts/bench_vlm_perf.py --steps 30 --batch 8
 
-Writes the "Performance" section of docs/benchmarks/vision_lm.md (between <!-- perf:start --> / <!-- perf:end -->).
+Writes the "Performance" section of docs/benchmarks/vlm_training.md (between <!-- perf:start --> / <!-- perf:end -->).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from pathlib import Path
 from doc_sections import write_marked_section
 
 ROOT = Path(__file__).resolve().parents[1]
-DOC = ROOT / "docs" / "benchmarks" / "vision_lm.md"
+DOC = ROOT / "docs" / "benchmarks" / "vlm_training.md"
 
 
 def _rss_mb() -> float:
@@ -144,7 +144,7 @@ def write_section(results: list[dict], args: argparse.Namespace) -> None:
     if "mmalign" in by and "trl" in by:
         ratio = (by["mmalign"]["samples"] / by["mmalign"]["train_s"]) / (by["trl"]["samples"] / by["trl"]["train_s"])
         lines += ["", f"Throughput ratio mmalign / TRL (training loop): **{ratio:.2f}x**."]
-    write_marked_section(DOC, "perf", "\n".join(lines[1:]), "# Vision-language benchmarks")
+    write_marked_section(DOC, "perf", "\n".join(lines[1:]), "# VLM training at real size (CPU)")
 
 
 def main() -> None:
