@@ -28,6 +28,7 @@ MODULES = [
     "mmalign.registry",
     "mmalign.timing",
     "mmalign.fileio",
+    "mmalign.stats",
 ]
 
 

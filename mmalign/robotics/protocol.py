@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from mmalign.stats import t_interval
+
 __all__ = ["SeedPlan", "add_seed_args", "seed_plan", "mean_ci", "fmt_ci", "PairedDiff", "paired_diff",
            "MIN_REPORT_SEEDS"]
 
@@ -108,8 +110,6 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
     """Mean and half-width of the two-sided Student-t interval of the mean: ``t_{(1+level)/2, n-1} * s / sqrt(n)``
     with ``s`` the sample standard deviation (ddof 1). Returns ``(mean, half_width, n)``; the half-width is ``nan``
     for ``n < 2``, and ``(nan, nan, 0)`` for no values. NaN values are refused (a failed run must not vanish)."""
-    from scipy.stats import t
-
     if not 0 < level < 1:
         raise ValueError(f"level must be in (0, 1), got {level!r}")
     x = np.asarray(list(values), dtype=np.float64)
@@ -117,13 +117,10 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float,
         raise ValueError(f"values must be a flat sequence of numbers, got shape {x.shape}")
     if np.isnan(x).any():
         raise ValueError(f"values hold NaN at index {np.flatnonzero(np.isnan(x)).tolist()}: {x.tolist()}")
-    n = len(x)
-    if n == 0:
+    if len(x) == 0:
         return math.nan, math.nan, 0
-    if n == 1:
-        return float(x[0]), math.nan, 1
-    half = float(t.ppf(0.5 + level / 2, n - 1) * x.std(ddof=1) / math.sqrt(n))
-    return float(x.mean()), half, n
+    mean, half = t_interval(x, level)
+    return mean, half, len(x)
 
 
 def fmt_ci(values: Sequence[float], fmt: str = "+.2f") -> str:

@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from mmalign.stats import t_interval
 from mmalign.vision_lm.pope import pope_metrics
 
 __all__ = ["mean_ci", "paired_test", "holm", "binary_metrics", "YES_RATIO_BAND", "verdict"]
@@ -32,15 +33,8 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]
 
     One value has no interval: the half-width is ``nan``.
     """
-    from scipy.stats import t
-
     v = _values("values", values)
-    if not 0 < level < 1:
-        raise ValueError(f"level must be in (0, 1), got {level}")
-    if v.size < 2:
-        return float(v.mean()), float("nan")
-    half = float(t.ppf((1 + level) / 2, v.size - 1) * v.std(ddof=1) / math.sqrt(v.size))
-    return float(v.mean()), half
+    return t_interval(v, level)
 
 
 def paired_test(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
