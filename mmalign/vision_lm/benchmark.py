@@ -114,10 +114,11 @@ def evaluate(adapter: Any, test_scenes: Sequence[Any], test_images: Sequence[np.
 # ---------------------------------------------------------------------------------------------- training
 def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig, seed: int,
                  run_dir: Path, resume: bool = False, eval_fn: Callable[[Any], dict[str, Any]] | None = None,
-                 eval_every: int = 0) -> dict[str, Any]:
+                 eval_every: int = 0, eps: float | None = None) -> dict[str, Any]:
     """LoRA preference training of the SFT model for one table row; the adapter ends up holding the merged model.
 
-    ``eval_fn`` / ``eval_every``: the trainer's evaluation hook (logged to ``run_dir/metrics.jsonl``)."""
+    ``eval_fn`` / ``eval_every``: the trainer's evaluation hook (logged to ``run_dir/metrics.jsonl``). ``eps``: robust
+    DPO's flip rate when it differs from the one applied (an estimate); default ``cfg.flip_rate``."""
     import torch
 
     from mmalign.train import Trainer
@@ -143,8 +144,8 @@ def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig,
                                      rng=bdhs_rng, generator=gen)
             return out
 
-    objective = PreferenceObjective(adapter, method, beta=cfg.beta, eps=cfg.flip_rate, alpha=cfg.rrpo_alpha,
-                                    online=online, online_prob=online_prob, seed=seed)
+    objective = PreferenceObjective(adapter, method, beta=cfg.beta, eps=cfg.flip_rate if eps is None else eps,
+                                    alpha=cfg.rrpo_alpha, online=online, online_prob=online_prob, seed=seed)
     collator = PairCollator(adapter, with_retrieved=method == "realign", with_segments=method == "rrpo",
                             keep_raw=online is not None)
     dataset = list(enumerate(pairs))
