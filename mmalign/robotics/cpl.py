@@ -13,7 +13,8 @@ Recipe (Hejna et al., ICLR 2024, arXiv 2310.13639; official jhejna/cpl, ``add_pr
    segment are drawn up front); *sparse*: fixed disjoint pairs, each segment in exactly one comparison.
 4. **Policies** (deterministic actor, log-likelihood ``−‖μ(s) − a‖²`` up to constants, as the official code):
    CPL = BC pre-training, then :func:`mmalign.core.losses.cpl_loss` with ``bc_coef`` (CPL-BC) and bias λ;
-   BC on all data; %BC on the top ``percent_bc``% of episodes by true return.
+   BC on all data; %BC on the top ``percent_bc``% of episodes by true return; P-IQL (the paper's baseline) =
+   a Bradley–Terry reward from the same labels, then IQL on the same segments (:mod:`mmalign.robotics.piql`).
 5. Evaluation: deterministic true return over ``eval_episodes`` episodes.
 """
 
@@ -69,22 +70,37 @@ class CPLConfig(Config):
     bc_coef: float = option(0.0, "weight of the BC regulariser during CPL (CPL-BC)")
     percent_bc: float = option(10.0, "%BC: clone the top this-many percent of episodes by true return")
     eval_episodes: int = option(10, "evaluation episodes per policy")
-    methods: tuple[str, ...] = option(("cpl", "bc", "pbc"), "which of cpl, bc, pbc (%BC) to train")
+    methods: tuple[str, ...] = option(("cpl", "bc", "pbc"), "which of cpl, bc, pbc (%BC), piql (P-IQL) to train")
+    piql_steps: int = option(4000, "P-IQL: IQL steps (value, critics and AWR policy) on the learned reward")
+    piql_expectile: float = option(0.7, "P-IQL: expectile τ of the value loss (CPL paper: 0.7)")
+    piql_beta: float = option(1 / 3, "P-IQL: AWR temperature β, policy weights exp(A/β) (CPL paper: 0.3333)")
+    piql_discount: float = option(0.99, "P-IQL: discount γ of the critic targets")
+    piql_tau: float = option(0.005, "P-IQL: Polyak rate of the target critics")
+    piql_lr: float = option(3e-4, "P-IQL: learning rate of the reward model, critics and value (CPL paper: 3e-4)")
+    piql_reward_epochs: int = option(50, "P-IQL: Bradley–Terry epochs over the labelled pairs")
+    piql_reward_ensemble: int = option(3, "P-IQL: reward ensemble members")
+    piql_reward_hidden: int = option(64, "P-IQL: reward MLP width (two hidden layers)")
 
     def __post_init__(self) -> None:
         for name in ("oracle_steps", "episodes_per_level", "segment_length", "pairs_per_segment", "value_samples",
-                     "hidden", "bc_steps", "batch_size", "eval_episodes"):
+                     "hidden", "bc_steps", "batch_size", "eval_episodes", "piql_steps", "piql_reward_epochs",
+                     "piql_reward_ensemble", "piql_reward_hidden"):
             check_positive(name, getattr(self, name))
         for name in ("random_episodes", "cpl_steps"):  # 0 = none; negative ones used to pass silently
             check_nonnegative(name, getattr(self, name))
         check_positive("lr", self.lr)
         check_positive("alpha", self.alpha)
+        check_range("piql_expectile", self.piql_expectile, 0.0, 1.0, low_open=True, high_open=True)
+        check_positive("piql_beta", self.piql_beta)
+        check_range("piql_discount", self.piql_discount, 0.0, 1.0, high_open=True)
+        check_range("piql_tau", self.piql_tau, 0.0, 1.0, low_open=True)
+        check_positive("piql_lr", self.piql_lr)
         check_range("bias", self.bias, 0.0, 1.0, low_open=True)
         check_range("bc_coef", self.bc_coef, 0.0, 1e6)
         check_range("percent_bc", self.percent_bc, 0.0, 100.0, low_open=True)
         check_choice("density", self.density, ("dense", "sparse"))
         for m in self.methods:
-            check_choice("methods", m, ("cpl", "bc", "pbc"))
+            check_choice("methods", m, ("cpl", "bc", "pbc", "piql"))
         for s in self.noise_levels:
             check_range("noise_levels", s, 0.0, 10.0)
         if self.action_bias and len(self.action_bias) != len(self.noise_levels):
@@ -222,9 +238,14 @@ def train_policy(
     method: str, cfg: CPLConfig, data: dict[str, Any], obs_dim: int, act_dim: int, low: np.ndarray,
     high: np.ndarray,
 ) -> tuple[DeterministicActor, list[dict[str, float]]]:
-    """Train ``cpl`` (BC pre-training + CPL), ``bc`` (all segments) or ``pbc`` (top-X% episodes)."""
+    """Train ``cpl`` (BC pre-training + CPL), ``bc`` (all segments), ``pbc`` (top-X% episodes) or ``piql``."""
     from mmalign.core.losses import cpl_loss
     from mmalign.core.rng import seeded_global_rng
+
+    if method == "piql":
+        from mmalign.robotics.piql import train_piql
+
+        return train_piql(cfg, data, obs_dim, act_dim, low, high)
 
     with seeded_global_rng(cfg.seed):  # seeded init without reseeding the caller's global RNG
         actor = DeterministicActor(obs_dim, act_dim, cfg.hidden, low, high)
@@ -366,7 +387,7 @@ def _after_oracle(cfg: CPLConfig, oracle: Any, run_dir: Path, say: Callable[[str
     for method in cfg.methods:
         actor, log = train_policy(method, cfg, data, obs_dim, act_dim, low, high)
         mean, std = evaluate_policy(actor, cfg.env_id, cfg.eval_episodes, 77_000)
-        name = {"cpl": "CPL", "bc": "BC (all data)", "pbc": f"%BC (top {cfg.percent_bc:g}%)"}[method]
+        name = {"cpl": "CPL", "bc": "BC (all data)", "pbc": f"%BC (top {cfg.percent_bc:g}%)", "piql": "P-IQL"}[method]
         rows.append({"method": name, "true_return": mean, "std": std})
         logs[method] = log
         say(f"{name}: true return {mean:.2f} ± {std:.2f}")
