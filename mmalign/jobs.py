@@ -109,7 +109,7 @@ job(
     "robotics.cpl",
     "mmalign.robotics.cpl:run",
     "mmalign.robotics.cpl:CPLConfig",
-    "offline CPL vs BC vs %BC on MuJoCo segments labelled by a regret teacher (oracle SAC advantage)",
+    "offline CPL vs BC, %BC and P-IQL on MuJoCo segments labelled by a regret teacher (oracle SAC advantage)",
     default_config="configs/robotics/cpl.yaml",
 )
 job(
