@@ -70,6 +70,12 @@ class TrainerConfig(Config):
         False, "with distributed=deepspeed: keep the fp32 masters and AdamW state in CPU memory and step them there "
         "(ZeRO-Offload): less accelerator memory, slower steps; the trajectory is unchanged"
     )
+    optimizer_in_backward: bool = option(
+        False, "apply each parameter's AdamW update as soon as its gradient is complete in the backward pass and "
+        "free that gradient, so the gradients of the whole model never exist at once (full fine-tuning: peak memory "
+        "less by about the model's size); the trajectory is unchanged. One process, grad_accum_steps 1 and "
+        "max_grad_norm 0 (no clipping: no global norm exists before every parameter has stepped)"
+    )
 
     def __post_init__(self) -> None:
         check_positive("max_steps", self.max_steps)
@@ -99,6 +105,20 @@ class TrainerConfig(Config):
                    else "the engine's loss-scaler state is not part of the checkpoints")
             raise ValueError(f"mixed_precision 'fp16' is not supported with distributed {self.distributed!r} ({why}); "
                              "use 'bf16', 'auto' or 'no'")
+        if self.optimizer_in_backward:
+            # each parameter steps inside backward, so nothing can happen between the last gradient and the update
+            why = {"grad_accum_steps": (self.grad_accum_steps != 1, "gradients cannot be summed over micro-batches: "
+                                        "set grad_accum_steps 1"),
+                   "max_grad_norm": (self.max_grad_norm > 0, "no global gradient norm exists before the parameters "
+                                     "step: set max_grad_norm 0 (no clipping)"),
+                   "mixed_precision": (self.mixed_precision == "fp16", "fp16's loss scaler must unscale and check "
+                                       "every gradient before any update: use 'bf16', 'auto' or 'no'"),
+                   "distributed": (self.distributed != "ddp", "it runs in one process, where there is nothing to "
+                                   "shard: use 'ddp'")}
+            for name, (bad, fix) in why.items():
+                if bad:
+                    raise ValueError(f"optimizer_in_backward applies each parameter's update inside the backward "
+                                     f"pass; with {name} {getattr(self, name)!r} {fix}")
         if self.fsdp_wrap and self.distributed != "fsdp":
             raise ValueError(f"fsdp_wrap {self.fsdp_wrap!r} is only used with distributed 'fsdp', got distributed "
                              f"{self.distributed!r}")

@@ -11,7 +11,8 @@ seeds from ``cfg.seed`` and a checkpoint saves and restores. Multi-GPU and multi
 ``accelerate launch`` or ``torchrun`` with no code change: each process takes its shard of every global batch.
 ``distributed="fsdp"`` shards parameters, gradients and optimizer state with torch FSDP2
 (applied by the trainer, see :mod:`mmalign.train.fsdp`); ``distributed="deepspeed"`` hands model and optimizer to
-DeepSpeed ZeRO (:mod:`mmalign.train.zero`). Checkpoints are consolidated in every case, so a run may resume on a
+DeepSpeed ZeRO (:mod:`mmalign.train.zero`). With ``optimizer_in_backward`` one process applies each parameter's
+update inside the backward pass, so the whole model's gradients never exist at once. Checkpoints are consolidated in every case, so a run may resume on a
 different number of processes or with another strategy as long as the global batch is the same.
 """
 
@@ -93,6 +94,22 @@ def _last_logged(path: Path) -> dict[str, Any]:
     return out
 
 
+def _step_in_backward(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """Apply ``optimizer``'s update to each parameter as soon as its gradient is accumulated, then free the gradient.
+
+    torch optimizers skip parameters whose ``.grad`` is None; inside the hook only this parameter has one (every
+    earlier one was freed by its own hook), so ``step()`` updates it alone, with its own state and the group's current
+    LR. The optimizer and its state dict stay the usual ones, so checkpoints resume with or without the option.
+    """
+
+    def hook(p: torch.Tensor) -> None:
+        optimizer.step()
+        p.grad = None
+
+    for p in params:
+        p.register_post_accumulate_grad_hook(hook)
+
+
 class Trainer:
     """Trains ``model`` by minimising ``loss_fn(model, batch)`` over ``train_dataset`` (see module docstring).
 
@@ -170,6 +187,11 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
         )
+        if cfg.optimizer_in_backward:
+            if acc.num_processes > 1:  # DDP averages gradients after backward, too late for an update inside it
+                raise ValueError(f"optimizer_in_backward runs in one process (gradients are averaged over processes "
+                                 f"only after the backward pass); this run has {acc.num_processes}")
+            _step_in_backward(self.optimizer, params)
         self._raw_model = model
         self.model: Any = None  # prepared in train(), after a possible checkpoint load
         self.step = 0
@@ -351,7 +373,8 @@ class Trainer:
         With fp16 the scaler skips an update whose gradients overflowed (and lowers the scale); the schedule then
         stays where it is as well, so every applied update gets the LR of its own position in the schedule.
         """
-        if not self.zero:  # DeepSpeed stepped inside engine.step (no fp16 there: the config refuses it)
+        # DeepSpeed stepped inside engine.step (no fp16 there: the config refuses it); optimizer_in_backward in backward
+        if not self.zero and not self.cfg.optimizer_in_backward:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         if not self.accelerator.optimizer_step_was_skipped:
@@ -398,6 +421,7 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
                    desc="train", dynamic_ncols=True)
         self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)  # optimizer_in_backward relies on no stale gradient
         # what the run reports at the end: the latest training row and the evaluations after it (a resumed run takes
         # them from the log, so that resuming a finished run returns what the uninterrupted one returned)
         last: dict[str, Any] = _last_logged(self.run_dir / "metrics.jsonl") if resume and self.is_main else {}
