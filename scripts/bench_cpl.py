@@ -1,7 +1,11 @@
-"""CPL vs BC vs %BC with dense (and optionally sparse) regret labels, several seeds, one shared oracle per task.
+"""CPL vs BC, %BC and P-IQL with dense (and optionally sparse) regret labels, several seeds, one shared oracle.
 
-    .venv/bin/python scripts/bench_cpl.py --task Reacher-v5 --report-seeds 5 6 7 8 9 --out runs/bench_cpl \\
-        --doc docs/benchmarks/robotics_cpl.md
+    .venv/bin/python scripts/bench_cpl.py --task Reacher-v5 --report-seeds 10 11 12 13 14 --out runs/bench_cpl \\
+        --densities dense sparse --doc docs/benchmarks/robotics_cpl.md
+
+A (density, seed) whose ``results.json`` exists in ``--out`` is read, not re-run: densities or seeds run in separate
+processes (same ``--out``, the oracle trained once or given with ``--oracle``) are summarised by one more call with
+all of them.
 
 The oracle SAC is trained once (seed 0, ``--oracle-steps``) and saved; each seed then draws its own rollouts,
 labels and policy initialisation (``mmalign robotics cpl oracle_path=...``). Writes a table of mean ± 95% t
@@ -32,6 +36,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", default="Reacher-v5")
     p.add_argument("--densities", nargs="+", default=["dense"])
+    p.add_argument("--methods", nargs="+", default=["cpl", "bc", "pbc", "piql"],
+                   help="CPLConfig.methods: cpl, bc, pbc (%%BC), piql (P-IQL)")
     p.add_argument("--oracle-steps", type=int, default=15000)
     p.add_argument("--noise-levels", nargs="+", type=float, default=None, help="override CPLConfig.noise_levels")
     p.add_argument("--action-bias", nargs="+", type=float, default=None, help="override CPLConfig.action_bias")
@@ -53,7 +59,7 @@ def main() -> None:
     oracle = Path(args.oracle) if args.oracle else out / "oracle_sac.safetensors"
     overrides = {k: tuple(v) for k, v in (("noise_levels", args.noise_levels), ("action_bias", args.action_bias))
                  if v is not None}
-    base = CPLConfig(env_id=args.task, oracle_steps=args.oracle_steps, **overrides)
+    base = CPLConfig(env_id=args.task, oracle_steps=args.oracle_steps, methods=tuple(args.methods), **overrides)
     if not oracle.exists():
         from mmalign.robotics.cpl import train_oracle
         from mmalign.robotics.sb3_io import save_sb3_policy
@@ -68,8 +74,12 @@ def main() -> None:
                 continue
             run_dir.mkdir(exist_ok=True)
             cfg = dataclasses.replace(base, seed=seed, density=density, oracle_path=str(oracle))
+            c0 = time.process_time()
             run(cfg, run_dir)
-            results[(density, seed)] = json.loads((run_dir / "results.json").read_text())
+            res = json.loads((run_dir / "results.json").read_text())
+            res["cpu_s"] = time.process_time() - c0  # the whole run: data, labels, every method, evaluations
+            (run_dir / "results.json").write_text(json.dumps(res, indent=1))
+            results[(density, seed)] = res
     table = []
     for density in args.densities:
         methods = [r["method"] for r in results[(density, args.seeds[0])]["rows"]]
@@ -78,25 +88,32 @@ def main() -> None:
                     for s in args.seeds}
             cpl = {s: next(r["true_return"] for r in results[(density, s)]["rows"] if r["method"] == "CPL")
                    for s in args.seeds} if "CPL" in methods else {}
+            cpu = [r.get("train_cpu_s") for s in args.seeds for r in results[(density, s)]["rows"] if r["method"] == m]
+            cpu = [c for c in cpu if c is not None]
             table.append({"labels": density, "method": m, "true return": fmt_ci(list(vals.values()), ".2f"),
                           "CPL − method (paired)": str(paired_diff(cpl, vals)) if cpl and m != "CPL" else "-",
-                          "per seed": ", ".join(f"{v:.2f}" for v in vals.values())})
+                          "per seed": ", ".join(f"{v:.2f}" for v in vals.values()),
+                          "train CPU s": f"{np.mean(cpu):.0f}" if cpu else "-"})
     agree = [results[k]["label_return_agreement"] for k in results]
+    run_cpu = [results[k]["cpu_s"] for k in results if "cpu_s" in results[k]]
     text = "\n".join([
-        "## Offline CPL vs BC vs %BC (scripts/bench_cpl.py)", "",
+        "## Offline CPL vs BC, %BC and P-IQL (scripts/bench_cpl.py)", "",
         f"Command: `.venv/bin/python scripts/bench_cpl.py --task {args.task} "
         f"{'--report' if plan.reporting else '--dev'}-seeds {' '.join(map(str, args.seeds))} "
         f"--densities {' '.join(args.densities)} --oracle-steps {args.oracle_steps}"
         + (f" --oracle {args.oracle}" if args.oracle else "")
         + "".join(f" --{k.replace('_', '-')} {' '.join(f'{x:g}' for x in v)}" for k, v in overrides.items())
-        + f"`. Data levels (noise, bias): "
+        + f" --methods {' '.join(args.methods)}`. Data levels (noise, bias): "
         f"{list(zip(base.noise_levels, base.action_bias or [0.0] * len(base.noise_levels)))}"
         f" × {base.episodes_per_level} episodes + {base.random_episodes} random episodes. One oracle SAC "
         f"({args.oracle_steps} steps, seed 0{', loaded with --oracle' if args.oracle else ''}); per seed: own "
         f"rollouts, regret labels, policy init. Other fields: `CPLConfig` defaults. Machine: {platform.platform()}, "
         f"shared 2-core CPU with other jobs running. "
         f"Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. {plan.describe()}; ± = 95% t half-width "
-        "over seeds.", "",
+        "over seeds; paired = per-seed difference CPL − method, mean ± 95% t half-width (seeds where CPL is "
+        "higher). "
+        + (f"CPU time: {sum(run_cpu):.0f} s over {len(run_cpu)} runs (one per density and seed; the oracle SAC "
+           "not included); `train CPU s` = mean training time of the method per run." if run_cpu else ""), "",
         markdown_table(table), "",
         f"Regret labels agree with the true partial-return order on {np.mean(agree):.3f} of decisive pairs "
         f"(they are not the same preference model: that is the point of the regret teacher).", "",
