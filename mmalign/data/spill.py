@@ -5,7 +5,9 @@ rows, a data set's bytes would all sit in memory for the whole run (an 80,000-pa
 :func:`spill_media` moves every such value's bytes into one temporary file as the rows are read (batch by batch) and
 leaves a :class:`SpilledBytes` reference in its place; ``bytes(ref)`` reads them back (one ``pread``), which is all
 that image decoding, validation and cache keys do with them. The file is deleted when its last reference goes (and
-by the OS at exit: it is unlinked on close); forked data-loader workers share its open descriptor.
+by the OS at exit: it is unlinked on close). Data-loader workers share its open descriptor: forked ones inherit it,
+spawned ones (``spawn``, ``forkserver``: Python 3.14's default on Linux) receive a duplicate when the data set is
+pickled for them, never a copy of the bytes.
 """
 
 from __future__ import annotations
@@ -34,11 +36,25 @@ class SpillFile:
         self.size += len(data)
         return SpilledBytes(self, offset, len(data))
 
+    def __reduce__(self) -> tuple:
+        # the file has no name to reopen: a process that unpickles this gets a duplicate of the descriptor
+        from multiprocessing.reduction import DupFd
+
+        return _attach, (DupFd(self._fh.fileno()), self.size)
+
     def read(self, offset: int, length: int) -> bytes:
         data = os.pread(self._fh.fileno(), length, offset)
         if len(data) != length:
             raise OSError(f"media spill file truncated: read {len(data)} of {length} bytes at offset {offset}")
         return data
+
+
+def _attach(dup: Any, size: int) -> SpillFile:
+    """The unpickled side of :meth:`SpillFile.__reduce__`: the same file through a duplicated descriptor (read-only)."""
+    store = SpillFile.__new__(SpillFile)
+    store._fh = os.fdopen(dup.detach(), "rb", buffering=0)
+    store.size = size
+    return store
 
 
 @dataclass(frozen=True, eq=False)

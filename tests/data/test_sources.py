@@ -307,3 +307,18 @@ def test_embedded_image_bytes_are_held_on_disk_not_in_the_rows(tmp_path: Path, s
     for r, b in zip(data.rows, blobs):
         assert np.array_equal(np.asarray(LazyImage(r["images"][0], data.base_dir).load()),
                               np.asarray(Image.open(io.BytesIO(b)).convert("RGB")))
+
+
+def test_spilled_bytes_reach_spawned_workers_through_the_descriptor() -> None:
+    """Workers started by spawn or forkserver (Python 3.14's default on Linux) get the data set pickled: a spilled
+    reference travels as a duplicate of the file's descriptor and reads the same bytes there."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mmalign.data.spill import SpillFile
+
+    store = SpillFile()
+    blobs = [bytes(range(256)) * 8, b"x" * 5000]
+    refs = [store.add(b) for b in blobs]
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        assert list(pool.map(bytes, refs)) == blobs
