@@ -9,11 +9,12 @@ protocol (docs/benchmarks/robotics_protocol.md): settings are chosen on ``--dev-
 
     .venv/bin/python scripts/bench_pbrl.py --tasks Reacher-v5 Pusher-v5 --teachers oracle mistake --dev-seeds 0 1 2 \\
         --steps 10000 --labels 1000 --out runs/bench_pbrl      # defaults: reward standardised, recent 3k candidates
-    .venv/bin/python scripts/bench_pbrl.py --tasks Pusher-v5 Reacher-v5 --teachers oracle --report-seeds 5 6 7 8 9 --labels 1000 \
-        --rounds 9 --normalize-act --action-squares --out runs/bench_pbrl_fix   # the headline recipe (pebble.yaml)
+    .venv/bin/python scripts/bench_pbrl.py --tasks Pusher-v5 Reacher-v5 --teachers oracle --dev-seeds 0 1 2 3 4 5 6 7 8 9 \\
+        --report-seeds 10 11 12 13 14 --labels 1000 --rounds 9 --normalize-act --action-squares \\
+        --out runs/pbrl_rep                                    # the headline recipe (pebble.yaml), reporting seeds
     .venv/bin/python scripts/bench_pbrl.py --tasks Reacher-v5 --teachers oracle --selector routing --tag routing \\
         --labels 400 --no-true --out runs/bench_pbrl           # a variant, reported as its own row "oracle [routing]"
-    .venv/bin/python scripts/bench_pbrl.py --summarize runs/bench_pbrl --report-seeds 5 6 7 8 9 \\
+    .venv/bin/python scripts/bench_pbrl.py --summarize runs/pbrl_rep --dev-seeds 0 1 2 3 4 5 6 7 8 9 --report-seeds 10 11 12 13 14 \\
         --doc docs/benchmarks/robotics_feedback.md
 """
 
@@ -126,7 +127,7 @@ def _teacher_key(name: str) -> tuple[int, str]:
 
 def summarize(out: Path, doc: str | None, key: str = "bench_pbrl", plan: object = None) -> str:
     """Tables of the runs in ``out`` whose seed is in ``plan.seeds`` (all runs when ``plan`` is None)."""
-    from mmalign.robotics.protocol import fmt_ci
+    from mmalign.robotics.protocol import fmt_ci, paired_diff
     from mmalign.robotics.report import markdown_table, plot_curves
 
     rows = unique_rows(out / "results.jsonl")
@@ -153,9 +154,11 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl", plan: object 
             # Stricter: relative to the untrained deterministic policy of the same seed (step-0 evaluation), which
             # on Reacher/Pusher already scores far above the uniformly random policy (it outputs near-zero actions).
             # Undefined where true-reward SAC itself did not clearly beat that policy (gain < 10% of true − rand).
-            init = [(r["final_true_return"] - r["curve"][0]["eval/true_return"])
-                    / (true_final[r["seed"]] - r["curve"][0]["eval/true_return"]) for r in paired
-                    if true_final[r["seed"]] - r["curve"][0]["eval/true_return"] > 0.1 * (true_final[r["seed"]] - rand)]
+            init_by_seed = {r["seed"]: (r["final_true_return"] - r["curve"][0]["eval/true_return"])
+                            / (true_final[r["seed"]] - r["curve"][0]["eval/true_return"]) for r in paired
+                            if true_final[r["seed"]] - r["curve"][0]["eval/true_return"]
+                            > 0.1 * (true_final[r["seed"]] - rand)}
+            init = list(init_by_seed.values())
             agree = [r["labels"].get("labels/agreement_with_true_return", np.nan) for r in sel]
             cpu = [r["cpu_s"] for r in sel if r.get("cpu_s") is not None and np.isfinite(r["cpu_s"])]
             table.append({"teacher": teacher, "seeds": ",".join(str(r["seed"]) for r in sel),
@@ -167,7 +170,12 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl", plan: object 
                           "answered": int(round(float(np.mean([r["labels"].get("labels/answered", 0) for r in sel])))),
                           "ties": int(round(float(np.mean([r["labels"].get("labels/ties", 0) for r in sel])))),
                           "label agreement": f"{np.nanmean(agree):.3f}" if teacher != "true" else "-",
-                          "CPU s/run": f"{np.mean(cpu):.0f}" if cpu else "-"})
+                          "CPU s/run": f"{np.mean(cpu):.0f}" if cpu else "-",
+                          # the headline per seed ('–': true-reward SAC did not clearly beat the untrained policy)
+                          "per seed (init)": ", ".join(f"{init_by_seed[r['seed']]:.2f}" if r["seed"] in init_by_seed
+                                                       else "–" for r in sel) if teacher != "true" else "-",
+                          "final − true, paired": str(paired_diff({r["seed"]: r["final_true_return"] for r in sel},
+                                                                  true_final)) if teacher != "true" else "-"})
             pseudo = [r["labels"]["labels/pseudo_total"] for r in sel if "labels/pseudo_total" in r["labels"]]
             if pseudo:  # routing: the ensemble's own (confident) labels, never counted as queries
                 pagree = np.nanmean([r["labels"]["labels/pseudo_agreement_with_true_return"] for r in sel])
@@ -186,6 +194,9 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl", plan: object 
         lines += [f"### {task} ({task_rows[0]['steps']} env steps, uniformly random policy {rand:.2f}; untrained "
                   f"deterministic policy (step 0) per seed: {', '.join(f's{k} {v}' for k, v in inits)})", "",
                   markdown_table(table), "", f"Curves: `{out / f'curves_{task}.png'}`", ""]
+    cpu_all = [r["cpu_s"] for r in rows if r.get("cpu_s") is not None and np.isfinite(r["cpu_s"])]
+    lines.append(f"CPU time of these tables: {sum(cpu_all):.0f} s ({sum(cpu_all) / 3600:.2f} CPU-hours) over "
+                 f"{len(cpu_all)} runs, process time of one torch thread per run.")
     text = "\n".join(lines)
     (out / "summary.md").write_text(text)
     if doc:
