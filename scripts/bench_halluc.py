@@ -25,25 +25,31 @@ import numpy as np
 from mmalign.config import load_config
 from mmalign.vision_lm import halluc_base as H
 from mmalign.vision_lm import stats
-from mmalign.vision_lm.halluc_bench import HallucBenchConfig, baseline_of, run_seed
+from mmalign.vision_lm.halluc_bench import HallucBenchConfig, run_seed
 from doc_sections import machine, write_marked_section
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "benchmarks" / "vision_lm.md"
 TITLE = "# Vision-language: hallucination testbed"
 ROW_NAMES = {"dpo": "DPO (rule-corrupted pairs)", "dpo_flipped": "DPO, flipped labels",
-             "robust_dpo_flipped": "robust DPO (eps = flip rate), flipped labels", "realign": "Re-Align (rDPO)",
-             "bdhs_offline": "BDHS offline", "bdhs_online": "BDHS online", "bdhs_mixed": "BDHS Mixed-DPO",
-             "rrpo": "RRPO"}
-# paper claim -> (row, compared on: "primary" metric or "kl" = token KL to the base, lower is the claim; paper)
+             "robust_dpo_flipped": "robust DPO (eps = flip rate), flipped labels",
+             "robust_dpo_flipped_est": "robust DPO (eps estimated), flipped labels", "realign": "Re-Align (rDPO)",
+             "dpo_realign_pairs": "DPO on Re-Align's pairs", "bdhs_offline": "BDHS offline",
+             "bdhs_online": "BDHS online", "bdhs_mixed": "BDHS Mixed-DPO", "rrpo": "RRPO"}
+# paper claim -> (row, compared with, on: "primary" metric or "kl" = token KL to the base, lower is the claim; paper)
 CLAIMS = {
-    "Re-Align: rDPO beats DPO on the same data": ("realign", "primary", "Table 4: POPE-r +0.47 / +1.62 over DPO"),
-    "BDHS: image-hidden rejected answers beat DPO's pairs": ("bdhs_offline", "primary",
+    "Re-Align: its pairs + rDPO beat DPO on rule-corrupted pairs": ("realign", "dpo", "primary",
+                                                                    "Table 1: POPE-r 88.65 vs 88.21 (POVID)"),
+    "Re-Align: rDPO beats DPO on the same pairs": ("realign", "dpo_realign_pairs", "primary",
+                                                   "Table 4: POPE-r +0.47 / +1.62 over DPO"),
+    "BDHS: image-hidden rejected answers beat DPO's pairs": ("bdhs_offline", "dpo", "primary",
                                                              "POPE 88.75 vs 88.09 (DPO, POVID pairs)"),
-    "RRPO: less hallucination than DPO": ("rrpo", "primary", "better than DPO on hallucination benchmarks"),
-    "RRPO: diverges less from the reference than DPO": ("rrpo", "kl", "token KL ~1 vs ~20 for DPO"),
-    "robust DPO: recovers from flipped labels": ("robust_dpo_flipped", "primary",
+    "RRPO: less hallucination than DPO": ("rrpo", "dpo", "primary", "better than DPO on hallucination benchmarks"),
+    "RRPO: diverges less from the reference than DPO": ("rrpo", "dpo", "kl", "token KL ~1 vs ~20 for DPO"),
+    "robust DPO: recovers from flipped labels": ("robust_dpo_flipped", "dpo_flipped", "primary",
                                                  "unbiased DPO loss under flip rate eps"),
+    "robust DPO with eps estimated: recovers": ("robust_dpo_flipped_est", "dpo_flipped", "primary",
+                                                "eps estimated, not told"),
 }
 MIN_EFFECT = 0.01  # a gain whose 95% interval lies below this is read as "not reproduced", not "inconclusive"
 BASE_COLS = [("pope_random_acc", "POPE-r"), ("pope_popular_acc", "POPE-p"), ("pope_adversarial_acc", "POPE-a"),
@@ -95,12 +101,12 @@ def comparisons(results: dict[str, dict], cfg: HallucBenchConfig) -> dict[str, d
     seeds = sorted(results, key=int)
     yes_key = yes_ratio_key(cfg.primary_metric)
     out = {}
-    for claim, (row, kind, _) in CLAIMS.items():
-        if row not in cfg.methods:
+    for claim, (row, against, kind, _) in CLAIMS.items():
+        if row not in cfg.methods or against not in cfg.methods:
             continue
         key = cfg.primary_metric if kind == "primary" else "diag/token_kl_to_base"
         test = stats.paired_test([results[s]["rows"][row][key] for s in seeds],
-                                 [results[s]["rows"][baseline_of(row)][key] for s in seeds])
+                                 [results[s]["rows"][against][key] for s in seeds])
         out[claim] = {"row": row, "kind": kind, **test,
                       "yes_ratio": float(np.mean([results[s]["rows"][row][yes_key] for s in seeds]))}
     for c, p in zip(out.values(), stats.holm([c["p"] for c in out.values()])):
@@ -127,20 +133,21 @@ def results_section(results: dict[str, dict], cfg: HallucBenchConfig, header: st
     comps = comparisons(results, cfg)
     key = cfg.primary_metric
     lines = ["## Verdicts per paper claim", "", header, "",
-             f"Primary metric (declared in the config before the runs): `{key}`. Each method minus DPO on the same "
-             f"pairs, per seed (n = {len(seeds)}); mean ± 95% t-interval, two-sided paired t-test, Holm-corrected over "
+             f"Primary metric (declared in the config before the runs): `{key}`. Each method minus its DPO row "
+             f"(compared with), per seed (n = {len(seeds)}); mean ± 95% t-interval, two-sided paired t-test, "
+             "Holm-corrected over "
              f"the {len(comps)} claims. A gain with the method's yes-ratio outside {stats.YES_RATIO_BAND} does "
              f"not count; a gain whose interval lies below {MIN_EFFECT} is read as not reproduced. The RRPO "
              "divergence claim is read on the token KL to the base (lower = the claim).", "",
-             "| claim | paper | Δ vs DPO | p (Holm) | yes-ratio | verdict |", "|---|---|---|---|---|---|"]
-    for claim, (row, kind, paper) in CLAIMS.items():
+             "| claim | paper | compared with | Δ | p (Holm) | yes-ratio | verdict |", "|---|---|---|---|---|---|---|"]
+    for claim, (row, against, kind, paper) in CLAIMS.items():
         if claim not in comps:
-            lines.append(f"| {claim} | {paper} | not run | | | - |")
+            lines.append(f"| {claim} | {paper} | {ROW_NAMES.get(against, against)} | not run | | | - |")
             continue
         c = comps[claim]
         what = "" if kind == "primary" else " (token KL)"
-        lines.append(f"| {claim} | {paper} | {c['diff']:+.3f} ± {c['half_width']:.3f}{what} | {c['p_holm']:.3f} | "
-                     f"{c['yes_ratio']:.2f} | {claim_verdict(c)} |")
+        lines.append(f"| {claim} | {paper} | {ROW_NAMES.get(against, against)} | {c['diff']:+.3f} ± "
+                     f"{c['half_width']:.3f}{what} | {c['p_holm']:.3f} | {c['yes_ratio']:.2f} | {claim_verdict(c)} |")
     lines += ["", "### Methods (mean ± 95% CI over seeds)", "",
               "| method | " + " | ".join(c for _, c in ROW_COLS) + " | pairs |", "|---|" + "---|" * (len(ROW_COLS) + 1)]
     lines.append("| base (SFT) | " + " | ".join(ci([results[s]["base"][k] for s in seeds]) if k in
@@ -157,7 +164,7 @@ def results_section(results: dict[str, dict], cfg: HallucBenchConfig, header: st
     shown: set[str] = set()  # a pair-set diagnostic is shared by every row trained on that pair set: shown once
     for row in cfg.methods:
         keys = sorted(k for k in results[seeds[0]]["rows"][row]
-                      if k.startswith(("diag/", "realign/", "bdhs/")) and k != "diag/token_kl_to_base")
+                      if k.startswith(("diag/", "realign/", "bdhs/", "robust/")) and k != "diag/token_kl_to_base")
         for k in keys:
             if "token_kl_step" not in k and k in shown:
                 continue
@@ -166,13 +173,21 @@ def results_section(results: dict[str, dict], cfg: HallucBenchConfig, header: st
     return "\n".join(lines)
 
 
+def emit(args: argparse.Namespace, key: str, body: str) -> None:
+    """Write ``body`` as the page's marked section ``key`` (print it with ``--no-doc``)."""
+    if args.no_doc:
+        print(body)
+    else:
+        write_marked_section(DOC, key, body, TITLE)
+
+
 def refusal_section(results: dict[str, dict]) -> str:
     """The claims table when no preference row may be reported (a gate failed, or rows are missing)."""
     failed = sorted({g for r in results.values() for g, ok in r["gates"].items() if not ok})
     why = ("the base model fails " + "; ".join(failed)) if failed else "the method rows have not run on every seed"
     lines = ["## Verdicts per paper claim", "", f"Not tested: {why} (see the gates below), so the script reports "
              "no preference row.", "", "| claim | paper | verdict |", "|---|---|---|"]
-    lines += [f"| {claim} | {paper} | not tested |" for claim, (_, _, paper) in CLAIMS.items()]
+    lines += [f"| {claim} | {paper} | not tested |" for claim, (*_, paper) in CLAIMS.items()]
     return "\n".join(lines)
 
 
@@ -201,11 +216,92 @@ def tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespace, r
                      + " | ".join(f"{r['base'][k]:.3f}" for k, _ in cols)
                      + f" | {sum(r['gates'].values())}/{len(r['gates'])} | {r['info'].get('build_cpu_s', 0):.0f} |")
     body = "\n".join(lines)
-    if args.no_doc:
-        print(body)
-    else:
-        write_marked_section(DOC, "halluc_tuning", body, TITLE)
+    emit(args, "halluc_tuning", body)
     return 0
+
+
+TUNE_COLS = [("partner_balanced_acc", "partner bal. acc"), ("partner_yes_ratio", "partner yes"),
+             ("partner_violating_yes", "halluc. rate"), ("partner_visible_recall", "visible recall"),
+             ("pope_random_acc", "POPE-r"), ("pope_adversarial_acc", "POPE-a"), ("diag/token_kl_to_base", "token KL"),
+             ("train/pref_accuracy", "train pref acc")]
+
+
+def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespace, run_dir: Path) -> int:
+    """``--pref-tune``: train the configured rows from each dev seed's base (a preference-setting attempt), append
+    one row per seed and method to <run-dir>/pref_tuning.jsonl, rewrite the page's table from every row there."""
+    if args.seeds != "dev":
+        raise ValueError("--pref-tune tunes on the dev seeds only: pass --seeds dev")
+    log = run_dir / "pref_tuning.jsonl"
+    tag = f"{'-'.join(args.overrides) or 'config'}-{time.time_ns()}"  # a repeated attempt never reuses a dir
+    for seed in [] if args.no_run else seeds:
+        res = run_seed(cfg, seed, run_dir / "pref_tune" / tag, Path(args.cache_dir))
+        if not all(res["gates"].values()):
+            raise ValueError(f"dev seed {seed}'s base model fails the gates {res['gates']}: tune another seed")
+        row = {"overrides": args.overrides, "seed": seed, "base": res["base"],
+               "rows": {m: {k: r[k] for k, _ in TUNE_COLS} | {"cpu_s": r["cpu_s"]} for m, r in res["rows"].items()}}
+        with log.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps({"overrides": args.overrides, "seed": seed,
+                          **{m: round(r["partner_balanced_acc"], 3) for m, r in row["rows"].items()}}), flush=True)
+    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    lines = ["## Preference-training settings (dev seeds)", "",
+             f"Each row: `nice -n 19 python scripts/bench_halluc.py --seeds dev --pref-tune --only-seed SEED "
+             f"<overrides>` (the cached base of a dev seed, never a report seed; {cfg.n_test_scenes} test scenes); "
+             f"machine: {machine()}, 1 torch thread. CPU s = the row's training and evaluation.", "",
+             "| overrides | seed | row | " + " | ".join(c for _, c in TUNE_COLS) + " | CPU s |",
+             "|---|---|---|" + "---|" * (len(TUNE_COLS) + 1)]
+    for r in rows:
+        for m, x in r["rows"].items():
+            lines.append(f"| `{' '.join(r['overrides']) or '(config)'}` | {r['seed']} | {ROW_NAMES.get(m, m)} | "
+                         + " | ".join(f"{x[k]:.3f}" for k, _ in TUNE_COLS) + f" | {x['cpu_s']:.0f} |")
+    body = "\n".join(lines)
+    emit(args, "halluc_pref_tuning", body)
+    return 0
+
+
+FLIP_ROWS = ("dpo_flipped", "robust_dpo_flipped", "robust_dpo_flipped_est")
+
+
+def flip_section(dirs: list[Path], cfg: HallucBenchConfig, seeds: list[int], header: str) -> str:
+    """The flip-rate sweep from run dirs that differ in ``flip_rate`` (one must be 0): per rate, each flipped row's
+    primary metric; DPO's change against no flips and each robust DPO's gain over DPO at the same rate, paired over
+    seeds, Holm-corrected over the table's tests."""
+    key = cfg.primary_metric
+    runs: dict[float, dict[int, dict]] = {}
+    for d in dirs:
+        missing = [f"seed{s}.json" for s in seeds if not (d / f"seed{s}.json").is_file()]
+        if missing:
+            raise ValueError(f"--flip-dirs: {d} has no {', '.join(missing)} (run those seeds first)")
+        per = {s: json.loads((d / f"seed{s}.json").read_text()) for s in seeds}
+        rates = {r["flip_rate"] for r in per.values()}
+        if len(rates) != 1:
+            raise ValueError(f"--flip-dirs: {d} holds seeds run with different flip rates {sorted(rates)}")
+        runs[rates.pop()] = {s: r["rows"] for s, r in per.items()}
+    if 0.0 not in runs:
+        raise ValueError(f"--flip-dirs must include a run with flip_rate=0, got rates {sorted(runs)}")
+    val = {(rate, row): [runs[rate][s][row][key] for s in seeds] for rate in runs for row in FLIP_ROWS}
+    tests = {}
+    for rate in sorted(runs):
+        if rate > 0:
+            tests[(rate, "degrade")] = stats.paired_test(val[rate, "dpo_flipped"], val[0.0, "dpo_flipped"])
+        for row in FLIP_ROWS[1:]:
+            tests[(rate, row)] = stats.paired_test(val[rate, row], val[rate, "dpo_flipped"])
+    for t, p in zip(tests.values(), stats.holm([t["p"] for t in tests.values()])):
+        t["p_holm"] = p
+
+    def diff(t: dict | None) -> str:
+        return "" if t is None else f"{t['diff']:+.3f} ± {t['half_width']:.3f} (p {t['p_holm']:.3f})"
+
+    lines = ["## Robust DPO: flip-rate sweep", "", header, "",
+             f"`{key}` per flip rate (mean ± 95% CI over seeds, n = {len(seeds)}); Δ columns are paired over seeds, "
+             f"Holm-corrected over the table's {len(tests)} tests. ε̂: robust DPO's estimate of the flip rate.", "",
+             "| flip rate | DPO | rDPO, ε known | rDPO, ε estimated | ε̂ | DPO − DPO at 0 flips | "
+             "rDPO known − DPO | rDPO est. − DPO |", "|---|---|---|---|---|---|---|---|"]
+    for rate in sorted(runs):
+        eps = ci([runs[rate][s]["robust_dpo_flipped_est"]["robust/eps_hat"] for s in seeds])
+        lines.append(f"| {rate:g} | " + " | ".join(ci(val[rate, row]) for row in FLIP_ROWS) + f" | {eps} | "
+                     + " | ".join(diff(tests.get((rate, what))) for what in ("degrade", *FLIP_ROWS[1:])) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +320,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--base-only", action="store_true",
                     help="build and gate the base model of each seed (a tuning attempt): append one row per seed to "
                          "<run-dir>/tuning.jsonl and rewrite the page's tuning table from every row there")
+    ap.add_argument("--pref-tune", action="store_true",
+                    help="dev seeds: train the configured rows from each base (a preference-setting attempt), append "
+                         "rows to <run-dir>/pref_tuning.jsonl and rewrite the page's preference tuning table")
+    ap.add_argument("--flip-dirs", nargs="+", default=None,
+                    help="write the flip-rate sweep section from these run dirs (one per flip rate, 0 included; "
+                         "rows dpo_flipped, robust_dpo_flipped, robust_dpo_flipped_est); trains nothing; put it "
+                         "after the key=value overrides")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of HallucBenchConfig (base.<field>=...)")
     args = ap.parse_args(argv)
     cfg = load_config(HallucBenchConfig, args.config, args.overrides)
@@ -236,6 +339,15 @@ def main(argv: list[str] | None = None) -> int:
     run_dir.mkdir(parents=True, exist_ok=True)
     if args.base_only:
         return tuning(cfg, seeds, args, run_dir)
+    if args.pref_tune:
+        return pref_tuning(cfg, seeds, args, run_dir)
+    if args.flip_dirs:
+        cmd = " ".join(["python scripts/bench_halluc.py", f"--seeds {args.seeds}", *args.overrides])
+        header = (f"Command per flip rate: `nice -n 19 {cmd} flip_rate=RATE`, then `--flip-dirs` over the run dirs; "
+                  f"{args.seeds} seeds {seeds}; machine: {machine()}, CPU only, 1 torch thread.")
+        body = flip_section([Path(d) for d in args.flip_dirs], cfg, seeds, header)
+        emit(args, "halluc_flips", body)
+        return 0
     for seed in seeds:
         store = run_dir / f"seed{seed}.json"
         if store.exists() or args.no_run:
@@ -276,10 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         verdicts = refusal_section(results)
     sections = [("halluc_results", verdicts), ("halluc_gates", gate_section(results, cfg, header))]
     for key, body in sections:
-        if args.no_doc:
-            print(body)
-        else:
-            write_marked_section(DOC, key, body, TITLE)
+        emit(args, key, body)
     if not ok:
         print("the base model fails the gates: preference rows are not reported", file=sys.stderr)
         return 3

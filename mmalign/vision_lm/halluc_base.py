@@ -158,7 +158,6 @@ def build_base(cfg: BaseConfig, seed: int, data: TestbedData, cache_dir: Path | 
 
     from mmalign.core.rng import seeded_global_rng
     from mmalign.vision_lm.adapter import VLMAdapter
-    from mmalign.vision_lm.scenes import Scene
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.testbed import pretrain_vision_tower
     from mmalign.vision_lm.tiny import build_tiny_llava
@@ -173,8 +172,7 @@ def build_base(cfg: BaseConfig, seed: int, data: TestbedData, cache_dir: Path | 
         return adapter, json.loads((where / "info.json").read_text())
     t0 = time.process_time()
     info: dict[str, Any] = {}
-    seen = [Scene(tuple(o for o, m in zip(s.objects, s.modes) if m != "invisible")) for s in data.train]
-    info["vision_shape_acc"] = pretrain_vision_tower(model, seen, data.train_images, processor,
+    info["vision_shape_acc"] = pretrain_vision_tower(model, [s.seen for s in data.train], data.train_images, processor,
                                                      steps=cfg.vision_steps, seed=seed)
     inner = model.model
     examples = sft_examples(data.train, data.train_images, np.random.default_rng([seed, 7]), cfg.questions_per_scene)

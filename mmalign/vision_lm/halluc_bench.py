@@ -2,10 +2,11 @@
 
 ``scripts/bench_halluc.py`` runs seeds and reports. Per seed: weak-evidence scenes (:mod:`weak_scenes`), the cached
 base model (:mod:`halluc_base`), its metrics and gates; only when every gate passes (or ``force``) each method row of
-:data:`benchmark.METHOD_ROWS` is trained from the base with LoRA on pairs built from fresh train-split scenes, then
-evaluated. Per-method diagnostics test each paper's mechanism: how often BDHS's image-hidden "rejected" answer is in
-fact correct for the image, how often Re-Align's retrieval refill is in fact wrong for it, and the token-level KL of
-every trained model to the base (RRPO claims less divergence than DPO).
+:data:`ROWS` is trained from the base with LoRA on pairs built from fresh train-split scenes (annotated with every
+present object, or only the visible ones: ``pref_labels``), then evaluated. Per-method diagnostics test each paper's
+mechanism: how often BDHS's image-hidden "rejected" answer is in fact correct for the image, how often Re-Align's
+retrieval refill is in fact wrong for it, the token-level KL of every trained model to the base (RRPO claims less
+divergence than DPO), and robust DPO's estimated flip rate when it is not told the true one.
 """
 
 from __future__ import annotations
@@ -22,15 +23,24 @@ from mmalign.config import Config, check_choice, check_positive, option
 from mmalign.vision_lm import halluc_base as H
 from mmalign.vision_lm.benchmark import METHOD_ROWS
 
-__all__ = ["HallucBenchConfig", "PRIMARY_METRICS", "baseline_of", "answer_correct", "pair_diagnostics",
-           "token_kl", "run_seed"]
+__all__ = ["HallucBenchConfig", "PRIMARY_METRICS", "ROWS", "PREF_LABELS", "baseline_of", "answer_correct",
+           "pair_diagnostics", "token_kl", "applied_flips", "pair_margins", "run_seed"]
 
 PRIMARY_METRICS = ("partner_balanced_acc", "pope_adversarial_acc", "pope_random_acc")
+PREF_LABELS = ("truth", "visible")
+# row -> (the METHOD_ROWS row whose loss and label flipping it trains with, pair source)
+ROWS: dict[str, tuple[str, str]] = {
+    **{row: (row, spec[1]) for row, spec in METHOD_ROWS.items()},
+    # robust DPO with eps estimated from the base model's margins on the flipped pairs, not told the flip rate
+    "robust_dpo_flipped_est": ("robust_dpo_flipped", "corrupt"),
+    # plain DPO on Re-Align's own pairs (the paper's Table 4 ablation: the visual term alone)
+    "dpo_realign_pairs": ("dpo", "realign"),
+}
 
 
 def baseline_of(row: str) -> str:
     """The row a method is compared with: DPO on the same pairs (flipped pairs for the flipped rows)."""
-    return "dpo_flipped" if row.endswith("_flipped") else "dpo"
+    return "dpo_flipped" if "_flipped" in row else "dpo"
 
 
 @dataclass
@@ -42,7 +52,10 @@ class HallucBenchConfig(Config):
     report_seeds: list[int] = option(list(range(10)), "seeds of the reported numbers (never used for tuning)")
     dev_seeds: list[int] = option([100, 101], "seeds for tuning the base model and the methods' settings")
     methods: list[str] = option(["dpo", "realign", "bdhs_offline", "rrpo", "dpo_flipped", "robust_dpo_flipped"],
-                                f"rows, from {list(METHOD_ROWS)}")
+                                f"rows, from {list(ROWS)}")
+    pref_labels: str = option("truth", "annotation of the preference pairs: 'truth' names every present object (as "
+                                       "the SFT data does), 'visible' only what the pixels show (a grounded "
+                                       "annotator)")
     n_test_scenes: int = option(2000, "balanced test scenes per seed (half prior-violating)")
     n_pref_scenes: int = option(256, "fresh train-split scenes the preference pairs are built from")
     pref_steps: int = option(50, "preference-training optimizer steps per method")
@@ -60,9 +73,12 @@ class HallucBenchConfig(Config):
         if isinstance(self.base, dict):
             self.base = H.BaseConfig(**self.base)
         check_choice("primary_metric", self.primary_metric, PRIMARY_METRICS)
-        bad = [m for m in self.methods if m not in METHOD_ROWS]
+        check_choice("pref_labels", self.pref_labels, PREF_LABELS)
+        bad = [m for m in self.methods if m not in ROWS]
         if bad:
-            raise ValueError(f"methods must be among {list(METHOD_ROWS)}, got unknown {bad}")
+            raise ValueError(f"methods must be among {list(ROWS)}, got unknown {bad}")
+        if not 0 <= self.flip_rate < 0.5:
+            raise ValueError(f"flip_rate must be in [0, 0.5), got {self.flip_rate}")
         missing = sorted({baseline_of(m) for m in self.methods} - set(self.methods))
         if missing:
             raise ValueError(f"methods must include each row's DPO baseline, missing {missing}")
@@ -79,7 +95,8 @@ class HallucBenchConfig(Config):
         """The :class:`benchmark.BenchmarkConfig` whose preference settings ``train_method`` reads."""
         from mmalign.vision_lm.benchmark import BenchmarkConfig
 
-        return BenchmarkConfig(seeds=[seed], methods=list(self.methods), pref_steps=self.pref_steps,
+        return BenchmarkConfig(seeds=[seed], methods=sorted({ROWS[m][0] for m in self.methods}),
+                               pref_steps=self.pref_steps,
                                pref_lr=self.pref_lr, pref_batch_size=self.pref_batch_size, beta=self.beta,
                                rrpo_alpha=self.rrpo_alpha, flip_rate=self.flip_rate, bdhs_rho=self.bdhs_rho,
                                realign_top_k=self.realign_top_k, lora_r=self.lora_r,
@@ -137,6 +154,40 @@ def token_kl(adapter: Any, reference: Any, examples: Sequence[Any], batch_size: 
     return total / max(count, 1)
 
 
+def applied_flips(n_pairs: int, seed: int, flip_rate: float) -> np.ndarray:
+    """Which of ``n_pairs`` pairs :func:`benchmark.train_method` swaps in a ``*_flipped`` row (its seeded draw)."""
+    return np.random.default_rng(seed + 31).random(n_pairs) < flip_rate
+
+
+def pair_margins(adapter: Any, pairs: Sequence[Any], batch_size: int = 64) -> np.ndarray:
+    """``log pi(chosen) - log pi(rejected)`` (summed over response tokens) of the model in ``adapter``, per pair."""
+    import torch
+
+    from mmalign.vision_lm.adapter import VLExample
+
+    out = []
+    with torch.no_grad():
+        for start in range(0, len(pairs), batch_size):
+            chunk = pairs[start:start + batch_size]
+            chosen, rejected = (adapter.sequence_logps(adapter.encode([VLExample(p.prompt, getattr(p, side), p.images)
+                                                                        for p in chunk]))
+                                for side in ("chosen", "rejected"))
+            out.append((chosen - rejected).double().numpy())
+    return np.concatenate(out)
+
+
+def estimated_flip_rate(adapter: Any, pairs: Sequence[Any], flips: np.ndarray) -> float:
+    """robust DPO's eps when the flip rate is not told: the maximum-likelihood estimate
+    (:func:`mmalign.core.losses.estimate_flip_rate`) with the base model's margins on the observed (``flips``
+    swapped) pairs as the clean-preference logits. Its own errors count as flips (a conservative estimate)."""
+    import torch
+
+    from mmalign.core.losses import estimate_flip_rate
+
+    margins = np.where(flips, -1.0, 1.0) * pair_margins(adapter, pairs)
+    return float(estimate_flip_rate(torch.as_tensor(margins)))
+
+
 def _kl_examples(data: H.TestbedData, n: int) -> list[Any]:
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.adapter import VLExample
@@ -174,7 +225,8 @@ def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path |
     data = H.make_data(cfg.base, seed, cfg.n_pref_scenes, cfg.n_test_scenes)
     adapter, info = H.build_base(cfg.base, seed, data, cache_dir)
     base_model = adapter.model
-    out: dict[str, Any] = {"base": H.evaluate(adapter, data, seed, gen), "base_info": info, "rows": {}}
+    out: dict[str, Any] = {"base": H.evaluate(adapter, data, seed, gen), "base_info": info, "rows": {},
+                           "flip_rate": cfg.flip_rate}
     out["gates"] = H.gates(out["base"])
     out["forced"] = force and not all(out["gates"].values())
     if not all(out["gates"].values()) and not force:
@@ -190,11 +242,12 @@ def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path |
         return {"eval/token_kl_to_base": token_kl(VLMAdapter(model, adapter.processor, max_length=96), base_model,
                                                   few)}
 
-    pref_plain = [s.scene for s in data.pref]
+    # the preference annotation: every present object (like the SFT data) or only what the pixels show
+    pref_plain = [s.scene if cfg.pref_labels == "truth" else s.seen for s in data.pref]
     mcfg = cfg.method_config(seed)
     pair_cache: dict[str, tuple[list[Any], dict[str, float]]] = {}
     for row in cfg.methods:
-        source = METHOD_ROWS[row][1]
+        train_row, source = ROWS[row]
         adapter.model = base_model
         if source not in pair_cache:
             pairs, stats = build_pairs(source, adapter, pref_plain, data.pref_images, seed=seed,
@@ -202,11 +255,15 @@ def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path |
             stats = {**stats, **pair_diagnostics(source, pairs, pref_plain, data.pref_images)}
             pair_cache[source] = (pairs, stats)
         pairs, stats = pair_cache[source]
+        eps = None
+        if row == "robust_dpo_flipped_est":
+            eps = estimated_flip_rate(adapter, pairs, applied_flips(len(pairs), seed, cfg.flip_rate))
+            stats = {**stats, "robust/eps_hat": eps}
         adapter.model = copy.deepcopy(base_model)
         t_row = time.process_time()
         row_dir = run_dir / f"seed{seed}" / row
-        res = train_method(row, adapter, pairs, mcfg, seed, row_dir, eval_fn=kl_during,
-                           eval_every=max(1, cfg.pref_steps // 2))
+        res = train_method(train_row, adapter, pairs, mcfg, seed, row_dir, eval_fn=kl_during,
+                           eval_every=max(1, cfg.pref_steps // 2), eps=eps)
         model = adapter.model
         adapter.model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         adapter.model.eval()

@@ -68,6 +68,12 @@ class WeakScene:
         return Scene(self.objects)
 
     @property
+    def seen(self) -> Scene:
+        """What the pixels show as a plain :class:`scenes.Scene`: every object but the invisible ones (the labels of
+        a grounded annotator, and of the vision tower's pre-training)."""
+        return Scene(tuple(o for o, m in zip(self.objects, self.modes) if m != "invisible"))
+
+    @property
     def shapes(self) -> set[str]:
         return {o.shape for o in self.objects}
 

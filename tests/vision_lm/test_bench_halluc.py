@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from mmalign.vision_lm import halluc_base as H
@@ -66,7 +67,7 @@ def test_verdicts_from_holm_corrected_paired_differences(bench, tmp_path, monkey
     assert bench.main(_args(tmp_path)) == 0
     text = doc.read_text()
     lines = {ln.split(" | ")[0].lstrip("| "): ln for ln in text.splitlines() if ln.startswith("| ")}
-    assert lines["Re-Align: rDPO beats DPO on the same data"].endswith("| reproduced |")
+    assert lines["Re-Align: its pairs + rDPO beat DPO on rule-corrupted pairs"].endswith("| reproduced |")
     # BDHS's gain comes with a yes-ratio of 0.8: it does not count
     assert lines["BDHS: image-hidden rejected answers beat DPO's pairs"].endswith("| not reproduced |")
     assert "| 0.80 |" in lines["BDHS: image-hidden rejected answers beat DPO's pairs"]
@@ -77,6 +78,8 @@ def test_verdicts_from_holm_corrected_paired_differences(bench, tmp_path, monkey
     assert robust.endswith("| not reproduced |") or robust.endswith("| inconclusive |")
     assert "Every seed's base model passes every gate." in text and "n = 5" in text
     assert "Holm-corrected over the 5 claims" in text
+    assert "| Re-Align: rDPO beats DPO on the same pairs | Table 4" in text
+    assert "| DPO on Re-Align's pairs | not run |" in text
     diag = [ln for ln in text.splitlines() if "`diag/" in ln]
     assert sum("corrupt_rejected_correct_all" in ln for ln in diag) == 1  # shared pair set: shown once
     assert sum("token_kl_step25" in ln for ln in diag) == 6  # per method
@@ -125,6 +128,41 @@ def test_run_seed_tiny_pipeline(tmp_path):
     assert out["rows"]["dpo"]["diag/token_kl_to_base"] >= 0
     assert 0 <= out["rows"]["bdhs_offline"]["diag/bdhs_rejected_correct_all"] <= 1
     assert {"diag/token_kl_step1", "diag/token_kl_step2"} <= set(out["rows"]["rrpo"])  # during and after training
+    # grounded preference labels, robust DPO with an estimated eps, DPO on Re-Align's pairs
+    cfg.methods, cfg.pref_labels, cfg.flip_rate = ["dpo", "dpo_flipped", "robust_dpo_flipped_est"], "visible", 0.4
+    out = run_seed(cfg, 0, tmp_path / "b", None, force=True)
+    assert 0 <= out["rows"]["robust_dpo_flipped_est"]["robust/eps_hat"] <= 0.49
+    assert out["flip_rate"] == 0.4
+
+
+def test_estimated_flip_rate_follows_the_flips():
+    """A scorer that is always right: eps-hat is the fraction of pairs swapped."""
+    import torch
+
+    from mmalign.vision_lm import halluc_bench as B
+    from mmalign.vision_lm.objectives import PrefPair
+
+    class Scorer:  # log pi(text) = +5 for "good" answers, -5 for bad ones
+        def encode(self, examples):
+            return [5.0 if ex.response == "good" else -5.0 for ex in examples]
+
+        def sequence_logps(self, batch):
+            return torch.tensor(batch)
+
+    pairs = [PrefPair("q", "good", "bad", [])] * 200
+    flips = B.applied_flips(len(pairs), seed=3, flip_rate=0.3)
+    assert 0.2 < flips.mean() < 0.4
+    assert B.estimated_flip_rate(Scorer(), pairs, flips) == pytest.approx(flips.mean(), abs=0.01)
+    assert B.estimated_flip_rate(Scorer(), pairs, np.zeros(200, bool)) == pytest.approx(0.0, abs=1e-3)
+
+
+def test_visible_labels_drop_unseen_objects():
+    from mmalign.vision_lm import weak_scenes as W
+
+    gen = W.WeakEvidenceGenerator(prior_strength=1.0, modes={"invisible": 1.0})
+    scene = gen.sample(np.random.default_rng(0), "test", consistent=True)
+    assert scene.partner in scene.shapes and scene.partner not in {o.shape for o in scene.seen.objects}
+    assert len(scene.seen.objects) == len(scene.objects) - 1
 
 
 def test_base_only_appends_tuning_rows(bench, tmp_path, monkeypatch):
@@ -167,3 +205,47 @@ def test_no_run_writes_from_stored_and_partial_seed_files(bench, tmp_path, monke
     assert "the method rows have not run on every seed" in text  # no verdicts from an incomplete seed
     with pytest.raises(ValueError, match="seed 2 has no"):
         bench.main([*args, "report_seeds=[0,1,2]"])
+
+
+def test_pref_tune_appends_rows_on_dev_seeds_only(bench, tmp_path, monkeypatch):
+    doc = tmp_path / "vision_lm.md"
+    monkeypatch.setattr(bench, "DOC", doc)
+    fake = _fake_run_seed({}, PASS)
+    monkeypatch.setattr(bench, "run_seed", lambda cfg, seed, run_dir, cache: {
+        **fake(cfg, seed, run_dir, cache), "rows": {m: {**_row(0.6 + seed / 1000), "train/pref_accuracy": 0.9,
+                                                        "cpu_s": 7.0} for m in cfg.methods}})
+    args = ["--seeds", "dev", "--run-dir", str(tmp_path / "runs"), "--pref-tune", "dev_seeds=[101]", "methods=[dpo]"]
+    assert bench.main(args) == 0
+    assert bench.main([*args, "pref_steps=200"]) == 0  # a second attempt adds a row, keeps the first
+    rows = [ln for ln in doc.read_text().splitlines() if ln.startswith("| `")]
+    assert len(rows) == 2 and "| 101 | DPO (rule-corrupted pairs) | 0.701 |" in rows[0]
+    assert "pref_steps=200" in rows[1] and rows[1].endswith("| 0.900 | 7 |")
+    with pytest.raises(ValueError, match="dev seeds only"):
+        bench.main(["--seeds", "report", "--pref-tune", "--run-dir", str(tmp_path / "r"), "dev_seeds=[101]"])
+
+
+def test_flip_sweep_section(bench, tmp_path, monkeypatch):
+    """DPO loses with flips, robust DPO gains them back; both read from per-rate run dirs, paired, Holm."""
+    doc = tmp_path / "vision_lm.md"
+    monkeypatch.setattr(bench, "DOC", doc)
+    dirs = []
+    for rate in (0.0, 0.4):
+        d = tmp_path / f"flip{rate}"
+        d.mkdir()
+        for s in range(4):
+            noise = 0.004 * (s % 2)
+            rows = {"dpo_flipped": _row(0.8 - rate / 2 + noise), "robust_dpo_flipped": _row(0.8 + noise),
+                    "robust_dpo_flipped_est": {**_row(0.75 - rate / 4 + noise), "robust/eps_hat": rate / 2}}
+            (d / f"seed{s}.json").write_text(json.dumps({"flip_rate": rate, "rows": rows}))
+        dirs.append(str(d))
+    args = ["--seeds", "report", "report_seeds=[0,1,2,3]", "dev_seeds=[9]", "--flip-dirs", *dirs]
+    assert bench.main(args) == 0
+    lines = [ln for ln in doc.read_text().splitlines() if ln.startswith("| 0")]
+    assert lines[0].startswith("| 0 | 0.802 ± 0.004 | 0.802 ± 0.004 | 0.752 ± 0.004 | 0.000 ± 0.000 |  | +0.000 ±")
+    assert lines[1].startswith("| 0.4 | 0.602 ± 0.004 | 0.802 ± 0.004 | 0.652 ± 0.004 | 0.200 ± 0.000 | "
+                               "-0.200 ± 0.000")
+    assert "+0.200 ± 0.000" in lines[1] and "Holm-corrected over the table's 5 tests" in doc.read_text()
+    with pytest.raises(ValueError, match="flip_rate=0"):
+        bench.main(["--seeds", "report", "report_seeds=[0,1,2,3]", "dev_seeds=[9]", "--flip-dirs", dirs[1]])
+    with pytest.raises(ValueError, match="seed7.json"):
+        bench.main(["--seeds", "report", "report_seeds=[0,7]", "dev_seeds=[9]", "--flip-dirs", *dirs])
