@@ -129,20 +129,26 @@ def _peak_mb() -> float:
 
 # ---------------------------------------------------------------------------------------------- the two sides
 def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int,
-                 return_memory: bool = True) -> dict:
-    """mmalign's product path (vlm train's run(): data -> adapter -> loss -> trainer -> artifacts), timed per step;
-    ``return_memory=False`` runs it with ``cpu_return_memory=false`` (glibc's own mmap threshold)."""
+                 variant: str = "") -> dict:
+    """mmalign's product path (vlm train's run(): data -> adapter -> loss -> trainer -> artifacts), timed per step.
+
+    ``variant``: comma list of ``cache`` (LoRA: reference log-probs precomputed, ``reference=cache``; full fine-tuning
+    always precomputes them), ``inbwd`` (``trainer.optimizer_in_backward=true``, no clipping), ``return``
+    (``cpu_return_memory=true``); empty: vlm train's defaults."""
     import torch
 
     from mmalign.vision_lm.train import VLMTrainConfig, run
 
+    opts = set(filter(None, variant.split(",")))
     torch.set_num_threads(threads)
     lora = {"enabled": mode == "lora", "r": 16, "alpha": 32.0, "target_modules": LORA_TARGETS}
     cfg = VLMTrainConfig.from_dict({
         "model_path": model_dir, "data": data, "method": "dpo", "beta": 0.1, "dtype": "float32",
-        "reference": "lora" if mode == "lora" else "cache", "max_length": 4096, "cpu_return_memory": return_memory,
+        "reference": "lora" if mode == "lora" and "cache" not in opts else "cache", "max_length": 4096,
+        "cpu_return_memory": "return" in opts,
         "trainer": {"max_steps": steps, "batch_size": batch, "lr": lr, "lr_schedule": "constant", "log_every": 1,
-                    "progress": False, "plots": False, "cpu": True, "lora": lora, "keep_checkpoints": 1}})
+                    "progress": False, "plots": False, "cpu": True, "lora": lora, "keep_checkpoints": 1,
+                    "optimizer_in_backward": "inbwd" in opts, "max_grad_norm": 0.0 if "inbwd" in opts else 1.0}})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         out = run(cfg, Path(tmp))
@@ -152,12 +158,13 @@ def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, l
     step_s = [batch / r for r in rates]
     return {"side": "mmalign", "mode": mode, "samples_per_s": batch / (sum(step_s) / len(step_s)),
             "step_s": step_s, "peak_rss_mb": _peak_mb(), "total_s": total, "loss": out.get("train/loss"),
-            "ref_precompute_s": out.get("time/ref_precompute_s", 0.0),
-            **({} if return_memory else {"allocator": "glibc"})}
+            "ref_precompute_s": out.get("time/ref_precompute_s", 0.0), "variant": variant}
 
 
-def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int) -> dict:
-    """TRL's DPOTrainer on the same model folder and Parquet (images decoded by datasets), same settings."""
+def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int,
+             variant: str = "") -> dict:
+    """TRL's DPOTrainer on the same model folder and Parquet (images decoded by datasets), same settings;
+    ``variant`` ``noclip``: no gradient clipping (``max_grad_norm=0``), as mmalign's ``inbwd`` runs."""
     import torch
     from datasets import Features, Image, List, Value, load_dataset
     from peft import LoraConfig
@@ -184,7 +191,8 @@ def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: f
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
                          lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
                          max_length=None, beta=0.1, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-                         bf16=False, use_cpu=True, gradient_checkpointing=False)  # mmalign does not checkpoint
+                         bf16=False, use_cpu=True, gradient_checkpointing=False,  # mmalign does not checkpoint
+                         max_grad_norm=0.0 if "noclip" in variant else 1.0)
         t0 = time.perf_counter()
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=processor,
                              peft_config=peft_config, callbacks=[Clock()])
@@ -192,7 +200,7 @@ def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: f
         total = time.perf_counter() - t0
     step_s = times[1:]
     return {"side": "trl", "mode": mode, "samples_per_s": batch / (sum(step_s) / len(step_s)), "step_s": step_s,
-            "peak_rss_mb": _peak_mb(), "total_s": total, "loss": out.training_loss}
+            "peak_rss_mb": _peak_mb(), "total_s": total, "loss": out.training_loss, "variant": variant}
 
 
 def profile(model_dir: str, data: str, mode: str, steps: int, batch: int, threads: int) -> dict:
@@ -292,16 +300,95 @@ def smoke(model_dir: Path, data: Path, work: Path) -> dict:
 FIXED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
 
 
-def _child(args: argparse.Namespace, side: str, mode: str, env: dict[str, str] | None = None,
-           glibc: bool = False) -> dict:
+# The arms per mode: those of every round run back to back in this order (the ratios pair each arm with the TRL run
+# of its round), then one run of each extra. "side:variant"; TRL's "fixed" = FIXED_ALLOCATOR in its environment.
+ARMS = {
+    "lora": (["mmalign:", "mmalign:cache", "trl:"], ["mmalign:cache,return", "trl:fixed"]),
+    "full": (["mmalign:inbwd", "trl:noclip"], ["mmalign:", "mmalign:inbwd,return", "trl:noclip,fixed"]),
+}
+SETTINGS = {"": "defaults", "cache": "`reference=cache`", "inbwd": "`trainer.optimizer_in_backward=true`",
+            "return": "`cpu_return_memory=true`", "noclip": "`max_grad_norm=0`",
+            "fixed": "`MALLOC_MMAP_THRESHOLD_=131072`"}
+
+
+def _child(args: argparse.Namespace, arm: str, mode: str) -> dict:
+    side, variant = arm.split(":")
     cmd = [sys.executable, __file__, "--side", side, "--mode", mode, "--work", str(args.work), "--steps",
-           str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads)] + \
-        (["--glibc-allocator"] if glibc else [])
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+           str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads), "--variant", variant]
+    env = {**os.environ, **(FIXED_ALLOCATOR if "fixed" in variant.split(",") else {})}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
-        return {"side": side, "mode": mode, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return {**json.loads(line[len("RESULT "):]), **({"allocator": "fixed"} if env else {})}
+        return {"side": side, "mode": mode, "variant": variant,
+                "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return {**json.loads(line[len("RESULT "):]), "arm": arm}
+
+
+def _settings(arm: str) -> str:
+    side, variant = arm.split(":")
+    return side + " " + ", ".join(SETTINGS[v] for v in (variant.split(",") if variant else [""]))
+
+
+def _geo(xs: list[float]) -> float:
+    import numpy as np
+
+    return float(np.exp(np.mean(np.log(xs))))
+
+
+def _compare_section(args: argparse.Namespace, runs: list[dict]) -> list[str]:
+    """The comparison table: one row per arm and mode; ratios against the TRL run of the same round."""
+    import numpy as np
+
+    lines = ["## mmalign vs TRL DPOTrainer", "",
+             f"Same model folder, same Parquet pairs, batch {args.batch} pair(s), {args.steps} steps per run (the "
+             "first untimed), AdamW lr 1e-5 constant, beta 0.1, fp32, no gradient checkpointing on either side "
+             f"(mmalign has none; TRL's default is on and was turned off), torch threads {args.threads}. Each run "
+             "is a fresh process; peak RSS is that process's. In every round the arms ran back to back (mmalign "
+             "arms, then TRL); a ratio divides an arm's rate by the TRL run of its own round (geometric mean over "
+             "rounds), so load that drifts between rounds cancels. Extra arms ran once after the rounds. LoRA: r 16, "
+             "alpha 32 on q/k/v/o projections (which include the SigLIP tower's q/k/v); TRL's reference is the "
+             "model with its adapter disabled, as is mmalign's by default (`reference=lora`); with "
+             "`reference=cache` mmalign precomputes the reference log-probs of all pairs once before training "
+             "(time in its own column; TRL refuses `precompute_ref_log_probs` for vision data). Full fine-tuning: "
+             "TRL keeps a frozen reference copy; mmalign precomputes (`reference=cache`).", "",
+             "How TRL handles VLMs here: its `DataCollatorForVisionPreference` concatenates chosen and rejected "
+             "with the images repeated, so every image is encoded twice per forward (policy and reference); it "
+             "computes response log-probs through a fused, chunked LM head. mmalign encodes each image once and "
+             "splices its features into both branches (SmolVLM splices image features into placeholder "
+             "embeddings) and takes logits of the response positions only.", "",
+             "| mode | arm | samples/s per run | x TRL (per round) | peak RSS MB | x TRL peak | reference "
+             "precompute s |", "|---|---|---|---|---|---|---|"]
+    verdicts = []
+    for mode, (rounds, extras) in ARMS.items():
+        mine = [r for r in runs if r.get("mode") == mode and "arm" in r]
+        trl_arm = next(a for a in rounds if a.startswith("trl"))
+        trl = {r["round"]: r for r in mine if r["arm"] == trl_arm and "error" not in r}
+        trl_peak = max((r["peak_rss_mb"] for r in trl.values()), default=float("nan"))
+        for arm in rounds + extras:
+            got = [r for r in mine if r["arm"] == arm]
+            ok = [r for r in got if "error" not in r]
+            if not ok:
+                if got:
+                    lines.append(f"| {mode} | {_settings(arm)} | failed: {got[0]['error']} | | | | |")
+                continue
+            ratios = [r["samples_per_s"] / trl[r["round"]]["samples_per_s"] for r in ok
+                      if r["round"] is not None and r["round"] in trl and arm != trl_arm]
+            peak = max(r["peak_rss_mb"] for r in ok)
+            ref = [r.get("ref_precompute_s") for r in ok if r.get("ref_precompute_s")]
+            ratio_txt = (f"**{_geo(ratios):.2f}** ({', '.join(f'{x:.2f}' for x in ratios)})" if ratios
+                         else "-" if arm == trl_arm else "one run")
+            rates = ", ".join(f"{r['samples_per_s']:.4f}" for r in ok)
+            lines.append(f"| {mode} | {_settings(arm)} | {rates} | "
+                         f"{ratio_txt} | {peak:.0f} | {peak / trl_peak:.2f} | "
+                         f"{', '.join(f'{x:.0f}' for x in ref) or '-'} |")
+            if ratios:
+                sp, mem = _geo(ratios), peak / trl_peak
+                verdicts.append(f"- {mode}, {_settings(arm)}: {sp:.2f}x TRL's samples/s (goal >= 1.8x: "
+                                f"{'met' if sp >= 1.8 else 'NOT met'}), peak RSS {mem:.2f}x TRL's (goal <= 0.7x: "
+                                f"{'met' if mem <= 0.7 else 'NOT met'})"
+                                + (f"; reference precompute {np.mean(ref):.0f} s for {args.pairs} pairs" if ref
+                                   else "") + ".")
+    return lines + ["", *verdicts, ""]
 
 
 def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict], lazy: dict | None,
@@ -319,8 +406,7 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
              "PNG images, one per pair, not split into tiles (64 image tokens). fp32 on CPU.", "",
              f"Command: `python scripts/bench_vlm_training.py --work {args.work} --rounds {args.rounds} --steps "
              f"{args.steps} --batch {args.batch} --threads {args.threads} --lazy-pairs {args.lazy_pairs}"
-             f"{' --trl-fixed-allocator' if args.trl_fixed_allocator else ''}"
-             f"{' --mmalign-glibc-allocator' if args.mmalign_glibc_allocator else ''}`. "
+             f"{' --no-extras' if args.no_extras else ''}`. "
              f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load average "
              f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, transformers "
              f"{transformers.__version__}, TRL {trl.__version__}. Seeds: model 0, data 0, trainer 0.", ""]
@@ -334,98 +420,7 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                   f"{s['adapter_mb']:.1f} MB = {100 * s['adapter_mb'] / s['model_mb']:.2f}% of the model's "
                   f"{s['model_mb']:.0f} MB.", ""]
     if runs:
-        lines += ["## mmalign vs TRL DPOTrainer", "",
-                  "mmalign's rows run with `cpu_return_memory=true` (glibc's mmap threshold fixed, see below); "
-                  "one more mmalign run per mode without it (the default) is listed under the table. "
-                  f"Same model folder, same Parquet pairs, batch {args.batch} pair(s), {args.steps} steps per run (the "
-                  "first untimed), AdamW lr 1e-5 constant, beta 0.1, fp32, no gradient checkpointing on either side "
-                  f"(mmalign has none; TRL's default is on and was turned off), torch threads {args.threads}. Runs "
-                  "interleaved A, B, A, B per mode, each in a fresh process; peak RSS is that process's. LoRA (r 16, "
-                  "alpha 32 on q/k/v/o projections, which include the SigLIP tower's q/k/v): both use the model with "
-                  "its adapter disabled as the reference. Full fine-tuning: TRL keeps a frozen reference copy; "
-                  "mmalign precomputes reference log-probs once (`reference=cache`), listed separately.", "",
-                  "How TRL handles VLMs here: its `DataCollatorForVisionPreference` processes images per batch "
-                  "and concatenates chosen and rejected with the images repeated, so every image is encoded twice "
-                  "per forward (policy and reference); it refuses `precompute_ref_log_probs` for vision data; it "
-                  "computes response log-probs through a fused, chunked LM head (no full-vocabulary logits). "
-                  "mmalign encodes each image once and splices its features into both branches (SmolVLM splices "
-                  "image features into placeholder embeddings) and takes logits of the response positions only.", "",
-                  "| mode | side | samples/s (mean) | per run | peak RSS MB (max) | reference precompute s | "
-                  "process wall s (mean) |", "|---|---|---|---|---|---|---|"]
-        verdicts = []
-        for mode in ("lora", "full"):
-            got = {}
-            for side in ("mmalign", "trl"):
-                main = [r for r in runs if r["mode"] == mode and r["side"] == side and "allocator" not in r]
-                ok = [r for r in main if "error" not in r]
-                bad = [r for r in main if "error" in r]
-                if not ok:
-                    lines.append(f"| {mode} | {side} | {'failed: ' + bad[0]['error'] if bad else 'not run'} "
-                                 "| | | | |")
-                    continue
-                sps = [r["samples_per_s"] for r in ok]
-                peak = max(r["peak_rss_mb"] for r in ok)
-                ref = [r.get("ref_precompute_s") for r in ok if r.get("ref_precompute_s")]
-                got[side] = (float(np.mean(sps)), peak)
-                lines.append(f"| {mode} | {side} | {np.mean(sps):.4f} | {', '.join(f'{x:.4f}' for x in sps)} | "
-                             f"{peak:.0f} | {', '.join(f'{x:.0f}' for x in ref) or '-'} | "
-                             f"{np.mean([r['total_s'] for r in ok]):.0f} |")
-            if len(got) == 2:
-                mm = [r for r in runs if r["mode"] == mode and r["side"] == "mmalign" and "error" not in r
-                      and "allocator" not in r]
-                tr = [r for r in runs if r["mode"] == mode and r["side"] == "trl" and "error" not in r
-                      and "allocator" not in r]
-                fixed = [r for r in runs if r["mode"] == mode and r.get("allocator") == "fixed" and "error" not in r]
-                glibc = [r for r in runs if r["mode"] == mode and r.get("allocator") == "glibc" and "error" not in r]
-                # each round's A and B ran back to back: their ratio is what the interleaving makes comparable
-                ratios = [a["samples_per_s"] / b["samples_per_s"] for a, b in zip(mm, tr)]
-                sp = float(np.exp(np.mean(np.log(ratios))))
-                mem = got["mmalign"][1] / got["trl"][1]
-                verdicts.append(f"- {mode}: throughput {sp:.2f}x TRL's (geometric mean of the per-round ratios "
-                                f"{', '.join(f'{x:.2f}' for x in ratios)}; goal >= 1.8x: "
-                                f"{'met' if sp >= 1.8 else 'NOT met'}), peak RSS {mem:.2f}x TRL's (goal <= 0.7x: "
-                                f"{'met' if mem <= 0.7 else 'NOT met'}; {got['trl'][1] - got['mmalign'][1]:.0f} MB "
-                                "less).")
-                if fixed:
-                    f = fixed[0]
-                    verdicts.append(f"  TRL with the same allocator setting (one run, `MALLOC_MMAP_THRESHOLD_=131072` "
-                                    f"in its environment): peak RSS {f['peak_rss_mb']:.0f} MB, "
-                                    f"{f['samples_per_s']:.4f} "
-                                    f"samples/s; mmalign's peak is {got['mmalign'][1] / f['peak_rss_mb']:.2f}x of it.")
-                if glibc:
-                    g = glibc[0]
-                    # its pair: the TRL run right after it
-                    after = runs[runs.index(g) + 1:]
-                    t = next((r for r in after if r["side"] == "trl" and r["mode"] == mode and "error" not in r
-                              and "allocator" not in r), None)
-                    pair = "" if t is None else (
-                        f" TRL's run right after it: {t['samples_per_s']:.4f} samples/s, peak RSS "
-                        f"{t['peak_rss_mb']:.0f} MB: throughput {g['samples_per_s'] / t['samples_per_s']:.2f}x, peak "
-                        f"RSS {g['peak_rss_mb'] / t['peak_rss_mb']:.2f}x TRL's.")
-                    verdicts.append(f"  mmalign with `cpu_return_memory=false` (the default; one run, glibc's own "
-                                    f"threshold): {g['samples_per_s']:.4f} samples/s, peak RSS "
-                                    f"{g['peak_rss_mb']:.0f} MB.{pair}")
-        lines += ["", *verdicts, "",
-                  "The machine was shared with other jobs and its load changed between rounds, so absolute rates "
-                  "differ from round to round; the ratio of the two back-to-back runs of a round is the comparable "
-                  "number. Peak RSS does not depend on the load.", "",
-                  "Where the peak goes (the profile below: RSS sampled every 2 ms around each phase of two LoRA "
-                  "steps of mmalign, batch 1): the weights (0.92 GB, paged in as first used) and the Python/torch "
-                  "baseline; the vision tower run with grad (LoRA on its q/k/v) holds about 0.4 GB of activations "
-                  "until the backward pass; the language model's activations at 64 image + about 20 text tokens are "
-                  "small, and so are the logits (taken at the response positions only: a few MB), so a chunked LM "
-                  "head would not move the peak at this size. Memory freed but kept by the allocator decides the "
-                  "rest: glibc serves blocks from 128 KiB up with their own mmap, but raises that threshold (up to "
-                  "32 MiB) each time such a block is freed, so activations then come from the heap, whose freed "
-                  "blocks fragment and stay in the process, and each step's peak sits on the last one's leftovers. "
-                  "`cpu_return_memory=true` fixes the threshold at glibc's default (`mallopt(M_MMAP_THRESHOLD, "
-                  "128 KiB)`); the extra TRL run shows the same setting applied to TRL. The price is a page fault "
-                  "on every fresh page of every large block, every step (full fine-tuning re-allocates its "
-                  "gradients and AdamW's temporaries each step), which is why it is off by default. The reference "
-                  "pass (no grad) "
-                  "runs before the policy pass, so its transient memory is gone before the policy's activations "
-                  "build up. Full fine-tuning adds gradients (0.92 GB) and AdamW's two moments (1.84 GB) on both "
-                  "sides; TRL also keeps a reference copy (0.92 GB).", ""]
+        lines += _compare_section(args, runs)
         if prof:
             lines += [f"Profile (mmalign with `cpu_return_memory=true`): `python scripts/bench_vlm_training.py "
                       f"--side profile --mode {prof['mode']} --steps 2 "
@@ -467,16 +462,12 @@ def main() -> None:
     ap.add_argument("--lazy-pairs", type=int, default=20000)
     ap.add_argument("--lazy-distinct", type=int, default=200)
     ap.add_argument("--modes", default="lora,full")
-    ap.add_argument("--trl-fixed-allocator", action="store_true",
-                    help="one more TRL run per mode with glibc's mmap threshold fixed as vlm train fixes it")
-    ap.add_argument("--mmalign-glibc-allocator", action="store_true",
-                    help="one more mmalign run per mode with cpu_return_memory=false")
-    ap.add_argument("--glibc-allocator", action="store_true", help="internal: the mmalign child runs with "
-                    "cpu_return_memory=false")
+    ap.add_argument("--no-extras", action="store_true", help="only the rounds' arms, not the extra runs (ARMS)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: smoke, compare, lazy, profile")
     ap.add_argument("--side", choices=["mmalign", "trl", "lazy", "profile"], default=None,
                     help="internal: one child run")
     ap.add_argument("--mode", default="lora")
+    ap.add_argument("--variant", default=None, help="internal: the child's variant (see side_mmalign / side_trl)")
     args = ap.parse_args()
     model_dir, data = args.work / "smolvlm256m", args.work / "pairs.parquet"
     if args.side == "profile":
@@ -487,7 +478,7 @@ def main() -> None:
         print("RESULT " + json.dumps(lazy_pass(str(args.work / "lazy.parquet"), 64)))
         return
     if args.side:
-        kw = {"return_memory": not args.glibc_allocator} if args.side == "mmalign" else {}
+        kw = {"variant": args.variant or ""}
         fn = side_mmalign if args.side == "mmalign" else side_trl
         print("RESULT " + json.dumps(fn(str(model_dir), str(data), args.mode, args.steps, args.batch, 1e-5,
                                         args.threads, **kw)))
@@ -507,17 +498,14 @@ def main() -> None:
     if "compare" not in skip:
         results["runs"] = []
         for mode in args.modes.split(","):
-            for _ in range(args.rounds):
-                for side in ("mmalign", "trl"):
-                    results["runs"].append(_child(args, side, mode))
+            rounds, extras = ARMS[mode]
+            for r in range(args.rounds):
+                for arm in rounds:
+                    results["runs"].append({**_child(args, arm, mode), "round": r})
                     saved.write_text(json.dumps(results))
                     print(results["runs"][-1], flush=True)
-            if args.trl_fixed_allocator:
-                results["runs"].append(_child(args, "trl", mode, FIXED_ALLOCATOR))
-                saved.write_text(json.dumps(results))
-                print(results["runs"][-1], flush=True)
-            if args.mmalign_glibc_allocator:
-                results["runs"].append(_child(args, "mmalign", mode, glibc=True))
+            for arm in extras if not args.no_extras else []:
+                results["runs"].append({**_child(args, arm, mode), "round": None})
                 saved.write_text(json.dumps(results))
                 print(results["runs"][-1], flush=True)
     if "lazy" not in skip:

@@ -379,3 +379,20 @@ def test_models_by_folder_or_hub_id(llava_dir: Path, tmp_path: Path, monkeypatch
         load_vlm("nobody-xyz/no-such-vlm", device="cpu")
     model, _ = load_vlm(str(llava_dir), device="cpu", dtype="float32", lora={"r": 2, "alpha": 4})
     assert hasattr(model, "disable_adapter") and model.dtype == torch.float32
+
+
+def test_full_fine_tuning_with_the_update_inside_backward_trains_the_same_model(llava_dir: Path,
+                                                                                  tmp_path: Path) -> None:
+    """`trainer.optimizer_in_backward` through vlm train (images encoded once for both branches, tied weights):
+    the weights equal those of the plain optimizer step."""
+    from safetensors.torch import load_file
+
+    data = pairs_file(tmp_path / "data")
+    weights = []
+    for inside in (False, True):
+        trainer = {"lora": {"enabled": False}, "lr": 1e-3, "max_grad_norm": 0.0, "optimizer_in_backward": inside}
+        run(cfg(llava_dir, data, reference="cache", trainer=trainer), tmp_path / str(inside))
+        weights.append(load_file(str(tmp_path / str(inside) / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=0, rtol=0, msg=k)
