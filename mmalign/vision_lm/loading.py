@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["check_model_source", "hub_offline", "load_vlm", "load_for_inference", "load_processor", "resolve_dtype"]
+__all__ = ["check_model_source", "hub_offline", "load_vlm", "load_for_inference", "load_processor", "model_skeleton",
+           "resolve_dtype"]
 
 
 def hub_offline() -> bool:
@@ -57,6 +58,19 @@ def load_processor(name_or_path: str, *, trust_remote_code: bool = False, revisi
     local = check_model_source(name_or_path)
     return AutoProcessor.from_pretrained(name_or_path, local_files_only=local or hub_offline(),
                                          trust_remote_code=trust_remote_code, revision=revision)
+
+
+def model_skeleton(name_or_path: str, *, trust_remote_code: bool = False, revision: str | None = None) -> Any:
+    """The model built from its config on the meta device: its config and forward signature, no weights (instant).
+
+    Enough to encode data exactly as training will (image token ids, processor) before the weights are loaded."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    local = check_model_source(name_or_path)
+    config = AutoConfig.from_pretrained(name_or_path, local_files_only=local or hub_offline(),
+                                        trust_remote_code=trust_remote_code, revision=revision)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_vlm(name_or_path: str, *, dtype: str = "auto", device: str | None = None, lora: dict | None = None,

@@ -124,8 +124,25 @@ def prepare_pairs(cfg: VLMTrainConfig, processor: Any) -> tuple[list[Any], list[
     return pairs, rows, stats
 
 
+def checked_pairs(cfg: VLMTrainConfig, processor: Any, model: Any = None
+                  ) -> tuple[list[Any], list[int], dict[str, float], int]:
+    """:func:`prepare_pairs`, then every pair encoded once as training will (lengths, unknown tokens), before any
+    weights load: ``(pairs, row numbers, stats, pairs dropped)``. ``model``: the tiny model when no ``model_path``;
+    a user's model is read as its skeleton on the meta device (config and forward only)."""
+    from mmalign.vision_lm.adapter import VLMAdapter
+    from mmalign.vision_lm.loading import model_skeleton
+
+    pairs, rows, stats = prepare_pairs(cfg, processor)
+    if model is None:
+        model = model_skeleton(cfg.model_path, trust_remote_code=cfg.trust_remote_code)
+    probe = VLMAdapter(model, processor, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
+    pairs, rows, n_dropped, stats["data/oov_rate"] = _check_pairs(cfg, probe, pairs, rows)
+    return pairs, rows, stats, n_dropped
+
+
 def validate(cfg: VLMTrainConfig, resume: bool = False) -> None:
     """Check the model source and every data row before the run folder is made (the CLI calls this first)."""
+    model = None
     if cfg.model_path:
         from mmalign.vision_lm.loading import load_processor
 
@@ -133,9 +150,9 @@ def validate(cfg: VLMTrainConfig, resume: bool = False) -> None:
     else:
         from mmalign.vision_lm.testbed import build_tiny
 
-        _, processor = build_tiny(cfg.family, cfg.seed)
+        model, processor = build_tiny(cfg.family, cfg.seed)
     if cfg.data:
-        _PREPARED[id(cfg)] = (processor, *prepare_pairs(cfg, processor))
+        _PREPARED[id(cfg)] = (processor, *checked_pairs(cfg, processor, model))
 
 
 def _sft_phase(cfg: VLMTrainConfig, adapter: Any, model: Any, processor: Any, run_dir: Path, resume: bool) -> None:
@@ -201,21 +218,19 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
         model, processor = build_tiny(cfg.family, cfg.seed)
     stats: dict[str, float] = {}
     pairs: list[Any] = []
+    n_dropped = 0
     if cfg.data:
         prepared = _PREPARED.pop(id(cfg), None)
         if prepared is not None:  # checked by validate() with an equal processor
-            _, pairs, rows, stats = prepared
+            _, pairs, rows, stats, n_dropped = prepared
         else:
-            pairs, rows, stats = prepare_pairs(cfg, processor)
+            pairs, rows, stats, n_dropped = checked_pairs(cfg, processor, None if cfg.model_path else model)
     # 2. the model
     if cfg.model_path:
         model, _ = load_vlm(cfg.model_path, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
         base_name = str(Path(cfg.model_path).resolve()) if local else cfg.model_path
         model_id = cfg.model_path
     adapter = VLMAdapter(model, processor, max_length=cfg.max_length, skip_invalid=cfg.skip_invalid)
-    n_dropped = 0
-    if cfg.data:
-        pairs, rows, n_dropped, stats["data/oov_rate"] = _check_pairs(cfg, adapter, pairs, rows)
     if not cfg.model_path:
         if cfg.sft_steps > 0:
             _sft_phase(cfg, adapter, model, processor, run_dir, resume)

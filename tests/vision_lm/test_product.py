@@ -254,8 +254,14 @@ def F_logsigmoid(x: torch.Tensor) -> torch.Tensor:  # noqa: N802
     return torch.nn.functional.logsigmoid(x)
 
 
-def test_bad_inputs_fail_before_any_work(llava_dir: Path, tmp_path: Path) -> None:
+def test_bad_inputs_fail_before_any_work(llava_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from mmalign.data import DataValidationError
+    from mmalign.vision_lm import loading
+
+    def no_weights(*a, **k):  # every check below must come before the user's weights load
+        raise AssertionError("the model's weights were loaded before the data was checked")
+
+    monkeypatch.setattr(loading, "load_vlm", no_weights)
 
     data = pairs_file(tmp_path / "data")
     with pytest.raises(FileNotFoundError, match="no such model folder"):
@@ -272,6 +278,8 @@ def test_bad_inputs_fail_before_any_work(llava_dir: Path, tmp_path: Path) -> Non
     data.write_text("\n".join(json.dumps(r) for r in rows[2:]))
     with pytest.raises(ValueError, match="unknown to the tokenizer .*'zebra'"):
         run(cfg(llava_dir, data), tmp_path / "r4")
+    with pytest.raises(DataValidationError, match="row 0: over-long pair"):
+        run(cfg(llava_dir, data, max_length=8), tmp_path / "r5")
 
 
 def test_resume_does_not_repeat_the_sft_phase(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
