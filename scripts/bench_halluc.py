@@ -156,20 +156,27 @@ def results_section(results: dict[str, dict], cfg: HallucBenchConfig, header: st
         r = [results[s]["rows"][row] for s in seeds]
         lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(ci([x[k] for x in r]) for k, _ in ROW_COLS)
                      + f" | {np.mean([x['n_pairs'] for x in r]):.0f} |")
+    steps = sorted({int(k.rsplit("step", 1)[1]) for k in results[seeds[0]]["rows"][cfg.methods[0]]
+                    if k.startswith("diag/token_kl_step")})
     lines += ["", "### Mechanism diagnostics (mean ± 95% CI over seeds)", "",
-              "`*_rejected_correct_*`: fraction of the pair set's rejected answers that are true of the image "
-              "(captions: every mention right; yes/no: the right answer); `token_kl_stepN`: token KL to the base "
-              "during training (LoRA active, a quarter of the KL examples).", "",
-              "| method | diagnostic | value |", "|---|---|---|"]
+              "Token KL to the base during training (LoRA active, a quarter of the KL examples) at steps "
+              f"{', '.join(map(str, steps))}; rejected correct: fraction of the pair set's rejected answers that are "
+              "true of the image as annotated (captions: every mention right; yes/no: the right answer); other: the "
+              "pair builder's statistics and robust DPO's estimated flip rate ε̂.", "",
+              "| method | " + " | ".join(f"KL step {n}" for n in steps) + " | rejected correct: captions | yes/no | "
+              "other |", "|---|" + "---|" * (len(steps) + 3)]
     shown: set[str] = set()  # a pair-set diagnostic is shared by every row trained on that pair set: shown once
     for row in cfg.methods:
-        keys = sorted(k for k in results[seeds[0]]["rows"][row]
-                      if k.startswith(("diag/", "realign/", "bdhs/", "robust/")) and k != "diag/token_kl_to_base")
-        for k in keys:
-            if "token_kl_step" not in k and k in shown:
-                continue
-            shown.add(k)
-            lines.append(f"| {ROW_NAMES.get(row, row)} | `{k}` | {ci([results[s]['rows'][row][k] for s in seeds])} |")
+        r = [results[s]["rows"][row] for s in seeds]
+        cells = [ci([x[f"diag/token_kl_step{n}"] for x in r]) for n in steps]
+        for kind in ("caption", "yesno"):
+            key = next((k for k in r[0] if k.startswith("diag/") and k.endswith(f"_rejected_correct_{kind}")), "")
+            cells.append(ci([x[key] for x in r]) if key and key not in shown else "")
+            shown.add(key)
+        extra = sorted(k for k in r[0] if k.startswith(("realign/", "bdhs/", "robust/")) and k not in shown)
+        shown.update(k for k in extra if not k.startswith("robust/"))
+        cells.append("; ".join(f"{k.split('/')[1]} {ci([x[k] for x in r])}" for k in extra))
+        lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

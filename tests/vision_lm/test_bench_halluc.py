@@ -23,7 +23,8 @@ def _row(primary: float, yes: float = 0.5, kl: float = 0.1) -> dict:
     return {"partner_balanced_acc": primary, "partner_f1": primary, "partner_yes_ratio": yes,
             "partner_violating_yes": 0.3, "partner_visible_recall": 0.9, "pope_adversarial_acc": 0.7,
             "pope_random_acc": 0.9, "diag/token_kl_to_base": kl, "n_pairs": 10.0,
-            "diag/corrupt_rejected_correct_all": 0.0, "diag/token_kl_step25": kl / 2}
+            "diag/corrupt_rejected_correct_all": 0.0, "diag/corrupt_rejected_correct_caption": 0.0,
+            "diag/token_kl_step25": kl / 2}
 
 
 def _fake_run_seed(shift: dict[str, float], base: dict[str, float]):
@@ -80,9 +81,11 @@ def test_verdicts_from_holm_corrected_paired_differences(bench, tmp_path, monkey
     assert "Holm-corrected over the 5 claims" in text
     assert "| Re-Align: rDPO beats DPO on the same pairs | Table 4" in text
     assert "| DPO on Re-Align's pairs | not run |" in text
-    diag = [ln for ln in text.splitlines() if "`diag/" in ln]
-    assert sum("corrupt_rejected_correct_all" in ln for ln in diag) == 1  # shared pair set: shown once
-    assert sum("token_kl_step25" in ln for ln in diag) == 6  # per method
+    diag = text.split("### Mechanism diagnostics")[1].split("## Base model")[0].splitlines()
+    assert "| method | KL step 25 | rejected correct: captions | yes/no | other |" in diag
+    rows = [ln for ln in diag if ln.startswith("| ") and "±" in ln]
+    assert len(rows) == 6 and rows[0].startswith("| DPO (rule-corrupted pairs) | 0.050 ± 0.000 | 0.000 ± 0.000 |")
+    assert sum(ln.split(" | ")[2] == "0.000 ± 0.000" for ln in rows) == 1  # the shared pair set's: shown once
 
 
 def test_config_refuses_overlapping_seeds_and_missing_baseline():
