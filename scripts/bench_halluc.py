@@ -250,7 +250,13 @@ def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespa
             f.write(json.dumps(row) + "\n")
         print(json.dumps({"overrides": args.overrides, "seed": seed,
                           **{m: round(r["partner_balanced_acc"], 3) for m, r in row["rows"].items()}}), flush=True)
-    rows = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    rows, seen = [], set()
+    for line in log.read_text().splitlines():
+        r = json.loads(line) if line.strip() else None
+        key = r and json.dumps([r["overrides"], r["seed"], r["rows"]], sort_keys=True)
+        if r and key not in seen:  # a repeated attempt with identical numbers (the runs are deterministic): once
+            seen.add(key)
+            rows.append(r)
     lines = ["## Preference-training settings (dev seeds)", "",
              f"Each row: `nice -n 19 python scripts/bench_halluc.py --seeds dev --pref-tune --only-seed SEED "
              f"<overrides>` (the cached base of a dev seed, never a report seed; {cfg.n_test_scenes} test scenes); "
@@ -259,7 +265,8 @@ def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespa
              "|---|---|---|" + "---|" * (len(TUNE_COLS) + 1)]
     for r in rows:
         for m, x in r["rows"].items():
-            lines.append(f"| `{' '.join(r['overrides']) or '(config)'}` | {r['seed']} | {ROW_NAMES.get(m, m)} | "
+            shown = " ".join(o for o in r["overrides"] if not o.startswith("methods=")) or "(config)"
+            lines.append(f"| `{shown}` | {r['seed']} | {ROW_NAMES.get(m, m)} | "
                          + " | ".join(f"{x[k]:.3f}" for k, _ in TUNE_COLS) + f" | {x['cpu_s']:.0f} |")
     body = "\n".join(lines)
     emit(args, "halluc_pref_tuning", body)
@@ -286,12 +293,14 @@ def flip_section(dirs: list[Path], cfg: HallucBenchConfig, seeds: list[int], hea
         runs[rates.pop()] = {s: r["rows"] for s, r in per.items()}
     if 0.0 not in runs:
         raise ValueError(f"--flip-dirs must include a run with flip_rate=0, got rates {sorted(runs)}")
+    for per in runs[0.0].values():  # with no flips robust DPO's known eps is 0, where its loss is DPO's
+        per.setdefault("robust_dpo_flipped", per["dpo_flipped"])
     val = {(rate, row): [runs[rate][s][row][key] for s in seeds] for rate in runs for row in FLIP_ROWS}
     tests = {}
     for rate in sorted(runs):
         if rate > 0:
             tests[(rate, "degrade")] = stats.paired_test(val[rate, "dpo_flipped"], val[0.0, "dpo_flipped"])
-        for row in FLIP_ROWS[1:]:
+        for row in FLIP_ROWS[1:] if rate > 0 else FLIP_ROWS[2:]:
             tests[(rate, row)] = stats.paired_test(val[rate, row], val[rate, "dpo_flipped"])
     for t, p in zip(tests.values(), stats.holm([t["p"] for t in tests.values()])):
         t["p_holm"] = p
@@ -301,7 +310,8 @@ def flip_section(dirs: list[Path], cfg: HallucBenchConfig, seeds: list[int], hea
 
     lines = ["## Robust DPO: flip-rate sweep", "", header, "",
              f"`{key}` per flip rate (mean ± 95% CI over seeds, n = {len(seeds)}); Δ columns are paired over seeds, "
-             f"Holm-corrected over the table's {len(tests)} tests. ε̂: robust DPO's estimate of the flip rate.", "",
+             f"Holm-corrected over the table's {len(tests)} tests. ε̂: robust DPO's estimate of the flip rate; with "
+             "no flips the known ε is 0, where robust DPO is DPO.", "",
              "| flip rate | DPO | rDPO, ε known | rDPO, ε estimated | ε̂ | DPO − DPO at 0 flips | "
              "rDPO known − DPO | rDPO est. − DPO |", "|---|---|---|---|---|---|---|---|"]
     for rate in sorted(runs):
