@@ -231,6 +231,7 @@ TUNE_COLS = [("partner_balanced_acc", "partner bal. acc"), ("partner_yes_ratio",
              ("partner_violating_yes", "halluc. rate"), ("partner_visible_recall", "visible recall"),
              ("pope_random_acc", "POPE-r"), ("pope_adversarial_acc", "POPE-a"), ("diag/token_kl_to_base", "token KL"),
              ("train/pref_accuracy", "train pref acc")]
+TUNE_SETTINGS = ("pref_labels", "pref_steps", "pref_lr", "beta", "lora_r", "pref_batch_size")
 
 
 def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespace, run_dir: Path) -> int:
@@ -245,6 +246,7 @@ def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespa
         if not all(res["gates"].values()):
             raise ValueError(f"dev seed {seed}'s base model fails the gates {res['gates']}: tune another seed")
         row = {"overrides": args.overrides, "seed": seed, "base": res["base"],
+               "settings": {k: getattr(cfg, k) for k in TUNE_SETTINGS},
                "rows": {m: {k: r[k] for k, _ in TUNE_COLS} | {"cpu_s": r["cpu_s"]} for m, r in res["rows"].items()}}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -253,20 +255,25 @@ def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespa
     rows, seen = [], set()
     for line in log.read_text().splitlines():
         r = json.loads(line) if line.strip() else None
-        key = r and json.dumps([r["overrides"], r["seed"], r["rows"]], sort_keys=True)
+        key = r and json.dumps([r["settings"], r["seed"], {m: {k: v for k, v in x.items() if k != "cpu_s"}
+                                                            for m, x in r["rows"].items()}], sort_keys=True)
         if r and key not in seen:  # a repeated attempt with identical numbers (the runs are deterministic): once
             seen.add(key)
             rows.append(r)
+    rows.sort(key=lambda r: (*(str(r["settings"][k]) for k in ("pref_labels", "lora_r", "pref_lr", "beta")),
+                             r["settings"]["pref_steps"], r["seed"]))
     lines = ["## Preference-training settings (dev seeds)", "",
              f"Each row: `nice -n 19 python scripts/bench_halluc.py --seeds dev --pref-tune --only-seed SEED "
              f"<overrides>` (the cached base of a dev seed, never a report seed; {cfg.n_test_scenes} test scenes); "
              f"machine: {machine()}, 1 torch thread. CPU s = the row's training and evaluation.", "",
-             "| overrides | seed | row | " + " | ".join(c for _, c in TUNE_COLS) + " | CPU s |",
+             "| labels, LoRA training | seed | row | " + " | ".join(c for _, c in TUNE_COLS) + " | CPU s |",
              "|---|---|---|" + "---|" * (len(TUNE_COLS) + 1)]
     for r in rows:
         for m, x in r["rows"].items():
-            shown = " ".join(o for o in r["overrides"] if not o.startswith("methods=")) or "(config)"
-            lines.append(f"| `{shown}` | {r['seed']} | {ROW_NAMES.get(m, m)} | "
+            st = r["settings"]
+            shown = (f"{st['pref_labels']}, {st['pref_steps']} steps, lr {st['pref_lr']:g}, β {st['beta']:g}, "
+                     f"r {st['lora_r']}, {st['pref_batch_size']} pairs/step")
+            lines.append(f"| {shown} | {r['seed']} | {ROW_NAMES.get(m, m)} | "
                          + " | ".join(f"{x[k]:.3f}" for k, _ in TUNE_COLS) + f" | {x['cpu_s']:.0f} |")
     body = "\n".join(lines)
     emit(args, "halluc_pref_tuning", body)

@@ -219,11 +219,12 @@ def test_pref_tune_appends_rows_on_dev_seeds_only(bench, tmp_path, monkeypatch):
                                                         "cpu_s": 7.0} for m in cfg.methods}})
     args = ["--seeds", "dev", "--run-dir", str(tmp_path / "runs"), "--pref-tune", "dev_seeds=[101]", "methods=[dpo]"]
     assert bench.main(args) == 0
-    assert bench.main([*args, "pref_steps=200"]) == 0  # a second attempt adds a row, keeps the first
+    assert bench.main([*args, "pref_steps=7", "pref_labels=truth"]) == 0  # another attempt adds a row
     assert bench.main(args) == 0  # a repeat with identical numbers is shown once
-    rows = [ln for ln in doc.read_text().splitlines() if ln.startswith("| `")]
-    assert len(rows) == 2 and rows[0].startswith("| `dev_seeds=[101]` | 101 | DPO (rule-corrupted pairs) | 0.701 |")
-    assert "pref_steps=200" in rows[1] and rows[1].endswith("| 0.900 | 7 |")
+    rows = [ln for ln in doc.read_text().splitlines() if "| 101 |" in ln]
+    assert len(rows) == 2 and "| 101 | DPO (rule-corrupted pairs) | 0.701 |" in rows[0]
+    assert rows[1].startswith("| truth, 7 steps, lr 0.001, β 0.1, r 16, 16 pairs/step | 101 |")
+    assert rows[1].endswith("| 0.900 | 7 |")
     with pytest.raises(ValueError, match="dev seeds only"):
         bench.main(["--seeds", "report", "--pref-tune", "--run-dir", str(tmp_path / "r"), "dev_seeds=[101]"])
 
@@ -247,7 +248,8 @@ def test_flip_sweep_section(bench, tmp_path, monkeypatch):
     args = ["--seeds", "report", "report_seeds=[0,1,2,3]", "dev_seeds=[9]", "--flip-dirs", *dirs]
     assert bench.main(args) == 0
     lines = [ln for ln in doc.read_text().splitlines() if ln.startswith("| 0")]
-    assert lines[0].startswith("| 0 | 0.802 ± 0.004 | 0.802 ± 0.004 | 0.752 ± 0.004 | 0.000 ± 0.000 |  |  | -0.050 ±")
+    assert lines[0].startswith("| 0 | 0.802 ± 0.004 | 0.802 ± 0.004 | 0.752 ± 0.004 | 0.000 ± 0.000 |  |  | "
+                               "-0.050 ±")
     assert lines[1].startswith("| 0.4 | 0.602 ± 0.004 | 0.802 ± 0.004 | 0.652 ± 0.004 | 0.200 ± 0.000 | "
                                "-0.200 ± 0.000")
     assert "+0.200 ± 0.000" in lines[1] and "Holm-corrected over the table's 4 tests" in doc.read_text()
