@@ -78,13 +78,13 @@ def test_verdicts_from_holm_corrected_paired_differences(bench, tmp_path, monkey
     robust = lines["robust DPO: recovers from flipped labels"]
     assert robust.endswith("| not reproduced |") or robust.endswith("| inconclusive |")
     assert "Every seed's base model passes every gate." in text and "n = 5" in text
-    assert "Holm-corrected over the 5 claims" in text
-    assert "| Re-Align: rDPO beats DPO on the same pairs | Table 4" in text
-    assert "| DPO on Re-Align's pairs | not run |" in text
+    assert "Holm-corrected over the 7 claims" in text
+    table4 = lines["Re-Align: rDPO beats DPO on the same pairs"]
+    assert "| DPO on Re-Align's pairs | +0.05" in table4 and table4.endswith("| reproduced |")
     diag = text.split("### Mechanism diagnostics")[1].split("## Base model")[0].splitlines()
     assert "| method | KL step 25 | rejected correct: captions | yes/no | other |" in diag
     rows = [ln for ln in diag if ln.startswith("| ") and "±" in ln]
-    assert len(rows) == 6 and rows[0].startswith("| DPO (rule-corrupted pairs) | 0.050 ± 0.000 | 0.000 ± 0.000 |")
+    assert len(rows) == 8 and rows[0].startswith("| DPO (rule-corrupted pairs) | 0.050 ± 0.000 | 0.000 ± 0.000 |")
     assert sum(ln.split(" | ")[2] == "0.000 ± 0.000" for ln in rows) == 1  # the shared pair set's: shown once
 
 
