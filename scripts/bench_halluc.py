@@ -284,9 +284,10 @@ FLIP_ROWS = ("dpo_flipped", "robust_dpo_flipped", "robust_dpo_flipped_est")
 
 
 def flip_section(dirs: list[Path], cfg: HallucBenchConfig, seeds: list[int], header: str) -> str:
-    """The flip-rate sweep from run dirs that differ in ``flip_rate`` (one must be 0): per rate, each flipped row's
-    primary metric; DPO's change against no flips and each robust DPO's gain over DPO at the same rate, paired over
-    seeds, Holm-corrected over the table's tests."""
+    """The flip-rate sweep from run dirs that differ in ``flip_rate``: per rate, each flipped row's primary metric;
+    DPO's change against no flips and each robust DPO's gain over DPO at the same rate, paired over seeds,
+    Holm-corrected over the table's tests. Without a ``flip_rate=0`` dir, DPO at 0 flips is a dir's ``dpo`` row (the
+    same seeded training as ``dpo_flipped`` with nothing flipped); a row a dir did not run is left blank."""
     key = cfg.primary_metric
     runs: dict[float, dict[int, dict]] = {}
     for d in dirs:
@@ -297,18 +298,24 @@ def flip_section(dirs: list[Path], cfg: HallucBenchConfig, seeds: list[int], hea
         rates = {r["flip_rate"] for r in per.values()}
         if len(rates) != 1:
             raise ValueError(f"--flip-dirs: {d} holds seeds run with different flip rates {sorted(rates)}")
-        runs[rates.pop()] = {s: r["rows"] for s, r in per.items()}
+        rate = rates.pop()
+        runs[rate] = {s: {**runs.get(rate, {}).get(s, {}), **r["rows"]} for s, r in per.items()}
+        if all("dpo" in r["rows"] for r in per.values()):
+            for s, r in per.items():
+                runs.setdefault(0.0, {}).setdefault(s, {}).setdefault("dpo_flipped", r["rows"]["dpo"])
     if 0.0 not in runs:
-        raise ValueError(f"--flip-dirs must include a run with flip_rate=0, got rates {sorted(runs)}")
+        raise ValueError("--flip-dirs must include a run with flip_rate=0 or one with the dpo row, got none")
     for per in runs[0.0].values():  # with no flips robust DPO's known eps is 0, where its loss is DPO's
         per.setdefault("robust_dpo_flipped", per["dpo_flipped"])
-    val = {(rate, row): [runs[rate][s][row][key] for s in seeds] for rate in runs for row in FLIP_ROWS}
+    val = {(rate, row): [runs[rate][s][row][key] for s in seeds] for rate in runs for row in FLIP_ROWS
+           if all(row in runs[rate][s] for s in seeds)}
     tests = {}
     for rate in sorted(runs):
-        if rate > 0:
+        if rate > 0 and (rate, "dpo_flipped") in val:
             tests[(rate, "degrade")] = stats.paired_test(val[rate, "dpo_flipped"], val[0.0, "dpo_flipped"])
         for row in FLIP_ROWS[1:] if rate > 0 else FLIP_ROWS[2:]:
-            tests[(rate, row)] = stats.paired_test(val[rate, row], val[rate, "dpo_flipped"])
+            if (rate, row) in val and (rate, "dpo_flipped") in val:
+                tests[(rate, row)] = stats.paired_test(val[rate, row], val[rate, "dpo_flipped"])
     for t, p in zip(tests.values(), stats.holm([t["p"] for t in tests.values()])):
         t["p_holm"] = p
 
@@ -322,8 +329,10 @@ def flip_section(dirs: list[Path], cfg: HallucBenchConfig, seeds: list[int], hea
              "| flip rate | DPO | rDPO, ε known | rDPO, ε estimated | ε̂ | DPO − DPO at 0 flips | "
              "rDPO known − DPO | rDPO est. − DPO |", "|---|---|---|---|---|---|---|---|"]
     for rate in sorted(runs):
-        eps = ci([runs[rate][s]["robust_dpo_flipped_est"]["robust/eps_hat"] for s in seeds])
-        lines.append(f"| {rate:g} | " + " | ".join(ci(val[rate, row]) for row in FLIP_ROWS) + f" | {eps} | "
+        est = (rate, "robust_dpo_flipped_est") in val
+        eps = ci([runs[rate][s]["robust_dpo_flipped_est"]["robust/eps_hat"] for s in seeds]) if est else "not run"
+        lines.append(f"| {rate:g} | " + " | ".join(ci(val[rate, row]) if (rate, row) in val else "not run"
+                                                   for row in FLIP_ROWS) + f" | {eps} | "
                      + " | ".join(diff(tests.get((rate, what))) for what in ("degrade", *FLIP_ROWS[1:])) + " |")
     return "\n".join(lines)
 

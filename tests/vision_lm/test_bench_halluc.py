@@ -255,5 +255,15 @@ def test_flip_sweep_section(bench, tmp_path, monkeypatch):
     assert "+0.200 ± 0.000" in lines[1] and "Holm-corrected over the table's 4 tests" in doc.read_text()
     with pytest.raises(ValueError, match="flip_rate=0"):
         bench.main(["--seeds", "report", "report_seeds=[0,1,2,3]", "dev_seeds=[9]", "--flip-dirs", dirs[1]])
+    # no flip_rate=0 dir: DPO at 0 flips is a dir's dpo row; a row not run is blank
+    rep = tmp_path / "report"
+    rep.mkdir()
+    for s in range(4):
+        rows = {"dpo": _row(0.8 + 0.004 * (s % 2)), "dpo_flipped": _row(0.7), "robust_dpo_flipped": _row(0.75)}
+        (rep / f"seed{s}.json").write_text(json.dumps({"flip_rate": 0.2, "rows": rows}))
+    assert bench.main([*args[:-2], str(rep)]) == 0
+    lines = [ln for ln in doc.read_text().splitlines() if ln.startswith("| 0")]
+    assert lines[0].startswith("| 0 | 0.802 ± 0.004 | 0.802 ± 0.004 | not run | not run |")
+    assert lines[1].startswith("| 0.2 | 0.700 ± 0.000 | 0.750 ± 0.000 | not run | not run | -0.102 ± 0.004")
     with pytest.raises(ValueError, match="seed7.json"):
         bench.main(["--seeds", "report", "report_seeds=[0,7]", "dev_seeds=[9]", "--flip-dirs", *dirs])
