@@ -229,8 +229,9 @@ def tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespace, r
 
 TUNE_COLS = [("partner_balanced_acc", "partner bal. acc"), ("partner_yes_ratio", "partner yes"),
              ("partner_violating_yes", "halluc. rate"), ("partner_visible_recall", "visible recall"),
-             ("pope_random_acc", "POPE-r"), ("pope_adversarial_acc", "POPE-a"), ("diag/token_kl_to_base", "token KL"),
-             ("train/pref_accuracy", "train pref acc")]
+             ("pope_adversarial_acc", "POPE-a"), ("diag/token_kl_to_base", "token KL")]
+# stored per tuning row; TUNE_COLS_STORED adds what the table leaves out
+TUNE_COLS_STORED = [*TUNE_COLS, ("pope_random_acc", "POPE-r"), ("train/pref_accuracy", "train pref acc")]
 TUNE_SETTINGS = ("pref_labels", "pref_steps", "pref_lr", "beta", "lora_r", "pref_batch_size")
 
 
@@ -247,7 +248,8 @@ def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespa
             raise ValueError(f"dev seed {seed}'s base model fails the gates {res['gates']}: tune another seed")
         row = {"overrides": args.overrides, "seed": seed, "base": res["base"],
                "settings": {k: getattr(cfg, k) for k in TUNE_SETTINGS},
-               "rows": {m: {k: r[k] for k, _ in TUNE_COLS} | {"cpu_s": r["cpu_s"]} for m, r in res["rows"].items()}}
+               "rows": {m: {k: r[k] for k, _ in TUNE_COLS_STORED} | {"cpu_s": r["cpu_s"]}
+                        for m, r in res["rows"].items()}}
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({"overrides": args.overrides, "seed": seed,
@@ -260,20 +262,23 @@ def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespa
         if r and key not in seen:  # a repeated attempt with identical numbers (the runs are deterministic): once
             seen.add(key)
             rows.append(r)
+    ref = load_config(HallucBenchConfig, args.config, [])  # the configured settings, without this call's overrides
     rows.sort(key=lambda r: (*(str(r["settings"][k]) for k in ("pref_labels", "lora_r", "pref_lr", "beta")),
                              r["settings"]["pref_steps"], r["seed"]))
     lines = ["## Preference-training settings (dev seeds)", "",
              f"Each row: `nice -n 19 python scripts/bench_halluc.py --seeds dev --pref-tune --only-seed SEED "
              f"<overrides>` (the cached base of a dev seed, never a report seed; {cfg.n_test_scenes} test scenes); "
-             f"machine: {machine()}, 1 torch thread. CPU s = the row's training and evaluation.", "",
-             "| labels, LoRA training | seed | row | " + " | ".join(c for _, c in TUNE_COLS) + " | CPU s |",
-             "|---|---|---|" + "---|" * (len(TUNE_COLS) + 1)]
+             f"machine: {machine()}, 1 torch thread. LoRA r {ref.lora_r}, lr {ref.pref_lr:g}, β {ref.beta:g}, "
+             f"{ref.pref_batch_size} pairs per step unless a row says otherwise; CPU s = the row's training and "
+             "evaluation.", "",
+             "| labels | steps | seed | row | " + " | ".join(c for _, c in TUNE_COLS) + " | CPU s |",
+             "|---|---|---|---|" + "---|" * (len(TUNE_COLS) + 1)]
     for r in rows:
         for m, x in r["rows"].items():
             st = r["settings"]
-            shown = (f"{st['pref_labels']}, {st['pref_steps']} steps, lr {st['pref_lr']:g}, β {st['beta']:g}, "
-                     f"r {st['lora_r']}, {st['pref_batch_size']} pairs/step")
-            lines.append(f"| {shown} | {r['seed']} | {ROW_NAMES.get(m, m)} | "
+            other = ", ".join(f"{k} {st[k]:g}" for k in TUNE_SETTINGS[2:] if st[k] != getattr(ref, k))
+            lines.append(f"| {st['pref_labels']} | {st['pref_steps']}{' (' + other + ')' if other else ''} | "
+                         f"{r['seed']} | {m} | "
                          + " | ".join(f"{x[k]:.3f}" for k, _ in TUNE_COLS) + f" | {x['cpu_s']:.0f} |")
     body = "\n".join(lines)
     emit(args, "halluc_pref_tuning", body)

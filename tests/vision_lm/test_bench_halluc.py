@@ -222,9 +222,11 @@ def test_pref_tune_appends_rows_on_dev_seeds_only(bench, tmp_path, monkeypatch):
     assert bench.main([*args, "pref_steps=7", "pref_labels=truth"]) == 0  # another attempt adds a row
     assert bench.main(args) == 0  # a repeat with identical numbers is shown once
     rows = [ln for ln in doc.read_text().splitlines() if "| 101 |" in ln]
-    assert len(rows) == 2 and "| 101 | DPO (rule-corrupted pairs) | 0.701 |" in rows[1]
-    assert rows[0].startswith("| truth, 7 steps, lr 0.001, β 0.1, r 16, 16 pairs/step | 101 |")  # sorted
-    assert rows[0].endswith("| 0.900 | 7 |")
+    assert len(rows) == 2 and rows[1].startswith("| visible | 200 | 101 | dpo | 0.701 |")
+    assert rows[0].startswith("| truth | 7 | 101 | dpo | 0.701 |")  # sorted
+    assert rows[0].endswith("| 0.100 | 7 |")
+    assert bench.main([*args, "pref_lr=0.01"]) == 0
+    assert "| visible | 200 (pref_lr 0.01) | 101 |" in doc.read_text()
     with pytest.raises(ValueError, match="dev seeds only"):
         bench.main(["--seeds", "report", "--pref-tune", "--run-dir", str(tmp_path / "r"), "dev_seeds=[101]"])
 
