@@ -203,7 +203,7 @@ def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: f
             "peak_rss_mb": _peak_mb(), "total_s": total, "loss": out.training_loss, "variant": variant}
 
 
-def profile(model_dir: str, data: str, mode: str, steps: int, batch: int, threads: int) -> dict:
+def profile(model_dir: str, data: str, mode: str, steps: int, batch: int, threads: int, variant: str = "") -> dict:
     """RSS per phase of mmalign's steps: sampled every 2 ms; for each phase (collate, image features, forward with or
     without grad, backward, optimizer step) the RSS at its start and the highest RSS until the next phase."""
     import threading
@@ -231,19 +231,27 @@ def profile(model_dir: str, data: str, mode: str, steps: int, batch: int, thread
 
         setattr(owner, name, timed)
 
-    for owner, name, label in ((O.PairCollator, "__call__", "collate"), (A.VLMAdapter, "token_logps", "forward"),
+    from mmalign.train.trainer import Trainer
+    from mmalign.vision_lm import refcache
+
+    for owner, name, label in ((refcache, "reference_cache", "reference precompute"),
+                               (Trainer, "save", "checkpoint, then final weights and artifacts"),
+                               (O.PairCollator, "__call__", "collate"), (A.VLMAdapter, "token_logps", "forward"),
                                (A.VLMAdapter, "_shared_image_features", "image features"),
                                (accelerate.Accelerator, "backward", "backward"),
                                (torch.optim.AdamW, "step", "optimizer step")):
         wrap(owner, name, label)
     threading.Thread(target=sample, daemon=True).start()
-    side_mmalign(model_dir, data, mode, steps, batch, 1e-5, threads)
+    side_mmalign(model_dir, data, mode, steps, batch, 1e-5, threads, variant=variant)
     done.set()
+    events.append((time.perf_counter(), "done"))
+    # one row per run of the same phase (optimizer_in_backward steps each parameter inside the backward pass)
+    events = [e for i, e in enumerate(events) if i == 0 or e[1] != events[i - 1][1]]
     phases = []
     for (t, label), (t_next, _) in zip(events, events[1:] + [(float("inf"), "")]):
         seg = [r for s_, r in samples if t <= s_ < t_next] or [float("nan")]
         phases.append({"phase": label, "rss_start_mb": seg[0], "rss_max_mb": max(seg)})
-    return {"mode": mode, "phases": phases, "peak_rss_mb": _peak_mb()}
+    return {"mode": mode, "variant": variant, "phases": phases, "peak_rss_mb": _peak_mb()}
 
 
 def lazy_pass(data: str, batch: int) -> dict:
@@ -292,6 +300,7 @@ def smoke(model_dir: Path, data: Path, work: Path) -> dict:
     model_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
     return {"command": " ".join(["mmalign"] + cmd[3:]), "wall_s": wall, "step_s": step_s,
             "peak_rss_mb": usage.ru_maxrss / 1024, "adapter_mb": adapter_mb, "model_mb": model_mb,
+            "load_end": os.getloadavg()[0],
             "params_m": sum(p.numel() for p in base.parameters()) / 1e6}
 
 
@@ -391,8 +400,47 @@ def _compare_section(args: argparse.Namespace, runs: list[dict]) -> list[str]:
     return lines + ["", *verdicts, ""]
 
 
+MEMORY_NOTES = (
+    "Where the memory goes (the profiles below: RSS sampled every 2 ms around each phase of mmalign's steps, batch "
+    "1). Both sides hold the weights (0.92 GB) and the Python/torch libraries (about 0.5 GB); full fine-tuning adds "
+    "AdamW's two moments (1.84 GB) on both sides, and TRL its reference copy (0.92 GB). The activations are mostly "
+    "the vision tower's (1,024 patches at 512 px through 12 layers), which TRL holds for two images per pair and "
+    "mmalign for one. The logits are small at 64 image + about 20 text tokens (mmalign takes the response positions "
+    "only; TRL a chunked LM head), so chunked log-probs would not move the peak at this size. With LoRA the shared "
+    "weights and libraries bound the ratio: one image's activations against two give {lora:.2f}x. In full "
+    "fine-tuning the update inside the backward pass (`trainer.optimizer_in_backward`) keeps the gradients (0.92 GB) "
+    "out of the peak only where they would outlive the activations; here the activations freed during the backward "
+    "pass are about as large as the gradients that replace them, so the peak moves little ({inbwd:,.0f} MB against "
+    "{plain:,.0f} MB without it); it matters where the activations are small next to the model (a large model at a "
+    "small batch, or with gradient checkpointing). The rest is the allocator's: glibc serves blocks from 128 KiB up "
+    "with their own mmap but raises that threshold (up to 32 MiB) each time such a block is freed, so activations "
+    "then come from the heap, whose freed blocks fragment and stay in the process (in the full fine-tuning profile "
+    "the second step starts far above the first). `cpu_return_memory=true` fixes the threshold at 128 KiB "
+    "(`mallopt`) and gives that memory back ({ret:.2f}x of TRL's peak in full fine-tuning; {ret_same:.2f}x of TRL's "
+    "with the same setting), at the price of page "
+    "faults on every large block every step ({ret_rate:.2f}x the rate of the rounds' runs without it).")
+
+
+def _memory_notes(runs: list[dict]) -> str:
+    def arm(mode: str, name: str) -> list[dict]:
+        return [r for r in runs if r.get("mode") == mode and r.get("arm") == name and "error" not in r]
+
+    def peak(mode: str, name: str) -> float:
+        return max((r["peak_rss_mb"] for r in arm(mode, name)), default=float("nan"))
+
+    def rate(mode: str, name: str) -> float:
+        got = [r["samples_per_s"] for r in arm(mode, name)]
+        return sum(got) / len(got) if got else float("nan")
+
+    return MEMORY_NOTES.format(
+        lora=peak("lora", "mmalign:") / peak("lora", "trl:"), inbwd=peak("full", "mmalign:inbwd"),
+        plain=peak("full", "mmalign:"), ret=peak("full", "mmalign:inbwd,return") / peak("full", "trl:noclip"),
+        ret_rate=rate("full", "mmalign:inbwd,return") / rate("full", "mmalign:inbwd"),
+        ret_same=peak("full", "mmalign:inbwd,return") / peak("full", "trl:noclip,fixed"))
+
+
 def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict], lazy: dict | None,
-              prof: dict | None = None) -> None:
+              prof: list[dict] | None = None, load_end: float | None = None) -> None:
     import numpy as np
     import torch
     import transformers
@@ -408,25 +456,32 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
              f"{args.steps} --batch {args.batch} --threads {args.threads} --lazy-pairs {args.lazy_pairs}"
              f"{' --no-extras' if args.no_extras else ''}`. "
              f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load average "
-             f"{os.getloadavg()[0]:.1f} at the end); torch {torch.__version__}, transformers "
+             f"{load_end if load_end is not None else os.getloadavg()[0]:.1f} at the end of the comparison); torch {torch.__version__}, transformers "
              f"{transformers.__version__}, TRL {trl.__version__}. Seeds: model 0, data 0, trainer 0.", ""]
     if smoke_res:
         s = smoke_res
         lines += ["## `vlm train` smoke", "",
                   f"`{s['command']}` (LoRA r=16 on q/k/v/o projections, DPO, batch 2, 2 steps): "
                   f"{s['params_m']:.0f} M parameters; seconds per step {', '.join(f'{x:.1f}' for x in s['step_s'])} "
-                  f"(first includes warm-up); whole command {s['wall_s']:.0f} s; peak RSS {s['peak_rss_mb']:.0f} MB. "
+                  f"(first includes warm-up; load average {s.get('load_end', float('nan')):.1f} at its end, the "
+                  "machine shared with other jobs: compare rates in the interleaved table below, not here); whole "
+                  f"command {s['wall_s']:.0f} s; peak RSS {s['peak_rss_mb']:.0f} MB. "
                   f"`PeftModel.from_pretrained(base, run/adapter)` loads the result. Adapter folder weights "
                   f"{s['adapter_mb']:.1f} MB = {100 * s['adapter_mb'] / s['model_mb']:.2f}% of the model's "
                   f"{s['model_mb']:.0f} MB.", ""]
     if runs:
-        lines += _compare_section(args, runs)
-        if prof:
-            lines += [f"Profile (mmalign with `cpu_return_memory=true`): `python scripts/bench_vlm_training.py "
-                      f"--side profile --mode {prof['mode']} --steps 2 "
-                      f"--batch 1 --threads {args.threads} --work {args.work}`; peak RSS {prof['peak_rss_mb']:.0f} MB.",
-                      "", "| phase | RSS at start MB | max RSS until the next phase MB |", "|---|---|---|"]
-            phases = prof["phases"]
+        lines += _compare_section(args, runs) + [_memory_notes(runs), ""]
+        for pr in prof or []:
+            variant = pr.get("variant") or ("return" if pr["mode"] == "lora" else "")
+            lines += [f"Profile, {pr['mode']}, {_settings('mmalign:' + variant)}: `python "
+                      f"scripts/bench_vlm_training.py --side profile --mode {pr['mode']} --variant '{variant}' "
+                      f"--steps {pr.get('steps', 2)} --batch 1 --threads {args.threads} --work {args.work}`; peak RSS "
+                      f"{pr['peak_rss_mb']:.0f} MB.", "",
+                      "| phase | RSS at start MB | max RSS until the next phase MB |", "|---|---|---|"]
+            phases = [ph for ph in pr["phases"] if ph["phase"] != "done"]
+            if phases and phases[0]["phase"] == "collate" and len(phases) > 1 and phases[1]["phase"] != "image " \
+                    "features (no grad)":  # consecutive collations before training: the data check
+                phases[0] = {**phases[0], "phase": "data check: collations"}
             first = next((i for i, ph in enumerate(phases) if ph["phase"] != "collate"), len(phases))
             if first > 1:  # the data check's collations before training: one row for them all
                 lines.append(f"| data check: {first - 1} collations | {phases[0]['rss_start_mb']:.0f} | "
@@ -448,7 +503,10 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                   f"{lazy['decoded_mpix'] * 3:.0f} MB) nor the encoded bytes: as the file is read, 512 rows at a "
                   "time, each image's bytes move to a temporary file and the row keeps a reference read per batch.",
                   ""]
-    DOC.write_text("\n".join(lines))
+    # the tiny-model section written by scripts/bench_vlm_perf.py stays as it is
+    old = DOC.read_text() if DOC.is_file() else ""
+    kept = old[old.index("<!-- perf:start -->"):] if "<!-- perf:start -->" in old else ""
+    DOC.write_text("\n".join(lines) + ("\n" + kept if kept else ""))
 
 
 def main() -> None:
@@ -471,7 +529,7 @@ def main() -> None:
     args = ap.parse_args()
     model_dir, data = args.work / "smolvlm256m", args.work / "pairs.parquet"
     if args.side == "profile":
-        res = profile(str(model_dir), str(data), args.mode, args.steps, args.batch, args.threads)
+        res = profile(str(model_dir), str(data), args.mode, args.steps, args.batch, args.threads, args.variant or "")
         print("RESULT " + json.dumps(res))
         return
     if args.side == "lazy":
@@ -508,6 +566,8 @@ def main() -> None:
                 results["runs"].append({**_child(args, arm, mode), "round": None})
                 saved.write_text(json.dumps(results))
                 print(results["runs"][-1], flush=True)
+        results["load_end"] = os.getloadavg()[0]
+        saved.write_text(json.dumps(results))
     if "lazy" not in skip:
         lazy_file = args.work / "lazy.parquet"
         if not lazy_file.is_file():
@@ -519,9 +579,11 @@ def main() -> None:
         saved.write_text(json.dumps(results))
         print(results["lazy"] or proc.stderr[-2000:], flush=True)
     if "profile" not in skip:
-        results["profile"] = _child(args, "profile", "lora")
+        results["profile"] = {**_child(args, "profile:return", "lora"), "steps": args.steps}
+        results["profile_full"] = {**_child(args, "profile:inbwd", "full"), "steps": args.steps}
         saved.write_text(json.dumps(results))
-    write_doc(args, results.get("smoke"), results["runs"], results.get("lazy"), results.get("profile"))
+    write_doc(args, results.get("smoke"), results["runs"], results.get("lazy"),
+              [p for p in (results.get("profile"), results.get("profile_full")) if p], results.get("load_end"))
 
 
 if __name__ == "__main__":
