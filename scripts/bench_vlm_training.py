@@ -298,9 +298,12 @@ def smoke(model_dir: Path, data: Path, work: Path) -> dict:
     PeftModel.from_pretrained(base, run_dir / "adapter")
     adapter_mb = (run_dir / "adapter" / "adapter_model.safetensors").stat().st_size / 2**20
     model_mb = sum(p.stat().st_size for p in model_dir.glob("*.safetensors")) / 2**20
+    ckpt = max((run_dir / "checkpoints").glob("step-*"))
+    ckpt_mb = sum(p.stat().st_size for p in ckpt.iterdir()) / 2**20
+    weights_mb = (run_dir / "model.safetensors").stat().st_size / 2**20
     return {"command": " ".join(["mmalign"] + cmd[3:]), "wall_s": wall, "step_s": step_s,
             "peak_rss_mb": usage.ru_maxrss / 1024, "adapter_mb": adapter_mb, "model_mb": model_mb,
-            "load_end": os.getloadavg()[0],
+            "load_end": os.getloadavg()[0], "checkpoint_mb": ckpt_mb, "weights_mb": weights_mb,
             "params_m": sum(p.numel() for p in base.parameters()) / 1e6}
 
 
@@ -468,7 +471,11 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                   f"command {s['wall_s']:.0f} s; peak RSS {s['peak_rss_mb']:.0f} MB. "
                   f"`PeftModel.from_pretrained(base, run/adapter)` loads the result. Adapter folder weights "
                   f"{s['adapter_mb']:.1f} MB = {100 * s['adapter_mb'] / s['model_mb']:.2f}% of the model's "
-                  f"{s['model_mb']:.0f} MB.", ""]
+                  f"{s['model_mb']:.0f} MB."
+                  + (f" The run's checkpoint (adapters, optimizer state, RNG and schedule; the frozen base left out "
+                     f"and fingerprinted) is {s['checkpoint_mb']:.0f} MB, against {s['weights_mb']:.0f} MB for the "
+                     "whole model's weights (base and adapters) written at the end." if "checkpoint_mb" in s else ""),
+                  ""]
     if runs:
         lines += _compare_section(args, runs) + [_memory_notes(runs), ""]
         for pr in prof or []:

@@ -3,14 +3,14 @@
 Layout of ``<run_dir>/checkpoints/``::
 
     step-00000100/          one complete checkpoint
-        model.safetensors       model weights (main process)
+        model.safetensors       model weights (main process); a LoRA run's without its frozen base
         optimizer.safetensors   optimizer tensors, keyed ``state.<param index>.<name>``
         optimizer.json          optimizer param groups, non-tensor state and parameter names by index
         scheduler.json          LR scheduler state
         scaler.json             fp16 loss-scaler state (scale, growth tracker, growth/backoff settings), if any
         rng-<rank>.safetensors  torch CPU/CUDA RNG states of each process
         rng-<rank>.json         python and numpy RNG states of each process
-        trainer_state.json      step, data position, config fingerprint
+        trainer_state.json      step, data position, config fingerprint (+ the frozen base's, see FrozenBase)
         manifest.json           byte size and SHA-256 of every file above (written last, checked on load)
     latest                  name of the newest complete checkpoint
 
@@ -29,6 +29,7 @@ and checks every file first and applies nothing until all of them are good.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import shutil
@@ -79,9 +80,62 @@ _REPLACED = ".replaced"  # suffix of a complete checkpoint folder moved aside wh
 _STEP_DIR = re.compile(r"step-(\d+)")
 
 
-def model_state_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """State dict with tied/shared storages de-duplicated by cloning (safetensors refuses shared storage)."""
-    return unshare_tensors(model.state_dict())
+@dataclass(frozen=True)
+class FrozenBase:
+    """The frozen parameters of a LoRA run (state-dict names) and a fingerprint of their values.
+
+    A LoRA run's checkpoints leave these out (at a 7B base: megabytes of adapters instead of gigabytes of base
+    weights, every ``save_every``); a resumed run rebuilds its base the way it first did and must match the
+    fingerprint, or the checkpoint is refused.
+    """
+
+    names: frozenset[str]
+    fingerprint: str
+
+
+def frozen_base(model: torch.nn.Module) -> FrozenBase | None:
+    """Names and fingerprint of ``model``'s frozen parameters (None if it has none).
+
+    The fingerprint hashes each tensor's name, shape, dtype and up to 1,024 evenly strided values, bitwise: it does
+    not depend on summation order, threads or device, and two different bases (other pretrained weights, another
+    init) differ in it; a change to a few isolated weights could go unseen."""
+    frozen = {id(p) for p in model.parameters() if not p.requires_grad}
+    state = model.state_dict(keep_vars=True)
+    names = sorted(k for k, v in state.items() if id(v) in frozen)
+    if not names:
+        return None
+    digest = hashlib.sha256()
+    with torch.no_grad():
+        for name in names:
+            flat = state[name].detach().reshape(-1)
+            sample = flat[:: max(1, flat.numel() // 1024)][:1024].cpu().contiguous()
+            digest.update(f"{name}|{tuple(state[name].shape)}|{state[name].dtype}|".encode())
+            digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
+    return FrozenBase(frozenset(names), digest.hexdigest()[:16])
+
+
+def omitted_tensors(contents: "CheckpointContents", frozen: FrozenBase | None) -> frozenset[str]:
+    """The state-dict names a checkpoint left out (a LoRA run's frozen base), after checking that ``frozen`` (this
+    run's base) is the one it was trained on; empty for a checkpoint that holds every tensor."""
+    saved = contents.state.get("frozen_base")
+    if saved is None:
+        return frozenset()
+    path = contents.path / "model.safetensors"
+    if frozen is None:
+        raise CheckpointError(f"{path} holds only the trained weights of a LoRA run, not its frozen base; this run "
+                              "has no frozen base to complete them (resume with the run's trainer.lora settings)")
+    if saved.get("fingerprint") != frozen.fingerprint or saved.get("tensors") != len(frozen.names):
+        raise CheckpointError(
+            f"{path} holds only the trained weights of a LoRA run; this run's frozen base weights are not the ones "
+            f"it was trained on ({len(frozen.names)} tensors, fingerprint {frozen.fingerprint} vs "
+            f"{saved.get('tensors')} tensors, {saved.get('fingerprint')}): resume on the same base model")
+    return frozen.names
+
+
+def model_state_tensors(model: torch.nn.Module, skip: frozenset[str] | tuple = ()) -> dict[str, torch.Tensor]:
+    """State dict (without the names in ``skip``) with tied/shared storages de-duplicated by cloning (safetensors
+    refuses shared storage)."""
+    return unshare_tensors({k: v for k, v in model.state_dict().items() if k not in skip})
 
 
 def unshare_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -295,12 +349,14 @@ def _read_scaler(path: Path) -> dict[str, Any]:
 
 
 def check_matches(contents: CheckpointContents, model: torch.nn.Module | None,
-                  optimizer: torch.optim.Optimizer | None) -> None:
-    """Raise CheckpointError if the checkpoint's tensors do not fit ``model`` / ``optimizer`` (names and shapes)."""
+                  optimizer: torch.optim.Optimizer | None, frozen: FrozenBase | None = None) -> None:
+    """Raise CheckpointError if the checkpoint's tensors do not fit ``model`` / ``optimizer`` (names and shapes);
+    ``frozen``: this run's frozen base, which a LoRA run's checkpoint leaves out (see :class:`FrozenBase`)."""
     if model is not None and contents.model_tensors is not None:
         file = contents.path / "model.safetensors"
+        omitted = omitted_tensors(contents, frozen)
         # tied weights are stored once per name, so nothing may be missing; sharded parameters report full shapes
-        expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+        expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in omitted}
         got = {k: tuple(v.shape) for k, v in contents.model_tensors.items()}
         missing, unexpected = sorted(expected.keys() - got.keys()), sorted(got.keys() - expected.keys())
         if missing or unexpected:
@@ -333,9 +389,10 @@ def apply_checkpoint(
     scheduler: Any | None,
     generators: dict[str, torch.Generator] | None = None,
     scaler: Any | None = None,
+    frozen: FrozenBase | None = None,
 ) -> dict[str, Any]:
     """Load what ``read_checkpoint`` read into model, optimizer, scheduler, loss scaler and the RNGs; return the
-    trainer state.
+    trainer state. A LoRA run's frozen base, left out of its checkpoints, stays as this run built it.
 
     A model sharded with FSDP2 receives the consolidated state through a collective scatter, so every process
     must call this together.
@@ -343,13 +400,14 @@ def apply_checkpoint(
     from mmalign.train.fsdp import is_sharded, load_full_state
 
     path = contents.path
+    complete = not omitted_tensors(contents, frozen)  # names checked by check_matches: only the base is missing
     if is_sharded(model):
         assert model is not None
-        load_full_state(model, optimizer, contents.model_tensors, contents.optimizer_state)
+        load_full_state(model, optimizer, contents.model_tensors, contents.optimizer_state, strict=complete)
     else:
         if model is not None and contents.model_tensors is not None:
             try:
-                model.load_state_dict(contents.model_tensors, strict=True)
+                model.load_state_dict(contents.model_tensors, strict=complete)
             except RuntimeError as err:
                 raise CheckpointError(f"{path / 'model.safetensors'} does not match the model: {err}") from None
         if optimizer is not None and contents.optimizer_state is not None:
@@ -375,6 +433,7 @@ def load_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     agree: Callable[[bool], bool] | None = None,
     scaler: Any | None = None,
+    frozen: FrozenBase | None = None,
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler, loss scaler (when the checkpoint holds its state) and this process's RNG
     states (and ``generators``); return the state.
@@ -388,7 +447,7 @@ def load_checkpoint(
     try:
         contents = read_checkpoint(path, model=model is not None, optimizer=optimizer is not None,
                                    scheduler=scheduler is not None, rank=rank, scaler=scaler is not None)
-        check_matches(contents, model, optimizer)
+        check_matches(contents, model, optimizer, frozen)
         if generators:
             missing = [n for n in generators if f"generator.{n}" not in contents.rng_tensors]
             if missing:
@@ -401,4 +460,4 @@ def load_checkpoint(
         raise error
     assert contents is not None
     return apply_checkpoint(contents, model=model, optimizer=optimizer, scheduler=scheduler, generators=generators,
-                            scaler=scaler)
+                            scaler=scaler, frozen=frozen)

@@ -130,6 +130,7 @@ def load_full_state(
     optimizer: torch.optim.Optimizer | None,
     model_tensors: dict[str, torch.Tensor] | None,
     optimizer_state: dict[str, Any] | None,
+    strict: bool = True,
 ) -> None:
     """Collective: scatter a full (consolidated) model state and index-keyed optimizer state into the shards.
 
@@ -143,8 +144,9 @@ def load_full_state(
     )
 
     options = StateDictOptions(full_state_dict=True)
-    if model_tensors is not None:
-        set_model_state_dict(model, cast(Any, model_tensors), options=options)
+    if model_tensors is not None:  # strict=False: a LoRA checkpoint without the frozen base (names checked before)
+        set_model_state_dict(model, cast(Any, model_tensors),
+                             options=StateDictOptions(full_state_dict=True, strict=strict))
     if optimizer is not None and optimizer_state is not None:
         names = optimizer_param_names(model, optimizer)
         if names is None:

@@ -32,6 +32,7 @@ from mmalign.train.batches import _batch_seeds, _default_collate, _SeededBatches
 from mmalign.train.checkpoint import (
     SCALER,
     CheckpointError,
+    frozen_base,
     latest_checkpoint,
     load_checkpoint,
     model_state_tensors,
@@ -173,6 +174,8 @@ class Trainer:
         self.dropped_per_epoch = len(train_dataset) % global_batch
         if cfg.lora.enabled:
             model = self._apply_lora(model)
+        # the base LoRA leaves frozen, named and fingerprinted while whole (before sharding): checkpoints leave it out
+        self._frozen = frozen_base(model) if cfg.lora.enabled else None
         if self.sharded:
             from mmalign.train.fsdp import shard_model
 
@@ -273,14 +276,19 @@ class Trainer:
             tensors = unshare_tensors(tensors) if tensors is not None else None
         else:
             names = optimizer_param_names(model, self.optimizer)
-            tensors = model_state_tensors(model) if self.is_main else None
+            tensors = model_state_tensors(model, skip=self._frozen.names if self._frozen else ()) \
+                if self.is_main else None
             opt_state = self.optimizer.state_dict() if self.is_main else None
+        if tensors is not None and self._frozen is not None:
+            tensors = {k: v for k, v in tensors.items() if k not in self._frozen.names}
+        frozen = {"frozen_base": {"fingerprint": self._frozen.fingerprint, "tensors": len(self._frozen.names)}} \
+            if self._frozen is not None else {}
         path = save_checkpoint(
             self._ckpt_root(), self.step, model_tensors=tensors, optimizer=None, optimizer_state=opt_state,
             param_names=names, scheduler=self.scheduler if self.is_main else None,
             trainer_state={"config_fingerprint": _fingerprint(self.cfg, acc.num_processes), "seed": self.cfg.seed,
                            "distributed": self.strategy, "max_steps": self.cfg.max_steps,
-                           **({"zero_stage": self.cfg.zero_stage} if self.zero else {})},
+                           **({"zero_stage": self.cfg.zero_stage} if self.zero else {}), **frozen},
             rank=acc.process_index, world_size=acc.num_processes, barrier=acc.wait_for_everyone,
             keep=self.cfg.keep_checkpoints, generators=self.generators,
             scaler=acc.scaler if self.is_main else None,  # fp16: scale and growth tracker, the same on every process
@@ -300,7 +308,8 @@ class Trainer:
             return
         state = load_checkpoint(path, model=self._raw_model, optimizer=self.optimizer, scheduler=self.scheduler,
                                 rank=acc.process_index, generators=self.generators,
-                                agree=lambda ok: all_ranks_ok(ok, acc.device), scaler=acc.scaler)
+                                agree=lambda ok: all_ranks_ok(ok, acc.device), scaler=acc.scaler,
+                                frozen=self._frozen)
         if state.get("config_fingerprint") not in {_fingerprint(self.cfg, acc.num_processes),
                                                    _legacy_fingerprint(self.cfg)}:
             raise CheckpointError(f"{path} was written with different training settings; refusing to resume")
@@ -421,7 +430,8 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=self.step, disable=not (cfg.progress and self.is_main),
                    desc="train", dynamic_ncols=True)
         self.model.train()
-        self.optimizer.zero_grad(set_to_none=True)  # optimizer_in_backward relies on no stale gradient
+        if cfg.optimizer_in_backward:  # each hook steps the one parameter holding a gradient: none may be stale
+            self.optimizer.zero_grad(set_to_none=True)
         # what the run reports at the end: the latest training row and the evaluations after it (a resumed run takes
         # them from the log, so that resuming a finished run returns what the uninterrupted one returned)
         last: dict[str, Any] = _last_logged(self.run_dir / "metrics.jsonl") if resume and self.is_main else {}
