@@ -413,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     finished = [r["cpu_s"] for s, r in results.items() if int(s) not in running]
     cpu = sum(finished)
     cmd = " ".join(["python scripts/bench_halluc.py", f"--seeds {args.seeds}", *args.overrides])
-    header = (f"Command: `nice -n 10 {cmd}`; {args.seeds} seeds {seeds}; {cfg.n_test_scenes} test scenes per seed "
+    header = (f"Command: `nice -n 19 {cmd}`; {args.seeds} seeds {seeds}; {cfg.n_test_scenes} test scenes per seed "
               f"(half prior-violating); machine: {machine()}, CPU only, 1 torch thread, shared 2-core machine; "
               f"CPU time {cpu / 60:.1f} min for the {len(finished)} finished seeds "
               f"({cpu / max(len(finished), 1) / 60:.1f} min per seed, base builds included where not cached)"
