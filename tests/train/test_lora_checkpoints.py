@@ -45,3 +45,19 @@ def test_resuming_on_another_base_is_refused(tmp_path: Path) -> None:
     _run(tmp_path / "run", 2)
     with pytest.raises(CheckpointError, match="frozen base weights are not the ones it was trained on"):
         _run(tmp_path / "run", 4, resume=True, base_seed=1)
+
+
+def test_a_checkpoint_holding_the_whole_model_still_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints written with the base in them (by an earlier version) load whole, as before."""
+    from mmalign.train import trainer as trainer_module
+
+    whole = _run(tmp_path / "whole", 6)
+    with monkeypatch.context() as m:
+        m.setattr(trainer_module, "frozen_base", lambda model: None)
+        _run(tmp_path / "split", 4)
+    saved = load_file(str(latest_checkpoint(tmp_path / "split" / "checkpoints") / "model.safetensors"))
+    assert any("base_layer" in k for k in saved)
+    resumed = _run(tmp_path / "split", 6, resume=True)
+    a, b = whole.unwrapped_model().state_dict(), resumed.unwrapped_model().state_dict()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
