@@ -428,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         verdicts = results_section(results, cfg, header)
     else:
         verdicts = refusal_section(results)
-    sections = [("halluc_results", verdicts), ("halluc_gates", gate_section(results, cfg, header))]
+    gate_header = header if verdicts.startswith("## Verdicts per paper claim\n\nNot tested") else (
+        f"{args.seeds.capitalize()} seeds {seeds}; command, machine and CPU time as in the verdicts above.")
+    sections = [("halluc_results", verdicts), ("halluc_gates", gate_section(results, cfg, gate_header))]
     for key, body in sections:
         emit(args, key, body)
     if not ok:
