@@ -1,7 +1,9 @@
 """Hallucination testbed: base-model gates, then each method vs DPO (paired, Holm) -> docs/benchmarks/vision_lm.md.
 
-    nice -n 10 python scripts/bench_halluc.py --seeds dev [key=value ...]      # tuning seeds: gates only table
-    nice -n 10 python scripts/bench_halluc.py --seeds report [key=value ...]   # report seeds: gates + verdicts
+    nice -n 19 python scripts/bench_halluc.py --seeds dev --base-only [key=value ...]  # base recipe tuning rows
+    nice -n 19 python scripts/bench_halluc.py --seeds dev --pref-tune [key=value ...]  # preference setting rows
+    nice -n 19 python scripts/bench_halluc.py --seeds report [key=value ...]   # report seeds: gates + verdicts
+    nice -n 19 python scripts/bench_halluc.py --seeds report --flip-dirs DIR ...  # flip-rate sweep from run dirs
 
 Per seed (:func:`mmalign.vision_lm.halluc_bench.run_seed`): weak-evidence scenes, the base model (built once per
 seed and cached under ``runs/halluc_base``), its gates, and, only when every seed's base passes every gate, each
