@@ -36,7 +36,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Collection
 
 import torch
 
@@ -92,6 +92,11 @@ class FrozenBase:
     names: frozenset[str]
     fingerprint: str
 
+    def record(self) -> dict[str, Any]:
+        """What a checkpoint's ``trainer_state.json`` keeps of it (``frozen_base``), checked by
+        :func:`omitted_tensors` on resume."""
+        return {"fingerprint": self.fingerprint, "tensors": len(self.names)}
+
 
 def frozen_base(model: torch.nn.Module) -> FrozenBase | None:
     """Names and fingerprint of ``model``'s frozen parameters (None if it has none).
@@ -124,7 +129,7 @@ def omitted_tensors(contents: "CheckpointContents", frozen: FrozenBase | None) -
     if frozen is None:
         raise CheckpointError(f"{path} holds only the trained weights of a LoRA run, not its frozen base; this run "
                               "has no frozen base to complete them (resume with the run's trainer.lora settings)")
-    if saved.get("fingerprint") != frozen.fingerprint or saved.get("tensors") != len(frozen.names):
+    if saved != frozen.record():
         raise CheckpointError(
             f"{path} holds only the trained weights of a LoRA run; this run's frozen base weights are not the ones "
             f"it was trained on ({len(frozen.names)} tensors, fingerprint {frozen.fingerprint} vs "
@@ -132,17 +137,20 @@ def omitted_tensors(contents: "CheckpointContents", frozen: FrozenBase | None) -
     return frozen.names
 
 
-def model_state_tensors(model: torch.nn.Module, skip: frozenset[str] | tuple = ()) -> dict[str, torch.Tensor]:
+def model_state_tensors(model: torch.nn.Module, skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
     """State dict (without the names in ``skip``) with tied/shared storages de-duplicated by cloning (safetensors
     refuses shared storage)."""
-    return unshare_tensors({k: v for k, v in model.state_dict().items() if k not in skip})
+    return unshare_tensors(model.state_dict(), skip)
 
 
-def unshare_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Clone every tensor whose storage an earlier entry already uses (tied weights appear under each name)."""
+def unshare_tensors(state: dict[str, torch.Tensor], skip: Collection[str] = ()) -> dict[str, torch.Tensor]:
+    """``state`` without the names in ``skip``, every tensor whose storage an earlier entry already uses cloned (tied
+    weights appear under each name)."""
     out: dict[str, torch.Tensor] = {}
     seen: dict[int, str] = {}
     for name, tensor in state.items():
+        if name in skip:
+            continue
         ptr = tensor.untyped_storage().data_ptr() if tensor.numel() else -1
         out[name] = tensor.clone() if (ptr in seen and ptr != -1) else tensor
         seen.setdefault(ptr, name)

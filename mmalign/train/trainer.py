@@ -12,8 +12,9 @@ seeds from ``cfg.seed`` and a checkpoint saves and restores. Multi-GPU and multi
 ``distributed="fsdp"`` shards parameters, gradients and optimizer state with torch FSDP2
 (applied by the trainer, see :mod:`mmalign.train.fsdp`); ``distributed="deepspeed"`` hands model and optimizer to
 DeepSpeed ZeRO (:mod:`mmalign.train.zero`). With ``optimizer_in_backward`` one process applies each parameter's
-update inside the backward pass, so the whole model's gradients never exist at once. Checkpoints are consolidated in every case, so a run may resume on a
-different number of processes or with another strategy as long as the global batch is the same.
+update inside the backward pass, so the whole model's gradients never exist at once. Checkpoints are consolidated in
+every case, so a run may resume on a different number of processes or with another strategy as long as the global
+batch is the same.
 """
 
 from __future__ import annotations
@@ -264,25 +265,22 @@ class Trainer:
 
         acc = self.accelerator
         model = self.unwrapped_model()
+        skip = self._frozen.names if self._frozen is not None else frozenset()  # a LoRA run's base: not saved
         if self.zero:  # every process takes part in the gather; rank 0 receives the full state
             from mmalign.train import zero
 
             names = self._zero_names
             tensors, opt_state = zero.gather_full_state(self.model, self._zero_params, self._zero_groups)
-            tensors = unshare_tensors(tensors) if tensors is not None else None  # tied weights: one copy per name
+            tensors = unshare_tensors(tensors, skip) if tensors is not None else None  # tied: one copy per name
         elif self.sharded:
             names = optimizer_param_names(model, self.optimizer)
             tensors, opt_state = gather_full_state(model, self.optimizer)
-            tensors = unshare_tensors(tensors) if tensors is not None else None
+            tensors = unshare_tensors(tensors, skip) if tensors is not None else None
         else:
             names = optimizer_param_names(model, self.optimizer)
-            tensors = model_state_tensors(model, skip=self._frozen.names if self._frozen else ()) \
-                if self.is_main else None
+            tensors = model_state_tensors(model, skip) if self.is_main else None
             opt_state = self.optimizer.state_dict() if self.is_main else None
-        if tensors is not None and self._frozen is not None:
-            tensors = {k: v for k, v in tensors.items() if k not in self._frozen.names}
-        frozen = {"frozen_base": {"fingerprint": self._frozen.fingerprint, "tensors": len(self._frozen.names)}} \
-            if self._frozen is not None else {}
+        frozen = {"frozen_base": self._frozen.record()} if self._frozen is not None else {}
         path = save_checkpoint(
             self._ckpt_root(), self.step, model_tensors=tensors, optimizer=None, optimizer_state=opt_state,
             param_names=names, scheduler=self.scheduler if self.is_main else None,
