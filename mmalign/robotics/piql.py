@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from mmalign.core.validation import check_positive, check_range, check_reduction, check_same_shape, check_tensor
+from mmalign.core.reward_models.nets import make_mlp
 from mmalign.core.validation import reduce_loss
 
 if TYPE_CHECKING:
@@ -124,10 +125,6 @@ def fit_preference_reward(cfg: "CPLConfig", data: dict[str, Any]) -> tuple[Any, 
     return trainer, metrics
 
 
-def _mlp(inp: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
-
-
 class IQLCritics(nn.Module):
     """Twin ``Q_i(s, a)``, their Polyak-averaged targets ``Q̄_i`` and ``V(s)``, on standardised observations.
 
@@ -138,9 +135,9 @@ class IQLCritics(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, hidden: int, obs_mean: np.ndarray, obs_std: np.ndarray,
                  act_scale: Tensor) -> None:
         super().__init__()
-        self.q = nn.ModuleList([_mlp(obs_dim + act_dim, hidden) for _ in range(2)])
+        self.q = nn.ModuleList([make_mlp(obs_dim + act_dim, [hidden, hidden], 1, "relu") for _ in range(2)])
         self.q_target = copy.deepcopy(self.q).requires_grad_(False)
-        self.v = _mlp(obs_dim, hidden)
+        self.v = make_mlp(obs_dim, [hidden, hidden], 1, "relu")
         self.register_buffer("obs_mean", torch.as_tensor(obs_mean, dtype=torch.float32))
         self.register_buffer("obs_std", torch.as_tensor(np.maximum(obs_std, 1e-3), dtype=torch.float32))
         self.register_buffer("act_scale", act_scale.detach().clone().float())
