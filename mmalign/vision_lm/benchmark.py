@@ -21,7 +21,7 @@ from mmalign.vision_lm.families import FAMILIES
 from mmalign.vision_lm.testbed import (DESCRIBE, corrupt_pairs, question_chosen, sft_examples, sft_trainer_config,
                                        train_sft)
 
-__all__ = ["BenchmarkConfig", "run", "METHOD_ROWS", "DESCRIBE", "corrupt_pairs", "question_chosen"]
+__all__ = ["BenchmarkConfig", "run", "METHOD_ROWS", "DESCRIBE", "corrupt_pairs", "question_chosen", "applied_flips"]
 
 # Row name -> (loss method, pair source, online probability, flipped labels)
 METHOD_ROWS: dict[str, tuple[str, str, float, bool]] = {
@@ -112,6 +112,11 @@ def evaluate(adapter: Any, test_scenes: Sequence[Any], test_images: Sequence[np.
 
 
 # ---------------------------------------------------------------------------------------------- training
+def applied_flips(n_pairs: int, seed: int, flip_rate: float) -> np.ndarray:
+    """Which of ``n_pairs`` pairs a ``*_flipped`` row of :func:`train_method` swaps (drawn from the row's seed)."""
+    return np.random.default_rng(seed + 31).random(n_pairs) < flip_rate
+
+
 def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig, seed: int,
                  run_dir: Path, resume: bool = False, eval_fn: Callable[[Any], dict[str, Any]] | None = None,
                  eval_every: int = 0, eps: float | None = None) -> dict[str, Any]:
@@ -126,11 +131,10 @@ def train_method(row: str, adapter: Any, pairs: list[Any], cfg: BenchmarkConfig,
     from mmalign.vision_lm.objectives import PairCollator, PreferenceObjective
 
     method, _, online_prob, flipped = METHOD_ROWS[row]
-    rng = np.random.default_rng(seed + 31)
     if flipped:
         from mmalign.vision_lm.objectives import PrefPair
 
-        flip = rng.random(len(pairs)) < cfg.flip_rate
+        flip = applied_flips(len(pairs), seed, cfg.flip_rate)
         pairs = [PrefPair(p.prompt, p.rejected, p.chosen, p.images) if f else p for p, f in zip(pairs, flip)]
     online = None
     if online_prob > 0:

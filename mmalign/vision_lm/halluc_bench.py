@@ -21,7 +21,7 @@ import numpy as np
 
 from mmalign.config import Config, check_choice, check_positive, option
 from mmalign.vision_lm import halluc_base as H
-from mmalign.vision_lm.benchmark import METHOD_ROWS
+from mmalign.vision_lm.benchmark import METHOD_ROWS, applied_flips
 
 __all__ = ["HallucBenchConfig", "PRIMARY_METRICS", "ROWS", "PREF_LABELS", "baseline_of", "answer_correct",
            "pair_diagnostics", "token_kl", "applied_flips", "pair_margins", "run_seed"]
@@ -152,11 +152,6 @@ def token_kl(adapter: Any, reference: Any, examples: Sequence[Any], batch_size: 
             total += float((kl * mask).sum())
             count += int(mask.sum())
     return total / max(count, 1)
-
-
-def applied_flips(n_pairs: int, seed: int, flip_rate: float) -> np.ndarray:
-    """Which of ``n_pairs`` pairs :func:`benchmark.train_method` swaps in a ``*_flipped`` row (its seeded draw)."""
-    return np.random.default_rng(seed + 31).random(n_pairs) < flip_rate
 
 
 def pair_margins(adapter: Any, pairs: Sequence[Any], batch_size: int = 64) -> np.ndarray:
