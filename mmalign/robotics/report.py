@@ -12,7 +12,8 @@ import numpy as np
 
 __all__ = ["plot_curves", "plot_reward_scatter", "write_report", "markdown_table"]
 
-_COLORS = ["tab:blue", "tab:orange", "tab:gray", "tab:green", "tab:red", "tab:purple"]
+_COLORS = ["tab:blue", "tab:orange", "tab:gray", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink",
+           "tab:olive", "tab:cyan"]
 
 
 def _plt() -> Any:
@@ -27,6 +28,8 @@ def _plt() -> Any:
 def plot_curves(curves: dict[str, Sequence[dict[str, float]]], path: str | Path, *, title: str = "",
                 key: str = "eval/true_return") -> Path:
     """Learning curves (mean ± std band over evaluation episodes or seeds) of ``key`` against env steps."""
+    if len(curves) > len(_COLORS):  # zip would drop the curves past the palette without a word
+        raise ValueError(f"plot_curves draws at most {len(_COLORS)} curves, got {len(curves)}: {list(curves)}")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     for color, (name, rows) in zip(_COLORS, curves.items()):
