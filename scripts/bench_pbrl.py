@@ -1,17 +1,21 @@
 """B-Pref-style teacher sweep for online PbRL (SAC) on MuJoCo tasks, with true-reward SAC at equal env steps.
 
 Each (task, seed) trains one true-reward SAC and one learned-reward SAC per teacher; results are appended to a
-JSON-lines file as they finish (so a partial sweep is never lost) and summarised as Markdown (mean ± std over
-seeds of the final true return, of ``learned / true`` normalised by the untrained deterministic policy of the same
-seed (the headline, stricter) and by the uniformly random policy) plus a plot per task. Seeds follow the robotics
-protocol (docs/benchmarks/robotics_protocol.md): settings are chosen on ``--dev-seeds``; a table written with
-``--doc`` holds only ``--report-seeds`` runs (disjoint from the development seeds), mean ± 95% t half-width.
+JSON-lines file as they finish (so a partial sweep is never lost; a row already there is reused only if it ran with
+this call's settings) and summarised as Markdown (over seeds: the final true return, ``learned / true`` normalised
+by the untrained deterministic policy of the same seed (the headline, stricter) and by the uniformly random policy,
+the paired differences to true-reward SAC and, for the other teachers, to the oracle) plus plots per task. Seeds
+follow the robotics protocol (docs/benchmarks/robotics_protocol.md): settings are chosen on ``--dev-seeds``; a table
+written with ``--doc`` holds only ``--report-seeds`` runs (disjoint from the development seeds), mean ± 95% t
+half-width.
 
     .venv/bin/python scripts/bench_pbrl.py --tasks Reacher-v5 Pusher-v5 --teachers oracle mistake --dev-seeds 0 1 2 \\
         --steps 10000 --labels 1000 --out runs/bench_pbrl      # defaults: reward standardised, recent 3k candidates
     .venv/bin/python scripts/bench_pbrl.py --tasks Pusher-v5 Reacher-v5 --teachers oracle --dev-seeds 0 1 2 3 4 5 6 7 8 9 \\
         --report-seeds 10 11 12 13 14 --labels 1000 --rounds 9 --normalize-act --action-squares \\
         --out runs/pbrl_rep                                    # the headline recipe (pebble.yaml), reporting seeds
+    .venv/bin/python scripts/bench_pbrl.py --tasks Pusher-v5 --teachers oracle stochastic mistake mistake:eps_mistake=0.2 \\
+        skip equal myopic ... --out runs/pbrl_teach/Pusher-v5  # B-Pref sweep; NAME:field=value overrides a teacher
     .venv/bin/python scripts/bench_pbrl.py --tasks Reacher-v5 --teachers oracle --selector routing --tag routing \\
         --labels 400 --no-true --out runs/bench_pbrl           # a variant, reported as its own row "oracle [routing]"
     .venv/bin/python scripts/bench_pbrl.py --summarize runs/pbrl_rep --dev-seeds 0 1 2 3 4 5 6 7 8 9 --report-seeds 10 11 12 13 14 \\
@@ -44,6 +48,35 @@ TASK_DEFAULTS = {
 TEACHER_ORDER = ["true", "oracle", "stochastic", "mistake", "skip", "equal", "myopic"]
 
 
+def parse_teacher(spec: str) -> tuple[str, dict]:
+    """``"mistake"`` -> ``("mistake", {})``; ``"mistake:eps_mistake=0.2"`` -> ``("mistake", {"eps_mistake": 0.2})``:
+    a registered teacher with per-field overrides (values read as JSON numbers/booleans, else kept as text)."""
+    name, _, rest = spec.partition(":")
+    fields: dict = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"--teachers {spec!r}: expected NAME or NAME:field=value[,field=value], got {item!r}")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value
+    return name, fields
+
+
+def teacher_row_name(spec: str, tag: str = "") -> str:
+    """Row name of a teacher spec, ``"mistake [eps_mistake=0.2]"``, then the variant tag: ``"oracle [routing]"``."""
+    name, fields = parse_teacher(spec)
+    parts = [name] + ([",".join(f"{k}={v}" for k, v in fields.items())] if fields else []) + ([tag] if tag else [])
+    return parts[0] + "".join(f" [{x}]" for x in parts[1:])
+
+
+def config_mismatch(stored: dict, current: dict) -> list[str]:
+    """Fields (present in both) where a stored run's config differs from the one this call would run."""
+    return [f"{k}: stored {stored[k]!r}, now {current[k]!r}" for k in sorted(set(stored) & set(current))
+            if stored[k] != current[k]]
+
+
 def random_return(env_id: str, episodes: int = 20, seed: int = 0) -> float:
     import gymnasium
 
@@ -64,22 +97,23 @@ def run_sweep(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     log = out / "results.jsonl"
-    done = set()
+    done: dict[tuple, dict] = {}
     if log.exists():
-        done = {(r["task"], r["seed"], r["teacher"]) for r in map(json.loads, log.read_text().splitlines())}
+        done = {(r["task"], r["seed"], r["teacher"]): r.get("config", {}) for r in unique_rows(log)}
     for task in args.tasks:
         for seed in args.plan.seeds:
             for teacher in (["true"] if not args.no_true else []) + list(args.teachers):
-                name = teacher if teacher == "true" or not args.tag else f"{teacher} [{args.tag}]"
-                if (task, seed, name) in done:
-                    continue
-                extra = dict(TASK_DEFAULTS.get(task, {}))
+                name = "true" if teacher == "true" else teacher_row_name(teacher, args.tag)
+                t_name, t_fields = parse_teacher(teacher)
+                # a task without an entry (Hopper-v5, Walker2d-v5, ...) gets the same segments and >= 10 episodes
+                extra = dict(TASK_DEFAULTS.get(task, dict(segment_length=25, eval_episodes=10)))
                 for field in ("net_width", "batch_size", "first_feedback", "eval_episodes", "recent_window"):
                     if getattr(args, field) is not None:
                         extra[field] = getattr(args, field)
                 cfg = PebbleConfig(
                     env_id=task, seed=seed, total_steps=args.steps, reward="true" if teacher == "true" else "learned",
-                    teacher="oracle" if teacher == "true" else teacher, label_budget=args.labels,
+                    teacher="oracle" if teacher == "true" else ({"name": t_name, **t_fields} if t_fields else t_name),
+                    label_budget=args.labels,
                     initial_labels=min(args.labels, max(64, args.labels // 4)),
                     labels_per_round=max(1, -(-(args.labels - max(64, args.labels // 4)) // max(1, args.rounds - 1))),
                     eval_every=args.eval_every, save_reward_model=False, rm_epochs=args.rm_epochs,
@@ -89,6 +123,15 @@ def run_sweep(args: argparse.Namespace) -> None:
                     rm_action_squares=args.action_squares,
                     feedback_every=args.feedback_every, **extra,
                 )
+                current = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}
+                if (task, seed, name) in done:
+                    # a row already in the folder (an interrupted sweep, or rows copied in for reuse) counts only if
+                    # it ran with the settings of this call; never mix settings silently
+                    diff = config_mismatch(done[(task, seed, name)], current)
+                    if diff:
+                        raise SystemExit(f"{log}: the stored run {(task, seed, name)} has other settings than this "
+                                         f"call ({'; '.join(diff)}): use another --out or --tag")
+                    continue
                 t0 = time.perf_counter()
                 c0 = time.process_time()
                 res = train_agent(cfg, progress=lambda m, t=teacher: print(f"[{task} s{seed} {t}] {m}", flush=True))
@@ -96,7 +139,7 @@ def run_sweep(args: argparse.Namespace) -> None:
                        "final_true_return": res["final_true_return"], "curve": res["curve"],
                        "labels": res.get("labels", {}), "wall_s": time.perf_counter() - t0,
                        "cpu_s": time.process_time() - c0,
-                       "config": {k: v for k, v in dataclasses.asdict(cfg).items() if k != "device"}}
+                       "config": current}
                 with open(log, "a") as fh:
                     fh.write(json.dumps(row) + "\n")
     summarize(out, args.doc, args.key, args.plan)
@@ -140,6 +183,9 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl", plan: object 
         rand = random_return(task)
         task_rows = [r for r in rows if r["task"] == task]
         true_final = {r["seed"]: r["final_true_return"] for r in task_rows if r["teacher"] == "true"}
+        oracle_final = {r["seed"]: r["final_true_return"] for r in task_rows if r["teacher"] == "oracle"}
+        # teachers and variants other than the oracle are compared with it seed by seed (B-Pref's question)
+        vs_oracle = bool(oracle_final) and any(r["teacher"] not in ("true", "oracle") for r in task_rows)
         table = []
         curves = {}
         names = sorted({r["teacher"] for r in task_rows}, key=_teacher_key)
@@ -176,6 +222,10 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl", plan: object 
                                                        else "–" for r in sel) if teacher != "true" else "-",
                           "final − true, paired": str(paired_diff({r["seed"]: r["final_true_return"] for r in sel},
                                                                   true_final)) if teacher != "true" else "-"})
+            if vs_oracle:
+                table[-1]["final − oracle, paired"] = (
+                    str(paired_diff({r["seed"]: r["final_true_return"] for r in sel}, oracle_final))
+                    if teacher not in ("true", "oracle") else "-")
             pseudo = [r["labels"]["labels/pseudo_total"] for r in sel if "labels/pseudo_total" in r["labels"]]
             if pseudo:  # routing: the ensemble's own (confident) labels, never counted as queries
                 pagree = np.nanmean([r["labels"]["labels/pseudo_agreement_with_true_return"] for r in sel])
@@ -217,7 +267,8 @@ def summarize(out: Path, doc: str | None, key: str = "bench_pbrl", plan: object 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", nargs="+", default=["Reacher-v5", "Pusher-v5"])
-    p.add_argument("--teachers", nargs="*", default=["oracle", "stochastic", "mistake", "skip", "equal", "myopic"])
+    p.add_argument("--teachers", nargs="*", default=["oracle", "stochastic", "mistake", "skip", "equal", "myopic"],
+                   help="registered teachers, each NAME or NAME:field=value[,...], e.g. mistake:eps_mistake=0.2")
     p.add_argument("--steps", type=int, default=10000)
     p.add_argument("--labels", type=int, default=1000, help="query budget (a quarter in the first round)")
     p.add_argument("--rounds", type=int, default=7)
@@ -252,6 +303,15 @@ def main() -> None:
         args.plan = seed_plan_from_args(args)
     except ValueError as err:
         p.error(str(err))
+    from mmalign.registry import TEACHERS
+    from mmalign.robotics.pebble import check_part
+
+    for spec in args.teachers:  # a misspelt teacher or field fails here, not after hours of other runs
+        try:
+            name, fields = parse_teacher(spec)
+            check_part("--teachers", {"name": name, **fields}, TEACHERS)
+        except ValueError as err:
+            p.error(str(err))
     if args.doc and not args.plan.reporting:
         p.error("--doc writes a reported table: give --report-seeds (disjoint from --dev-seeds)")
     if args.summarize:

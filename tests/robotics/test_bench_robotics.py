@@ -210,3 +210,72 @@ def test_pbrl_sweep_builds_valid_configs_for_the_headline_recipe(pbrl, tmp_path,
     pbrl.main()
     assert len(seen) == 2 and seen[1].normalize_act and seen[1].rm_act_weight is None
     assert seen[1].eval_episodes == 10
+
+
+def _fake_train(seen: list):  # noqa: ANN202 - a stand-in for pebble.train_agent
+    def train(cfg, progress=None):  # noqa: ANN001, ANN202
+        seen.append(cfg)
+        return {"final_true_return": -10.0, "curve": [{"step": 0, "eval/true_return": -20.0},
+                                                      {"step": 1000, "eval/true_return": -10.0}], "labels": {}}
+    return train
+
+
+def test_pbrl_teacher_overrides_name_the_row_and_reuse_only_matching_runs(pbrl, tmp_path, monkeypatch):
+    """``mistake:eps_mistake=0.2`` (the label-flip teacher at 0.2) runs as its own row; a stored row is reused only
+    when its settings equal this call's, and a misspelt field is refused before any run."""
+    import mmalign.robotics.pebble as pebble
+
+    assert pbrl.parse_teacher("mistake:eps_mistake=0.2,sample=true") == ("mistake", {"eps_mistake": 0.2,
+                                                                                     "sample": True})
+    assert pbrl.teacher_row_name("mistake:eps_mistake=0.2") == "mistake [eps_mistake=0.2]"
+    assert pbrl.teacher_row_name("oracle", "250 labels") == "oracle [250 labels]"
+    with pytest.raises(ValueError, match="NAME:field=value"):
+        pbrl.parse_teacher("mistake:0.2")
+    seen: list = []
+    monkeypatch.setattr(pebble, "train_agent", _fake_train(seen))
+    argv = ["bench_pbrl.py", "--tasks", "Reacher-v5", "--dev-seeds", "0", "--out", str(tmp_path), "--teachers"]
+    monkeypatch.setattr(sys, "argv", argv + ["oracle", "mistake:eps_mistke=0.2"])
+    with pytest.raises(SystemExit):
+        pbrl.main()
+    assert not seen and not (tmp_path / "results.jsonl").exists()
+    monkeypatch.setattr(sys, "argv", argv + ["mistake:eps_mistake=0.2"])
+    pbrl.main()
+    assert [c.teacher for c in seen] == ["oracle", {"name": "mistake", "eps_mistake": 0.2}]
+    rows = [json.loads(ln) for ln in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert [r["teacher"] for r in rows] == ["true", "mistake [eps_mistake=0.2]"]
+    pbrl.main()  # same settings: both rows reused, nothing run again
+    assert len(seen) == 2
+    monkeypatch.setattr(sys, "argv", argv + ["mistake:eps_mistake=0.2", "--labels", "500"])
+    with pytest.raises(SystemExit, match="label_budget: stored 1000, now 500"):
+        pbrl.main()
+    assert len(seen) == 2
+
+
+def test_pbrl_noisy_teachers_paired_with_the_oracle_and_all_curves_drawn(pbrl, tmp_path):
+    """Each teacher other than the oracle gets its per-seed difference to the oracle; the teachers' figure draws all
+    seven curves (true + six teachers), and more curves than colours is an error, not a silently dropped curve."""
+    from mmalign.robotics.report import plot_curves
+
+    teachers = ["stochastic", "mistake", "mistake [eps_mistake=0.2]", "skip", "equal", "myopic"]
+    rows = [_pbrl_row(s, "true", -10.0) for s in (0, 1, 2)] + [_pbrl_row(s, "oracle", -14.0 - s) for s in (0, 1, 2)]
+    rows += [_pbrl_row(s, t, -16.0 - 2 * s) for s in (0, 1, 2) for t in teachers]
+    _write(tmp_path, rows)
+    text = pbrl.summarize(tmp_path, None)
+    # teacher − oracle per seed: −2, −3, −4 -> mean −3, s = 1, t_{0.975,2} = 4.303 -> 2.48
+    assert _table_row(text, "mistake [eps_mistake=0.2]")[-1] == "-3.00 ± 2.48 (n=3, 0/3 seeds > 0)"
+    assert _table_row(text, "oracle")[-1] == "-" and _table_row(text, "true")[-1] == "-"
+    assert (tmp_path / "curves_Reacher-v5_teachers.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="at most 10 curves, got 11"):
+        plot_curves({f"c{i}": [{"step": 0, "eval/true_return": 0.0}] for i in range(11)}, tmp_path / "x.png")
+
+
+def test_pbrl_task_without_defaults_gets_ten_evaluation_episodes(pbrl, tmp_path, monkeypatch):
+    """A held-out task (no TASK_DEFAULTS entry) is evaluated on >= 10 episodes, as the seed protocol asks."""
+    import mmalign.robotics.pebble as pebble
+
+    seen: list = []
+    monkeypatch.setattr(pebble, "train_agent", _fake_train(seen))
+    monkeypatch.setattr(sys, "argv", ["bench_pbrl.py", "--tasks", "Hopper-v5", "--teachers", "oracle", "--dev-seeds",
+                                      "0", "--out", str(tmp_path)])
+    pbrl.main()
+    assert [(c.env_id, c.eval_episodes, c.segment_length) for c in seen] == [("Hopper-v5", 10, 25)] * 2
