@@ -233,13 +233,61 @@ TUNE_COLS = [("partner_balanced_acc", "partner bal. acc"), ("partner_yes_ratio",
              ("partner_violating_yes", "halluc. rate"), ("partner_visible_recall", "visible recall"),
              ("pope_adversarial_acc", "POPE-a"), ("diag/token_kl_to_base", "token KL")]
 # stored per tuning row; TUNE_COLS_STORED adds what the table leaves out
-TUNE_COLS_STORED = [*TUNE_COLS, ("pope_random_acc", "POPE-r"), ("train/pref_accuracy", "train pref acc")]
-TUNE_SETTINGS = ("pref_labels", "pref_steps", "pref_lr", "beta", "lora_r", "pref_batch_size")
+TUNE_COLS_STORED = [*TUNE_COLS, ("pope_random_acc", "POPE-r"), ("train/pref_accuracy", "train pref acc"),
+                    ("partner_violating_gap", "yes-no logit on prior-violating partner questions")]
+TUNE_SETTINGS = ("pref_labels", "pref_steps", "pref_lr", "beta", "lora_r", "pref_batch_size", "n_pref_scenes")
+TUNE_DEFAULTS = {"n_pref_scenes": 256}  # settings that rows written before they were recorded ran with
+TRAJECTORY = ("rewards/margin", "rewards/chosen", "rewards/rejected", "train/loss")
+MOVED = 0.55  # a row "moves" the partner question when its balanced accuracy is at least this (the base: 0.50)
+
+
+def _tune_key(r: dict) -> str:
+    """A tuning row's identity: settings, seed and numbers (a repeated attempt of a deterministic run is shown
+    once)."""
+    return json.dumps([r["settings"], r["seed"], {m: {k: v for k, v in x.items() if k in dict(TUNE_COLS)}
+                                                  for m, x in r["rows"].items()}], sort_keys=True)
+
+
+def pref_tuning_section(rows: list[dict], ref: HallucBenchConfig, n_test: int) -> str:
+    """The compact dev table: one line per (setting, method row), one column per dev seed with the partner
+    question's balanced accuracy / yes-ratio, how many seeds moved off the base's 0.50, and CPU s per seed."""
+    recipes: dict[tuple, dict[int, dict]] = {}
+    for r in rows:
+        st = {**TUNE_DEFAULTS, **r["settings"]}
+        for m, x in r["rows"].items():
+            recipes.setdefault((tuple(str(st[k]) for k in TUNE_SETTINGS), m), {})[int(r["seed"])] = x
+    seeds = sorted({int(r["seed"]) for r in rows})
+    label = {"pref_lr": "lr", "beta": "β", "lora_r": "r", "pref_batch_size": "batch", "n_pref_scenes": "pairs from"}
+
+    def name(values: tuple[str, ...]) -> str:
+        st = dict(zip(TUNE_SETTINGS, values))
+        other = [f"{label[k]} {float(st[k]):g}" for k in TUNE_SETTINGS[2:] if float(st[k]) != getattr(ref, k)]
+        return f"{st['pref_labels']}, {st['pref_steps']} steps" + "".join(f", {o}" for o in other)
+
+    order = sorted(recipes, key=lambda k: (k[0][0], *(float(v) for v in k[0][1:]), k[1]))
+    lines = ["## Preference-training settings (dev seeds)", "",
+             "Each line: `nice -n 19 python scripts/bench_halluc.py --seeds dev --pref-tune <overrides>` (the cached "
+             f"base of each dev seed, never a report seed; {n_test} test scenes); machine: {machine()}, 1 torch "
+             f"thread. Settings not named are the configured ones: LoRA r {ref.lora_r}, lr {ref.pref_lr:g}, "
+             f"β {ref.beta:g}, {ref.pref_batch_size} pairs per step, pairs from {ref.n_pref_scenes} scenes. A cell is "
+             f"the partner question's balanced accuracy / yes-ratio (the base: 0.50 / 1.00); moved: seeds at "
+             f"≥ {MOVED}; CPU s: training and evaluation per seed.", "",
+             "| setting | row | " + " | ".join(map(str, seeds)) + " | moved | CPU s |",
+             "|---|---|" + "---|" * (len(seeds) + 2)]
+    for key in order:
+        per = recipes[key]
+        cells = [f"{per[s]['partner_balanced_acc']:.2f}/{per[s]['partner_yes_ratio']:.2f}" if s in per else ""
+                 for s in seeds]
+        moved = sum(x["partner_balanced_acc"] >= MOVED for x in per.values())
+        lines.append(f"| {name(key[0])} | {key[1]} | " + " | ".join(cells) + f" | {moved}/{len(per)} | "
+                     f"{np.mean([x['cpu_s'] for x in per.values()]):.0f} |")
+    return "\n".join(lines)
 
 
 def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespace, run_dir: Path) -> int:
     """``--pref-tune``: train the configured rows from each dev seed's base (a preference-setting attempt), append
-    one row per seed and method to <run-dir>/pref_tuning.jsonl, rewrite the page's table from every row there."""
+    one row per seed to <run-dir>/pref_tuning.jsonl (metrics, the pair set's partner questions, the DPO reward
+    trajectory), rewrite the page's table from every row there."""
     if args.seeds != "dev":
         raise ValueError("--pref-tune tunes on the dev seeds only: pass --seeds dev")
     log = run_dir / "pref_tuning.jsonl"
@@ -249,41 +297,28 @@ def pref_tuning(cfg: HallucBenchConfig, seeds: list[int], args: argparse.Namespa
         if not all(res["gates"].values()):
             raise ValueError(f"dev seed {seed}'s base model fails the gates {res['gates']}: tune another seed")
         row = {"overrides": args.overrides, "seed": seed, "base": res["base"],
-               "settings": {k: getattr(cfg, k) for k in TUNE_SETTINGS},
-               "rows": {m: {k: r[k] for k, _ in TUNE_COLS_STORED} | {"cpu_s": r["cpu_s"]}
-                        for m, r in res["rows"].items()}}
+               "settings": {k: getattr(cfg, k) for k in TUNE_SETTINGS}, "rows": {}}
+        for m, r in res["rows"].items():
+            logged = run_dir / "pref_tune" / tag / f"seed{seed}" / m / "metrics.jsonl"
+            traj = [json.loads(ln) for ln in logged.read_text().splitlines() if ln.strip()] if logged.is_file() else []
+            row["rows"][m] = ({k: r[k] for k, _ in TUNE_COLS_STORED if k in r} | {"cpu_s": r["cpu_s"]}
+                              | {k: r[k] for k in r if "_partner_pairs_" in k}
+                              | {"trajectory": [{k: t[k] for k in ("step", *TRAJECTORY) if k in t}
+                                                for t in traj if "train/loss" in t]})
         with log.open("a") as f:
             f.write(json.dumps(row) + "\n")
         print(json.dumps({"overrides": args.overrides, "seed": seed,
-                          **{m: round(r["partner_balanced_acc"], 3) for m, r in row["rows"].items()}}), flush=True)
+                          **{m: [round(r.get(k, math.nan), 3) for k in ("partner_balanced_acc", "partner_yes_ratio",
+                                                                        "partner_violating_gap")]
+                             for m, r in row["rows"].items()}}), flush=True)
     rows, seen = [], set()
     for line in log.read_text().splitlines():
         r = json.loads(line) if line.strip() else None
-        key = r and json.dumps([r["settings"], r["seed"], {m: {k: v for k, v in x.items() if k != "cpu_s"}
-                                                            for m, x in r["rows"].items()}], sort_keys=True)
-        if r and key not in seen:  # a repeated attempt with identical numbers (the runs are deterministic): once
-            seen.add(key)
+        if r and _tune_key(r) not in seen:  # a repeated attempt with identical numbers (deterministic runs): once
+            seen.add(_tune_key(r))
             rows.append(r)
     ref = load_config(HallucBenchConfig, args.config, [])  # the configured settings, without this call's overrides
-    rows.sort(key=lambda r: (*(str(r["settings"][k]) for k in ("pref_labels", "lora_r", "pref_lr", "beta")),
-                             r["settings"]["pref_steps"], r["seed"]))
-    lines = ["## Preference-training settings (dev seeds)", "",
-             f"Each row: `nice -n 19 python scripts/bench_halluc.py --seeds dev --pref-tune --only-seed SEED "
-             f"<overrides>` (the cached base of a dev seed, never a report seed; {cfg.n_test_scenes} test scenes); "
-             f"machine: {machine()}, 1 torch thread. LoRA r {ref.lora_r}, lr {ref.pref_lr:g}, β {ref.beta:g}, "
-             f"{ref.pref_batch_size} pairs per step unless a row says otherwise; CPU s = the row's training and "
-             "evaluation.", "",
-             "| labels | steps | seed | row | " + " | ".join(c for _, c in TUNE_COLS) + " | CPU s |",
-             "|---|---|---|---|" + "---|" * (len(TUNE_COLS) + 1)]
-    for r in rows:
-        for m, x in r["rows"].items():
-            st = r["settings"]
-            other = ", ".join(f"{k} {st[k]:g}" for k in TUNE_SETTINGS[2:] if st[k] != getattr(ref, k))
-            lines.append(f"| {st['pref_labels']} | {st['pref_steps']}{' (' + other + ')' if other else ''} | "
-                         f"{r['seed']} | {m} | "
-                         + " | ".join(f"{x[k]:.3f}" for k, _ in TUNE_COLS) + f" | {x['cpu_s']:.0f} |")
-    body = "\n".join(lines)
-    emit(args, "halluc_pref_tuning", body)
+    emit(args, "halluc_pref_tuning", pref_tuning_section(rows, ref, cfg.n_test_scenes))
     return 0
 
 

@@ -197,8 +197,8 @@ def build_base(cfg: BaseConfig, seed: int, data: TestbedData, cache_dir: Path | 
     return adapter, info
 
 
-def _yes(adapter: Any, prompts: list[tuple[str, np.ndarray]]) -> np.ndarray:
-    """Answers by comparing the ``yes`` and ``no`` logits (no text parsing)."""
+def _yes_gap(adapter: Any, prompts: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """The ``yes`` logit minus the ``no`` logit of the answer's first token, per prompt (> 0: the answer is yes)."""
     import torch
 
     from mmalign.vision_lm.adapter import VLExample
@@ -209,8 +209,13 @@ def _yes(adapter: Any, prompts: list[tuple[str, np.ndarray]]) -> np.ndarray:
     with torch.no_grad():
         for start in range(0, len(prompts), 256):
             logits = adapter.next_token_logits([VLExample(p, "", [im]) for p, im in prompts[start:start + 256]])
-            out.append((logits[:, yes] > logits[:, no]).cpu().numpy())
+            out.append((logits[:, yes] - logits[:, no]).double().cpu().numpy())
     return np.concatenate(out)
+
+
+def _yes(adapter: Any, prompts: list[tuple[str, np.ndarray]]) -> np.ndarray:
+    """Answers by comparing the ``yes`` and ``no`` logits (no text parsing)."""
+    return _yes_gap(adapter, prompts) > 0
 
 
 def evaluate(adapter: Any, data: TestbedData, seed: int, gen: W.WeakEvidenceGenerator,
@@ -221,7 +226,7 @@ def evaluate(adapter: Any, data: TestbedData, seed: int, gen: W.WeakEvidenceGene
     random questions on blank (noise-only) images; ``partner_*``: the partner question of every balanced test scene
     (primary metric ``partner_balanced_acc``), with the Bayes-optimal observer's value ``bayes_partner_balanced_acc``;
     ``partner_visible_*`` / ``partner_unseen_*``: consistent scenes whose partner is visible / invisible
-    (recall), ``partner_violating_yes``: hallucination rate. ``captions``: CHAIR of greedy captions as well.
+    (recall), ``partner_violating_yes``: hallucination rate, ``partner_violating_gap``: its mean yes-minus-no logit. ``captions``: CHAIR of greedy captions as well.
     """
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.stats import binary_metrics
@@ -243,8 +248,8 @@ def evaluate(adapter: Any, data: TestbedData, seed: int, gen: W.WeakEvidenceGene
             out["blank_pope_random_acc"] = float((pb == np.array([t for *_, t in qs])).mean())
             out["blank_pope_random_yes_ratio"] = float(pb.mean())
     pq = W.partner_questions(data.test)
-    pred = _yes(adapter, [(f"<image> {S.question(s)}", data.test_images[i]) for i, s, _ in pq])
-    truth = np.array([t for *_, t in pq])
+    gap = _yes_gap(adapter, [(f"<image> {S.question(s)}", data.test_images[i]) for i, s, _ in pq])
+    pred, truth = gap > 0, np.array([t for *_, t in pq])
     out.update({f"partner_{k}": v for k, v in binary_metrics(pred, truth).items()})
     bayes = np.array([W.bayes_yes(gen, data.test[i], s, "test") > 0.5 for i, s, _ in pq])
     out["bayes_partner_balanced_acc"] = binary_metrics(bayes, truth)["balanced_acc"]
@@ -252,6 +257,8 @@ def evaluate(adapter: Any, data: TestbedData, seed: int, gen: W.WeakEvidenceGene
     out["partner_visible_recall"] = float(pred[truth & ~unseen].mean())
     out["partner_unseen_yes"] = float(pred[truth & unseen].mean()) if (truth & unseen).any() else float("nan")
     out["partner_violating_yes"] = float(pred[~truth].mean())
+    # how far the hallucinated "yes" is from flipping: a continuous view of the all-or-nothing partner answer
+    out["partner_violating_gap"] = float(gap[~truth].mean())
     if captions:
         from mmalign.vision_lm.adapter import VLExample
 

@@ -120,15 +120,28 @@ def answer_correct(prompt: str, answer: str, scene: Any) -> bool:
 
 def pair_diagnostics(source: str, pairs: Sequence[Any], scenes: Sequence[Any], images: Sequence[Any]) -> dict:
     """Mechanism checks of a pair set: the fraction of rejected answers that are correct for their image (BDHS
-    assumes they are not), overall and for captions / yes-no answers separately."""
+    assumes they are not), overall and for captions / yes-no answers separately; and how many yes/no pairs ask
+    about the partner of a trigger in the scene (the test's critical question), by chosen answer (``no`` pairs are
+    the only direct evidence against the hallucinated "yes")."""
+    from mmalign.vision_lm.scenes import PRIOR_PAIRS
+
     index = {id(im): k for k, im in enumerate(images)}
     flags: dict[str, list[bool]] = {"all": [], "caption": [], "yesno": []}
+    partner = {"yes": 0, "no": 0}
     for p in pairs:
         scene = scenes[index[id(p.images[0])]]
         ok = answer_correct(p.prompt, p.rejected, scene)
         flags["all"].append(ok)
-        flags["yesno" if "?" in p.prompt.split() else "caption"].append(ok)
-    return {f"diag/{source}_rejected_correct_{k}": float(np.mean(v)) for k, v in flags.items() if v}
+        words = p.prompt.split()
+        flags["yesno" if "?" in words else "caption"].append(ok)
+        if "?" in words and p.chosen.strip() in partner:
+            asked = words[words.index("?") - 1]
+            if any(PRIOR_PAIRS[t] == asked for t in PRIOR_PAIRS if t in scene.shapes):
+                partner[p.chosen.strip()] += 1
+    out = {f"diag/{source}_rejected_correct_{k}": float(np.mean(v)) for k, v in flags.items() if v}
+    if flags["yesno"]:
+        out.update({f"diag/{source}_partner_pairs_{a}": float(n) for a, n in partner.items()})
+    return out
 
 
 def token_kl(adapter: Any, reference: Any, examples: Sequence[Any], batch_size: int = 64) -> float:

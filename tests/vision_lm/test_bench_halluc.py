@@ -115,7 +115,13 @@ def test_answer_correct_and_diagnostics():
              PrefPair("<image> describe :", "a big red circle and a small blue bar .", "a big red circle .", [img])]
     d = pair_diagnostics("bdhs", pairs, [scene], [img])
     assert d == {"diag/bdhs_rejected_correct_all": 0.5, "diag/bdhs_rejected_correct_caption": 1.0,
-                 "diag/bdhs_rejected_correct_yesno": 0.0}
+                 "diag/bdhs_rejected_correct_yesno": 0.0, "diag/bdhs_partner_pairs_yes": 0.0,
+                 "diag/bdhs_partner_pairs_no": 0.0}
+    # the circle's partner (square) asked about: counted by chosen answer; a partner without its trigger is not
+    pairs += [PrefPair("<image> is there a square ?", "no", "yes", [img]),
+              PrefPair("<image> is there a cross ?", "no", "yes", [img])]
+    d = pair_diagnostics("corrupt", pairs, [scene], [img])
+    assert (d["diag/corrupt_partner_pairs_no"], d["diag/corrupt_partner_pairs_yes"]) == (1.0, 0.0)
 
 
 def test_run_seed_tiny_pipeline(tmp_path):
@@ -217,16 +223,17 @@ def test_pref_tune_appends_rows_on_dev_seeds_only(bench, tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "run_seed", lambda cfg, seed, run_dir, cache: {
         **fake(cfg, seed, run_dir, cache), "rows": {m: {**_row(0.6 + seed / 1000), "train/pref_accuracy": 0.9,
                                                         "cpu_s": 7.0} for m in cfg.methods}})
-    args = ["--seeds", "dev", "--run-dir", str(tmp_path / "runs"), "--pref-tune", "dev_seeds=[101]", "methods=[dpo]"]
+    args = ["--seeds", "dev", "--run-dir", str(tmp_path / "runs"), "--pref-tune", "dev_seeds=[101,102]", "methods=[dpo]"]
     assert bench.main(args) == 0
-    assert bench.main([*args, "pref_steps=7", "pref_labels=truth"]) == 0  # another attempt adds a row
+    assert bench.main([*args, "pref_steps=7", "pref_labels=truth"]) == 0  # another attempt adds a line
     assert bench.main(args) == 0  # a repeat with identical numbers is shown once
-    rows = [ln for ln in doc.read_text().splitlines() if "| 101 |" in ln]
-    assert len(rows) == 2 and rows[1].startswith("| visible | 200 | 101 | dpo | 0.701 |")
-    assert rows[0].startswith("| truth | 7 | 101 | dpo | 0.701 |")  # sorted
-    assert rows[0].endswith("| 0.100 | 7 |")
-    assert bench.main([*args, "pref_lr=0.01"]) == 0
-    assert "| visible | 200 (pref_lr 0.01) | 101 |" in doc.read_text()
+    assert bench.main([*args, "pref_lr=0.01", "--only-seed", "102"]) == 0  # a setting on one seed
+    lines = [ln for ln in doc.read_text().splitlines() if ln.startswith(("| visible", "| truth"))]
+    assert lines == ["| truth, 7 steps | dpo | 0.70/0.50 | 0.70/0.50 | 2/2 | 7 |",  # sorted: labels, steps, ...
+                     "| visible, 200 steps | dpo | 0.70/0.50 | 0.70/0.50 | 2/2 | 7 |",
+                     "| visible, 200 steps, lr 0.01 | dpo |  | 0.70/0.50 | 1/1 | 7 |"]
+    rows = [json.loads(ln) for ln in (tmp_path / "runs" / "pref_tuning.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and rows[0]["settings"]["n_pref_scenes"] == 256
     with pytest.raises(ValueError, match="dev seeds only"):
         bench.main(["--seeds", "report", "--pref-tune", "--run-dir", str(tmp_path / "r"), "dev_seeds=[101]"])
 

@@ -59,6 +59,13 @@ def test_build_is_deterministic_and_cached(tmp_path):
     for key in ("pope_random_acc", "pope_adversarial_acc", "blank_pope_random_acc", "partner_balanced_acc",
                 "partner_yes_ratio", "bayes_partner_balanced_acc", "partner_violating_yes"):
         assert 0.0 <= m[key] <= 1.0, key
+    # the mean yes-minus-no logit of the hallucination rate's questions: its sign agrees with the answers
+    from mmalign.vision_lm import weak_scenes as W
+
+    gap = H._yes_gap(ad3, [(f"<image> is there a {s} ?", data.test_images[i])
+                           for i, s, t in W.partner_questions(data.test) if not t])
+    assert m["partner_violating_gap"] == pytest.approx(gap.mean())
+    assert m["partner_violating_yes"] == pytest.approx((gap > 0).mean())
     assert set(H.gates(m)) == set(H.GATES)
 
 
