@@ -473,8 +473,9 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
                   f"{s['adapter_mb']:.1f} MB = {100 * s['adapter_mb'] / s['model_mb']:.2f}% of the model's "
                   f"{s['model_mb']:.0f} MB."
                   + (f" The run's checkpoint (adapters, optimizer state, RNG and schedule; the frozen base left out "
-                     f"and fingerprinted) is {s['checkpoint_mb']:.0f} MB, against {s['weights_mb']:.0f} MB for the "
-                     "whole model's weights (base and adapters) written at the end." if "checkpoint_mb" in s else ""),
+                     f"and fingerprinted) is {s['checkpoint_mb']:.0f} MB and its final `model.safetensors` (adapters "
+                     f"and the base's fingerprint) {s['weights_mb']:.1f} MB, against the base model's "
+                     f"{s['model_mb']:.0f} MB." if "checkpoint_mb" in s else ""),
                   ""]
     if runs:
         lines += _compare_section(args, runs) + [_memory_notes(runs), ""]

@@ -131,8 +131,8 @@ def _fuse_lora(unet: torch.nn.Module, path: Path, name: str) -> None:
 
     folder, weight = (path, LORA_FILE) if path.is_dir() else (path.parent, path.name)
     if path.is_file() and any(k.startswith("base_model.model.") for k in _keys(path)):
-        raise ValueError(f"{name} {str(path)!r} is a peft state dict of a whole run (model.safetensors of a LoRA "
-                         f"run); give the run's lora/ folder (diffusers format) instead")
+        raise ValueError(f"{name} {str(path)!r} is a LoRA run's model.safetensors (its adapters under peft's names); "
+                         f"give the run's lora/ folder (diffusers format) instead")
     state, alphas, metadata = StableDiffusionPipeline.lora_state_dict(folder, weight_name=weight,
                                                                       return_lora_metadata=True)
     if any(k.startswith("text_encoder") for k in state):

@@ -3,7 +3,8 @@
 Layout of ``<run_dir>/checkpoints/``::
 
     step-00000100/          one complete checkpoint
-        model.safetensors       model weights (main process); a LoRA run's without its frozen base
+        model.safetensors       model weights (main process); a LoRA run's without its frozen base (the run's
+                                final model.safetensors too: see save_run_weights)
         optimizer.safetensors   optimizer tensors, keyed ``state.<param index>.<name>``
         optimizer.json          optimizer param groups, non-tensor state and parameter names by index
         scheduler.json          LR scheduler state
@@ -30,6 +31,7 @@ and checks every file first and applies nothing until all of them are good.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -135,6 +137,57 @@ def omitted_tensors(contents: "CheckpointContents", frozen: FrozenBase | None) -
             f"it was trained on ({len(frozen.names)} tensors, fingerprint {frozen.fingerprint} vs "
             f"{saved.get('tensors')} tensors, {saved.get('fingerprint')}): resume on the same base model")
     return frozen.names
+
+
+FROZEN_BASE_KEY = "mmalign.frozen_base"  # safetensors metadata of a LoRA run's final weights: FrozenBase.record()
+
+
+def save_run_weights(path: Path, tensors: dict[str, torch.Tensor], frozen: FrozenBase | None = None) -> None:
+    """Write a run's final ``model.safetensors`` atomically: every tensor, or for a LoRA run (``frozen``) only the
+    trained ones, with the frozen base's record in the file's metadata so :func:`load_run_weights` can check it."""
+    from safetensors.torch import save_file
+
+    meta = {FROZEN_BASE_KEY: json.dumps(frozen.record(), sort_keys=True)} if frozen is not None else None
+    kept = {k: v.detach().contiguous().cpu() for k, v in tensors.items() if frozen is None or k not in frozen.names}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(kept, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def load_run_weights(model: torch.nn.Module, path: str | Path) -> torch.nn.Module:
+    """Load a run's final ``model.safetensors`` into ``model`` in place and return it.
+
+    A full-weight run's file must match ``model``'s state dict exactly. A LoRA run's holds only the trained tensors
+    (adapters under peft's names) and a fingerprint of the frozen base it was trained on: ``model`` must be that base
+    wrapped with the same LoRA settings (e.g. ``add_lora(base, ...)``); its frozen weights are checked against the
+    fingerprint and kept, the trained ones replaced. Anything else raises ``ValueError`` naming the file. For the
+    tools outside mmalign, use the run's artifacts instead (a PEFT adapter folder, a diffusers ``lora/`` folder).
+    """
+    from safetensors import safe_open
+
+    from mmalign.fileio import read_safetensors
+
+    p = Path(path)
+    tensors = read_safetensors(p, "run weights")
+    with safe_open(str(p), framework="pt") as f:
+        saved = (f.metadata() or {}).get(FROZEN_BASE_KEY)
+    expected = set(model.state_dict())
+    if saved is not None:
+        frozen = frozen_base(model)
+        record = json.loads(saved)
+        if frozen is None or frozen.record() != record:
+            got = f"{len(frozen.names)} tensors, fingerprint {frozen.fingerprint}" if frozen else "no frozen weights"
+            raise ValueError(
+                f"{str(p)!r} holds the trained weights of a LoRA run only; the model given is not the base it was "
+                f"trained on, wrapped with the same LoRA settings ({got} vs {record.get('tensors')} tensors, "
+                f"{record.get('fingerprint')}): build the run's base model and add its LoRA first")
+        expected -= frozen.names
+    missing, unexpected = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+    if missing or unexpected:
+        raise ValueError(f"{str(p)!r} does not match the model: missing {missing[:5]} ({len(missing)}), "
+                         f"unexpected {unexpected[:5]} ({len(unexpected)})")
+    model.load_state_dict(tensors, strict=False)
+    return model
 
 
 def model_state_tensors(model: torch.nn.Module, skip: Collection[str] = ()) -> dict[str, torch.Tensor]:

@@ -38,6 +38,7 @@ from mmalign.train.checkpoint import (
     load_checkpoint,
     model_state_tensors,
     save_checkpoint,
+    save_run_weights,
     unshare_tensors,
 )
 from mmalign.train.compat import (  # noqa: F401  (check_launch, _legacy_fingerprint: re-exported)
@@ -121,7 +122,8 @@ class Trainer:
         train_dataset: anything with ``__len__`` and ``__getitem__``.
         loss_fn: ``(model, batch) -> (scalar loss, metrics)``; metrics are scalars or 1-element tensors.
         run_dir: the run folder; the trainer writes ``metrics.jsonl``, ``tensorboard/``, ``plots/``,
-            ``checkpoints/`` and ``model.safetensors`` (final weights) into it.
+            ``checkpoints/`` and ``model.safetensors`` (final weights; a LoRA run's without its frozen base, read
+            back with :func:`mmalign.train.checkpoint.load_run_weights`) into it.
         collate_fn: turns a list of dataset items into a batch (default: torch's ``default_collate``).
         eval_fn: ``(unwrapped model) -> metrics`` run on the main process every ``eval_every`` steps and at the end,
             under a forked RNG so evaluation never changes the training trajectory.
@@ -490,12 +492,8 @@ class Trainer:
         last.update(final_eval)
         final = self.full_model_state()
         if self.is_main:
-            from safetensors.torch import save_file
-
             assert final is not None
-            tmp = self.run_dir / ".model.safetensors.tmp"
-            save_file({k: v.detach().contiguous().cpu() for k, v in final.items()}, str(tmp))
-            tmp.replace(self.run_dir / "model.safetensors")
+            save_run_weights(self.run_dir / "model.safetensors", final, self._frozen)  # LoRA: adapters only
             logger.close()
             if cfg.plots:
                 plot_metrics(self.run_dir / "metrics.jsonl", self.run_dir / "plots")

@@ -72,7 +72,7 @@ def test_reference_weights_errors(tmp_path, sft_weights):
     unet = build_model(BenchmarkConfig(size=8))
     lora_file = tmp_path / "lora.safetensors"
     save_file({"base_model.model.conv_in.lora_A.default.weight": torch.zeros(2, 3)}, str(lora_file))
-    with pytest.raises(ValueError, match="peft state dict of a whole run"):
+    with pytest.raises(ValueError, match="a LoRA run.s model.safetensors"):
         load_unet_weights(unet, str(lora_file), "ref_weights")
     wrong = tmp_path / "wrong.safetensors"
     save_file({k: v.contiguous() for k, v in build_model(BenchmarkConfig(size=8, channels=[8, 16])).state_dict().items()},

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mmalign.diffusion.pipeline import generate, tiny_sd_pipeline, with_unet
+from mmalign.train.checkpoint import load_run_weights
 
 WORDS = ["a", "red", "green", "circle", "square"]
 
@@ -68,8 +69,9 @@ def test_lora_run_from_pickapic_jsonl_loads_in_diffusers_with_the_same_images(tm
     base.set_progress_bar_config(disable=True)
     trained = add_lora(copy.deepcopy(base.unet), r=4, alpha=8.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
     state = load_file(str(tmp_path / "run" / "model.safetensors"))
+    assert state and all("lora_" in k for k in state)  # a LoRA run's final weights: the adapters only
     assert any("lora_B" in k and v.abs().sum() > 0 for k, v in state.items())  # the adapters moved
-    trained.load_state_dict(state)
+    load_run_weights(trained, tmp_path / "run" / "model.safetensors")
     expected = _images(with_unet(base, trained))
     loaded = DiffusionPipeline.from_pretrained(pipe_dir)
     loaded.set_progress_bar_config(disable=True)
@@ -328,7 +330,7 @@ def test_sdxl_pipeline_trains_lora_from_image_pairs_and_loads_in_diffusers(tmp_p
     base.set_progress_bar_config(disable=True)
     assert type(base).__name__ == "StableDiffusionXLPipeline"
     trained = add_lora(copy.deepcopy(base.unet), r=2, alpha=8.0, target_modules=["to_q", "to_k", "to_v", "to_out.0"])
-    trained.load_state_dict(load_file(str(tmp_path / "run" / "model.safetensors")))
+    load_run_weights(trained, tmp_path / "run" / "model.safetensors")
     base.load_lora_weights(tmp_path / "run" / "lora")
     expected = _images(with_unet(DiffusionPipeline.from_pretrained(folder), trained))
     torch.testing.assert_close(_images(base), expected, atol=1e-5, rtol=0)
@@ -362,7 +364,7 @@ def test_text_encoder_lora_trains_and_loads_in_diffusers(tmp_path, pipe_dir):
     base.set_progress_bar_config(disable=True)
     stack = add_lora(TextConditionedUNet.from_pipeline(base), r=4, alpha=8.0,
                      target_modules=["to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj"])
-    stack.load_state_dict(state)
+    load_run_weights(stack, tmp_path / "run" / "model.safetensors")
     expected = _images(base)  # base's own modules now carry the trained adapters
     loaded = DiffusionPipeline.from_pretrained(pipe_dir)
     loaded.set_progress_bar_config(disable=True)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from mmalign.train.checkpoint import load_run_weights
 from mmalign.vision_lm.train import VLMTrainConfig, run
 
 WORDS = ["a", "big", "small", "red", "blue", "green", "circle", "square", "describe", ":", ".", "yes", "no", "is",
@@ -161,7 +162,7 @@ def test_artifacts_reload_and_reproduce_the_trained_logits(llava_dir: Path, tmp_
     img = data.parent / "im0.png"
     # the trained model: base + LoRA with the trainer's final weights
     trained = add_lora(AutoModelForImageTextToText.from_pretrained(llava_dir), r=4, alpha=8.0)
-    trained.load_state_dict(load_file(str(tmp_path / "lora" / "model.safetensors")))
+    load_run_weights(trained, tmp_path / "lora" / "model.safetensors")  # the run's file: adapters only
     want = _logits(trained, proc, img)
     base_logits = _logits(AutoModelForImageTextToText.from_pretrained(llava_dir), proc, img)
     assert (want - base_logits).abs().max() > 1e-3  # training changed the model
