@@ -134,7 +134,7 @@ def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, l
 
     ``variant``: comma list of ``cache`` (LoRA: reference log-probs precomputed, ``reference=cache``; full fine-tuning
     always precomputes them), ``inbwd`` (``trainer.optimizer_in_backward=true``, no clipping), ``return``
-    (``cpu_return_memory=true``); empty: vlm train's defaults."""
+    (``cpu_return_memory=true``), ``gc`` (``trainer.gradient_checkpointing=true``); empty: vlm train's defaults."""
     import torch
 
     from mmalign.vision_lm.train import VLMTrainConfig, run
@@ -148,7 +148,8 @@ def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, l
         "cpu_return_memory": "return" in opts,
         "trainer": {"max_steps": steps, "batch_size": batch, "lr": lr, "lr_schedule": "constant", "log_every": 1,
                     "progress": False, "plots": False, "cpu": True, "lora": lora, "keep_checkpoints": 1,
-                    "optimizer_in_backward": "inbwd" in opts, "max_grad_norm": 0.0 if "inbwd" in opts else 1.0}})
+                    "optimizer_in_backward": "inbwd" in opts, "max_grad_norm": 0.0 if "inbwd" in opts else 1.0,
+                    "gradient_checkpointing": "gc" in opts}})
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         out = run(cfg, Path(tmp))
@@ -164,7 +165,8 @@ def side_mmalign(model_dir: str, data: str, mode: str, steps: int, batch: int, l
 def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: float, threads: int,
              variant: str = "") -> dict:
     """TRL's DPOTrainer on the same model folder and Parquet (images decoded by datasets), same settings;
-    ``variant`` ``noclip``: no gradient clipping (``max_grad_norm=0``), as mmalign's ``inbwd`` runs."""
+    ``variant`` ``noclip``: no gradient clipping (``max_grad_norm=0``), as mmalign's ``inbwd`` runs; ``gc``: gradient
+    checkpointing (TRL's default; non-reentrant, as mmalign's)."""
     import torch
     from datasets import Features, Image, List, Value, load_dataset
     from peft import LoraConfig
@@ -191,7 +193,8 @@ def side_trl(model_dir: str, data: str, mode: str, steps: int, batch: int, lr: f
         args = DPOConfig(output_dir=tmp, per_device_train_batch_size=batch, max_steps=steps, learning_rate=lr,
                          lr_scheduler_type="constant", logging_steps=1, save_strategy="no", report_to=[],
                          max_length=None, beta=0.1, dataloader_num_workers=0, disable_tqdm=True, seed=0,
-                         bf16=False, use_cpu=True, gradient_checkpointing=False,  # mmalign does not checkpoint
+                         bf16=False, use_cpu=True, gradient_checkpointing="gc" in variant.split(","),
+                         gradient_checkpointing_kwargs={"use_reentrant": False},
                          max_grad_norm=0.0 if "noclip" in variant else 1.0)
         t0 = time.perf_counter()
         trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=processor,
@@ -309,23 +312,27 @@ def smoke(model_dir: Path, data: Path, work: Path) -> dict:
 
 # glibc's default mmap threshold, fixed (as `vlm train` fixes it on the CPU): the environment variable sets it in TRL's
 # process before Python starts, for the extra TRL run that shows what the allocator setting alone is worth there
-FIXED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+FIXED_ALLOCATOR = {"MALLOC_MMAP_THRESHOLD_": str(1024 * 1024)}  # = vision_lm.train.CPU_MMAP_THRESHOLD
 
 
 # The arms per mode: those of every round run back to back in this order (the ratios pair each arm with the TRL run
 # of its round), then one run of each extra. "side:variant"; TRL's "fixed" = FIXED_ALLOCATOR in its environment.
 ARMS = {
-    "lora": (["mmalign:", "mmalign:cache", "trl:"], ["mmalign:cache,return", "trl:fixed"]),
-    "full": (["mmalign:inbwd", "trl:noclip"], ["mmalign:", "mmalign:inbwd,return", "trl:noclip,fixed"]),
+    "lora": (["mmalign:", "mmalign:cache,return", "trl:"], ["mmalign:return", "mmalign:cache", "trl:fixed"]),
+    "full": (["mmalign:inbwd,return", "trl:noclip"], ["mmalign:inbwd", "mmalign:", "trl:noclip,fixed"]),
+    # both sides checkpointing every layer (TRL's own default), so only what each keeps besides activations differs
+    "lora+gc": (["mmalign:gc", "mmalign:cache,gc", "trl:gc"], []),
+    "full+gc": (["mmalign:inbwd,gc", "trl:noclip,gc"], ["mmalign:inbwd,gc,return"]),
 }
 SETTINGS = {"": "defaults", "cache": "`reference=cache`", "inbwd": "`trainer.optimizer_in_backward=true`",
-            "return": "`cpu_return_memory=true`", "noclip": "`max_grad_norm=0`",
-            "fixed": "`MALLOC_MMAP_THRESHOLD_=131072`"}
+            "return": "`cpu_return_memory=true`", "noclip": "`max_grad_norm=0`", "gc": "gradient checkpointing",
+            "fixed": "`MALLOC_MMAP_THRESHOLD_=1048576`"}
 
 
 def _child(args: argparse.Namespace, arm: str, mode: str) -> dict:
+    """One arm in a fresh process; ``mode`` is the table's (``lora``, ``full``, ``lora+gc``, ``full+gc``)."""
     side, variant = arm.split(":")
-    cmd = [sys.executable, __file__, "--side", side, "--mode", mode, "--work", str(args.work), "--steps",
+    cmd = [sys.executable, __file__, "--side", side, "--mode", mode.split("+")[0], "--work", str(args.work), "--steps",
            str(args.steps), "--batch", str(args.batch), "--threads", str(args.threads), "--variant", variant]
     env = {**os.environ, **(FIXED_ALLOCATOR if "fixed" in variant.split(",") else {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -333,7 +340,7 @@ def _child(args: argparse.Namespace, arm: str, mode: str) -> dict:
     if line is None:
         return {"side": side, "mode": mode, "variant": variant,
                 "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return {**json.loads(line[len("RESULT "):]), "arm": arm}
+    return {**json.loads(line[len("RESULT "):]), "arm": arm, "mode": mode}
 
 
 def _settings(arm: str) -> str:
@@ -353,8 +360,10 @@ def _compare_section(args: argparse.Namespace, runs: list[dict]) -> list[str]:
 
     lines = ["## mmalign vs TRL DPOTrainer", "",
              f"Same model folder, same Parquet pairs, batch {args.batch} pair(s), {args.steps} steps per run (the "
-             "first untimed), AdamW lr 1e-5 constant, beta 0.1, fp32, no gradient checkpointing on either side "
-             f"(mmalign has none; TRL's default is on and was turned off), torch threads {args.threads}. Each run "
+             f"first untimed), AdamW lr 1e-5 constant, beta 0.1, fp32, torch threads {args.threads}. Modes `lora` and "
+             "`full`: no gradient checkpointing on either side (TRL's default is on and was turned off); `+gc`: "
+             "both sides recompute every layer in the backward pass (mmalign `trainer.gradient_checkpointing=true`, "
+             "TRL `gradient_checkpointing=True`, both non-reentrant). Each run "
              "is a fresh process; peak RSS is that process's. In every round the arms ran back to back (mmalign "
              "arms, then TRL); a ratio divides an arm's rate by the TRL run of its own round (geometric mean over "
              "rounds), so load that drifts between rounds cancels. Extra arms ran once after the rounds. LoRA: r 16, "
@@ -418,10 +427,15 @@ MEMORY_NOTES = (
     "small batch, or with gradient checkpointing). The rest is the allocator's: glibc serves blocks from 128 KiB up "
     "with their own mmap but raises that threshold (up to 32 MiB) each time such a block is freed, so activations "
     "then come from the heap, whose freed blocks fragment and stay in the process (in the full fine-tuning profile "
-    "the second step starts far above the first). `cpu_return_memory=true` fixes the threshold at 128 KiB "
-    "(`mallopt`) and gives that memory back ({ret:.2f}x of TRL's peak in full fine-tuning; {ret_same:.2f}x of TRL's "
-    "with the same setting), at the price of page "
-    "faults on every large block every step ({ret_rate:.2f}x the rate of the rounds' runs without it).")
+    "the second step starts far above the first). `cpu_return_memory=true` fixes the threshold at 1 MiB "
+    "(`mallopt`), so activations are unmapped as they are freed: LoRA {lret:.2f}x of TRL's peak at {lret_rate:.2f}x "
+    "the rate of the defaults' runs; full fine-tuning (with the update inside backward) {ret:.2f}x of TRL's peak at "
+    "{ret_rate:.2f}x the rate without it. TRL given the same allocator setting drops too ({lsame:.2f}x / "
+    "{ret_same:.2f}x with both so configured). The price is page faults on every fresh block every step. With "
+    "gradient checkpointing on both sides the activations shrink to about one layer's, so what each side keeps "
+    "besides them decides: in full fine-tuning mmalign holds no reference copy and, with the update inside "
+    "backward, no gradients ({gc_full:.2f}x of TRL's peak; {gc_full_ret:.2f}x with `cpu_return_memory=true`); "
+    "with LoRA both hold the same weights ({gc_lora:.2f}x).")
 
 
 def _memory_notes(runs: list[dict]) -> str:
@@ -439,7 +453,13 @@ def _memory_notes(runs: list[dict]) -> str:
         lora=peak("lora", "mmalign:") / peak("lora", "trl:"), inbwd=peak("full", "mmalign:inbwd"),
         plain=peak("full", "mmalign:"), ret=peak("full", "mmalign:inbwd,return") / peak("full", "trl:noclip"),
         ret_rate=rate("full", "mmalign:inbwd,return") / rate("full", "mmalign:inbwd"),
-        ret_same=peak("full", "mmalign:inbwd,return") / peak("full", "trl:noclip,fixed"))
+        ret_same=peak("full", "mmalign:inbwd,return") / peak("full", "trl:noclip,fixed"),
+        lret=peak("lora", "mmalign:return") / peak("lora", "trl:"),
+        lret_rate=rate("lora", "mmalign:return") / rate("lora", "mmalign:"),
+        lsame=peak("lora", "mmalign:return") / peak("lora", "trl:fixed"),
+        gc_full=peak("full+gc", "mmalign:inbwd,gc") / peak("full+gc", "trl:noclip,gc"),
+        gc_full_ret=peak("full+gc", "mmalign:inbwd,gc,return") / peak("full+gc", "trl:noclip,gc"),
+        gc_lora=peak("lora+gc", "mmalign:gc") / peak("lora+gc", "trl:gc"))
 
 
 def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict], lazy: dict | None,
@@ -527,7 +547,7 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=16)
     ap.add_argument("--lazy-pairs", type=int, default=20000)
     ap.add_argument("--lazy-distinct", type=int, default=200)
-    ap.add_argument("--modes", default="lora,full")
+    ap.add_argument("--modes", default=",".join(ARMS), help="comma list of ARMS keys; their runs replace earlier ones")
     ap.add_argument("--no-extras", action="store_true", help="only the rounds' arms, not the extra runs (ARMS)")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: smoke, compare, lazy, profile")
     ap.add_argument("--side", choices=["mmalign", "trl", "lazy", "profile"], default=None,
@@ -561,9 +581,10 @@ def main() -> None:
         results["smoke"] = smoke(model_dir, data, args.work)
         saved.write_text(json.dumps(results))
         print(results["smoke"], flush=True)
-    if "compare" not in skip:
-        results["runs"] = []
-        for mode in args.modes.split(","):
+    if "compare" not in skip:  # the modes run now replace their earlier runs; other modes' runs are kept
+        modes = args.modes.split(",")
+        results["runs"] = [r for r in results.get("runs", []) if r.get("mode") not in modes]
+        for mode in modes:
             rounds, extras = ARMS[mode]
             for r in range(args.rounds):
                 for arm in rounds:

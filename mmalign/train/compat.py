@@ -36,9 +36,9 @@ def _lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]
 
 # settings that do not change the trajectory, so a run may be resumed with other values (max_steps: unless the LR
 # schedule depends on it, which _check_max_steps refuses on resume; optimizer_in_backward: the same updates, stepped
-# inside backward)
+# inside backward; gradient_checkpointing: the same activations, recomputed)
 _FREE = {"max_steps", "progress", "plots", "save_every", "eval_every", "log_every", "keep_checkpoints",
-         "optimizer_in_backward"}
+         "optimizer_in_backward", "gradient_checkpointing"}
 _SHARDING = {"distributed", "fsdp_wrap", "zero_stage", "zero_offload_optimizer"}
 
 

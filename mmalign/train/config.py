@@ -70,6 +70,11 @@ class TrainerConfig(Config):
         False, "with distributed=deepspeed: keep the fp32 masters and AdamW state in CPU memory and step them there "
         "(ZeRO-Offload): less accelerator memory, slower steps; the trajectory is unchanged"
     )
+    gradient_checkpointing: bool = option(
+        False, "keep only each layer's inputs in the forward pass and recompute the layer in the backward pass "
+        "(transformers and diffusers models, non-reentrant): activation memory of about one layer instead of all, "
+        "for about one more forward pass per step; the same trajectory (bitwise without dropout)"
+    )
     optimizer_in_backward: bool = option(
         False, "apply each parameter's AdamW update as soon as its gradient is complete in the backward pass and "
         "free that gradient, so the gradients of the whole model never exist at once (full fine-tuning: peak memory "

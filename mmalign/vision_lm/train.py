@@ -281,15 +281,20 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
             **{f"artifact/{k}": v for k, v in artifacts.items()}}
 
 
+CPU_MMAP_THRESHOLD = 1024 * 1024  # bytes: blocks from this size up are mmapped and returned on free
+
+
 def _return_freed_heap_memory() -> bool:
     """Training on the CPU with ``cpu_return_memory``: glibc gives freed activation memory back to the OS at once.
 
     On the CPU every activation is a heap block. glibc serves blocks from 128 KiB up with their own ``mmap`` (unmapped
     on free), but raises that threshold to the size of each such block freed, up to 32 MiB: after the first step,
     activations come from the heap, whose freed blocks stay in the process and fragment, so each step's peak adds
-    to the last one's leftovers. Fixing the threshold at its default (``mallopt(M_MMAP_THRESHOLD)``, which turns the
-    raising off) keeps them returned, at the price of page faults on every fresh block (peak RSS and step rates with
-    and without it in docs/benchmarks/vlm_training.md). Returns whether the setting was made (False outside glibc).
+    to the last one's leftovers. Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``, which turns the raising off)
+    keeps the large blocks returned, at the price of page faults on every fresh one. 1 MiB: activations (MBs per
+    tensor at real sizes) are returned while the many small blocks stay in the heap; glibc's own 128 KiB lowered the
+    peak a little more at about twice the page-fault time (peak RSS and step rates in
+    docs/benchmarks/vlm_training.md). Returns whether the setting was made (False outside glibc).
     """
     import ctypes
     import platform
@@ -301,7 +306,7 @@ def _return_freed_heap_memory() -> bool:
     except OSError:
         return False
     m_mmap_threshold = -3  # from malloc.h
-    return libc.mallopt(m_mmap_threshold, 128 * 1024) == 1
+    return libc.mallopt(m_mmap_threshold, CPU_MMAP_THRESHOLD) == 1
 
 
 def _check_pairs(cfg: VLMTrainConfig, adapter: Any, pairs: list[Any], rows: list[int]

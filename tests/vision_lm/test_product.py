@@ -405,3 +405,29 @@ def test_full_fine_tuning_with_the_update_inside_backward_trains_the_same_model(
     assert weights[0].keys() == weights[1].keys()
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=0, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_gradient_checkpointing_trains_the_same_model(llava_dir: Path, tmp_path: Path, lora: bool) -> None:
+    """`trainer.gradient_checkpointing` through vlm train: the vision tower's and the decoder's layers recompute
+    in the backward pass (images encoded once, spliced into both branches) and the weights equal a plain run's."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForImageTextToText
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from mmalign.train.trainer import enable_gradient_checkpointing
+
+    model = AutoModelForImageTextToText.from_pretrained(llava_dir)
+    enable_gradient_checkpointing(model)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    assert {type(m).__name__ for m in layers} >= {"CLIPEncoderLayer", "LlamaDecoderLayer"}
+    assert all(m.gradient_checkpointing for m in layers)  # the vision tower's layers and the decoder's
+    data = pairs_file(tmp_path / "data")
+    weights = []
+    for ckpt in (False, True):
+        trainer = {"lora": {"enabled": lora, "r": 4, "alpha": 8.0}, "lr": 1e-3, "gradient_checkpointing": ckpt}
+        run(cfg(llava_dir, data, reference="lora" if lora else "cache", trainer=trainer), tmp_path / str(ckpt))
+        weights.append(load_file(str(tmp_path / str(ckpt) / "model.safetensors")))
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=0, rtol=0, msg=k)
