@@ -321,7 +321,7 @@ ARMS = {
     "lora": (["mmalign:", "mmalign:cache,return", "trl:"], ["mmalign:return", "mmalign:cache", "trl:fixed"]),
     "full": (["mmalign:inbwd,return", "trl:noclip"], ["mmalign:inbwd", "mmalign:", "trl:noclip,fixed"]),
     # both sides checkpointing every layer (TRL's own default), so only what each keeps besides activations differs
-    "lora+gc": (["mmalign:gc", "mmalign:cache,gc", "trl:gc"], []),
+    "lora+gc": (["mmalign:gc", "trl:gc"], []),
     "full+gc": (["mmalign:inbwd,gc", "trl:noclip,gc"], ["mmalign:inbwd,gc,return"]),
 }
 SETTINGS = {"": "defaults", "cache": "`reference=cache`", "inbwd": "`trainer.optimizer_in_backward=true`",
