@@ -462,8 +462,16 @@ def _memory_notes(runs: list[dict]) -> str:
         gc_lora=peak("lora+gc", "mmalign:gc") / peak("lora+gc", "trl:gc"))
 
 
+def _command(args: argparse.Namespace) -> str:
+    return (f"python scripts/bench_vlm_training.py --work {args.work} --rounds {args.rounds} --steps {args.steps} "
+            f"--batch {args.batch} --threads {args.threads} --lazy-pairs {args.lazy_pairs} --modes {args.modes}"
+            f"{' --no-extras' if args.no_extras else ''}{' --skip ' + args.skip if args.skip else ''}")
+
+
 def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict], lazy: dict | None,
-              prof: list[dict] | None = None, load_end: float | None = None) -> None:
+              prof: list[dict] | None = None, load_end: float | None = None,
+              commands: dict[str, str] | None = None) -> None:
+    """The page; ``commands``: the command that ran each mode's comparison, where runs of several commands are kept."""
     import numpy as np
     import torch
     import transformers
@@ -475,9 +483,9 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
              "random init (seed 0), saved as a local model folder with a SmolVLMProcessor around an offline "
              "word-level tokenizer of the same vocabulary size; generated conversational pairs with embedded 512x512 "
              "PNG images, one per pair, not split into tiles (64 image tokens). fp32 on CPU.", "",
-             f"Command: `python scripts/bench_vlm_training.py --work {args.work} --rounds {args.rounds} --steps "
-             f"{args.steps} --batch {args.batch} --threads {args.threads} --lazy-pairs {args.lazy_pairs}"
-             f"{' --no-extras' if args.no_extras else ''}`. "
+             f"Command: `{_command(args)}`"
+             + "".join(f"; modes {mode}: `{cmd}`" for mode, cmd in (commands or {}).items() if cmd != _command(args))
+             + ". "
              f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load average "
              f"{load_end if load_end is not None else os.getloadavg()[0]:.1f} at the end of the comparison); torch {torch.__version__}, transformers "
              f"{transformers.__version__}, TRL {trl.__version__}. Seeds: model 0, data 0, trainer 0.", ""]
@@ -584,6 +592,7 @@ def main() -> None:
     if "compare" not in skip:  # the modes run now replace their earlier runs; other modes' runs are kept
         modes = args.modes.split(",")
         results["runs"] = [r for r in results.get("runs", []) if r.get("mode") not in modes]
+        results.setdefault("commands", {}).update({m: _command(args) for m in modes})
         for mode in modes:
             rounds, extras = ARMS[mode]
             for r in range(args.rounds):
@@ -612,7 +621,8 @@ def main() -> None:
         results["profile_full"] = {**_child(args, "profile:inbwd", "full"), "steps": args.steps}
         saved.write_text(json.dumps(results))
     write_doc(args, results.get("smoke"), results["runs"], results.get("lazy"),
-              [p for p in (results.get("profile"), results.get("profile_full")) if p], results.get("load_end"))
+              [p for p in (results.get("profile"), results.get("profile_full")) if p], results.get("load_end"),
+              results.get("commands"))
 
 
 if __name__ == "__main__":
