@@ -428,10 +428,11 @@ MEMORY_NOTES = (
     "with their own mmap but raises that threshold (up to 32 MiB) each time such a block is freed, so activations "
     "then come from the heap, whose freed blocks fragment and stay in the process (in the full fine-tuning profile "
     "the second step starts far above the first). `cpu_return_memory=true` fixes the threshold at 1 MiB "
-    "(`mallopt`), so activations are unmapped as they are freed: LoRA {lret:.2f}x of TRL's peak at {lret_rate:.2f}x "
-    "the rate of the defaults' runs; full fine-tuning (with the update inside backward) {ret:.2f}x of TRL's peak at "
-    "{ret_rate:.2f}x the rate without it. TRL given the same allocator setting drops too ({lsame:.2f}x / "
-    "{ret_same:.2f}x with both so configured). The price is page faults on every fresh block every step. With "
+    "(`mallopt`), so activations are unmapped as they are freed: LoRA {lret:.2f}x of TRL's peak, full fine-tuning "
+    "(with the update inside backward) {ret:.2f}x. TRL given the same allocator setting drops too ({lsame:.2f}x / "
+    "{ret_same:.2f}x with both so configured). The price is page faults on every fresh block every step; in the "
+    "rounds it is inside the ratios of the arms that use the setting (the extra arms ran once, later, under "
+    "another load: their rates are not comparable with the rounds'). With "
     "gradient checkpointing on both sides the activations shrink to about one layer's, so what each side keeps "
     "besides them decides: in full fine-tuning mmalign holds no reference copy and, with the update inside "
     "backward, no gradients ({gc_full:.2f}x of TRL's peak; {gc_full_ret:.2f}x with `cpu_return_memory=true`); "
@@ -445,17 +446,11 @@ def _memory_notes(runs: list[dict]) -> str:
     def peak(mode: str, name: str) -> float:
         return max((r["peak_rss_mb"] for r in arm(mode, name)), default=float("nan"))
 
-    def rate(mode: str, name: str) -> float:
-        got = [r["samples_per_s"] for r in arm(mode, name)]
-        return sum(got) / len(got) if got else float("nan")
-
     return MEMORY_NOTES.format(
         lora=peak("lora", "mmalign:") / peak("lora", "trl:"), inbwd=peak("full", "mmalign:inbwd"),
         plain=peak("full", "mmalign:"), ret=peak("full", "mmalign:inbwd,return") / peak("full", "trl:noclip"),
-        ret_rate=rate("full", "mmalign:inbwd,return") / rate("full", "mmalign:inbwd"),
         ret_same=peak("full", "mmalign:inbwd,return") / peak("full", "trl:noclip,fixed"),
         lret=peak("lora", "mmalign:return") / peak("lora", "trl:"),
-        lret_rate=rate("lora", "mmalign:return") / rate("lora", "mmalign:"),
         lsame=peak("lora", "mmalign:return") / peak("lora", "trl:fixed"),
         gc_full=peak("full+gc", "mmalign:inbwd,gc") / peak("full+gc", "trl:noclip,gc"),
         gc_full_ret=peak("full+gc", "mmalign:inbwd,gc,return") / peak("full+gc", "trl:noclip,gc"),
@@ -466,6 +461,14 @@ def _command(args: argparse.Namespace) -> str:
     return (f"python scripts/bench_vlm_training.py --work {args.work} --rounds {args.rounds} --steps {args.steps} "
             f"--batch {args.batch} --threads {args.threads} --lazy-pairs {args.lazy_pairs} --modes {args.modes}"
             f"{' --no-extras' if args.no_extras else ''}{' --skip ' + args.skip if args.skip else ''}")
+
+
+def _commands_line(commands: dict[str, str]) -> str:
+    """The comparison's command(s): one per invocation whose runs are on the page, with the modes it ran."""
+    by_cmd: dict[str, list[str]] = {}
+    for mode, cmd in commands.items():
+        by_cmd.setdefault(cmd, []).append(mode)
+    return "Commands: " + "; ".join(f"`{cmd}` (modes {', '.join(modes)})" for cmd, modes in by_cmd.items()) + "."
 
 
 def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict], lazy: dict | None,
@@ -483,9 +486,7 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
              "random init (seed 0), saved as a local model folder with a SmolVLMProcessor around an offline "
              "word-level tokenizer of the same vocabulary size; generated conversational pairs with embedded 512x512 "
              "PNG images, one per pair, not split into tiles (64 image tokens). fp32 on CPU.", "",
-             f"Command: `{_command(args)}`"
-             + "".join(f"; modes {mode}: `{cmd}`" for mode, cmd in (commands or {}).items() if cmd != _command(args))
-             + ". "
+             _commands_line(commands or {m: _command(args) for m in args.modes.split(",")}) + " "
              f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load average "
              f"{load_end if load_end is not None else os.getloadavg()[0]:.1f} at the end of the comparison); torch {torch.__version__}, transformers "
              f"{transformers.__version__}, TRL {trl.__version__}. Seeds: model 0, data 0, trainer 0.", ""]
