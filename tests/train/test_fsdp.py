@@ -65,8 +65,8 @@ def test_fsdp_stop_and_resume_is_bitwise_identical(fsdp_runs: Path) -> None:
     assert result["resumed"] == 8
     # dropout draws from each process's own RNG stream: both streams must have been restored
     assert_weights_equal(weights(fsdp_runs / "drop-full"), weights(fsdp_runs / "drop-stop"), exact=True)
-    lora = weights(fsdp_runs / "lora-full")
-    assert any("lora_A" in k for k in lora) and any("base_layer" in k for k in lora)
+    lora = weights(fsdp_runs / "lora-full")  # a LoRA run's final weights: the adapters, gathered, without the base
+    assert any("lora_A" in k for k in lora) and not any("base_layer" in k for k in lora)
     assert_weights_equal(lora, weights(fsdp_runs / "lora-stop"), exact=True)
 
 
