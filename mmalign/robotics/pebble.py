@@ -188,14 +188,24 @@ def check_part(field: str, value: str | dict[str, Any], registry: Any) -> None:
             raise ValueError(f"{field}.{key} is not a field of {registry.kind} {name!r}; allowed: {allowed}")
 
 
+#: constructor fields that take another teacher (``LabelFlipTeacher.base``, ``HindsightTeacher.judge``): given by name
+#: or as a mapping with ``name``, they are built first
+_TEACHER_FIELDS = ("base", "judge")
+
+
 def build_teacher(value: str | dict[str, Any]) -> Any:
-    """The ``TEACHERS`` entry named in ``value``, built with its per-field overrides."""
+    """The ``TEACHERS`` entry named in ``value``, built with its per-field overrides; a wrapped teacher is named like
+    any other, e.g. ``{"name": "label_flip", "base": "oracle", "flip_rate": 0.2}``."""
+    from mmalign.core.teachers.base import Teacher
     from mmalign.registry import TEACHERS
 
     name, fields = part_spec(value)
+    for key in _TEACHER_FIELDS:
+        if isinstance(fields.get(key), (str, dict)) and not isinstance(fields[key], Teacher):
+            fields[key] = build_teacher(fields[key])
     try:
         return TEACHERS.get(name)(**fields)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, KeyError) as err:  # KeyError: an unknown name (a wrapped teacher's)
         raise ValueError(f"teacher {name!r} with {fields}: {err}") from None
 
 

@@ -131,6 +131,14 @@ def test_teacher_overrides_come_from_the_registry():
     teacher = build_teacher(cfg.teacher)
     assert teacher.eps_mistake == 0.2 and teacher.beta == float("inf")
     assert build_teacher("myopic").gamma == 0.9  # the B-Pref preset as registered, no copied list
+    # a teacher that wraps another names it like any other teacher
+    cfg = load_config(PebbleConfig, None, ["teacher=label_flip", "teacher.base=oracle", "teacher.flip_rate=0.2"])
+    flipping = build_teacher(cfg.teacher)
+    assert flipping.flip_rate == 0.2 and type(flipping.base) is type(build_teacher("oracle"))
+    assert build_teacher({"name": "label_flip", "base": {"name": "mistake", "eps_mistake": 0.1},
+                          "flip_rate": 0.1}).base.eps_mistake == 0.1
+    with pytest.raises(ValueError, match="teacher 'clairvoyant'"):
+        build_teacher({"name": "label_flip", "base": "clairvoyant", "flip_rate": 0.2})
     with pytest.raises(ValueError, match=r"teacher.eps_mistak is not a field of teacher 'mistake'"):
         load_config(PebbleConfig, None, ["teacher=mistake", "teacher.eps_mistak=0.2"])
     with pytest.raises(ValueError, match=r"teacher must be a registered teacher, one of \[.*'oracle'"):
