@@ -1,10 +1,13 @@
-"""Memory savers of the generic trainer: the optimizer step inside backward and activation checkpointing."""
+"""Memory savers of the generic trainer: the optimizer step inside backward, activation checkpointing, and glibc's
+heap on the CPU (freed activation memory given back to the OS)."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
-__all__ = ["enable_gradient_checkpointing"]
+__all__ = ["enable_gradient_checkpointing", "fix_mmap_threshold", "trim_heap"]
 
 
 def _step_in_backward(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
@@ -56,3 +59,35 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
         raise ValueError(f"trainer.gradient_checkpointing: {type(model).__name__} holds no transformers or diffusers "
                          "model, whose layers know how to recompute themselves; turn it off for this model")
     return enabled
+
+
+def _glibc() -> Any:
+    """The C library through ctypes on Linux with glibc; None elsewhere (musl, macOS, Windows)."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
+    """Serve every heap block of ``nbytes`` or more with its own ``mmap``, unmapped as soon as it is freed.
+
+    glibc starts at 128 KiB but raises this threshold to the size of each such block freed (up to 32 MiB), after
+    which a training step's activations come from the heap and their freed blocks stay in the process. Setting it
+    (``mallopt(M_MMAP_THRESHOLD)``) turns the raising off. Returns whether it was set (False outside glibc)."""
+    libc = _glibc()
+    m_mmap_threshold = -3  # from malloc.h
+    return libc is not None and libc.mallopt(m_mmap_threshold, int(nbytes)) == 1
+
+
+def trim_heap() -> bool:
+    """Give the heap's free pages back to the OS (``malloc_trim(0)``: the top of the heap and every whole free page
+    inside it); the small blocks below the mmap threshold otherwise fragment the heap step after step. Returns
+    whether anything was released (False also outside glibc)."""
+    libc = _glibc()
+    return libc is not None and libc.malloc_trim(0) == 1

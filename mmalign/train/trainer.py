@@ -174,8 +174,11 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         if not params:
             raise ValueError("model has no parameters with requires_grad=True: nothing to train")
+        # torch's fused AdamW (CPU and GPU kernels; TRL's default too): one pass per parameter without the per-tensor
+        # loop's temporaries, which otherwise raise the peak of a step inside backward
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                           betas=(cfg.adam_betas[0], cfg.adam_betas[1]))
+                                           betas=(cfg.adam_betas[0], cfg.adam_betas[1]),
+                                           fused=True)
         # The scheduler stays outside accelerate.prepare: its wrapper steps once per process, we step once per update.
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, _lr_lambda(cfg.lr_schedule, cfg.warmup_steps, cfg.max_steps)
@@ -369,11 +372,16 @@ class Trainer:
         With fp16 the scaler skips an update whose gradients overflowed (and lowers the scale); the schedule then
         stays where it is as well, so every applied update gets the LR of its own position in the schedule.
         """
+        # A skipped update lowers the scale. accelerate's own flag misses the skips of a fused optimizer (the scaler
+        # calls its step with the overflow flag rather than leaving step uncalled), so the scale is compared instead.
+        scaler = self.accelerator.scaler
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None
         # DeepSpeed stepped inside engine.step (no fp16 there: the config refuses it); optimizer_in_backward in backward
         if not self.zero and not self.cfg.optimizer_in_backward:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
-        if not self.accelerator.optimizer_step_was_skipped:
+        skipped = scaler.get_scale() < scale if scale is not None else self.accelerator.optimizer_step_was_skipped
+        if not skipped:
             self.scheduler.step()
 
     def train(self, resume: bool = False) -> dict[str, Any]:

@@ -206,8 +206,9 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     from mmalign.vision_lm.refcache import reference_cache
 
     run_dir = Path(run_dir)
-    if cfg.cpu_return_memory and (cfg.trainer.cpu or not torch.cuda.is_available()):
-        _return_freed_heap_memory()
+    cpu_heap = cfg.cpu_return_memory and (cfg.trainer.cpu or not torch.cuda.is_available())
+    if cpu_heap:
+        cpu_heap = _return_freed_heap_memory()
     # 1. everything the user passed is checked before any model is built or trained
     if cfg.model_path:
         local = check_model_source(cfg.model_path)
@@ -275,6 +276,7 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
         raise ValueError(f"merge=true needs whole parameters; trainer.distributed={cfg.trainer.distributed} shards "
                          "them (load run/adapter onto the base and merge there)")
     trainer.artifact_args = (processor, base_name)
+    trainer.trim_each_step = cpu_heap
     out = trainer.train(resume=resume)
     artifacts = _write_artifacts(trainer, processor, run_dir, base_name, merge=cfg.merge, push_to_hub=cfg.push_to_hub)
     return {**out, **stats, "n_pairs": len(pairs), "skipped_pairs": n_dropped,
@@ -293,20 +295,14 @@ def _return_freed_heap_memory() -> bool:
     to the last one's leftovers. Fixing the threshold (``mallopt(M_MMAP_THRESHOLD)``, which turns the raising off)
     keeps the large blocks returned, at the price of page faults on every fresh one. 1 MiB: activations (MBs per
     tensor at real sizes) are returned while the many small blocks stay in the heap; glibc's own 128 KiB lowered the
-    peak a little more at about twice the page-fault time (peak RSS and step rates in
-    docs/benchmarks/vlm_training.md). Returns whether the setting was made (False outside glibc).
+    peak a little more at about twice the page-fault time. The trainer also trims the heap after every update
+    (:func:`~mmalign.train.memory.trim_heap`), so the small blocks' free pages do not pile up from step to step
+    (peak RSS and step rates in docs/benchmarks/vlm_training.md). Returns whether the setting was made (False
+    outside glibc).
     """
-    import ctypes
-    import platform
+    from mmalign.train.memory import fix_mmap_threshold
 
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_mmap_threshold = -3  # from malloc.h
-    return libc.mallopt(m_mmap_threshold, CPU_MMAP_THRESHOLD) == 1
+    return fix_mmap_threshold(CPU_MMAP_THRESHOLD)
 
 
 def _check_pairs(cfg: VLMTrainConfig, adapter: Any, pairs: list[Any], rows: list[int]
@@ -336,11 +332,18 @@ def _write_artifacts(trainer: Any, processor: Any, out_dir: Path, base_name: str
 
 def _artifact_trainer() -> type:
     from mmalign.train import Trainer
+    from mmalign.train.memory import trim_heap
 
     class ArtifactTrainer(Trainer):
         """The generic trainer that also writes loadable artifacts at every intermediate ``save_every`` checkpoint."""
 
         artifact_args: tuple[Any, str] = (None, "")
+        trim_each_step = False  # cpu_return_memory: the heap's free pages go back to the OS after every update
+
+        def _optimizer_step(self) -> None:
+            super()._optimizer_step()
+            if self.trim_each_step:
+                trim_heap()
 
         def save(self) -> Path:
             path = super().save()

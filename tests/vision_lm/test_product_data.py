@@ -127,3 +127,21 @@ def test_reference_pass_runs_first_without_grad_and_cpu_heap_memory_is_returned(
     assert grad_modes[-4:] == [False, True, False, True]  # per step: reference, then policy (the scan only encodes)
     if platform.libc_ver()[0] == "glibc":
         assert _return_freed_heap_memory()
+
+
+def test_cpu_return_memory_trims_the_heap_after_every_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With ``cpu_return_memory`` the heap's free pages go back to the OS once per optimizer update, not otherwise."""
+    import platform
+
+    import mmalign.train.memory as memory
+
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc's allocator only")
+    calls: list[int] = []
+    monkeypatch.setattr(memory, "trim_heap", lambda: calls.append(1) or True)
+    model_dir = tiny_folder("llava", tmp_path / "model")
+    data = pairs_file(tmp_path / "data")
+    run(cfg(model_dir, data, trainer={"max_steps": 3}), tmp_path / "plain")
+    assert calls == []
+    run(cfg(model_dir, data, cpu_return_memory=True, trainer={"max_steps": 3}), tmp_path / "returned")
+    assert len(calls) == 3
