@@ -235,8 +235,9 @@ TUNE_COLS = [("partner_balanced_acc", "partner bal. acc"), ("partner_yes_ratio",
 # stored per tuning row; TUNE_COLS_STORED adds what the table leaves out
 TUNE_COLS_STORED = [*TUNE_COLS, ("pope_random_acc", "POPE-r"), ("train/pref_accuracy", "train pref acc"),
                     ("partner_violating_gap", "yes-no logit on prior-violating partner questions")]
-TUNE_SETTINGS = ("pref_labels", "pref_steps", "pref_lr", "beta", "lora_r", "pref_batch_size", "n_pref_scenes")
-TUNE_DEFAULTS = {"n_pref_scenes": 256}  # settings that rows written before they were recorded ran with
+TUNE_SETTINGS = ("pref_labels", "pref_steps", "pref_lr", "beta", "lora_r", "pref_batch_size", "n_pref_scenes",
+                 "partner_question_rate")
+TUNE_DEFAULTS = {"n_pref_scenes": 256, "partner_question_rate": 0.0}  # settings that rows written before they were recorded ran with
 TRAJECTORY = ("rewards/margin", "rewards/chosen", "rewards/rejected", "train/loss")
 MOVED = 0.55  # a row "moves" the partner question when its balanced accuracy is at least this (the base: 0.50)
 
@@ -257,7 +258,8 @@ def pref_tuning_section(rows: list[dict], ref: HallucBenchConfig, n_test: int) -
         for m, x in r["rows"].items():
             recipes.setdefault((tuple(str(st[k]) for k in TUNE_SETTINGS), m), {})[int(r["seed"])] = x
     seeds = sorted({int(r["seed"]) for r in rows})
-    label = {"pref_lr": "lr", "beta": "β", "lora_r": "r", "pref_batch_size": "batch", "n_pref_scenes": "pairs from"}
+    label = {"pref_lr": "lr", "beta": "β", "lora_r": "r", "pref_batch_size": "batch", "n_pref_scenes": "pairs from",
+             "partner_question_rate": "partner questions"}
 
     def name(values: tuple[str, ...]) -> str:
         st = dict(zip(TUNE_SETTINGS, values))

@@ -58,6 +58,9 @@ class HallucBenchConfig(Config):
                                        "annotator)")
     n_test_scenes: int = option(2000, "balanced test scenes per seed (half prior-violating)")
     n_pref_scenes: int = option(256, "fresh train-split scenes the preference pairs are built from")
+    partner_question_rate: float = option(0.5, "probability that a trigger scene's yes/no pair asks about the "
+                                               "trigger's co-occurring partner (POVID-style targeting), else a "
+                                               "uniformly random shape; the same for every pair source")
     pref_steps: int = option(50, "preference-training optimizer steps per method")
     pref_lr: float = option(1e-3, "preference-training learning rate (LoRA)")
     pref_batch_size: int = option(16, "pairs per preference-training step")
@@ -77,6 +80,8 @@ class HallucBenchConfig(Config):
         bad = [m for m in self.methods if m not in ROWS]
         if bad:
             raise ValueError(f"methods must be among {list(ROWS)}, got unknown {bad}")
+        if not 0 <= self.partner_question_rate <= 1:
+            raise ValueError(f"partner_question_rate must be in [0, 1], got {self.partner_question_rate}")
         if not 0 <= self.flip_rate < 0.5:
             raise ValueError(f"flip_rate must be in [0, 0.5), got {self.flip_rate}")
         missing = sorted({baseline_of(m) for m in self.methods} - set(self.methods))
@@ -259,7 +264,8 @@ def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path |
         adapter.model = base_model
         if source not in pair_cache:
             pairs, stats = build_pairs(source, adapter, pref_plain, data.pref_images, seed=seed,
-                                       bdhs_rho=cfg.bdhs_rho, realign_top_k=cfg.realign_top_k)
+                                       bdhs_rho=cfg.bdhs_rho, realign_top_k=cfg.realign_top_k,
+                                       partner_rate=cfg.partner_question_rate)
             stats = {**stats, **pair_diagnostics(source, pairs, pref_plain, data.pref_images)}
             pair_cache[source] = (pairs, stats)
         pairs, stats = pair_cache[source]

@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["DESCRIBE", "build_tiny", "sft_examples", "corrupt_pairs", "question_chosen", "sft_trainer_config",
+__all__ = ["DESCRIBE", "build_tiny", "sft_examples", "asked_shape", "corrupt_pairs", "question_chosen", "sft_trainer_config",
            "train_sft", "build_pairs", "pretrain_vision_tower"]
 
 DESCRIBE = "<image> describe :"
@@ -50,8 +50,26 @@ def sft_examples(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np.ra
     return out
 
 
-def corrupt_pairs(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np.random.Generator) -> list[Any]:
-    """Rule-based pairs (the plain DPO baseline): caption with one shape or colour replaced; flipped yes/no answer."""
+def asked_shape(scene: Any, rng: np.random.Generator, partner_rate: float = 0.0) -> str:
+    """The shape a scene's yes/no question asks about: a uniformly random one, or, with probability
+    ``partner_rate`` when the scene holds a trigger, the trigger's co-occurring partner.
+
+    POVID builds its rejected answers from the objects a model is prone to hallucinate, those that co-occur with
+    what is shown; asked uniformly over six shapes, only about one question in nine would concern the partner (the
+    question the testbed scores). With ``partner_rate`` 0 nothing beyond the uniform draw is taken from ``rng``.
+    """
+    from mmalign.vision_lm import scenes as S
+
+    partners = sorted({S.PRIOR_PAIRS[t] for t in scene.shapes if t in S.PRIOR_PAIRS})
+    if partner_rate > 0 and partners and rng.random() < partner_rate:
+        return str(rng.choice(partners))
+    return str(rng.choice(S.SHAPES))
+
+
+def corrupt_pairs(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np.random.Generator,
+                  partner_rate: float = 0.0) -> list[Any]:
+    """Rule-based pairs (the plain DPO baseline): caption with one shape or colour replaced; flipped yes/no answer
+    (the question's shape from :func:`asked_shape`)."""
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.objectives import PrefPair
 
@@ -66,21 +84,23 @@ def corrupt_pairs(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np.r
         bad = list(words)
         bad[i] = str(rng.choice(pool))
         pairs.append(PrefPair(DESCRIBE, " ".join(words), " ".join(bad), [img]))
-        shape = str(rng.choice(S.SHAPES))
+        shape = asked_shape(scene, rng, partner_rate)
         truth = "yes" if shape in scene.shapes else "no"
         pairs.append(PrefPair(f"<image> {S.question(shape)}", truth, "no" if truth == "yes" else "yes", [img]))
     return pairs
 
 
-def question_chosen(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np.random.Generator) -> list[Any]:
-    """(prompt, ground-truth answer, image) examples, captions and one yes/no question per scene."""
+def question_chosen(scenes: Sequence[Any], images: Sequence[np.ndarray], rng: np.random.Generator,
+                    partner_rate: float = 0.0) -> list[Any]:
+    """(prompt, ground-truth answer, image) examples, captions and one yes/no question per scene (its shape from
+    :func:`asked_shape`)."""
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.adapter import VLExample
 
     out = []
     for scene, img in zip(scenes, images):
         out.append(VLExample(DESCRIBE, S.caption(scene), [img]))
-        shape = str(rng.choice(S.SHAPES))
+        shape = asked_shape(scene, rng, partner_rate)
         out.append(VLExample(f"<image> {S.question(shape)}", "yes" if shape in scene.shapes else "no", [img]))
     return out
 
@@ -119,8 +139,10 @@ def train_sft(adapter: Any, examples: list[Any], *, steps: int, batch_size: int,
 
 
 def build_pairs(source: str, adapter: Any, scenes: list[Any], images: list[np.ndarray], *, seed: int,
-                bdhs_rho: float = 0.99, realign_top_k: int = 5) -> tuple[list[Any], dict[str, float]]:
-    """The method's preference pairs from ``scenes`` using the SFT model in ``adapter``."""
+                bdhs_rho: float = 0.99, realign_top_k: int = 5,
+                partner_rate: float = 0.0) -> tuple[list[Any], dict[str, float]]:
+    """The method's preference pairs from ``scenes`` using the SFT model in ``adapter``; every source asks its
+    yes/no questions about the same shapes (``partner_rate``: :func:`asked_shape`)."""
     import torch
 
     from mmalign.vision_lm import methods as M
@@ -129,8 +151,8 @@ def build_pairs(source: str, adapter: Any, scenes: list[Any], images: list[np.nd
 
     rng = np.random.default_rng(seed + 777)
     if source == "corrupt":
-        return corrupt_pairs(scenes, images, rng), {}
-    chosen = question_chosen(scenes, images, rng)
+        return corrupt_pairs(scenes, images, rng, partner_rate), {}
+    chosen = question_chosen(scenes, images, rng, partner_rate)
     if source == "bdhs":
         gen = torch.Generator().manual_seed(seed + 99)
         rejected, stats = M.bdhs_rejected(adapter, chosen, rho=bdhs_rho, rng=rng, generator=gen)

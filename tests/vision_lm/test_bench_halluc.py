@@ -276,3 +276,31 @@ def test_flip_sweep_section(bench, tmp_path, monkeypatch):
     assert lines[1].startswith("| 0.2 | 0.700 ± 0.000 | 0.750 ± 0.000 | not run | not run | -0.102 ± 0.004")
     with pytest.raises(ValueError, match="seed7.json"):
         bench.main(["--seeds", "report", "report_seeds=[0,7]", "dev_seeds=[9]", "--flip-dirs", *dirs])
+
+
+def test_partner_questions_are_targeted_at_the_set_rate():
+    """POVID-style targeting: a trigger scene's yes/no pair asks about the trigger's partner with the set probability
+    (plus the uniform draw's own 1/6), scenes without a trigger never; rate 0 asks uniformly with the same draws."""
+    from mmalign.vision_lm import scenes as S
+    from mmalign.vision_lm.testbed import asked_shape, corrupt_pairs, question_chosen
+
+    trig = S.Scene((S.SceneObject("circle", "red", "big", 0), S.SceneObject("bar", "blue", "small", 3)))
+    plain = S.Scene((S.SceneObject("bar", "blue", "small", 3),))
+    n = 4000
+    for rate in (0.0, 0.5, 1.0):
+        rng = np.random.default_rng(0)
+        asked = [asked_shape(trig, rng, rate) for _ in range(n)]
+        expected = rate + (1 - rate) / len(S.SHAPES)
+        assert abs(np.mean([a == "square" for a in asked]) - expected) <= 4 * np.sqrt(expected * (1 - expected) / n)
+        rng = np.random.default_rng(0)
+        assert abs(np.mean([asked_shape(plain, rng, rate) == "square" for _ in range(n)]) - 1 / 6) < 0.03
+    uniform = np.random.default_rng(1)
+    assert asked_shape(trig, np.random.default_rng(1), 0.0) == str(uniform.choice(S.SHAPES))
+    # the builders ask the same shapes with the same seed: rule-corrupted pairs and the chosen answers of BDHS/Re-Align
+    imgs = [np.zeros((4, 4, 3), np.uint8)] * 200
+    scenes = [trig] * 200
+    pairs = corrupt_pairs(scenes, imgs, np.random.default_rng(3), partner_rate=1.0)
+    assert all(p.prompt == f"<image> {S.question('square')}" and (p.chosen, p.rejected) == ("no", "yes")
+               for p in pairs[1::2])
+    chosen = question_chosen(scenes, imgs, np.random.default_rng(3), partner_rate=1.0)
+    assert {ex.prompt for ex in chosen[1::2]} == {f"<image> {S.question('square')}"}
