@@ -60,7 +60,8 @@ BASE_COLS = [("pope_random_acc", "POPE-r"), ("pope_popular_acc", "POPE-p"), ("po
 ROW_COLS = [("partner_balanced_acc", "partner bal. acc"), ("partner_f1", "partner F1"),
             ("partner_yes_ratio", "partner yes"), ("partner_violating_yes", "halluc. rate"),
             ("partner_visible_recall", "visible recall"), ("pope_adversarial_acc", "POPE-a"),
-            ("pope_random_acc", "POPE-r"), ("diag/token_kl_to_base", "token KL")]
+            ("pope_random_acc", "POPE-r"), ("caption_chair_i", "CHAIR_i"), ("caption_chair_s", "CHAIR_s"),
+            ("diag/token_kl_to_base", "token KL")]
 
 
 def ci(values: list[float], digits: int = 3) -> str:
@@ -150,13 +151,16 @@ def results_section(results: dict[str, dict], cfg: HallucBenchConfig, header: st
         what = "" if kind == "primary" else " (token KL)"
         lines.append(f"| {claim} | {paper} | {ROW_NAMES.get(against, against)} | {c['diff']:+.3f} ± "
                      f"{c['half_width']:.3f}{what} | {c['p_holm']:.3f} | {c['yes_ratio']:.2f} | {claim_verdict(c)} |")
+    # CHAIR columns only where every row measured them (runs with n_caption_scenes=0 have none)
+    cols = [(k, c) for k, c in ROW_COLS if not k.startswith("caption_")
+            or all(k in results[s]["rows"][row] for s in seeds for row in cfg.methods)]
     lines += ["", "### Methods (mean ± 95% CI over seeds)", "",
-              "| method | " + " | ".join(c for _, c in ROW_COLS) + " | pairs |", "|---|" + "---|" * (len(ROW_COLS) + 1)]
+              "| method | " + " | ".join(c for _, c in cols) + " | pairs |", "|---|" + "---|" * (len(cols) + 1)]
     lines.append("| base (SFT) | " + " | ".join(ci([results[s]["base"][k] for s in seeds]) if k in
-                                                   results[seeds[0]]["base"] else "0" for k, _ in ROW_COLS) + " | - |")
+                                                   results[seeds[0]]["base"] else "0" for k, _ in cols) + " | - |")
     for row in cfg.methods:
         r = [results[s]["rows"][row] for s in seeds]
-        lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(ci([x[k] for x in r]) for k, _ in ROW_COLS)
+        lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(ci([x[k] for x in r]) for k, _ in cols)
                      + f" | {np.mean([x['n_pairs'] for x in r]):.0f} |")
     steps = sorted({int(k.rsplit("step", 1)[1]) for k in results[seeds[0]]["rows"][cfg.methods[0]]
                     if k.startswith("diag/token_kl_step")})

@@ -219,14 +219,15 @@ def _yes(adapter: Any, prompts: list[tuple[str, np.ndarray]]) -> np.ndarray:
 
 
 def evaluate(adapter: Any, data: TestbedData, seed: int, gen: W.WeakEvidenceGenerator,
-             captions: bool = False) -> dict[str, float]:
+             captions: int = 0) -> dict[str, float]:
     """Testbed metrics of the model in ``adapter`` on the seed's test split (see docs/benchmarks/vision_lm.md).
 
     ``pope_<split>_*``: POPE on the prior-violating test scenes (the gates); ``blank_pope_random_acc``: the same
     random questions on blank (noise-only) images; ``partner_*``: the partner question of every balanced test scene
     (primary metric ``partner_balanced_acc``), with the Bayes-optimal observer's value ``bayes_partner_balanced_acc``;
     ``partner_visible_*`` / ``partner_unseen_*``: consistent scenes whose partner is visible / invisible
-    (recall), ``partner_violating_yes``: hallucination rate, ``partner_violating_gap``: its mean yes-minus-no logit. ``captions``: CHAIR of greedy captions as well.
+    (recall), ``partner_violating_yes``: hallucination rate, ``partner_violating_gap``: its mean yes-minus-no logit. ``captions``: ``caption_*``, CHAIR of the greedy
+    captions of the first ``captions`` test scenes (balanced: the split alternates), against the ground truth.
     """
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.stats import binary_metrics
@@ -262,11 +263,12 @@ def evaluate(adapter: Any, data: TestbedData, seed: int, gen: W.WeakEvidenceGene
     if captions:
         from mmalign.vision_lm.adapter import VLExample
 
+        n = min(int(captions), len(data.test))
         caps: list[str] = []
-        for start in range(0, len(data.test), 128):
-            chunk = [VLExample(DESCRIBE, "", [im]) for im in data.test_images[start:start + 128]]
+        for start in range(0, n, 128):
+            chunk = [VLExample(DESCRIBE, "", [im]) for im in data.test_images[start:min(start + 128, n)]]
             caps += adapter.generate(chunk, max_new_tokens=24, stop_words=(".",))
-        out.update({f"caption_{k}": v for k, v in S.chair_metrics(caps, [s.scene for s in data.test]).items()})
+        out.update({f"caption_{k}": v for k, v in S.chair_metrics(caps, [s.scene for s in data.test[:n]]).items()})
     return out
 
 

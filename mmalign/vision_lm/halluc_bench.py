@@ -71,6 +71,7 @@ class HallucBenchConfig(Config):
     realign_top_k: int = option(5, "Re-Align: retrieved images tried per example")
     lora_r: int = option(16, "LoRA rank")
     n_kl_scenes: int = option(200, "test scenes whose ground-truth answers score the token KL to the base")
+    n_caption_scenes: int = option(500, "test scenes whose greedy captions score CHAIR_i / CHAIR_s (0: none)")
 
     def __post_init__(self) -> None:
         if isinstance(self.base, dict):
@@ -90,6 +91,8 @@ class HallucBenchConfig(Config):
         overlap = sorted(set(self.report_seeds) & set(self.dev_seeds))
         if overlap:
             raise ValueError(f"report_seeds and dev_seeds must not overlap, both hold {overlap}")
+        if self.n_caption_scenes < 0:
+            raise ValueError(f"n_caption_scenes must be >= 0, got {self.n_caption_scenes}")
         for name in ("n_test_scenes", "n_pref_scenes", "pref_steps", "pref_lr", "pref_batch_size", "beta",
                      "lora_r", "n_kl_scenes"):
             check_positive(name, getattr(self, name))
@@ -238,8 +241,8 @@ def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path |
     data = H.make_data(cfg.base, seed, cfg.n_pref_scenes, cfg.n_test_scenes)
     adapter, info = H.build_base(cfg.base, seed, data, cache_dir)
     base_model = adapter.model
-    out: dict[str, Any] = {"base": H.evaluate(adapter, data, seed, gen), "base_info": info, "rows": {},
-                           "flip_rate": cfg.flip_rate}
+    out: dict[str, Any] = {"base": H.evaluate(adapter, data, seed, gen, captions=cfg.n_caption_scenes),
+                           "base_info": info, "rows": {}, "flip_rate": cfg.flip_rate}
     out["gates"] = H.gates(out["base"])
     out["forced"] = force and not all(out["gates"].values())
     if not all(out["gates"].values()) and not force:
@@ -281,7 +284,7 @@ def run_seed(cfg: HallucBenchConfig, seed: int, run_dir: Path, cache_dir: Path |
         model = adapter.model
         adapter.model = model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
         adapter.model.eval()
-        metrics = H.evaluate(adapter, data, seed, gen)
+        metrics = H.evaluate(adapter, data, seed, gen, captions=cfg.n_caption_scenes)
         metrics["diag/token_kl_to_base"] = token_kl(adapter, base_model, kl_examples)
         during = _logged(row_dir / "metrics.jsonl", "eval/token_kl_to_base")
         metrics.update({f"diag/token_kl_step{step}": v for step, v in during})

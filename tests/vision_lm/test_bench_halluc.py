@@ -137,6 +137,7 @@ def test_run_seed_tiny_pipeline(tmp_path):
     assert out["rows"]["dpo"]["diag/token_kl_to_base"] >= 0
     assert 0 <= out["rows"]["bdhs_offline"]["diag/bdhs_rejected_correct_all"] <= 1
     assert {"diag/token_kl_step1", "diag/token_kl_step2"} <= set(out["rows"]["rrpo"])  # during and after training
+    assert all(0 <= r["caption_chair_i"] <= 1 for r in [out["base"], *out["rows"].values()])  # CHAIR of captions
     # grounded preference labels, robust DPO with an estimated eps, DPO on Re-Align's pairs
     cfg.methods, cfg.pref_labels, cfg.flip_rate = ["dpo", "dpo_flipped", "robust_dpo_flipped_est"], "visible", 0.4
     out = run_seed(cfg, 0, tmp_path / "b", None, force=True)
