@@ -466,18 +466,27 @@ def _command(args: argparse.Namespace) -> str:
             f"{' --no-extras' if args.no_extras else ''}{' --skip ' + args.skip if args.skip else ''}")
 
 
-def _commands_line(commands: dict[str, str]) -> str:
-    """The comparison's command(s): one per invocation whose runs are on the page, with the modes it ran."""
+def _commands_line(commands: dict[str, str], loads: dict[str, float] | None = None,
+                   notes: dict[str, str] | None = None) -> str:
+    """The comparison's command(s): one per invocation whose runs are on the page, with the modes it ran, the load
+    average at its end and its note (``--note``), where recorded."""
     by_cmd: dict[str, list[str]] = {}
     for mode, cmd in commands.items():
         by_cmd.setdefault(cmd, []).append(mode)
-    return "Commands: " + "; ".join(f"`{cmd}` (modes {', '.join(modes)})" for cmd, modes in by_cmd.items()) + "."
+    parts = []
+    for cmd, modes in by_cmd.items():
+        extra = [f"load average {loads[modes[0]]:.1f} at its end"] if loads and modes[0] in loads else []
+        extra += [notes[modes[0]]] if notes and notes.get(modes[0]) else []
+        parts.append(f"`{cmd}` (modes {', '.join(modes)}{''.join('; ' + e for e in extra)})")
+    return "Commands: " + "; ".join(parts) + "."
 
 
 def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict], lazy: dict | None,
               prof: list[dict] | None = None, load_end: float | None = None,
-              commands: dict[str, str] | None = None) -> None:
-    """The page; ``commands``: the command that ran each mode's comparison, where runs of several commands are kept."""
+              commands: dict[str, str] | None = None, loads: dict[str, float] | None = None,
+              notes: dict[str, str] | None = None) -> None:
+    """The page; ``commands``: the command that ran each mode's comparison, where runs of several commands are kept
+    (``loads``, ``notes``: per mode, the load average at the end of its command and the note it was given)."""
     import numpy as np
     import torch
     import transformers
@@ -489,9 +498,11 @@ def write_doc(args: argparse.Namespace, smoke_res: dict | None, runs: list[dict]
              "random init (seed 0), saved as a local model folder with a SmolVLMProcessor around an offline "
              "word-level tokenizer of the same vocabulary size; generated conversational pairs with embedded 512x512 "
              "PNG images, one per pair, not split into tiles (64 image tokens). fp32 on CPU.", "",
-             _commands_line(commands or {m: _command(args) for m in args.modes.split(",")}) + " "
-             f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs (load average "
-             f"{load_end if load_end is not None else os.getloadavg()[0]:.1f} at the end of the comparison); torch {torch.__version__}, transformers "
+             _commands_line(commands or {m: _command(args) for m in args.modes.split(",")}, loads, notes) + " "
+             f"Machine: {cpu}, {os.cpu_count()} cores shared with other jobs"
+             + ("" if loads else f" (load average {load_end if load_end is not None else os.getloadavg()[0]:.1f} at "
+                                 "the end of the comparison)")
+             + f"; torch {torch.__version__}, transformers "
              f"{transformers.__version__}, TRL {trl.__version__}. Seeds: model 0, data 0, trainer 0.", ""]
     if smoke_res:
         s = smoke_res
@@ -561,6 +572,7 @@ def main() -> None:
     ap.add_argument("--lazy-distinct", type=int, default=200)
     ap.add_argument("--modes", default=",".join(ARMS), help="comma list of ARMS keys; their runs replace earlier ones")
     ap.add_argument("--no-extras", action="store_true", help="only the rounds' arms, not the extra runs (ARMS)")
+    ap.add_argument("--note", default="", help="what the page should say about this comparison's conditions")
     ap.add_argument("--skip", default="", help="comma list of parts to skip: smoke, compare, lazy, profile")
     ap.add_argument("--side", choices=["mmalign", "trl", "lazy", "profile"], default=None,
                     help="internal: one child run")
@@ -609,6 +621,8 @@ def main() -> None:
                 saved.write_text(json.dumps(results))
                 print(results["runs"][-1], flush=True)
         results["load_end"] = os.getloadavg()[0]
+        results.setdefault("loads", {}).update({m: results["load_end"] for m in args.modes.split(",")})
+        results.setdefault("notes", {}).update({m: args.note for m in args.modes.split(",")})
         saved.write_text(json.dumps(results))
     if "lazy" not in skip:
         lazy_file = args.work / "lazy.parquet"
@@ -626,7 +640,7 @@ def main() -> None:
         saved.write_text(json.dumps(results))
     write_doc(args, results.get("smoke"), results["runs"], results.get("lazy"),
               [p for p in (results.get("profile"), results.get("profile_full")) if p], results.get("load_end"),
-              results.get("commands"))
+              results.get("commands"), results.get("loads"), results.get("notes"))
 
 
 if __name__ == "__main__":
