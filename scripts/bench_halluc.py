@@ -272,7 +272,7 @@ def pref_tuning_section(rows: list[dict], ref: HallucBenchConfig, n_test: int) -
 
     order = sorted(recipes, key=lambda k: (k[0][0], *(float(v) for v in k[0][1:]), k[1]))
     lines = ["## Preference-training settings (dev seeds)", "",
-             "Each line: `nice -n 19 python scripts/bench_halluc.py --seeds dev --pref-tune <overrides>` (the cached "
+             "Each line: `python scripts/bench_halluc.py --seeds dev --pref-tune <overrides>` (the cached "
              f"base of each dev seed, never a report seed; {n_test} test scenes); machine: {machine()}, 1 torch "
              f"thread. Settings not named are the configured ones: LoRA r {ref.lora_r}, lr {ref.pref_lr:g}, "
              f"β {ref.beta:g}, {ref.pref_batch_size} pairs per step, pairs from {ref.n_pref_scenes} scenes. A cell is "
@@ -428,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         return pref_tuning(cfg, seeds, args, run_dir)
     if args.flip_dirs:
         cmd = " ".join(["python scripts/bench_halluc.py", f"--seeds {args.seeds}", *args.overrides])
-        header = (f"Command per flip rate: `nice -n 19 {cmd} flip_rate=RATE`, then `--flip-dirs` over the run dirs; "
+        header = (f"Command per flip rate: `{cmd} flip_rate=RATE --run-dir DIR`, then `--flip-dirs` over the run dirs "
+                  f"({', '.join(f'`{d}`' for d in args.flip_dirs)}); "
                   f"{args.seeds} seeds {seeds}; machine: {machine()}, CPU only, 1 torch thread.")
         body = flip_section([Path(d) for d in args.flip_dirs], cfg, seeds, header)
         emit(args, "halluc_flips", body)
@@ -459,8 +460,9 @@ def main(argv: list[str] | None = None) -> int:
     # per seed: process CPU time of run_seed, base build included (a seed still running has none yet)
     finished = [r["cpu_s"] for s, r in results.items() if int(s) not in running]
     cpu = sum(finished)
-    cmd = " ".join(["python scripts/bench_halluc.py", f"--seeds {args.seeds}", *args.overrides])
-    header = (f"Command: `nice -n 19 {cmd}`; {args.seeds} seeds {seeds}; {cfg.n_test_scenes} test scenes per seed "
+    cmd = " ".join(["python scripts/bench_halluc.py", f"--seeds {args.seeds}",
+                    *([f"--run-dir {args.run_dir}"] if args.run_dir else []), *args.overrides])
+    header = (f"Command: `{cmd}`; {args.seeds} seeds {seeds}; {cfg.n_test_scenes} test scenes per seed "
               f"(half prior-violating); machine: {machine()}, CPU only, 1 torch thread, shared 2-core machine; "
               f"CPU time {cpu / 60:.1f} min for the {len(finished)} finished seeds "
               f"({cpu / max(len(finished), 1) / 60:.1f} min per seed, base builds included where not cached)"
