@@ -3,6 +3,7 @@ heap on the CPU (freed activation memory given back to the OS)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -61,8 +62,10 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> list[str]:
     return enabled
 
 
+@functools.cache
 def _glibc() -> Any:
-    """The C library through ctypes on Linux with glibc; None elsewhere (musl, macOS, Windows)."""
+    """The C library through ctypes on Linux with glibc (loaded once: the trainer trims every step); None elsewhere
+    (musl, macOS, Windows)."""
     import ctypes
     import platform
 

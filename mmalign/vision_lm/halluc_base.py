@@ -226,8 +226,9 @@ def evaluate(adapter: Any, data: TestbedData, seed: int, gen: W.WeakEvidenceGene
     random questions on blank (noise-only) images; ``partner_*``: the partner question of every balanced test scene
     (primary metric ``partner_balanced_acc``), with the Bayes-optimal observer's value ``bayes_partner_balanced_acc``;
     ``partner_visible_*`` / ``partner_unseen_*``: consistent scenes whose partner is visible / invisible
-    (recall), ``partner_violating_yes``: hallucination rate, ``partner_violating_gap``: its mean yes-minus-no logit. ``captions``: ``caption_*``, CHAIR of the greedy
-    captions of the first ``captions`` test scenes (balanced: the split alternates), against the ground truth.
+    (recall), ``partner_violating_yes``: hallucination rate, ``partner_violating_gap``: its mean yes-minus-no logit.
+    ``captions``: ``caption_*``, CHAIR of the greedy captions of the first ``captions`` test scenes (balanced: the
+    split alternates), against the ground truth.
     """
     from mmalign.vision_lm import scenes as S
     from mmalign.vision_lm.stats import binary_metrics

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["DESCRIBE", "build_tiny", "sft_examples", "asked_shape", "corrupt_pairs", "question_chosen", "sft_trainer_config",
-           "train_sft", "build_pairs", "pretrain_vision_tower"]
+__all__ = ["DESCRIBE", "build_tiny", "sft_examples", "asked_shape", "corrupt_pairs", "question_chosen",
+           "sft_trainer_config", "train_sft", "build_pairs", "pretrain_vision_tower"]
 
 DESCRIBE = "<image> describe :"
 

@@ -206,9 +206,9 @@ def run(cfg: VLMTrainConfig, run_dir: Path, resume: bool = False) -> dict[str, A
     from mmalign.vision_lm.refcache import reference_cache
 
     run_dir = Path(run_dir)
-    cpu_heap = cfg.cpu_return_memory and (cfg.trainer.cpu or not torch.cuda.is_available())
-    if cpu_heap:
-        cpu_heap = _return_freed_heap_memory()
+    # on the CPU (glibc): freed activations unmapped at once, the heap trimmed after every update (ArtifactTrainer)
+    cpu_heap = (cfg.cpu_return_memory and (cfg.trainer.cpu or not torch.cuda.is_available())
+                and _return_freed_heap_memory())
     # 1. everything the user passed is checked before any model is built or trained
     if cfg.model_path:
         local = check_model_source(cfg.model_path)
