@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--oracle", default=None, help="reuse this oracle SAC (.safetensors, or an SB3 .zip) instead of training one in --out")
     p.add_argument("--out", default="runs/bench_cpl")
     p.add_argument("--doc", default=None)
+    p.add_argument("--key", default="bench_cpl", help="marker of the section written in --doc (one per task)")
     add_seed_args(p, dev_default=(0, 1, 2))
     args = p.parse_args()
     try:
@@ -97,7 +98,7 @@ def main() -> None:
     agree = [results[k]["label_return_agreement"] for k in results]
     run_cpu = [results[k]["cpu_s"] for k in results if "cpu_s" in results[k]]
     text = "\n".join([
-        "## Offline CPL vs BC, %BC and P-IQL (scripts/bench_cpl.py)", "",
+        f"## Offline CPL vs BC, %BC and P-IQL on {args.task} (scripts/bench_cpl.py)", "",
         f"Command: `.venv/bin/python scripts/bench_cpl.py --task {args.task} "
         f"{'--report' if plan.reporting else '--dev'}-seeds {' '.join(map(str, args.seeds))} "
         f"--densities {' '.join(args.densities)} --oracle-steps {args.oracle_steps}"
@@ -123,7 +124,7 @@ def main() -> None:
         from doc_sections import write_marked_section
 
         # only the generated block: the hand-written reading around it survives a re-run
-        write_marked_section(args.doc, "bench_cpl", text)
+        write_marked_section(args.doc, args.key, text)
     print(text)
 
 

@@ -7,13 +7,15 @@ target labels; the source reward applied without transfer; the true reward; beha
 offline AWR on the unlabelled target rollouts (the paper's offline setting) and online PPO. Writes a section of
 docs/benchmarks/visuomotor.md.
 
-    MUJOCO_GL=egl python scripts/bench_pearl.py --report-seeds 5 6 7 8 9 --offline-steps 2000 --policy-timesteps 10000
+    MUJOCO_GL=egl python scripts/bench_pearl.py --dev-seeds 0 1 2 --report-seeds 10 11 12 13 14 --out runs/pearl_rep
 
 Seeds follow the robotics protocol (docs/benchmarks/robotics_protocol.md): ``--dev-seeds`` for choices,
 ``--report-seeds`` (disjoint) for the written table; cells are mean ± 95% t half-width over seeds.
 
-PPO runs as its own variant (``ppo``: the landmark/entropic pipeline again, same seeds, hence the same rewards) so
-that it can be run separately; ``--variants`` picks what to run, ``--reuse`` loads runs whose metrics.json exists.
+By default three variants run: offline policies with landmark and with raw-state GW descriptors, and PPO (``ppo``:
+the landmark pipeline again, same seeds, hence the same rewards). ``--variants`` picks what to run (the GW solver
+variants ``landmark/exact`` and ``landmark/batched(3)`` only when named), ``--reuse`` loads runs whose metrics.json
+exists. ``--flips`` runs the label-noise sweep instead (section ``bench_pearl_noise``).
 """
 
 from __future__ import annotations
@@ -133,20 +135,29 @@ def main() -> None:
     variants = {
         "landmark/entropic": dict(gw_features="landmark", gw_solver="entropic",
                                   offline_policy_steps=args.offline_steps),
+        "raw/entropic": dict(gw_features="raw", gw_solver="entropic", offline_policy_steps=args.offline_steps),
+        "ppo": dict(gw_features="landmark", gw_solver="entropic", policy_timesteps=args.policy_timesteps),
+        # GW solver variants (development comparisons; run only when named in --variants)
         "landmark/exact": dict(gw_features="landmark", gw_solver="exact"),
         "landmark/batched(3)": dict(gw_features="landmark", gw_solver="batched"),
-        "raw/entropic": dict(gw_features="raw", gw_solver="entropic"),
-        "ppo": dict(gw_features="landmark", gw_solver="entropic", policy_timesteps=args.policy_timesteps),
     }
+    default = ("landmark/entropic", "raw/entropic", "ppo")
+    unknown = sorted(set(args.variants or ()) - set(variants))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown}; expected some of {sorted(variants)}")
     for name, kw in variants.items():
         for seed in args.seeds:
             run_dir = out / name.replace("/", "_").replace("(3)", "") / f"seed{seed}"
-            selected = args.variants is None or name in args.variants
+            selected = name in (args.variants or default)
             if args.from_runs or not selected or (args.reuse and (run_dir / "metrics.json").is_file()):
                 if (run_dir / "metrics.json").is_file():
-                    res.setdefault(name, []).append(json.loads((run_dir / "metrics.json").read_text()))
+                    m = json.loads((run_dir / "metrics.json").read_text())
+                    res.setdefault(name, []).append({**m, "seed": seed})
                 continue
+            c0 = time.process_time()
             m = run(PearlConfig(seed=seed, **kw), run_dir)
+            m["time/cpu_s"], m["seed"] = time.process_time() - c0, seed
+            (run_dir / "metrics.json").write_text(json.dumps(m, indent=2))
             res.setdefault(name, []).append(m)
             print(name, seed, json.dumps({k: round(v, 3) for k, v in m.items()}), flush=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
@@ -157,69 +168,58 @@ def main() -> None:
         v = [m[key] for m in res.get(name, []) if key in m]
         return fmt_ci(v, "+.2f" if "spearman" in key or "return" in key else ".2f" if "moved" in key else ".3f")
 
+    def per_seed(name: str, key: str) -> dict[int, float]:
+        return {m["seed"]: m[key] for m in res.get(name, []) if key in m}
+
     cfg = PearlConfig()
+    cpu_h = sum(m.get("time/cpu_s", 0.0) for runs in res.values() for m in runs) / 3600
+    cmd = " ".join(a for a in sys.argv[1:] if a != "--from-runs")
     lines = [
-        "## PEARL cross-task transfer (`scripts/bench_pearl.py`)",
+        "## PEARL target-task policies (`scripts/bench_pearl.py`)",
         "",
-        f"Command: `MUJOCO_GL=egl python scripts/bench_pearl.py --dev-seeds {' '.join(map(str, plan.dev))} "
-        f"--report-seeds {' '.join(map(str, plan.report))} "
-        f"--offline-steps {args.offline_steps} --policy-timesteps {args.policy_timesteps}`{args.note}; "
-        f"{plan.describe()}; {now()}; "
-        f"{machine()}; shared {os.cpu_count()}-core CPU with other jobs running (1-min load average "
-        f"{os.getloadavg()[0]:.1f} when this section was written); n = seeds per cell; ± = 95% t half-width.",
+        f"Command: `MUJOCO_GL=egl OMP_NUM_THREADS=1 python scripts/bench_pearl.py {cmd}`{args.note}; "
+        f"{plan.describe()}; {now()}; {machine()}; shared {os.cpu_count()}-core CPU with other jobs running (1-min "
+        f"load average {os.getloadavg()[0]:.1f} when written); n = seeds per cell; ± = 95% t half-width; CPU time "
+        f"of this table {cpu_h:.2f} h ({sum(map(len, res.values()))} runs).",
         "",
-        f"Source: PushAvoidPoint-v0 ({cfg.n_source} scripted rollouts, {cfg.num_source_prefs} pairs labelled by a "
-        f"noiseless simulated human). Target: PushAvoidPointRight-v0 (scene rotated by -90 degrees, larger zones; "
-        f"{cfg.n_target} rollouts, **no labels**); {cfg.num_target_pairs} random target pairs receive transferred "
-        f"labels. GW: square loss, uniform marginals, intra-task Euclidean distances of per-step descriptors every "
-        f"{cfg.feature_stride} steps, scaled to max 1; `landmark` = distances of effector and puck to goal and "
-        f"forbidden zone, `raw` = effector/puck xy. Reward nets: 2x64 MLP on (effector xy, puck xy), "
-        f"{cfg.reward_steps} Adam steps; PEARL = core `gaussian_bt_loss` (prior std {cfg.prior_std}, KL "
-        f"{cfg.kl_coef}), `pearl_bt` = plain BT on the same transferred labels, `true_labels` = Gaussian reward on "
-        "the target pairs' true labels (oracle), `no_transfer` = Gaussian reward trained on the source task and "
-        f"applied to the target as is. Held-out: {cfg.n_eval} target rollouts.",
+        f"Task pair, sizes and rewards as in the label-noise table above (no flips). Offline (the paper's setting): "
+        f"advantage-weighted regression ({args.offline_steps} steps of value and policy net, beta {cfg.awr_beta}, "
+        f"2x256 MLPs) on the {cfg.n_target} + {cfg.offline_rollouts} unlabelled scripted target rollouts relabelled "
+        f"with each (standardised) reward; true return of the policy over {cfg.policy_eval_episodes} deterministic "
+        "evaluation episodes (higher is better; a policy that never touches the puck scores about -12) and the "
+        "fraction of them in which the puck moved.",
         "",
-        "| GW metric / solver | label accuracy | valid pairs | PEARL (Gaussian) ρ | PEARL-BT ρ | true labels ρ | "
-        "no transfer ρ | GW time (s) |",
-        "|---|---|---|---|---|---|---|---|",
+        "| GW descriptor | transferred-label accuracy | reward ρ | PEARL policy (0 target labels) | "
+        "true target labels | source reward, no transfer | true reward | behaviour cloning | PEARL − no transfer "
+        "(paired) | PEARL − BC (paired) | PEARL − true labels (paired) | puck moved (PEARL) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name in list(variants)[:-1]:
-        lines.append(f"| {name} | {ms(name, 'pearl/label_accuracy')} | {ms(name, 'pearl/label_valid_fraction')} | "
-                     f"{ms(name, 'reward/spearman_pearl')} | {ms(name, 'reward/spearman_pearl_bt')} | "
-                     f"{ms(name, 'reward/spearman_true_labels')} | {ms(name, 'reward/spearman_no_transfer')} | "
-                     f"{ms(name, 'pearl/gw_s')} |")
-    pol = res.get("landmark/entropic", [])
-    rows = (("pearl", "PEARL (transferred labels, 0 target labels)"), ("true_labels", "reward from true target labels"),
-            ("no_transfer", "source reward, no transfer"), ("true_reward", "true reward (oracle)"),
-            ("bc", "behaviour cloning, no reward"))
-    if pol and "offline/true_return_pearl" in pol[0]:
-        lines += ["", f"Target-task policies, offline (the paper's setting): advantage-weighted regression "
-                  f"({args.offline_steps} steps of value and policy net, beta {cfg.awr_beta}, 2x256 MLPs) on the "
-                  f"{cfg.n_target} + {cfg.offline_rollouts} unlabelled scripted target rollouts relabelled with each "
-                  "(standardised) reward; true return of the policy over "
-                  f"{cfg.policy_eval_episodes} deterministic evaluation episodes (higher is better; a policy that "
-                  "never touches the puck scores about -12), and the fraction of those episodes in which the puck "
-                  "moved. Dataset true return: "
-                  f"mean {ms('landmark/entropic', 'offline/data_true_return_mean')}, best "
-                  f"{ms('landmark/entropic', 'offline/data_true_return_best')}.", "",
-                  "| reward | true return | puck moved |", "|---|---|---|"]
-        for key, label in rows:
-            lines.append(f"| {label} | {ms('landmark/entropic', f'offline/true_return_{key}')} | "
-                         f"{ms('landmark/entropic', f'offline/puck_moved_{key}')} |")
-        diffs = []
-        for key, label in rows[1:3] + rows[4:]:
-            d = paired_diff({i: m["offline/true_return_pearl"] for i, m in enumerate(pol)},
-                            {i: m[f"offline/true_return_{key}"] for i, m in enumerate(pol)})
-            diffs.append(f"{label} {d} (per seed " + ", ".join(f"{x:+.2f}" for x in d.diffs) + ")")
-        lines += ["", "Paired differences of PEARL's true return (PEARL minus): " + "; ".join(diffs) + "."]
+    for name in ("landmark/entropic", "raw/entropic"):
+        if not res.get(name) or "offline/true_return_pearl" not in res[name][0]:
+            continue
+        pearl = per_seed(name, "offline/true_return_pearl")
+        diffs = [str(paired_diff(pearl, per_seed(name, f"offline/true_return_{k}")))
+                 for k in ("no_transfer", "bc", "true_labels")]
+        lines.append(
+            f"| {name.split('/')[0]} | {ms(name, 'pearl/label_accuracy')} | {ms(name, 'reward/spearman_pearl')} | "
+            + " | ".join(ms(name, f"offline/true_return_{k}")
+                         for k in ("pearl", "true_labels", "no_transfer", "true_reward", "bc"))
+            + f" | {' | '.join(diffs)} | {ms(name, 'offline/puck_moved_pearl')} |")
     ppo = res.get("ppo", [])
     if ppo and "policy/true_return_pearl" in ppo[0]:
-        lines += ["", f"Target-task policies, online PPO ({args.policy_timesteps} steps, state observations, 30-step "
-                  "episodes, SB3 defaults with n_steps 256), same rewards and evaluation:", "",
+        rows = (("pearl", "PEARL (landmark descriptors, 0 target labels)"),
+                ("true_labels", "reward from true target labels"), ("no_transfer", "source reward, no transfer"),
+                ("true_reward", "true reward (oracle)"))
+        lines += ["", f"Online PPO ({args.policy_timesteps} steps, state observations, 30-step episodes, SB3 "
+                  "defaults with n_steps 256), same rewards and evaluation:", "",
                   "| reward | true return | puck moved |", "|---|---|---|"]
-        for key, label in rows[:4]:
+        for key, label in rows:
             lines.append(f"| {label} | {ms('ppo', f'policy/true_return_{key}')} | "
                          f"{ms('ppo', f'policy/puck_moved_{key}')} |")
+    for name in ("landmark/exact", "landmark/batched(3)"):
+        if res.get(name):
+            lines += ["", f"GW solver {name}: label accuracy {ms(name, 'pearl/label_accuracy')}, valid pairs "
+                      f"{ms(name, 'pearl/label_valid_fraction')}, PEARL ρ {ms(name, 'reward/spearman_pearl')}."]
     write_section("bench_pearl", "\n".join(lines))
 
 

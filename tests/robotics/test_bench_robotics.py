@@ -126,12 +126,18 @@ def test_rapl_script_refuses_overlapping_seeds(load_script, monkeypatch):
         rapl.main()
 
 
-def test_pearl_section_states_the_measured_load_and_protocol(load_script, tmp_path, monkeypatch):
+def test_pearl_policy_section_pairs_pearl_with_each_baseline_per_descriptor(load_script, tmp_path, monkeypatch):
     pearl = load_script("bench_pearl")
-    for seed, acc in ((5, 0.7), (6, 0.8)):
-        run_dir = tmp_path / "landmark_entropic" / f"seed{seed}"
-        run_dir.mkdir(parents=True)
-        (run_dir / "metrics.json").write_text(json.dumps({"pearl/label_accuracy": acc, "reward/spearman_pearl": 0.5}))
+    names = ("pearl", "true_labels", "no_transfer", "true_reward", "bc")
+    for desc, base in (("landmark", -9.0), ("raw", -12.0)):
+        for seed, acc in ((5, 0.7), (6, 0.8)):
+            run_dir = tmp_path / f"{desc}_entropic" / f"seed{seed}"
+            run_dir.mkdir(parents=True)
+            returns = dict(zip(names, (base + seed - 5, -8.5, -11.0, -8.0, -12.5)))
+            (run_dir / "metrics.json").write_text(json.dumps({
+                "pearl/label_accuracy": acc, "reward/spearman_pearl": 0.5, "time/cpu_s": 900.0,
+                **{f"offline/true_return_{k}": v for k, v in returns.items()},
+                **{f"offline/puck_moved_{k}": 1.0 for k in names}}))
     written = {}
     monkeypatch.setattr(pearl, "write_section", lambda name, body: written.update({name: body}))
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
@@ -140,14 +146,26 @@ def test_pearl_section_states_the_measured_load_and_protocol(load_script, tmp_pa
                                       "--from-runs", "--out", str(tmp_path)])
     pearl.main()
     text = written["bench_pearl"]
-    assert "shared 16-core CPU" in text and "1-min load average 3.2 when this section was written" in text
-    # 0.75 ± t_{0.975,1} * 0.05 = 0.635
-    assert "| landmark/entropic | 0.750 ± 0.635 (n=2) |" in text and "95% t half-width" in text
+    assert "shared 16-core CPU" in text and "1-min load average 3.2 when written" in text
+    assert "CPU time of this table 1.00 h (4 runs)" in text and "95% t half-width" in text
+    rows = {ln.split(" | ")[0]: ln for ln in text.splitlines() if ln.startswith(("| landmark", "| raw"))}
+    # label accuracy 0.75 ± t_{0.975,1} * 0.05 = 0.635; PEARL −8.5 ± 6.35; PEARL − no transfer +2.50 on both seeds
+    assert rows["| landmark"].startswith("| landmark | 0.750 ± 0.635 (n=2) | +0.50 ± 0.00 (n=2) | -8.50 ± 6.35 (n=2)")
+    assert "| +2.50 ± 6.35 (n=2, 2/2 seeds > 0) | +4.00 ± 6.35 (n=2, 2/2 seeds > 0) |" in rows["| landmark"]
+    assert "| -3.00 ± 6.35 (n=2, 0/2 seeds > 0) |" in rows["| raw"]  # raw PEARL −11.5 vs true labels −8.5
     written.clear()
     monkeypatch.setattr(sys, "argv", ["bench_pearl.py", "--dev-seeds", "5", "6", "--from-runs", "--out",
                                       str(tmp_path)])
     pearl.main()
     assert not written  # a development run writes no table
+
+
+def test_pearl_script_refuses_an_unknown_variant(load_script, monkeypatch, tmp_path):
+    pearl = load_script("bench_pearl")
+    monkeypatch.setattr(sys, "argv", ["bench_pearl.py", "--variants", "landmark", "--out", str(tmp_path / "o")])
+    with pytest.raises(SystemExit):
+        pearl.main()
+    assert not (tmp_path / "o").exists()
 
 
 def test_cpl_script_refuses_a_doc_without_reporting_seeds(load_script, monkeypatch, tmp_path):
