@@ -4,7 +4,7 @@ Compares mmalign's batched plans (`mmalign.robotics.ot.ot_plan`: POT's `ot.batch
 torch, one call for all pairs) with the per-pair NumPy loop the reference code's pattern implies
 (`ot.sinkhorn(..., method="sinkhorn_log")` per pair), with the same cosine cost, reg and iteration count, on CPU
 (and CUDA when present). Checks the batched plans agree with the loop. Writes a section of
-docs/benchmarks/visuomotor.md.
+docs/benchmarks/ot_speed.md.
 
     python scripts/bench_ot.py --pairs 1024 --frames 50 --dim 512 --threads 1 2
 """
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mmalign.robotics.ot import cosine_cost, ot_plan
-from doc_sections import machine, now, visuomotor_section as write_section
+from doc_sections import OT_SPEED, machine, now, visuomotor_section
 
 
 def _once(fn) -> tuple[float, object]:  # noqa: ANN001
@@ -119,7 +119,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3] * 1e3:.1f} | {r[4]:.1f}x ({r[5]:.1f}–{r[6]:.1f}) |" for r in rows]
-    write_section("bench_ot", "\n".join(lines))
+    visuomotor_section("bench_ot", "\n".join(lines), doc=OT_SPEED)
 
 
 if __name__ == "__main__":
