@@ -8,7 +8,7 @@ the robotics protocol (docs/benchmarks/robotics_protocol.md): it informs choices
 (``--report-seeds``, disjoint, for a reported table).
 
     .venv/bin/python scripts/bench_pbrl_reward_diag.py --tasks Reacher-v5 Pusher-v5 --labels 250 --dev-seeds 0 1 2 \\
-        [--normalize-act] [--action-squares] [--segment-length 10] --doc docs/benchmarks/robotics_feedback.md
+        [--normalize-act] [--action-squares] [--segment-length 10] --doc docs/benchmarks/robotics_pbrl_dev.md
 """
 
 from __future__ import annotations
