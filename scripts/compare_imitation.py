@@ -169,25 +169,41 @@ def run_mmalign(steps: int, labels: int, seed: int, algo: str, threads: int, ove
     return out
 
 
-def summarize(out: Path) -> str:
-    """Per-run rows and a mean ± std (over seeds) row per implementation, as Markdown."""
-    rows = [json.loads(p.read_text()) for p in sorted(out.glob("result_*.json"))]
-    lines = ["| implementation | steps | labels | seed | true return (10 episodes) | wall s | CPU s |",
+def summarize(out: Path, plan: Any) -> str:
+    """Per-run rows, then per implementation the mean ± 95% t half-width over the plan's seeds, and each mmalign
+    configuration paired with imitation on the same seeds (return difference, CPU-time ratio), as Markdown."""
+    from mmalign.robotics.protocol import fmt_ci, mean_ci, paired_diff
+
+    rows = [r for r in (json.loads(p.read_text()) for p in sorted(out.glob("result_*.json")))
+            if r["seed"] in plan.seeds]
+    lines = [f"Seeds: {plan.describe()}; ± over seeds = 95% t half-width.", "",
+             "| implementation | steps | labels | seed | true return (10 episodes, ± over episodes) | wall s | CPU s |",
              "|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["impl"], r["seed"])):
         lines.append(f"| {r['impl']} | {r['steps']} | {r['labels']} | {r['seed']} | {r['true_return']:.2f} ± "
                      f"{r['std']:.2f} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
-    lines += ["", "| implementation | seeds | true return (mean ± std over seeds) | wall s (mean ± std) | "
-              "CPU s (mean ± std) |", "|---|---|---|---|---|"]
+    lines += ["", "| implementation | seeds | true return | wall s | CPU s | paired with imitation: return "
+              "difference | paired: imitation CPU s / this CPU s |", "|---|---|---|---|---|---|---|"]
     # one row per (implementation, steps, labels): runs with another budget in the same folder are not averaged in
-    budgets = {impl: sorted({(r["steps"], r["labels"]) for r in rows if r["impl"] == impl})
-               for impl in {r["impl"] for r in rows}}
-    for impl, steps, labels in sorted({(r["impl"], r["steps"], r["labels"]) for r in rows}):
-        group = [r for r in rows if (r["impl"], r["steps"], r["labels"]) == (impl, steps, labels)]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["impl"], r["steps"], r["labels"]), []).append(r)
+    budgets = {impl: {(st, lb) for i, st, lb in groups if i == impl} for impl, _, _ in groups}
+    for (impl, steps, labels), group in sorted(groups.items()):
         name = impl if len(budgets[impl]) == 1 else f"{impl} ({steps} steps, {labels} labels)"
-        ret, wall, cpu = (np.array([r[k] for r in group]) for k in ("true_return", "wall_s", "cpu_s"))
-        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in group)} | {ret.mean():.2f} ± {ret.std():.2f} | "
-                     f"{wall.mean():.0f} ± {wall.std():.0f} | {cpu.mean():.0f} ± {cpu.std():.0f} |")
+        ref = {r["seed"]: r for r in groups.get(("imitation", steps, labels), [])}
+        paired = ["-", "-"]
+        if impl != "imitation" and ref:
+            mine = {r["seed"]: r for r in group}
+            paired[0] = str(paired_diff({s: r["true_return"] for s, r in mine.items()},
+                                        {s: r["true_return"] for s, r in ref.items()}))
+            ratios = [ref[s]["cpu_s"] / mine[s]["cpu_s"] for s in sorted(set(mine) & set(ref))]
+            m, h, n = mean_ci(ratios)
+            paired[1] = f"{m:.2f} ± {h:.2f} (n={n})"
+        lines.append(f"| {name} | {', '.join(str(r['seed']) for r in sorted(group, key=lambda r: r['seed']))} | "
+                     + " | ".join(fmt_ci([r[k] for r in group], ".2f" if k == "true_return" else ".0f")
+                                  for k in ("true_return", "wall_s", "cpu_s"))
+                     + f" | {paired[0]} | {paired[1]} |")
     split = [r for r in rows if all(k in r for k in BREAKDOWN)]
     if split:
         lines += ["", "| implementation | seeds | PPO update | reward fit | other feedback | reward inference | "
@@ -216,14 +232,32 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="mmalign only: override a PebbleConfig field (repeatable), e.g. --set n_envs=8")
     p.add_argument("--tag", default="", help="mmalign only: name of the configuration (file names and tables)")
-    p.add_argument("--summarize", action="store_true")
+    p.add_argument("--summarize", action="store_true", help="write the table of the seeds given by --dev-seeds (a "
+                   "development run) or --report-seeds (a reported table, disjoint from --dev-seeds)")
+    p.add_argument("--check-seeds", action="store_true",
+                   help="only check --dev-seeds/--report-seeds (compare_imitation.sh calls it before any run)")
+    p.add_argument("--dev-seeds", type=int, nargs="*", default=list(range(10)),
+                   help="seeds on which settings were chosen (development; default 0-9)")
+    p.add_argument("--report-seeds", type=int, nargs="*", default=[],
+                   help="seeds of the reported table: disjoint from --dev-seeds, at least 5 unless --sized-down")
+    p.add_argument("--sized-down", default="", help="reason a reported table has fewer than 5 reporting seeds")
     args = p.parse_args()
+    if args.summarize or args.check_seeds:
+        from mmalign.robotics.protocol import seed_plan
+
+        try:
+            plan = seed_plan(args.dev_seeds, args.report_seeds, args.sized_down)
+        except ValueError as err:
+            p.error(str(err))
+        if args.check_seeds:
+            print(plan.describe())
+            return
     if args.tag and not args.tag.replace("-", "").replace("_", "").isalnum():
         p.error(f"--tag must be letters, digits, '-' or '_', got {args.tag!r}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.summarize:
-        summarize(out)
+        summarize(out, plan)
         return
     if args.impl == "imitation":
         res = run_imitation(args.steps, args.labels, args.seed, args.threads)

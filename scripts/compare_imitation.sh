@@ -8,6 +8,10 @@
 # teacher, learner), TAG names that configuration in result files and tables; SKIP_IMITATION=1 runs mmalign only
 # (e.g. to add a configuration next to imitation results already in OUT).
 #
+# Seeds follow the robotics seed protocol (docs/benchmarks/robotics_protocol.md): DEV_SEEDS (default 0-9) are the
+# seeds settings were chosen on. SEEDS all inside DEV_SEEDS = a development run; SEEDS disjoint from them = a reported
+# table (at least 5 seeds, or SIZED_DOWN="<why>"); a mix is refused before any work.
+#
 # Seeds run one after the other, imitation then mmalign for each seed (alternating, so both see the same machine
 # load over time); both are pinned to one torch thread so CPU and wall seconds are comparable.
 #
@@ -27,6 +31,16 @@ TAG="${TAG:-}"
 SKIP_IMITATION="${SKIP_IMITATION:-0}"
 SETS=()
 for KV in ${MMALIGN_SET:-}; do SETS+=(--set "$KV"); done
+DEV=(${DEV_SEEDS:-0 1 2 3 4 5 6 7 8 9})
+PLAN=(--dev-seeds "${SEEDS[@]}")
+for S in "${SEEDS[@]}"; do
+  if [[ " ${DEV[*]} " != *" $S "* ]]; then
+    PLAN=(--dev-seeds "${DEV[@]}" --report-seeds "${SEEDS[@]}")
+    [ -n "${SIZED_DOWN:-}" ] && PLAN+=(--sized-down "$SIZED_DOWN")
+    break
+  fi
+done
+"$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --check-seeds "${PLAN[@]}"
 mkdir -p "$OUT"
 BASE_PY="$("$MAIN_PY" -c 'import sys; print(sys.base_prefix)')/bin/python3"
 if [ ! -x "$VENV/bin/python" ]; then
@@ -47,4 +61,4 @@ for SEED in "${SEEDS[@]}"; do
   "$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --impl mmalign --steps "$STEPS" --labels "$LABELS" --seed "$SEED" \
       --threads "$THREADS" --out "$OUT" --tag "$TAG" ${SETS[@]+"${SETS[@]}"}
 done
-"$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --summarize --out "$OUT"
+"$MAIN_PY" "$ROOT/scripts/compare_imitation.py" --summarize --out "$OUT" "${PLAN[@]}"

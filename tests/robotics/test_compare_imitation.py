@@ -62,31 +62,53 @@ def test_cpu_breakdown_times_calls_and_restores_methods(cmp):
     assert sum(parts.values()) == pytest.approx(10.0)
 
 
-def test_summarize_tables(cmp, tmp_path):
+def test_summarize_tables_pair_mmalign_with_imitation_on_the_plan_seeds(cmp, tmp_path):
+    from mmalign.robotics.protocol import seed_plan
+
     common = {"steps": 20000, "labels": 400, "std": 1.0, "wall_s": 100.0}
     rows = [
-        {"impl": "imitation", "seed": 0, "true_return": -30.0, "cpu_s": 60.0},
-        {"impl": "imitation", "seed": 1, "true_return": -20.0, "cpu_s": 50.0},
-        {"impl": "mmalign (fast)", "seed": 0, "true_return": -12.0, "cpu_s": 20.0, "cpu_ppo_update_s": 5.0,
+        {"impl": "imitation", "seed": 10, "true_return": -30.0, "cpu_s": 60.0},
+        {"impl": "imitation", "seed": 11, "true_return": -20.0, "cpu_s": 50.0},
+        {"impl": "imitation", "seed": 3, "true_return": -99.0, "cpu_s": 1.0},  # a development seed: left out
+        {"impl": "mmalign (fast)", "seed": 10, "true_return": -12.0, "cpu_s": 20.0, "cpu_ppo_update_s": 5.0,
          "cpu_reward_fit_s": 4.0, "cpu_feedback_other_s": 1.0, "cpu_reward_inference_s": 2.0,
          "cpu_rollout_other_s": 8.0},
+        {"impl": "mmalign (fast)", "seed": 11, "true_return": -10.0, "cpu_s": 25.0},
     ]
     for k, r in enumerate(rows):
         (tmp_path / f"result_{k}.json").write_text(json.dumps({**common, **r}))
-    text = cmp.summarize(tmp_path)
-    assert "| imitation | 0, 1 | -25.00 ± 5.00 | 100 ± 0 | 55 ± 5 |" in text
-    assert "| mmalign (fast) | 0 | 5.0 | 4.0 | 1.0 | 2.0 | 8.0 | 20.0 |" in text
+    text = cmp.summarize(tmp_path, seed_plan(range(10), [10, 11], sized_down="unit test"))
+    assert "reporting seeds [10, 11] (n=2)" in text and "| 3 |" not in text
+    # mean -25, half-width t_{0.975,1} * 5 = 63.53; paired: +18 and +10 -> +14.00 ± 50.82; CPU ratios 3.0, 2.0
+    assert "| imitation | 10, 11 | -25.00 ± 63.53 (n=2) | 100 ± 0 (n=2) | 55 ± 64 (n=2) | - | - |" in text
+    assert "| mmalign (fast) | 10, 11 | -11.00 ± 12.71 (n=2) |" in text
+    assert "| +14.00 ± 50.82 (n=2, 2/2 seeds > 0) | 2.50 ± 6.35 (n=2) |" in text
+    assert "| mmalign (fast) | 10 | 5.0 | 4.0 | 1.0 | 2.0 | 8.0 | 20.0 |" in text
     assert (tmp_path / "summary.md").read_text() == text
 
 
 def test_summarize_does_not_average_runs_of_different_budgets(cmp, tmp_path):
-    """Regression: the mean ± std row grouped by implementation only, so a run at another step/label budget left in
-    the same folder was averaged in; now each (implementation, steps, labels) has its own row."""
+    """Regression: the mean row grouped by implementation only, so a run at another step/label budget left in the
+    same folder was averaged in; now each (implementation, steps, labels) has its own row."""
+    from mmalign.robotics.protocol import seed_plan
+
     common = {"impl": "imitation", "std": 1.0, "wall_s": 100.0, "cpu_s": 50.0, "labels": 400}
     runs = [{"seed": 0, "steps": 20000, "true_return": -30.0}, {"seed": 1, "steps": 20000, "true_return": -20.0},
             {"seed": 2, "steps": 5000, "true_return": -40.0}]
     for k, r in enumerate(runs):
         (tmp_path / f"result_{k}.json").write_text(json.dumps({**common, **r}))
-    text = cmp.summarize(tmp_path)
-    assert "| imitation (20000 steps, 400 labels) | 0, 1 | -25.00 ± 5.00 |" in text
-    assert "| imitation (5000 steps, 400 labels) | 2 | -40.00 ± 0.00 |" in text
+    text = cmp.summarize(tmp_path, seed_plan([0, 1, 2], []))
+    assert "development run on seeds [0, 1, 2]" in text
+    assert "| imitation (20000 steps, 400 labels) | 0, 1 | -25.00 ± 63.53 (n=2) |" in text
+    assert "| imitation (5000 steps, 400 labels) | 2 | -40.00 (n=1) |" in text
+
+
+def test_seed_check_refuses_overlap_before_any_work(cmp, tmp_path, monkeypatch):
+    import sys
+
+    out = tmp_path / "o"
+    monkeypatch.setattr(sys, "argv", ["compare_imitation.py", "--check-seeds", "--report-seeds", "9", "10", "11", "12",
+                                      "13", "--out", str(out)])
+    with pytest.raises(SystemExit):
+        cmp.main()
+    assert not out.exists()
