@@ -191,9 +191,11 @@ def summarize(out: Path, plan: Any) -> str:
     budgets = {impl: {(st, lb) for i, st, lb in groups if i == impl} for impl, _, _ in groups}
     for (impl, steps, labels), group in sorted(groups.items()):
         name = impl if len(budgets[impl]) == 1 else f"{impl} ({steps} steps, {labels} labels)"
-        ref = {r["seed"]: r for r in groups.get(("imitation", steps, labels), [])}
+        # imitation's runs record their full name ("imitation 1.0.1 PreferenceComparisons + PPO ...")
+        ref = {r["seed"]: r for (i, st, lb), g in groups.items() if i.startswith("imitation") and (st, lb) == (
+            steps, labels) for r in g}
         paired = ["-", "-"]
-        if impl != "imitation" and ref:
+        if not impl.startswith("imitation") and ref:
             mine = {r["seed"]: r for r in group}
             paired[0] = str(paired_diff({s: r["true_return"] for s, r in mine.items()},
                                         {s: r["true_return"] for s, r in ref.items()}))

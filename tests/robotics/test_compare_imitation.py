@@ -67,9 +67,9 @@ def test_summarize_tables_pair_mmalign_with_imitation_on_the_plan_seeds(cmp, tmp
 
     common = {"steps": 20000, "labels": 400, "std": 1.0, "wall_s": 100.0}
     rows = [
-        {"impl": "imitation", "seed": 10, "true_return": -30.0, "cpu_s": 60.0},
-        {"impl": "imitation", "seed": 11, "true_return": -20.0, "cpu_s": 50.0},
-        {"impl": "imitation", "seed": 3, "true_return": -99.0, "cpu_s": 1.0},  # a development seed: left out
+        {"impl": "imitation 1.0.1 (x)", "seed": 10, "true_return": -30.0, "cpu_s": 60.0},
+        {"impl": "imitation 1.0.1 (x)", "seed": 11, "true_return": -20.0, "cpu_s": 50.0},
+        {"impl": "imitation 1.0.1 (x)", "seed": 3, "true_return": -99.0, "cpu_s": 1.0},  # a development seed: left out
         {"impl": "mmalign (fast)", "seed": 10, "true_return": -12.0, "cpu_s": 20.0, "cpu_ppo_update_s": 5.0,
          "cpu_reward_fit_s": 4.0, "cpu_feedback_other_s": 1.0, "cpu_reward_inference_s": 2.0,
          "cpu_rollout_other_s": 8.0},
@@ -80,7 +80,7 @@ def test_summarize_tables_pair_mmalign_with_imitation_on_the_plan_seeds(cmp, tmp
     text = cmp.summarize(tmp_path, seed_plan(range(10), [10, 11], sized_down="unit test"))
     assert "reporting seeds [10, 11] (n=2)" in text and "| 3 |" not in text
     # mean -25, half-width t_{0.975,1} * 5 = 63.53; paired: +18 and +10 -> +14.00 ± 50.82; CPU ratios 3.0, 2.0
-    assert "| imitation | 10, 11 | -25.00 ± 63.53 (n=2) | 100 ± 0 (n=2) | 55 ± 64 (n=2) | - | - |" in text
+    assert "| imitation 1.0.1 (x) | 10, 11 | -25.00 ± 63.53 (n=2) | 100 ± 0 (n=2) | 55 ± 64 (n=2) | - | - |" in text
     assert "| mmalign (fast) | 10, 11 | -11.00 ± 12.71 (n=2) |" in text
     assert "| +14.00 ± 50.82 (n=2, 2/2 seeds > 0) | 2.50 ± 6.35 (n=2) |" in text
     assert "| mmalign (fast) | 10 | 5.0 | 4.0 | 1.0 | 2.0 | 8.0 | 20.0 |" in text
