@@ -5,7 +5,7 @@ trajectory metrics), Spearman correlation of the learned target rewards with the
 rollouts, and the true return of target-task policies learned with each reward (zero target labels for PEARL; true
 target labels; the source reward applied without transfer; the true reward; behaviour cloning without reward):
 offline AWR on the unlabelled target rollouts (the paper's offline setting) and online PPO. Writes a section of
-docs/benchmarks/visuomotor.md.
+docs/benchmarks/pearl_transfer.md.
 
     MUJOCO_GL=egl python scripts/bench_pearl.py --dev-seeds 0 1 2 --report-seeds 10 11 12 13 14 --out runs/pearl_rep
 
@@ -33,7 +33,12 @@ import torch
 
 from mmalign.robotics.pearl import PearlConfig, run
 from mmalign.robotics.protocol import add_seed_args, fmt_ci, paired_diff, seed_plan_from_args
-from doc_sections import machine, now, visuomotor_section as write_section
+from doc_sections import PEARL, machine, now, visuomotor_section
+
+
+def write_section(name: str, body: str) -> None:
+    """Write section ``name`` of docs/benchmarks/pearl_transfer.md."""
+    visuomotor_section(name, body, doc=PEARL)
 
 
 def noise_sweep(args: argparse.Namespace, plan) -> None:  # noqa: ANN001

@@ -14,10 +14,11 @@ from pathlib import Path
 
 from mmalign.fileio import atomic_write_text
 
-__all__ = ["write_marked_section", "visuomotor_section", "machine", "now", "VISUOMOTOR", "OT_SPEED"]
+__all__ = ["write_marked_section", "visuomotor_section", "machine", "now", "VISUOMOTOR", "OT_SPEED", "PEARL"]
 
 VISUOMOTOR = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "visuomotor.md"
 OT_SPEED = VISUOMOTOR.with_name("ot_speed.md")
+PEARL = VISUOMOTOR.with_name("pearl_transfer.md")
 _VISUOMOTOR_TITLE = "# Visuomotor rewards: RAPL and PEARL benchmarks\n\nEach section is written by the script it names.\n"
 
 
@@ -49,7 +50,7 @@ def write_marked_section(path: str | Path, key: str, body: str, title: str = "")
 
 
 def visuomotor_section(name: str, body: str, doc: Path = VISUOMOTOR) -> None:
-    """Write section ``name`` of docs/benchmarks/visuomotor.md (bench_rapl, bench_pearl) or ``doc`` (bench_ot)."""
+    """Write section ``name`` of docs/benchmarks/visuomotor.md (bench_rapl) or of ``doc`` (bench_pearl, bench_ot)."""
     write_marked_section(doc, name, body, _VISUOMOTOR_TITLE)
 
 
