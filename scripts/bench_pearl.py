@@ -90,7 +90,7 @@ def noise_sweep(args: argparse.Namespace, plan) -> None:  # noqa: ANN001
         f"{plan.describe()}; {now()}; {machine()}; shared {os.cpu_count()}-core CPU (1-min load average "
         f"{os.getloadavg()[0]:.1f} when written); CPU time of this table {cpu_h:.2f} h ({len(res)} runs).",
         "",
-        f"Same task pair and sizes as below ({cfg.n_source} source / {cfg.n_target} target rollouts, "
+        f"Task pair as in Setup above; sizes ({cfg.n_source} source / {cfg.n_target} target rollouts, "
         f"{cfg.num_source_prefs} source pairs, {cfg.num_target_pairs} target pairs, entropic GW, "
         f"{cfg.reward_steps} reward steps). `raw` GW descriptors = effector and puck xy every {cfg.feature_stride} "
         "steps (state, no reward ingredient); `landmark` = distances to the goal and the forbidden zone (the "
@@ -187,7 +187,7 @@ def main() -> None:
         f"load average {os.getloadavg()[0]:.1f} when written); n = seeds per cell; ± = 95% t half-width; CPU time "
         f"of this table {cpu_h:.2f} h ({sum(map(len, res.values()))} runs).",
         "",
-        f"Task pair, sizes and rewards as in the label-noise table above (no flips). Offline (the paper's setting): "
+        f"Task pair, sizes and rewards as in the label-noise table (no flips). Offline (the paper's setting): "
         f"advantage-weighted regression ({args.offline_steps} steps of value and policy net, beta {cfg.awr_beta}, "
         f"2x256 MLPs) on the {cfg.n_target} + {cfg.offline_rollouts} unlabelled scripted target rollouts relabelled "
         f"with each (standardised) reward; true return of the policy over {cfg.policy_eval_episodes} deterministic "
