@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from mmalign.robotics.ot import cosine_cost, ot_plan
-from doc_sections import OT_SPEED, machine, now, visuomotor_section
+from doc_sections import OT_SPEED, machine, now, write_marked_section
 
 
 def _once(fn) -> tuple[float, object]:  # noqa: ANN001
@@ -119,7 +119,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3] * 1e3:.1f} | {r[4]:.1f}x ({r[5]:.1f}–{r[6]:.1f}) |" for r in rows]
-    visuomotor_section("bench_ot", "\n".join(lines), doc=OT_SPEED)
+    write_marked_section(OT_SPEED, "bench_ot", "\n".join(lines), "# Batched optimal transport for RAPL rewards\n")
 
 
 if __name__ == "__main__":

@@ -33,12 +33,21 @@ import torch
 
 from mmalign.robotics.pearl import PearlConfig, run
 from mmalign.robotics.protocol import add_seed_args, fmt_ci, paired_diff, seed_plan_from_args
-from doc_sections import PEARL, machine, now, visuomotor_section
+from doc_sections import PEARL, machine, now, write_marked_section
 
 
 def write_section(name: str, body: str) -> None:
     """Write section ``name`` of docs/benchmarks/pearl_transfer.md."""
-    visuomotor_section(name, body, doc=PEARL)
+    write_marked_section(PEARL, name, body, "# Cross-task preference transfer: PEARL\n")
+
+
+def timed_run(cfg: PearlConfig, run_dir: Path) -> dict:
+    """``run`` with its process CPU time (``time/cpu_s``) added to the metrics.json it writes."""
+    c0 = time.process_time()
+    m = run(cfg, run_dir)
+    m["time/cpu_s"] = time.process_time() - c0
+    (run_dir / "metrics.json").write_text(json.dumps(m, indent=2))
+    return m
 
 
 def noise_sweep(args: argparse.Namespace, plan) -> None:  # noqa: ANN001
@@ -54,10 +63,8 @@ def noise_sweep(args: argparse.Namespace, plan) -> None:  # noqa: ANN001
                     continue
                 if args.from_runs:
                     continue
-                c0 = time.process_time()
-                m = run(PearlConfig(seed=seed, gw_features=desc, gw_solver="entropic", label_flip=flip), run_dir)
-                m["time/cpu_s"] = time.process_time() - c0
-                (run_dir / "metrics.json").write_text(json.dumps(m, indent=2))
+                m = timed_run(PearlConfig(seed=seed, gw_features=desc, gw_solver="entropic", label_flip=flip),
+                              run_dir)
                 res[(desc, flip, seed)] = m
                 print(desc, flip, seed, json.dumps({k: round(v, 3) for k, v in m.items() if "spearman" in k
                                                     or "accuracy" in k}), flush=True)
@@ -159,11 +166,8 @@ def main() -> None:
                     m = json.loads((run_dir / "metrics.json").read_text())
                     res.setdefault(name, []).append({**m, "seed": seed})
                 continue
-            c0 = time.process_time()
-            m = run(PearlConfig(seed=seed, **kw), run_dir)
-            m["time/cpu_s"], m["seed"] = time.process_time() - c0, seed
-            (run_dir / "metrics.json").write_text(json.dumps(m, indent=2))
-            res.setdefault(name, []).append(m)
+            m = timed_run(PearlConfig(seed=seed, **kw), run_dir)
+            res.setdefault(name, []).append({**m, "seed": seed})
             print(name, seed, json.dumps({k: round(v, 3) for k, v in m.items()}), flush=True)
     (out / "results.json").write_text(json.dumps(res, indent=1))
     if args.no_write or not plan.reporting:

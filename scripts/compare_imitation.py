@@ -192,8 +192,8 @@ def summarize(out: Path, plan: Any) -> str:
     for (impl, steps, labels), group in sorted(groups.items()):
         name = impl if len(budgets[impl]) == 1 else f"{impl} ({steps} steps, {labels} labels)"
         # imitation's runs record their full name ("imitation 1.0.1 PreferenceComparisons + PPO ...")
-        ref = {r["seed"]: r for (i, st, lb), g in groups.items() if i.startswith("imitation") and (st, lb) == (
-            steps, labels) for r in g}
+        ref = {r["seed"]: r for r in rows
+               if r["impl"].startswith("imitation") and (r["steps"], r["labels"]) == (steps, labels)}
         paired = ["-", "-"]
         if not impl.startswith("imitation") and ref:
             mine = {r["seed"]: r for r in group}
@@ -238,6 +238,8 @@ def main() -> None:
                    "development run) or --report-seeds (a reported table, disjoint from --dev-seeds)")
     p.add_argument("--check-seeds", action="store_true",
                    help="only check --dev-seeds/--report-seeds (compare_imitation.sh calls it before any run)")
+    # the protocol's flags written out (not mmalign.robotics.protocol.add_seed_args): this script also runs in
+    # imitation's own venv, which cannot import mmalign
     p.add_argument("--dev-seeds", type=int, nargs="*", default=list(range(10)),
                    help="seeds on which settings were chosen (development; default 0-9)")
     p.add_argument("--report-seeds", type=int, nargs="*", default=[],

@@ -19,7 +19,7 @@ __all__ = ["write_marked_section", "visuomotor_section", "machine", "now", "VISU
 VISUOMOTOR = Path(__file__).resolve().parents[1] / "docs" / "benchmarks" / "visuomotor.md"
 OT_SPEED = VISUOMOTOR.with_name("ot_speed.md")
 PEARL = VISUOMOTOR.with_name("pearl_transfer.md")
-_VISUOMOTOR_TITLE = "# Visuomotor rewards: RAPL and PEARL benchmarks\n\nEach section is written by the script it names.\n"
+_VISUOMOTOR_TITLE = "# Visuomotor rewards: RAPL\n\nEach section is written by the script it names.\n"
 
 
 def write_marked_section(path: str | Path, key: str, body: str, title: str = "") -> None:
@@ -50,7 +50,7 @@ def write_marked_section(path: str | Path, key: str, body: str, title: str = "")
 
 
 def visuomotor_section(name: str, body: str, doc: Path = VISUOMOTOR) -> None:
-    """Write section ``name`` of docs/benchmarks/visuomotor.md (bench_rapl) or of ``doc`` (bench_pearl, bench_ot)."""
+    """Write section ``name`` of docs/benchmarks/visuomotor.md (bench_rapl)."""
     write_marked_section(doc, name, body, _VISUOMOTOR_TITLE)
 
 
